@@ -1,0 +1,44 @@
+"""``pysteer doctor``: one line per check of what pysteer needs, with a fix for each failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pysteer.doctor.checks import Check, run_all
+
+_MARK = {"ok": "  ok", "warn": "warn", "fail": "FAIL"}
+
+
+def format_line(check: Check) -> str:
+    line = f"{_MARK[check.status]}  {check.name:<15} {check.detail}"
+    if check.status != "ok" and check.hint:
+        line += f"  -> fix: {check.hint}"
+    return line
+
+
+def add_parser(sub: Any) -> None:
+    doctor = sub.add_parser(
+        "doctor",
+        help="check that this machine can run pysteer",
+        description=(
+            "Check privileges, bpf(), BCC and kernel headers, TCP_REPAIR, network namespaces, "
+            "clsact and XDP attach, and the TLS libraries. Exits 1 if a required check fails."
+        ),
+    )
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    checks = run_all()
+    ok = not any(c.failed for c in checks)
+    if args.json:
+        print(json.dumps({"ok": ok, "checks": [c.to_dict() for c in checks]}, indent=2))
+    else:
+        for check in checks:
+            print(format_line(check))
+        failed = [c.name for c in checks if c.failed]
+        print("all required checks passed" if ok else f"failed: {', '.join(failed)}")
+    return 0 if ok else 1

@@ -1,0 +1,128 @@
+"""``pysteer lab up|down|status``: the namespace lab from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pysteer.errors import UsageError
+from pysteer.lab.plan import DEFAULT_VARIANT, PlanError, load
+from pysteer.lab.topology import DEFAULT_PREFIX, Lab, LabError, known_labs
+
+
+def add_parser(sub: Any) -> None:
+    lab = sub.add_parser(
+        "lab",
+        help="build, inspect or remove the namespace test lab",
+        description=(
+            "The namespace lab: a client, a steering node and two hosts (a, b) as network "
+            "namespaces <prefix>-<node> joined by veth pairs. The VIP is on both hosts; the "
+            "steering node routes it to host a. Needs root."
+        ),
+    )
+    cmds = lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+
+    up = cmds.add_parser("up", help="build the lab (a no-op if it is up; repairs a half-built one)")
+    _prefix(up)
+    up.add_argument(
+        "--plan", type=Path, help="address plan file (JSON, like pysteer/lab/plan.json)"
+    )
+    up.add_argument(
+        "--variant", default=DEFAULT_VARIANT, help="plan variant (default: %(default)s)"
+    )
+    up.add_argument("--v4", metavar="CIDR", help="private IPv4 /16 to use instead of the plan's")
+    up.add_argument("--v6", metavar="CIDR", help="IPv6 ULA /48 to use instead of the plan's")
+    up.add_argument("--json", action="store_true", help="print the resulting status as JSON")
+    up.set_defaults(func=cmd_up)
+
+    down = cmds.add_parser("down", help="remove every namespace, link and process of the lab")
+    _prefix(down)
+    down.set_defaults(func=cmd_down)
+
+    status = cmds.add_parser("status", help="show what exists of the lab")
+    _prefix(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+
+def _prefix(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        help="lab name; namespaces are <prefix>-<node> (default: %(default)s)",
+    )
+
+
+def _lab_for(prefix: str, plan_args: argparse.Namespace | None = None) -> Lab:
+    """The lab named ``prefix``, with its saved plan when it exists."""
+    try:
+        if plan_args is not None:
+            plan = load(plan_args.variant, path=plan_args.plan, v4=plan_args.v4, v6=plan_args.v6)
+            return Lab(prefix=prefix, plan=plan)
+        return Lab.existing(prefix)
+    except (PlanError, LabError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    lab = _lab_for(args.prefix, args)
+    was_up = lab.owned() and not lab.problems()
+    try:
+        lab.up()
+    except LabError as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps(lab.status(), indent=2))
+    else:
+        print(f"lab {lab.prefix}: {'already up' if was_up else 'up'}")
+        _print_summary(lab.status())
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    lab = _lab_for(args.prefix)
+    try:
+        removed = lab.down()
+    except LabError as exc:
+        raise UsageError(str(exc)) from None
+    if removed:
+        print(f"lab {lab.prefix}: removed {', '.join(removed)}")
+    else:
+        print(f"lab {lab.prefix}: nothing to remove")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    lab = _lab_for(args.prefix)
+    status = lab.status()
+    if status["state"] == "absent":
+        known = known_labs()
+        raise UsageError(
+            f"no lab named {args.prefix!r}; "
+            + (f"labs here: {', '.join(known)}" if known else "no lab is up (pysteer lab up)")
+        )
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"lab {lab.prefix}: {status['state']}")
+        _print_summary(status)
+    return 0 if status["state"] == "up" else 1
+
+
+def _print_summary(status: dict[str, Any], out: Any = sys.stdout) -> None:
+    vip = status["vip"]
+    print(f"  VIP {vip['v4']}  {vip['v6']}  (routed to host {status['default_host']})", file=out)
+    for node, entry in status["nodes"].items():
+        if not entry["exists"]:
+            print(f"  {node:<7} {entry['netns']:<18} MISSING", file=out)
+            continue
+        addrs = [
+            f"{ifname}={','.join(info['addresses'])}"
+            for ifname, info in entry["interfaces"].items()
+            if info["addresses"]
+        ]
+        procs = f"  [{len(entry['pids'])} processes]" if entry["pids"] else ""
+        print(f"  {node:<7} {entry['netns']:<18} {'  '.join(addrs)}{procs}", file=out)

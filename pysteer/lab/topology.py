@@ -1,0 +1,373 @@
+"""The namespace lab: client, steering node and hosts as network namespaces and veth pairs.
+
+``Lab`` builds the topology of the design doc from a ``LabPlan``: every node is a network
+namespace named ``<prefix>-<node>``, every link a veth pair created directly inside the two
+namespaces, so the lab adds nothing to the root namespace and routes nothing outside
+itself. The VIP sits on ``lo`` of every host (no dummy interfaces on this kernel) and the
+steering node routes it to the default host.
+
+A lab is owned through a state file under ``/run/pysteer/labs``: ``up`` refuses namespaces
+it does not own, repairs a half-built lab of its own by rebuilding it whole, and removes
+everything it made if building fails, so a lab is either fully up or absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from pysteer import netns
+from pysteer.lab.plan import LabPlan, from_dict, load
+
+T = TypeVar("T")
+
+STATE_DIR = Path("/run/pysteer/labs")
+DEFAULT_PREFIX = "pysteer"
+PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+
+
+class LabError(RuntimeError):
+    """The lab cannot be built, found or removed; the message says why and what to do."""
+
+
+def validate_prefix(prefix: str) -> str:
+    if not PREFIX_RE.match(prefix):
+        raise LabError(
+            f"invalid lab prefix {prefix!r}: use 1-10 lowercase letters and digits, "
+            "starting with a letter (it names the namespaces <prefix>-<node>)"
+        )
+    return prefix
+
+
+def known_labs(state_dir: Path = STATE_DIR) -> list[str]:
+    """Prefixes of the labs that have a state file."""
+    return sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.is_dir() else []
+
+
+def _sysctl(values: dict[str, str]) -> None:
+    """Write sysctls; /proc/sys/net follows the writing thread's network namespace."""
+    for key, value in values.items():
+        Path("/proc/sys", *key.split(".")).write_text(value)
+
+
+def _with_ipr(fn: Callable[[IPRoute], T]) -> Callable[[], T]:
+    def run() -> T:
+        with IPRoute() as ipr:
+            return fn(ipr)
+
+    return run
+
+
+_ALL_SYSCTLS = {
+    # Addresses are usable at once: no duplicate address detection inside the lab.
+    "net.ipv6.conf.all.accept_dad": "0",
+    "net.ipv6.conf.default.accept_dad": "0",
+}
+_STEER_SYSCTLS = {
+    "net.ipv4.ip_forward": "1",
+    "net.ipv6.conf.all.forwarding": "1",
+    # rp_filter=1 drops host B's replies from the VIP on the B-facing link (design doc §7).
+    "net.ipv4.conf.all.rp_filter": "2",
+    "net.ipv4.conf.default.rp_filter": "2",
+}
+_HOST_SYSCTLS = {
+    # The VIP is on lo of every host: never answer or announce it on the link (LVS-DR style).
+    "net.ipv4.conf.all.arp_ignore": "1",
+    "net.ipv4.conf.all.arp_announce": "2",
+}
+
+
+@dataclass
+class Lab:
+    """One namespace lab. Use ``with Lab(...) as lab:`` to build it and always remove it."""
+
+    prefix: str = DEFAULT_PREFIX
+    plan: LabPlan = field(default_factory=load)
+    state_dir: Path = STATE_DIR
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.prefix)
+
+    # --- names ------------------------------------------------------------------------
+    def netns(self, node: str) -> str:
+        """The namespace name of ``node``."""
+        if node not in self.plan.nodes:
+            raise LabError(f"unknown lab node {node!r}; nodes are {', '.join(self.plan.nodes)}")
+        return f"{self.prefix}-{node}"
+
+    @property
+    def namespaces(self) -> dict[str, str]:
+        return {node: self.netns(node) for node in self.plan.nodes}
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / f"{self.prefix}.json"
+
+    def owned(self) -> bool:
+        return self.state_file.exists()
+
+    @classmethod
+    def existing(cls, prefix: str, state_dir: Path = STATE_DIR) -> Lab:
+        """The lab named ``prefix`` with the plan it was built with (default plan if none)."""
+        lab = cls(prefix=prefix, state_dir=state_dir)
+        saved = lab._read_state().get("plan")
+        if saved:
+            lab.plan = from_dict(saved)
+        return lab
+
+    # --- running things inside ----------------------------------------------------------
+    def call(self, node: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Call a Python callable in a thread inside ``node``'s namespace."""
+        return netns.call_in(self.netns(node), fn, *args, **kwargs)
+
+    def run(
+        self, node: str, argv: list[str], *, check: bool = True, timeout: float = 60, **kwargs: Any
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command inside ``node``'s namespace and return its completed process."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        return subprocess.run(
+            netns.exec_argv(self.netns(node), argv), check=check, timeout=timeout, **kwargs
+        )
+
+    def popen(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start a command inside ``node``'s namespace; ``down`` ends it if nobody else does."""
+        return subprocess.Popen(netns.exec_argv(self.netns(node), argv), **kwargs)
+
+    # --- lifecycle -------------------------------------------------------------------
+    def up(self) -> Lab:
+        """Build the lab; a no-op if it is already fully up, a rebuild if it is half-built."""
+        present = [name for name in self.namespaces.values() if netns.exists(name)]
+        if not self.owned():
+            if present:
+                raise LabError(
+                    f"prefix {self.prefix!r} collides with existing network namespaces "
+                    f"{', '.join(present)} that no pysteer lab owns; choose another --prefix "
+                    "or remove them (ip netns del NAME)"
+                )
+        else:
+            saved = self._read_state()
+            if saved.get("plan") != self.plan.to_dict():
+                raise LabError(
+                    f"lab {self.prefix!r} exists with a different address plan; "
+                    f"run `pysteer lab down --prefix {self.prefix}` first"
+                )
+            if not self.problems():
+                return self
+            # Half-built (an interrupted up, a namespace deleted by hand, ...): rebuild whole.
+            self.down()
+        self._write_state("building")
+        try:
+            self._build()
+            problems = self.problems()
+            if problems:
+                raise LabError("; ".join(problems))
+        except BaseException as exc:
+            self.down()
+            if isinstance(exc, LabError):
+                raise LabError(f"lab up failed, everything it made is removed: {exc}") from exc
+            if not isinstance(exc, Exception):
+                raise
+            raise LabError(
+                f"lab up failed, everything it made is removed: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._write_state("up")
+        return self
+
+    def down(self) -> list[str]:
+        """Remove every namespace, link and process of this lab. Safe to run twice.
+
+        Returns the namespaces removed. Refuses namespaces of this prefix that the lab does
+        not own, so it never deletes somebody else's.
+        """
+        present = [name for name in self.namespaces.values() if netns.exists(name)]
+        if present and not self.owned():
+            raise LabError(
+                f"namespaces {', '.join(present)} were not made by pysteer lab {self.prefix!r}; "
+                "not removing them"
+            )
+        for name in present:
+            _kill_all(name)
+            pr_netns.remove(name)  # its veth ends go with it
+        self.state_file.unlink(missing_ok=True)
+        return present
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    # --- building ----------------------------------------------------------------------
+    def _build(self) -> None:
+        plan = self.plan
+        for node in plan.nodes:
+            pr_netns.create(self.netns(node))
+            values = dict(_ALL_SYSCTLS)
+            if node == plan.steer:
+                values |= _STEER_SYSCTLS
+            if node in plan.hosts:
+                values |= _HOST_SYSCTLS
+            self.call(node, _sysctl, values)
+            self.call(node, _with_ipr(_lo_up))
+        self.call(plan.steer, _with_ipr(self._build_steer))
+        for link in plan.links:
+            self.call(link.peer, _with_ipr(lambda ipr, link=link: self._build_peer(ipr, link)))
+
+    def _build_steer(self, ipr: IPRoute) -> None:
+        plan = self.plan
+        for link in plan.links:
+            end = link.steer_end
+            ipr.link(
+                "add",
+                ifname=end.name,
+                kind="veth",
+                peer={"ifname": link.peer_end.name, "net_ns_fd": self.netns(link.peer)},
+            )
+            idx = ipr.link_lookup(ifname=end.name)[0]
+            _addresses(ipr, idx, end.v4, end.v6)
+            ipr.link("set", index=idx, state="up")
+        default = plan.link(plan.default_host).peer_end
+        ipr.route("add", dst=f"{plan.vip_v4}/32", gateway=str(default.v4.ip))
+        ipr.route("add", dst=f"{plan.vip_v6}/128", gateway=str(default.v6.ip))
+
+    def _build_peer(self, ipr: IPRoute, link: Any) -> None:
+        plan = self.plan
+        idx = ipr.link_lookup(ifname=link.peer_end.name)[0]
+        _addresses(ipr, idx, link.peer_end.v4, link.peer_end.v6)
+        ipr.link("set", index=idx, state="up")
+        if link.peer in plan.hosts:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("add", index=lo, address=str(plan.vip_v4), prefixlen=32)
+            ipr.addr("add", index=lo, address=str(plan.vip_v6), prefixlen=128)
+        ipr.route("add", dst="0.0.0.0/0", gateway=str(link.steer_end.v4.ip))
+        ipr.route("add", dst="::/0", gateway=str(link.steer_end.v6.ip))
+
+    # --- inspection ----------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """What differs from a fully built lab; empty when the lab is up and whole."""
+        found: list[str] = []
+        expected: dict[str, dict[str, set[str]]] = {node: {} for node in self.plan.nodes}
+        for link in self.plan.links:
+            for end in (link.steer_end, link.peer_end):
+                expected[end.node][end.name] = {str(end.v4), str(end.v6)}
+        for host in self.plan.hosts:
+            expected[host]["lo"] = {f"{self.plan.vip_v4}/32", f"{self.plan.vip_v6}/128"}
+        for node, ifaces in expected.items():
+            name = self.netns(node)
+            if not netns.exists(name):
+                found.append(f"namespace {name} is missing")
+                continue
+            actual = self.call(node, _with_ipr(_interfaces))
+            for ifname, addrs in ifaces.items():
+                have = actual.get(ifname)
+                if have is None:
+                    found.append(f"{name}: interface {ifname} is missing")
+                elif not have["up"]:
+                    found.append(f"{name}: interface {ifname} is down")
+                elif not addrs <= set(have["addresses"]):
+                    missing = ", ".join(sorted(addrs - set(have["addresses"])))
+                    found.append(f"{name}: {ifname} lacks {missing}")
+        return found
+
+    def status(self) -> dict[str, Any]:
+        """What exists of this lab: namespaces, interfaces, addresses, VIPs and processes."""
+        nodes: dict[str, Any] = {}
+        for node, name in self.namespaces.items():
+            entry: dict[str, Any] = {"netns": name, "exists": netns.exists(name)}
+            if entry["exists"]:
+                entry["interfaces"] = self.call(node, _with_ipr(_interfaces))
+                entry["pids"] = netns.pids(name)
+            nodes[node] = entry
+        present = sum(n["exists"] for n in nodes.values())
+        if present == 0 and not self.owned():
+            state = "absent"
+        else:
+            state = "up" if self.owned() and not self.problems() else "partial"
+        return {
+            "prefix": self.prefix,
+            "state": state,
+            "vip": {"v4": str(self.plan.vip_v4), "v6": str(self.plan.vip_v6)},
+            "default_host": self.plan.default_host,
+            "steer": self.plan.steer,
+            "client": self.plan.client,
+            "hosts": list(self.plan.hosts),
+            "nodes": nodes,
+            "plan": self.plan.to_dict(),
+        }
+
+    # --- state file ------------------------------------------------------------------------
+    def _write_state(self, phase: str) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"prefix": self.prefix, "phase": phase, "plan": self.plan.to_dict()})
+        )
+        tmp.replace(self.state_file)
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+
+def _lo_up(ipr: IPRoute) -> None:
+    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+def _addresses(ipr: IPRoute, idx: int, v4: Any, v6: Any) -> None:
+    ipr.addr("add", index=idx, address=str(v4.ip), prefixlen=v4.network.prefixlen)
+    ipr.addr("add", index=idx, address=str(v6.ip), prefixlen=v6.network.prefixlen)
+
+
+def _interfaces(ipr: IPRoute) -> dict[str, dict[str, Any]]:
+    """Interfaces of the current namespace: up flag and global addresses."""
+    out: dict[str, dict[str, Any]] = {}
+    names: dict[int, str] = {}
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME")
+        names[link["index"]] = name
+        out[name] = {"up": bool(link["flags"] & 1), "addresses": []}
+    for addr in ipr.get_addr():
+        if addr["scope"] != 0:  # only global scope: skip link-local and host ::1/127.0.0.1
+            continue
+        name = names.get(addr["index"])
+        if name is not None:
+            out[name]["addresses"].append(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
+    return out
+
+
+def _kill_all(name: str, grace: float = 2.0) -> None:
+    """End every process in namespace ``name``: SIGTERM, then SIGKILL after ``grace``."""
+    pids = netns.pids(name)
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.02)
+        pids = netns.pids(name)
+    for pid in pids:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace
+    while netns.pids(name) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _signal(pid: int, sig: int) -> None:
+    if pid == os.getpid():
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
