@@ -347,7 +347,7 @@ def attach_veth(source: Path | None = None) -> Check:
             "fix the netns check first",
         )
     try:
-        netns.call_in(name, _attach_in_scratch, tc_fn.fd, xdp_fn.fd, bpf["doctor_seen"])
+        netns.call_in(name, _attach_in_scratch, tc_fn.fd, xdp_fn.fd, bpf[b"doctor_seen"])
     finally:
         pr_netns.remove(name)
     return Check(

@@ -30,9 +30,7 @@ def add_parser(sub: Any) -> None:
     up.add_argument(
         "--plan", type=Path, help="address plan file (JSON, like pysteer/lab/plan.json)"
     )
-    up.add_argument(
-        "--variant", default=DEFAULT_VARIANT, help="plan variant (default: %(default)s)"
-    )
+    up.add_argument("--variant", help=f"plan variant (default: {DEFAULT_VARIANT})")
     up.add_argument("--v4", metavar="CIDR", help="private IPv4 /16 to use instead of the plan's")
     up.add_argument("--v6", metavar="CIDR", help="IPv6 ULA /48 to use instead of the plan's")
     up.add_argument("--json", action="store_true", help="print the resulting status as JSON")
@@ -57,10 +55,18 @@ def _prefix(parser: argparse.ArgumentParser) -> None:
 
 
 def _lab_for(prefix: str, plan_args: argparse.Namespace | None = None) -> Lab:
-    """The lab named ``prefix``, with its saved plan when it exists."""
+    """The lab named ``prefix``: with the plan options given, else the plan it was built with."""
     try:
-        if plan_args is not None:
-            plan = load(plan_args.variant, path=plan_args.plan, v4=plan_args.v4, v6=plan_args.v6)
+        explicit = plan_args is not None and any(
+            (plan_args.plan, plan_args.variant, plan_args.v4, plan_args.v6)
+        )
+        if explicit:
+            plan = load(
+                plan_args.variant or DEFAULT_VARIANT,
+                path=plan_args.plan,
+                v4=plan_args.v4,
+                v6=plan_args.v6,
+            )
             return Lab(prefix=prefix, plan=plan)
         return Lab.existing(prefix)
     except (PlanError, LabError) as exc:

@@ -1,0 +1,60 @@
+"""The CLI's help and its bad-input errors (exit 2, a clear message, nothing changed)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pysteer.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pysteer", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ((), ["doctor", "lab"]),
+        (("doctor",), ["--json", "TCP_REPAIR"]),
+        (("lab",), ["up", "down", "status"]),
+        (("lab", "up"), ["--prefix", "--plan", "--v4", "--v6"]),
+        (("lab", "status"), ["--prefix", "--json"]),
+    ],
+)
+def test_help(args: tuple[str, ...], words: list[str]) -> None:
+    out = run(*args, "--help")
+    assert out.returncode == 0
+    for word in words:
+        assert word in out.stdout
+
+
+def test_version() -> None:
+    out = run("--version")
+    assert out.stdout.strip() == "pysteer 0.1.0"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["lab", "up", "--prefix", "Bad-Name"], "invalid lab prefix 'Bad-Name'"),
+        (["lab", "up", "--prefix", "x", "--v4", "8.8.0.0/16"], "is not private"),
+        (["lab", "up", "--prefix", "x", "--v6", "2001:db8::/48"], "is not a ULA"),
+        (["lab", "up", "--prefix", "x", "--variant", "nope"], "no plan variant 'nope'"),
+        (["lab", "status", "--prefix", "neverbuilt"], "no lab named 'neverbuilt'"),
+        (["lab", "down", "--prefix", "a/b"], "invalid lab prefix 'a/b'"),
+    ],
+)
+def test_bad_input_exits_2(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pysteer: error: ")
+    assert message in err
+
+
+def test_unknown_command_is_argparse_error() -> None:
+    out = run("migrate-everything")
+    assert out.returncode == 2
+    assert "invalid choice" in out.stderr
