@@ -75,15 +75,14 @@ def _lab_for(prefix: str, plan_args: argparse.Namespace | None = None) -> Lab:
 
 def cmd_up(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix, args)
-    was_up = lab.owned() and not lab.problems()
     try:
-        lab.up()
+        outcome = lab.ensure()
     except LabError as exc:
         raise UsageError(str(exc)) from None
     if args.json:
-        print(json.dumps(lab.status(), indent=2))
+        print(json.dumps({**lab.status(), "outcome": outcome}, indent=2))
     else:
-        print(f"lab {lab.prefix}: {'already up' if was_up else 'up'}")
+        print(f"lab {lab.prefix}: {'up' if outcome == 'built' else outcome}")
         _print_summary(lab.status())
     return 0
 

@@ -14,13 +14,14 @@ everything it made if building fails, so a lab is either fully up or absent.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -147,9 +148,36 @@ class Lab:
         return subprocess.Popen(netns.exec_argv(self.netns(node), argv), **kwargs)
 
     # --- lifecycle -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialize ``up`` and ``down`` of one lab across processes."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / f".{self.prefix}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
     def up(self) -> Lab:
         """Build the lab; a no-op if it is already fully up, a rebuild if it is half-built."""
+        self.ensure()
+        return self
+
+    def ensure(self) -> str:
+        """Like ``up``, returning what it did: ``built``, ``already up`` or ``repaired``."""
+        with self._locked():
+            return self._up()
+
+    def down(self) -> list[str]:
+        """Remove every namespace, link and process of this lab. Safe to run twice.
+
+        Returns the namespaces removed. Refuses namespaces of this prefix that the lab does
+        not own, so it never deletes somebody else's.
+        """
+        with self._locked():
+            return self._down()
+
+    def _up(self) -> str:
         present = [name for name in self.namespaces.values() if netns.exists(name)]
+        outcome = "built"
         if not self.owned():
             if present:
                 raise LabError(
@@ -165,9 +193,10 @@ class Lab:
                     f"run `pysteer lab down --prefix {self.prefix}` first"
                 )
             if not self.problems():
-                return self
+                return "already up"
             # Half-built (an interrupted up, a namespace deleted by hand, ...): rebuild whole.
-            self.down()
+            self._down()
+            outcome = "repaired"
         self._write_state("building")
         try:
             self._build()
@@ -175,7 +204,7 @@ class Lab:
             if problems:
                 raise LabError("; ".join(problems))
         except BaseException as exc:
-            self.down()
+            self._down()
             if isinstance(exc, LabError):
                 raise LabError(f"lab up failed, everything it made is removed: {exc}") from exc
             if not isinstance(exc, Exception):
@@ -184,14 +213,9 @@ class Lab:
                 f"lab up failed, everything it made is removed: {type(exc).__name__}: {exc}"
             ) from exc
         self._write_state("up")
-        return self
+        return outcome
 
-    def down(self) -> list[str]:
-        """Remove every namespace, link and process of this lab. Safe to run twice.
-
-        Returns the namespaces removed. Refuses namespaces of this prefix that the lab does
-        not own, so it never deletes somebody else's.
-        """
+    def _down(self) -> list[str]:
         present = [name for name in self.namespaces.values() if netns.exists(name)]
         if present and not self.owned():
             raise LabError(

@@ -92,3 +92,15 @@ def test_scratch_namespaces_are_removed(check) -> None:
     assert check().status == "ok"
     leftovers = [p.name for p in Path("/run/netns").glob("pysteer-doctor-*")]
     assert leftovers == []
+
+
+def test_attach_fails_clearly_without_net_admin() -> None:
+    """With CAP_BPF and CAP_SYS_ADMIN but not CAP_NET_ADMIN, programs load but cannot attach."""
+    rc, report = doctor("setpriv", "--bounding-set=-net_admin", "--inh-caps=-all")
+    by_name = {c["name"]: c for c in report["checks"]}
+    assert rc == 1
+    assert by_name["bcc"]["status"] == "ok"
+    assert by_name["attach"]["status"] == "fail"
+    assert "Operation not permitted" in by_name["attach"]["detail"]
+    assert by_name["attach"]["hint"] == checks.ROOT_HINT
+    assert by_name["privileges"]["detail"].startswith("root lacks CAP_NET_ADMIN (have: ")

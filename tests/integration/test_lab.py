@@ -142,7 +142,7 @@ def test_two_labs_coexist(lab_factory: Callable[..., Lab]) -> None:
 
 def test_up_is_idempotent_and_repairs_a_half_built_lab(lab: Lab) -> None:
     inode = netns.inode(lab.netns("client"))
-    lab.up()
+    assert lab.ensure() == "already up"
     assert netns.inode(lab.netns("client")) == inode  # already up: nothing rebuilt
     subprocess.run(["ip", "netns", "del", lab.netns("b")], check=True)
     lab.run("a", ["ip", "link", "set", "to-steer", "down"])
@@ -158,7 +158,7 @@ def test_up_is_idempotent_and_repairs_a_half_built_lab(lab: Lab) -> None:
             f"{lab.netns('steer')}: interface to-b is missing",
         ]
     )
-    lab.up()
+    assert lab.ensure() == "repaired"
     assert lab.problems() == []
     check_vip_reaches_default_host(lab, socket.AF_INET)
 
@@ -246,3 +246,28 @@ def test_cli_up_status_down() -> None:
     gone = _cli("status", "--prefix", prefix)
     assert gone.returncode == 2
     assert f"no lab named '{prefix}'" in gone.stderr
+
+
+def test_concurrent_up_of_one_lab_builds_it_once() -> None:
+    prefix = unique_prefix()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pysteer", "lab", "up", "--prefix", prefix],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    try:
+        results = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], results
+        firsts = sorted(out.splitlines()[0] for out, _ in results)
+        assert firsts == [
+            f"lab {prefix}: already up",
+            f"lab {prefix}: already up",
+            f"lab {prefix}: up",
+        ]
+        assert Lab.existing(prefix).problems() == []
+    finally:
+        Lab.existing(prefix).down()
