@@ -1,1 +1,35 @@
-"""TCP_REPAIR: dump and restore established sockets (see ARCHITECTURE.md section 4)."""
+"""TCP_REPAIR: dump and restore established sockets (ARCHITECTURE.md section 4).
+
+``dump(sock)`` freezes a connected socket and reads its state; ``restore(state)`` rebuilds
+it in the caller's network namespace; ``release(sock)`` closes a frozen socket silently;
+``resume(sock)`` thaws it in place. ``TcpState`` travels as ``to_wire()`` / ``from_wire()``.
+"""
+
+from pysteer.tcp.errors import (
+    AddressNotAvailableError,
+    RepairError,
+    RepairPermissionError,
+    StateFormatError,
+    UnsupportedSocketError,
+)
+from pysteer.tcp.info import TcpInfo, TcpStateCode, tcp_info
+from pysteer.tcp.repair import dump, release, restore, resume
+from pysteer.tcp.state import RepairWindow, SocketOptions, TcpState
+
+__all__ = [
+    "AddressNotAvailableError",
+    "RepairError",
+    "RepairPermissionError",
+    "RepairWindow",
+    "SocketOptions",
+    "StateFormatError",
+    "TcpInfo",
+    "TcpState",
+    "TcpStateCode",
+    "UnsupportedSocketError",
+    "dump",
+    "release",
+    "restore",
+    "resume",
+    "tcp_info",
+]
