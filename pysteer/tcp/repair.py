@@ -32,6 +32,7 @@ from pysteer.tcp.info import (
     TCPI_OPT_SACK,
     TCPI_OPT_TIMESTAMPS,
     TCPI_OPT_WSCALE,
+    TcpInfo,
     TcpStateCode,
     tcp_info,
 )
@@ -136,13 +137,19 @@ def dump(sock: socket.socket) -> TcpState:
     with suppress(OSError):
         _setint(sock, socket.IPPROTO_TCP, k.TCP_QUICKACK, 1)
     _repair(sock, name, k.TCP_REPAIR_ON)
+    timeout = sock.gettimeout()
     try:
+        # A Python timeout makes recv() poll first, and a queue peek in repair mode is
+        # never "readable": peek in blocking mode (MSG_DONTWAIT keeps it from blocking).
+        sock.settimeout(None)
         return _read(sock, name)
     except BaseException:
         with suppress(OSError):
             _queue(sock, k.TCP_NO_QUEUE)
             _repair(sock, name, k.TCP_REPAIR_OFF)
         raise
+    finally:
+        sock.settimeout(timeout)
 
 
 def _peek_queue(sock: socket.socket, name: str, queue: int, length: int) -> tuple[int, bytes]:
@@ -215,11 +222,17 @@ def _read(sock: socket.socket, name: str) -> TcpState:
         mss_clamp=mss,
         sack=bool(info.options & TCPI_OPT_SACK),
         timestamps=timestamp is not None,
-        wscale=(info.snd_wscale, info.rcv_wscale) if info.options & TCPI_OPT_WSCALE else None,
+        wscale=_wscale(info),
         timestamp=timestamp,
         window=window,
         options=options,
     )
+
+
+def _wscale(info: TcpInfo) -> tuple[int, int] | None:
+    """Window scales; (0, 0) is the same as no scaling, and ``restore`` writes it as such."""
+    scales = (info.snd_wscale, info.rcv_wscale)
+    return scales if info.options & TCPI_OPT_WSCALE and scales != (0, 0) else None
 
 
 def _read_options(sock: socket.socket) -> SocketOptions:
@@ -310,7 +323,7 @@ def _set_queue_seq(sock: socket.socket, queue: int, seq: int) -> None:
 
 
 def _rebuild(sock: socket.socket, state: TcpState, name: str) -> None:
-    tcp = socket.IPPROTO_TCP
+    """Restore in the order the kernel enforces (ARCHITECTURE.md section 4)."""
     if state.family == 6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state.options.v6only))
     _repair(sock, name, k.TCP_REPAIR_ON)  # before bind: binds next to a listener
@@ -322,42 +335,62 @@ def _rebuild(sock: socket.socket, state: TcpState, name: str) -> None:
                 name, f"local address {state.local[0]} is not configured in this network namespace"
             ) from None
         raise _step(name, f"bind to {_fmt(state.local)}", exc) from None
+    _connect(sock, state, name)
+    _restore_queues(sock, state, name)
+    w = state.window
+    window = _WINDOW.pack(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
+    sock.setsockopt(socket.IPPROTO_TCP, k.TCP_REPAIR_WINDOW, window)  # checked against queues
+    _restore_fins(sock, state, name)
+    _write_options(sock, state)
+    _repair(sock, name, k.TCP_REPAIR_OFF)  # sends one window probe
+    _elicit_ack(state)
 
+
+def _connect(sock: socket.socket, state: TcpState, name: str) -> None:
+    """Queue sequence numbers, a SYN-less connect, then the negotiated options and clock."""
+    tcp = socket.IPPROTO_TCP
     send_queue_len = len(state.send_unacked) + len(state.send_unsent)
     _set_queue_seq(sock, k.TCP_RECV_QUEUE, state.recv_seq - len(state.recv_queue))
     _set_queue_seq(sock, k.TCP_SEND_QUEUE, state.send_seq - send_queue_len)
     _queue(sock, k.TCP_NO_QUEUE)
+    # connect() sizes the MSS from the clamp it finds; TCP_REPAIR_OPTIONS sets the clamp
+    # only afterwards and never re-syncs, which would leave 536-byte segments.
+    sock.setsockopt(tcp, socket.TCP_MAXSEG, state.mss_clamp)
     try:
         sock.connect(state.peer)  # in repair mode: no SYN, straight to ESTABLISHED
     except OSError as exc:
         raise _step(name, f"connect to {_fmt(state.peer)}", exc) from None
-
     opts = [(k.TCPOPT_MSS, state.mss_clamp)]
     if state.sack:
         opts.append((k.TCPOPT_SACK_PERM, 0))
-    if state.wscale:
-        opts.append((k.TCPOPT_WINDOW, state.wscale[0] | state.wscale[1] << 16))
+    # Always set the scales: without the option, connect() has already picked a receive
+    # scale from this host's sysctl, and the peer would read our window unscaled.
+    snd_wscale, rcv_wscale = state.wscale or (0, 0)
+    opts.append((k.TCPOPT_WINDOW, snd_wscale | rcv_wscale << 16))
     if state.timestamps:
         opts.append((k.TCPOPT_TIMESTAMP, 0))
     sock.setsockopt(tcp, k.TCP_REPAIR_OPTIONS, b"".join(_OPT.pack(*o) for o in opts))
     if state.timestamp is not None:
+        # Without it the TSval jumps and the peer's PAWS drops our segments as old.
         sock.setsockopt(tcp, k.TCP_TIMESTAMP, _U32.pack(state.timestamp))
-    # Buffers first: the queues must fit. FORCE variants ignore the rmem/wmem_max caps.
+
+
+def _restore_queues(sock: socket.socket, state: TcpState, name: str) -> None:
+    # Buffers first, so the queues fit; the FORCE variants ignore the rmem/wmem_max caps.
     if state.options.sndbuf:
         _setint(sock, socket.SOL_SOCKET, k.SO_SNDBUFFORCE, state.options.sndbuf // 2)
     if state.options.rcvbuf:
         _setint(sock, socket.SOL_SOCKET, k.SO_RCVBUFFORCE, state.options.rcvbuf // 2)
-
     if state.recv_queue:
         _queue(sock, k.TCP_RECV_QUEUE)
         _send_chunked(sock, state.recv_queue)
     if state.send_unacked:
-        _queue(sock, k.TCP_SEND_QUEUE)  # restored as sent: retransmitted on B's timer
+        _queue(sock, k.TCP_SEND_QUEUE)  # restored as sent: retransmitted on our timer
         _send_chunked(sock, state.send_unacked)
     _queue(sock, k.TCP_NO_QUEUE)
     if state.send_unsent:
         # Never-sent data is queued normally, before any FIN, with repair briefly off.
-        _setint(sock, tcp, k.TCP_REPAIR, k.TCP_REPAIR_OFF_NO_WP)
+        _setint(sock, socket.IPPROTO_TCP, k.TCP_REPAIR, k.TCP_REPAIR_OFF_NO_WP)
         sock.setblocking(False)
         try:
             sock.sendall(state.send_unsent)
@@ -367,21 +400,10 @@ def _rebuild(sock: socket.socket, state: TcpState, name: str) -> None:
             sock.setblocking(True)
         _repair(sock, name, k.TCP_REPAIR_ON)
 
-    w = state.window
-    sock.setsockopt(
-        tcp,
-        k.TCP_REPAIR_WINDOW,
-        _WINDOW.pack(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup),
-    )
-    _restore_fins(sock, state, name)
-    _write_options(sock, state)
-    _repair(sock, name, k.TCP_REPAIR_OFF)
-    _elicit_ack(state)
-
 
 def _peer_segment(state: TcpState, seq: int, ack: int, flags: int) -> None:
     window = state.window.snd_wnd >> (state.wscale[0] if state.wscale else 0)
-    packet = segment.build(state.peer, state.local, seq, ack, flags, window)
+    packet = segment.build(state.peer, state.local, seq=seq, ack=ack, flags=flags, window=window)
     segment.inject(packet, state.local[0])
 
 

@@ -32,6 +32,7 @@ def _checksum(data: bytes) -> int:
 def build(
     src: tuple[str, int],
     dst: tuple[str, int],
+    *,
     seq: int,
     ack: int,
     flags: int,

@@ -195,7 +195,7 @@ def _address(value: Any, key: str, family: int) -> tuple[str, int]:
     return str(ip), port
 
 
-def _decode(wire: Any) -> TcpState:
+def _check_keys(wire: Any) -> dict[str, Any]:
     if not isinstance(wire, dict):
         raise _fail(f"state must be a map, not {type(wire).__name__}")
     version = wire.get("v")
@@ -204,82 +204,97 @@ def _decode(wire: Any) -> TcpState:
     missing = sorted(_KEYS - wire.keys())
     if missing:
         raise _fail(f"missing field(s): {', '.join(missing)}")
-    extra = sorted(str(k) for k in wire.keys() - _KEYS)
+    extra = sorted(str(key) for key in wire.keys() - _KEYS)
     if extra:
         raise _fail(f"unexpected field(s): {', '.join(extra)}")
+    return wire
 
-    family = wire["family"]
-    if family not in (4, 6) or type(family) is not int:
-        raise _fail(f"field 'family' must be 4 or 6, not {family!r}")
-    state_name = wire["state"]
+
+def _state(wire: dict[str, Any]) -> TcpStateCode:
+    name = wire["state"]
     try:
-        state = TcpStateCode[state_name]
+        state = TcpStateCode[name]
     except (KeyError, TypeError):
-        raise _fail(f"unknown TCP state {state_name!r}") from None
+        raise _fail(f"unknown TCP state {name!r}") from None
     if state not in MOVABLE_STATES:
         raise _fail(f"TCP state {state.name} cannot be restored")
+    return state
 
-    recv_queue = _bytes(wire, "recv_queue")
-    send_unacked = _bytes(wire, "send_unacked")
-    send_unsent = _bytes(wire, "send_unsent")
-    for key, data in (
-        ("recv_len", recv_queue),
-        ("unacked_len", send_unacked),
-        ("unsent_len", send_unsent),
-    ):
+
+def _queues(wire: dict[str, Any], state: TcpStateCode) -> tuple[bytes, bytes, bytes]:
+    queues = tuple(_bytes(wire, key) for key in ("recv_queue", "send_unacked", "send_unsent"))
+    for key, data in zip(("recv_len", "unacked_len", "unsent_len"), queues, strict=True):
         declared = _int(wire, key, 0, U32 - 1)
         if declared != len(data):
             raise _fail(f"inconsistent queue: {key} says {declared} bytes, data has {len(data)}")
-    if send_unsent and state in FIN_SENT - {TcpStateCode.FIN_WAIT1}:
+    _recv, unacked, unsent = queues
+    if unsent and state in FIN_SENT - {TcpStateCode.FIN_WAIT1}:
         raise _fail(f"inconsistent queue: unsent data after the FIN in state {state.name}")
-    if send_unacked and state in FIN_ACKED:
+    if unacked and state in FIN_ACKED:
         raise _fail(f"inconsistent queue: unacknowledged data in state {state.name}")
+    return queues  # type: ignore[return-value]
 
-    wscale_raw = wire["wscale"]
-    wscale: tuple[int, int] | None = None
-    if wscale_raw is not None:
-        if (
-            not isinstance(wscale_raw, list | tuple)
-            or len(wscale_raw) != 2
-            or not all(type(w) is int and 0 <= w <= 14 for w in wscale_raw)
-        ):
-            raise _fail("field 'wscale' must be null or [snd, rcv] with scales 0..14")
-        wscale = (wscale_raw[0], wscale_raw[1])
-    timestamps = _bool(wire["timestamps"], "timestamps")
-    timestamp = wire["timestamp"]
-    if timestamps:
-        timestamp = _int(wire, "timestamp", 0, U32 - 1)
-    elif timestamp is not None:
-        raise _fail("field 'timestamp' is set but timestamps are off")
 
-    window_raw = wire["window"]
+def _wscale(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
     if (
-        not isinstance(window_raw, list | tuple)
-        or len(window_raw) != 5
-        or not all(type(w) is int and 0 <= w < U32 for w in window_raw)
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(type(w) is int and 0 <= w <= 14 for w in value)
+    ):
+        raise _fail("field 'wscale' must be null or [snd, rcv] with scales 0..14")
+    return (value[0], value[1])
+
+
+def _timestamp(wire: dict[str, Any], timestamps: bool) -> int | None:
+    if timestamps:
+        return _int(wire, "timestamp", 0, U32 - 1)
+    if wire["timestamp"] is not None:
+        raise _fail("field 'timestamp' is set but timestamps are off")
+    return None
+
+
+def _window(value: Any, recv_seq: int) -> RepairWindow:
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 5
+        or not all(type(w) is int and 0 <= w < U32 for w in value)
     ):
         raise _fail("field 'window' must be five 32-bit integers")
-    window = RepairWindow(*window_raw)
-    recv_seq = _int(wire, "recv_seq", 0, U32 - 1)
+    window = RepairWindow(*value)
     if seq_before(recv_seq, window.rcv_wup):
         raise _fail("inconsistent window: rcv_wup is after recv_seq")
+    return window
 
-    options_raw = wire["options"]
-    if not isinstance(options_raw, dict):
+
+def _options(value: Any) -> SocketOptions:
+    if not isinstance(value, dict):
         raise _fail("field 'options' must be a map")
-    known = {f.name: f for f in fields(SocketOptions)}
-    unknown = sorted(str(k) for k in options_raw.keys() - known.keys())
+    known = {f.name: f.default for f in fields(SocketOptions)}
+    unknown = sorted(str(key) for key in value.keys() - known.keys())
     if unknown:
         raise _fail(f"unexpected option(s): {', '.join(unknown)}")
     values: dict[str, Any] = {}
-    for name, value in options_raw.items():
-        if isinstance(SocketOptions.__dataclass_fields__[name].default, bool):
-            values[name] = _bool(value, f"options.{name}")
-        elif type(value) is not int or not 0 <= value < U32:
+    for name, item in value.items():
+        if isinstance(known[name], bool):
+            values[name] = _bool(item, f"options.{name}")
+        elif type(item) is not int or not 0 <= item < U32:
             raise _fail(f"option {name!r} must be a 32-bit unsigned integer")
         else:
-            values[name] = value
+            values[name] = item
+    return SocketOptions(**values)
 
+
+def _decode(raw: Any) -> TcpState:
+    wire = _check_keys(raw)
+    family = wire["family"]
+    if type(family) is not int or family not in (4, 6):
+        raise _fail(f"field 'family' must be 4 or 6, not {family!r}")
+    state = _state(wire)
+    recv_queue, send_unacked, send_unsent = _queues(wire, state)
+    recv_seq = _int(wire, "recv_seq", 0, U32 - 1)
+    timestamps = _bool(wire["timestamps"], "timestamps")
     return TcpState(
         family=family,
         local=_address(wire["local"], "local", family),
@@ -293,8 +308,8 @@ def _decode(wire: Any) -> TcpState:
         mss_clamp=_int(wire, "mss_clamp", 1, 65535),
         sack=_bool(wire["sack"], "sack"),
         timestamps=timestamps,
-        wscale=wscale,
-        timestamp=timestamp,
-        window=window,
-        options=SocketOptions(**values),
+        wscale=_wscale(wire["wscale"]),
+        timestamp=_timestamp(wire, timestamps),
+        window=_window(wire["window"], recv_seq),
+        options=_options(wire["options"]),
     )
