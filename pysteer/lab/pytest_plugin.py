@@ -13,7 +13,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
 
+from pysteer import netns
 from pysteer.lab.plan import load
 from pysteer.lab.topology import Lab
 
@@ -50,3 +53,23 @@ def lab_factory() -> Iterator[Callable[..., Lab]]:
 def lab(lab_factory: Callable[..., Lab]) -> Lab:
     """A fully built lab with the default address plan, removed after the test."""
     return lab_factory()
+
+
+@pytest.fixture(scope="module")
+def scratch_netns() -> Iterator[str]:
+    """A bare network namespace (loopback up) for tests that need no topology."""
+    require_root()
+    name = f"{unique_prefix()}-scratch"
+    pr_netns.create(name)
+
+    def lo_up() -> None:
+        with IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+    try:
+        netns.call_in(name, lo_up)
+        yield name
+    finally:
+        for pid in netns.pids(name):
+            os.kill(pid, 9)
+        pr_netns.remove(name)

@@ -35,3 +35,7 @@ SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SO_MARK = 36
 IPV6_TCLASS = 67
+
+# Packets pysteer injects carry this mark (like CRIU's SOCCR_MARK), so that a network lock
+# or guard can let them through while it drops the frozen flow's other packets.
+INJECT_MARK = 0x70737472  # "pstr"

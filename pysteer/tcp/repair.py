@@ -18,7 +18,8 @@ import errno
 import socket
 import struct
 import time
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 from pysteer.tcp import constants as k
 from pysteer.tcp import segment
@@ -51,6 +52,7 @@ _U32 = struct.Struct("=I")
 _I32 = struct.Struct("=i")
 _OPT = struct.Struct("=II")
 _WINDOW = struct.Struct("=5I")
+_MAX_USER_MSS = 32767
 _CHUNK = 1 << 20  # restore queues in pieces: one huge repair send fails with ENOMEM
 _INJECT_WAIT = 1.0  # seconds to wait for an injected segment to change the socket's state
 
@@ -102,6 +104,17 @@ def _step(name: str, what: str, exc: OSError) -> RepairError:
     return RepairError(name, f"{what} failed: {exc.strerror or exc}")
 
 
+@contextmanager
+def _doing(name: str, what: str) -> Iterator[None]:
+    """Name the restore step in an OSError's message."""
+    try:
+        yield
+    except RepairError:
+        raise
+    except OSError as exc:
+        raise _step(name, what, exc) from None
+
+
 # --- dump ---------------------------------------------------------------------------------------
 def check_movable(sock: socket.socket) -> str:
     """Refuse sockets pysteer cannot move, with a clear reason; returns the socket's name."""
@@ -116,7 +129,11 @@ def check_movable(sock: socket.socket) -> str:
     if state == TcpStateCode.LISTEN:
         raise UnsupportedSocketError(name, "a listening socket has no connection to move")
     if state == TcpStateCode.CLOSE:
-        raise UnsupportedSocketError(name, "not connected")
+        raise UnsupportedSocketError(
+            name,
+            "not connected (never connected, reset, or closed: a descriptor whose connection "
+            "is in TIME_WAIT reports CLOSE)",
+        )
     if state not in MOVABLE_STATES:
         raise UnsupportedSocketError(
             name,
@@ -133,6 +150,8 @@ def dump(sock: socket.socket) -> TcpState:
     nothing until ``release`` (close silently) or ``resume`` (carry on here).
     """
     name = check_movable(sock)
+    if in_repair(sock):
+        raise RepairError(name, "already frozen by an earlier dump (release or resume it)")
     # Push out a pending delayed ACK so the peer is not left waiting for it.
     with suppress(OSError):
         _setint(sock, socket.IPPROTO_TCP, k.TCP_QUICKACK, 1)
@@ -335,15 +354,21 @@ def _rebuild(sock: socket.socket, state: TcpState, name: str) -> None:
                 name, f"local address {state.local[0]} is not configured in this network namespace"
             ) from None
         raise _step(name, f"bind to {_fmt(state.local)}", exc) from None
-    _connect(sock, state, name)
-    _restore_queues(sock, state, name)
+    with _doing(name, "connecting and setting TCP options"):
+        _connect(sock, state, name)
+    with _doing(name, "restoring the queues"):
+        _restore_queues(sock, state, name)
     w = state.window
     window = _WINDOW.pack(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
-    sock.setsockopt(socket.IPPROTO_TCP, k.TCP_REPAIR_WINDOW, window)  # checked against queues
-    _restore_fins(sock, state, name)
-    _write_options(sock, state)
+    with _doing(name, "setting TCP_REPAIR_WINDOW"):
+        sock.setsockopt(socket.IPPROTO_TCP, k.TCP_REPAIR_WINDOW, window)  # checked vs queues
+    with _doing(name, "restoring the FINs"):
+        _restore_fins(sock, state, name)
+    with _doing(name, "setting socket options"):
+        _write_options(sock, state)
     _repair(sock, name, k.TCP_REPAIR_OFF)  # sends one window probe
-    _elicit_ack(state)
+    with _doing(name, "sending the first ACK"):
+        _elicit_ack(state)
 
 
 def _connect(sock: socket.socket, state: TcpState, name: str) -> None:
@@ -355,7 +380,8 @@ def _connect(sock: socket.socket, state: TcpState, name: str) -> None:
     _queue(sock, k.TCP_NO_QUEUE)
     # connect() sizes the MSS from the clamp it finds; TCP_REPAIR_OPTIONS sets the clamp
     # only afterwards and never re-syncs, which would leave 536-byte segments.
-    sock.setsockopt(tcp, socket.TCP_MAXSEG, state.mss_clamp)
+    # TCP_MAXSEG takes at most 32767 (loopback's 65483 gets the largest it allows).
+    sock.setsockopt(tcp, socket.TCP_MAXSEG, min(state.mss_clamp, _MAX_USER_MSS))
     try:
         sock.connect(state.peer)  # in repair mode: no SYN, straight to ESTABLISHED
     except OSError as exc:
@@ -376,11 +402,12 @@ def _connect(sock: socket.socket, state: TcpState, name: str) -> None:
 
 
 def _restore_queues(sock: socket.socket, state: TcpState, name: str) -> None:
-    # Buffers first, so the queues fit; the FORCE variants ignore the rmem/wmem_max caps.
-    if state.options.sndbuf:
-        _setint(sock, socket.SOL_SOCKET, k.SO_SNDBUFFORCE, state.options.sndbuf // 2)
-    if state.options.rcvbuf:
-        _setint(sock, socket.SOL_SOCKET, k.SO_RCVBUFFORCE, state.options.rcvbuf // 2)
+    # Roomy buffers while the queues go in (our skbs need not pack as tightly as the
+    # originals); _write_options sets the dumped sizes afterwards. FORCE ignores the caps.
+    send = len(state.send_unacked) + len(state.send_unsent)
+    _setint(sock, socket.SOL_SOCKET, k.SO_SNDBUFFORCE, max(state.options.sndbuf, 4 * send) // 2)
+    recv = len(state.recv_queue)
+    _setint(sock, socket.SOL_SOCKET, k.SO_RCVBUFFORCE, max(state.options.rcvbuf, 4 * recv) // 2)
     if state.recv_queue:
         _queue(sock, k.TCP_RECV_QUEUE)
         _send_chunked(sock, state.recv_queue)
@@ -463,6 +490,10 @@ def _write_options(sock: socket.socket, state: TcpState) -> None:
     _setint(sock, tcp, socket.TCP_KEEPCNT, o.keepcnt)
     _setint(sock, sol, socket.SO_KEEPALIVE, int(o.keepalive))
     _setint(sock, sol, k.SO_PRIORITY, o.priority)
+    if o.sndbuf:
+        _setint(sock, sol, k.SO_SNDBUFFORCE, o.sndbuf // 2)
+    if o.rcvbuf:
+        _setint(sock, sol, k.SO_RCVBUFFORCE, o.rcvbuf // 2)
     if o.mark:
         _setint(sock, sol, k.SO_MARK, o.mark)
     if state.family == 6:

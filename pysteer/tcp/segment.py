@@ -7,7 +7,8 @@ socket send the peer a prompt, in-window ACK: a segment just beyond the receive 
 draws an immediate duplicate ACK carrying the current ``rcv_nxt``.
 
 Segments go from the peer's address to the local one, so the kernel delivers them over
-loopback without touching the wire. Needs CAP_NET_RAW.
+loopback without touching the wire. They carry ``INJECT_MARK``. Needs CAP_NET_RAW
+and CAP_NET_ADMIN (for the mark).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+
+from pysteer.tcp.constants import INJECT_MARK, SO_MARK
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _TCP = struct.Struct("!HHIIBBHHH")
@@ -64,4 +67,5 @@ def inject(packet: bytes, dst: str) -> None:
     """Send a packet built by ``build`` to the local address ``dst``."""
     family = socket.AF_INET6 if ":" in dst else socket.AF_INET
     with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, SO_MARK, INJECT_MARK)
         raw.sendto(packet, (dst, 0))
