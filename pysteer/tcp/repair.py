@@ -147,7 +147,8 @@ def dump(sock: socket.socket) -> TcpState:
     """Freeze ``sock`` in repair mode and read its whole state.
 
     On failure the socket is thawed again, as it was. On success it stays frozen: it sends
-    nothing until ``release`` (close silently) or ``resume`` (carry on here).
+    no data until ``release`` (close silently) or ``resume`` (carry on here). It may still
+    ACK what arrives, so the flow must be held (parked or locked) before the dump.
     """
     name = check_movable(sock)
     if in_repair(sock):
@@ -156,6 +157,7 @@ def dump(sock: socket.socket) -> TcpState:
     with suppress(OSError):
         _setint(sock, socket.IPPROTO_TCP, k.TCP_QUICKACK, 1)
     _repair(sock, name, k.TCP_REPAIR_ON)
+    _queue(sock, k.TCP_SEND_QUEUE)  # from here on queued data is never transmitted
     timeout = sock.gettimeout()
     try:
         # A Python timeout makes recv() poll first, and a queue peek in repair mode is
@@ -191,17 +193,28 @@ def _ioctl_int(sock: socket.socket, request: int) -> int:
 
 
 def _read(sock: socket.socket, name: str) -> TcpState:
+    """Read the state of a socket in repair mode, the send side last.
+
+    Repair mode alone does not stop transmission: a pacing or TSQ timer can still push
+    queued data out. Under TCP_REPAIR_QUEUE=SEND the kernel records such data as sent
+    without sending it, so the send side is read under SEND, after everything else, and
+    the socket is left that way: from then on nothing it transmits is missing from the dump.
+    """
     try:
         info = tcp_info(sock)
         state = TcpStateCode(info.state)
         if state not in MOVABLE_STATES:
             raise UnsupportedSocketError(name, f"state changed to {state.name} while freezing")
+        recv_seq, recv_queue = _peek_queue(
+            sock, name, k.TCP_RECV_QUEUE, _ioctl_int(sock, k.SIOCINQ)
+        )
+        _queue(sock, k.TCP_SEND_QUEUE)
         outq = _ioctl_int(sock, k.SIOCOUTQ)
         unsent = _ioctl_int(sock, k.SIOCOUTQNSD)
-        inq = _ioctl_int(sock, k.SIOCINQ)
         if state in FIN_SENT:  # the FIN takes a sequence number but carries no data
             outq = max(outq - 1, 0)
             unsent = max(unsent - 1, 0)
+        send_seq, send_queue = _peek_queue(sock, name, k.TCP_SEND_QUEUE, outq)
         mss = _getint(sock, socket.IPPROTO_TCP, socket.TCP_MAXSEG)  # mss_clamp in repair
         timestamp = None
         if info.options & TCPI_OPT_TIMESTAMPS:
@@ -210,9 +223,6 @@ def _read(sock: socket.socket, name: str) -> TcpState:
         window = RepairWindow(
             *_WINDOW.unpack(sock.getsockopt(socket.IPPROTO_TCP, k.TCP_REPAIR_WINDOW, 20))
         )
-        recv_seq, recv_queue = _peek_queue(sock, name, k.TCP_RECV_QUEUE, inq)
-        send_seq, send_queue = _peek_queue(sock, name, k.TCP_SEND_QUEUE, outq)
-        _queue(sock, k.TCP_NO_QUEUE)
         options = _read_options(sock)
     except OSError as exc:
         raise _step(name, "reading the socket state", exc) from None

@@ -98,6 +98,7 @@ class EchoServer(threading.Thread):
         self.requests: queue.Queue[threading.Event] = queue.Queue()
         self.error: BaseException | None = None
         self.finished = threading.Event()
+        self.timeout = 20.0
 
     def request_move(self, timeout: float = 30) -> None:
         done = threading.Event()
@@ -122,12 +123,12 @@ class EchoServer(threading.Thread):
                 self.requests.get().set()
 
     def _serve(self) -> None:
-        self.sock.settimeout(20)
+        self.sock.settimeout(self.timeout)
         while True:
             while not self.requests.empty():
                 done = self.requests.get()
                 self.sock = self.mover.move(self.sock)
-                self.sock.settimeout(20)
+                self.sock.settimeout(self.timeout)
                 done.set()
             with selectors.DefaultSelector() as sel:
                 sel.register(self.sock, selectors.EVENT_READ)
