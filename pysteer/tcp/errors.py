@@ -6,9 +6,10 @@ from __future__ import annotations
 class RepairError(Exception):
     """A socket could not be dumped, restored, released or resumed."""
 
-    def __init__(self, sock: str, reason: str) -> None:
-        super().__init__(f"{sock}: {reason}")
-        self.sock = sock
+    def __init__(self, sock: object, reason: str) -> None:
+        name = str(sock)  # a lazily built name becomes text only here
+        super().__init__(f"{name}: {reason}")
+        self.sock = name
         self.reason = reason
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 
 class TcpStateCode(IntEnum):
@@ -29,14 +29,13 @@ TCPI_OPT_TIMESTAMPS = 1
 TCPI_OPT_SACK = 2
 TCPI_OPT_WSCALE = 4
 
-_HEAD = struct.Struct("=8B")
-_U32 = struct.Struct("=I")
+# The fixed head of struct tcp_info: eight u8 fields, then u32 fields up to total_retrans.
+_HEAD = struct.Struct("=8B24I")
 TCP_INFO_LEN = 240
 
 
-@dataclass(frozen=True)
-class TcpInfo:
-    """The fields of ``TCP_INFO`` that repair and its tests use."""
+class TcpInfo(NamedTuple):
+    """The fields of ``TCP_INFO`` that repair and its tests use (a tuple: cheap to build)."""
 
     state: int
     retransmits: int
@@ -61,26 +60,25 @@ class TcpInfo:
             return f"state {self.state}"
 
 
-def _u32(raw: bytes, offset: int) -> int:
-    return _U32.unpack_from(raw, offset)[0] if len(raw) >= offset + 4 else 0
-
-
 def tcp_info(sock: socket.socket) -> TcpInfo:
     raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
-    state, _ca, retransmits, _probes, backoff, options, wscale, _flags = _HEAD.unpack_from(raw)
+    f = _HEAD.unpack_from(raw)
+    # u32 fields from index 8: rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans,
+    # fackets, 4 x last_*, pmtu, rcv_ssthresh, rtt, rttvar, snd_ssthresh, snd_cwnd, advmss,
+    # reordering, rcv_rtt, rcv_space, total_retrans.
     return TcpInfo(
-        state=state,
-        retransmits=retransmits,
-        backoff=backoff,
-        options=options,
-        snd_wscale=wscale & 0x0F,
-        rcv_wscale=wscale >> 4,
-        rto_us=_u32(raw, 8),
-        snd_mss=_u32(raw, 16),
-        rcv_mss=_u32(raw, 20),
-        unacked=_u32(raw, 24),
-        lost=_u32(raw, 32),
-        retrans=_u32(raw, 36),
-        total_retrans=_u32(raw, 100),
-        snd_cwnd=_u32(raw, 80),
+        state=f[0],
+        retransmits=f[2],
+        backoff=f[4],
+        options=f[5],
+        snd_wscale=f[6] & 0x0F,
+        rcv_wscale=f[6] >> 4,
+        rto_us=f[8],
+        snd_mss=f[10],
+        rcv_mss=f[11],
+        unacked=f[12],
+        lost=f[14],
+        retrans=f[15],
+        total_retrans=f[31],
+        snd_cwnd=f[26],
     )

@@ -15,10 +15,11 @@ window, instead of leaving only the repair-off window probe that the peer ignore
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 from pysteer.tcp import constants as k
@@ -70,20 +71,43 @@ def describe(sock: socket.socket) -> str:
     return f"{kind} socket fd {sock.fileno()} {ends[0]} -> {ends[1]}"
 
 
+class _Name:
+    """A socket's name for error messages, worked out only if an error needs it."""
+
+    __slots__ = ("_make",)
+
+    def __init__(self, make: Callable[[], str]) -> None:
+        self._make = make
+
+    def __str__(self) -> str:
+        return self._make()
+
+
+Name = str | _Name
+
+
+def _name_of(sock: socket.socket) -> _Name:
+    return _Name(lambda: describe(sock))
+
+
 def _fmt(addr: tuple) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _setint(sock: socket.socket, level: int, opt: int, value: int) -> None:
-    sock.setsockopt(level, opt, _I32.pack(value) if value < 0 else _U32.pack(value))
+    # Python's int form takes a C int: larger unsigned values (marks, ...) go as bytes.
+    if 0 <= value < 1 << 31:
+        sock.setsockopt(level, opt, value)
+    else:
+        sock.setsockopt(level, opt, _I32.pack(value) if value < 0 else _U32.pack(value))
 
 
 def _getint(sock: socket.socket, level: int, opt: int) -> int:
     return sock.getsockopt(level, opt)
 
 
-def _repair(sock: socket.socket, name: str, value: int) -> None:
+def _repair(sock: socket.socket, name: Name, value: int) -> None:
     try:
         _setint(sock, socket.IPPROTO_TCP, k.TCP_REPAIR, value)
     except PermissionError:
@@ -100,12 +124,12 @@ def _queue(sock: socket.socket, queue: int) -> None:
     _setint(sock, socket.IPPROTO_TCP, k.TCP_REPAIR_QUEUE, queue)
 
 
-def _step(name: str, what: str, exc: OSError) -> RepairError:
+def _step(name: Name, what: str, exc: OSError) -> RepairError:
     return RepairError(name, f"{what} failed: {exc.strerror or exc}")
 
 
 @contextmanager
-def _doing(name: str, what: str) -> Iterator[None]:
+def _doing(name: Name, what: str) -> Iterator[None]:
     """Name the restore step in an OSError's message."""
     try:
         yield
@@ -116,9 +140,9 @@ def _doing(name: str, what: str) -> Iterator[None]:
 
 
 # --- dump ---------------------------------------------------------------------------------------
-def check_movable(sock: socket.socket) -> str:
+def check_movable(sock: socket.socket) -> Name:
     """Refuse sockets pysteer cannot move, with a clear reason; returns the socket's name."""
-    name = describe(sock)
+    name = _name_of(sock)
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         raise UnsupportedSocketError(name, "not an IPv4 or IPv6 socket")
     if sock.type != socket.SOCK_STREAM:
@@ -173,7 +197,7 @@ def dump(sock: socket.socket) -> TcpState:
         sock.settimeout(timeout)
 
 
-def _peek_queue(sock: socket.socket, name: str, queue: int, length: int) -> tuple[int, bytes]:
+def _peek_queue(sock: socket.socket, name: Name, queue: int, length: int) -> tuple[int, bytes]:
     _queue(sock, queue)
     seq = _U32.unpack(sock.getsockopt(socket.IPPROTO_TCP, k.TCP_QUEUE_SEQ, 4))[0]
     data = b""
@@ -187,12 +211,10 @@ def _peek_queue(sock: socket.socket, name: str, queue: int, length: int) -> tupl
 
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:
-    import fcntl  # noqa: PLC0415 - only here
-
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    return _I32.unpack(fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0"))[0]
 
 
-def _read(sock: socket.socket, name: str) -> TcpState:
+def _read(sock: socket.socket, name: Name) -> TcpState:
     """Read the state of a socket in repair mode, the send side last.
 
     Repair mode alone does not stop transmission: a pacing or TSQ timer can still push
@@ -288,15 +310,16 @@ def _read_options(sock: socket.socket) -> SocketOptions:
 # --- release and resume -----------------------------------------------------------------------
 def release(sock: socket.socket) -> None:
     """Close a frozen socket silently: in repair mode the kernel sends no FIN and no RST."""
-    name = describe(sock)
     if not in_repair(sock):
-        raise RepairError(name, "not frozen (dump it first): closing it now would send a FIN")
+        raise RepairError(
+            describe(sock), "not frozen (dump it first): closing it now would send a FIN"
+        )
     sock.close()
 
 
 def resume(sock: socket.socket) -> None:
     """Thaw a dumped socket in place, for a rollback: it carries on as if never frozen."""
-    name = describe(sock)
+    name = _name_of(sock)
     if not in_repair(sock):
         raise RepairError(name, "not frozen: nothing to resume")
     try:
@@ -314,7 +337,7 @@ def restore(state: TcpState) -> socket.socket:
     closed silently (in repair mode) and the error raised; nothing is left behind.
     """
     family = socket.AF_INET if state.family == 4 else socket.AF_INET6
-    name = f"restored TCP socket {_fmt(state.local)} -> {_fmt(state.peer)}"
+    name = _Name(lambda: f"restored TCP socket {_fmt(state.local)} -> {_fmt(state.peer)}")
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         _rebuild(sock, state, name)
@@ -351,7 +374,7 @@ def _set_queue_seq(sock: socket.socket, queue: int, seq: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, k.TCP_QUEUE_SEQ, _U32.pack(seq % U32))
 
 
-def _rebuild(sock: socket.socket, state: TcpState, name: str) -> None:
+def _rebuild(sock: socket.socket, state: TcpState, name: Name) -> None:
     """Restore in the order the kernel enforces (ARCHITECTURE.md section 4)."""
     if state.family == 6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state.options.v6only))
@@ -381,7 +404,7 @@ def _rebuild(sock: socket.socket, state: TcpState, name: str) -> None:
         _elicit_ack(state)
 
 
-def _connect(sock: socket.socket, state: TcpState, name: str) -> None:
+def _connect(sock: socket.socket, state: TcpState, name: Name) -> None:
     """Queue sequence numbers, a SYN-less connect, then the negotiated options and clock."""
     tcp = socket.IPPROTO_TCP
     send_queue_len = len(state.send_unacked) + len(state.send_unsent)
@@ -411,7 +434,7 @@ def _connect(sock: socket.socket, state: TcpState, name: str) -> None:
         sock.setsockopt(tcp, k.TCP_TIMESTAMP, _U32.pack(state.timestamp))
 
 
-def _restore_queues(sock: socket.socket, state: TcpState, name: str) -> None:
+def _restore_queues(sock: socket.socket, state: TcpState, name: Name) -> None:
     # Roomy buffers while the queues go in (our skbs need not pack as tightly as the
     # originals); _write_options sets the dumped sizes afterwards. FORCE ignores the caps.
     send = len(state.send_unacked) + len(state.send_unsent)
@@ -444,7 +467,7 @@ def _peer_segment(state: TcpState, seq: int, ack: int, flags: int) -> None:
     segment.inject(packet, state.local[0])
 
 
-def _await_state(sock: socket.socket, name: str, want: TcpStateCode) -> None:
+def _await_state(sock: socket.socket, name: Name, want: TcpStateCode) -> None:
     deadline = time.monotonic() + _INJECT_WAIT
     while (now := tcp_info(sock).state) != want:
         if time.monotonic() > deadline:
@@ -454,7 +477,7 @@ def _await_state(sock: socket.socket, name: str, want: TcpStateCode) -> None:
         time.sleep(0.0005)
 
 
-def _restore_fins(sock: socket.socket, state: TcpState, name: str) -> None:
+def _restore_fins(sock: socket.socket, state: TcpState, name: Name) -> None:
     """Put the FINs of a half-closed connection back, in the order they happened."""
     s = state.state
     if s in (TcpStateCode.FIN_WAIT1, TcpStateCode.FIN_WAIT2, TcpStateCode.CLOSING):
@@ -490,23 +513,32 @@ def _elicit_ack(state: TcpState) -> None:
     _peer_segment(state, beyond, state.send_una, segment.ACK)
 
 
+_DEFAULT_OPTIONS = SocketOptions()
+
+
 def _write_options(sock: socket.socket, state: TcpState) -> None:
-    o = state.options
+    """Set the options; flags and numbers whose default is 0 only when set (syscalls cost)."""
+    o, d = state.options, _DEFAULT_OPTIONS
     tcp, sol = socket.IPPROTO_TCP, socket.SOL_SOCKET
-    _setint(sock, tcp, socket.TCP_NODELAY, int(o.nodelay))
-    _setint(sock, tcp, socket.TCP_CORK, int(o.cork))
+    for value, default, level, opt in (
+        (o.nodelay, d.nodelay, tcp, socket.TCP_NODELAY),
+        (o.cork, d.cork, tcp, socket.TCP_CORK),
+        (o.keepalive, d.keepalive, sol, socket.SO_KEEPALIVE),
+        (o.priority, d.priority, sol, k.SO_PRIORITY),
+        (o.mark, d.mark, sol, k.SO_MARK),
+    ):
+        if value != default:
+            _setint(sock, level, opt, int(value))
+    # Keepalive timers default to this host's sysctls, which may differ: always set them.
     _setint(sock, tcp, socket.TCP_KEEPIDLE, o.keepidle)
     _setint(sock, tcp, socket.TCP_KEEPINTVL, o.keepintvl)
     _setint(sock, tcp, socket.TCP_KEEPCNT, o.keepcnt)
-    _setint(sock, sol, socket.SO_KEEPALIVE, int(o.keepalive))
-    _setint(sock, sol, k.SO_PRIORITY, o.priority)
     if o.sndbuf:
         _setint(sock, sol, k.SO_SNDBUFFORCE, o.sndbuf // 2)
     if o.rcvbuf:
         _setint(sock, sol, k.SO_RCVBUFFORCE, o.rcvbuf // 2)
-    if o.mark:
-        _setint(sock, sol, k.SO_MARK, o.mark)
-    if state.family == 6:
-        _setint(sock, socket.IPPROTO_IPV6, k.IPV6_TCLASS, o.tos)
-    else:
-        _setint(sock, socket.IPPROTO_IP, socket.IP_TOS, o.tos)
+    if o.tos:
+        if state.family == 6:
+            _setint(sock, socket.IPPROTO_IPV6, k.IPV6_TCLASS, o.tos)
+        else:
+            _setint(sock, socket.IPPROTO_IP, socket.IP_TOS, o.tos)

@@ -13,7 +13,6 @@ and CAP_NET_ADMIN (for the mark).
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 
@@ -43,28 +42,32 @@ def build(
     payload: bytes = b"",
 ) -> bytes:
     """A whole IPv4 or IPv6 packet carrying one TCP segment, checksums filled in."""
-    sip, dip = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    family = socket.AF_INET6 if ":" in src[0] else socket.AF_INET
+    sip, dip = socket.inet_pton(family, src[0]), socket.inet_pton(family, dst[0])
     header = _TCP.pack(src[1], dst[1], seq % (1 << 32), ack % (1 << 32), 5 << 4, flags,
                        min(window, 0xFFFF), 0, 0)  # fmt: skip
     length = len(header) + len(payload)
-    if sip.version == 4:
-        pseudo = sip.packed + dip.packed + struct.pack("!BBH", 0, socket.IPPROTO_TCP, length)
+    if family == socket.AF_INET:
+        pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_TCP, length)
     else:
-        pseudo = sip.packed + dip.packed + struct.pack("!I3xB", length, socket.IPPROTO_TCP)
+        pseudo = sip + dip + struct.pack("!I3xB", length, socket.IPPROTO_TCP)
     csum = _checksum(pseudo + header + payload)
     segment = header[:16] + struct.pack("!H", csum) + header[18:] + payload
-    if sip.version == 4:
+    if family == socket.AF_INET:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64,
-                         socket.IPPROTO_TCP, 0, sip.packed, dip.packed)  # fmt: skip
+                         socket.IPPROTO_TCP, 0, sip, dip)  # fmt: skip
         ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
     else:
         ip = struct.pack("!IHBB16s16s", 6 << 28, length, socket.IPPROTO_TCP, 64,
-                         sip.packed, dip.packed)  # fmt: skip
+                         sip, dip)  # fmt: skip
     return ip + segment
 
 
 def inject(packet: bytes, dst: str) -> None:
-    """Send a packet built by ``build`` to the local address ``dst``."""
+    """Send a packet built by ``build`` to the local address ``dst`` (this namespace).
+
+    The raw socket is not cached: it would pin its network namespace alive.
+    """
     family = socket.AF_INET6 if ":" in dst else socket.AF_INET
     with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         raw.setsockopt(socket.SOL_SOCKET, SO_MARK, INJECT_MARK)

@@ -11,8 +11,8 @@ import ipaddress
 import subprocess
 
 from pysteer import netns
-from pysteer.tcp.constants import INJECT_MARK
 from pysteer.lab import Lab
+from pysteer.tcp.constants import INJECT_MARK
 
 TABLE = "pysteer_lock"
 

@@ -164,7 +164,13 @@ def test_loopback_every_queue_byte_exact(scratch_netns: str) -> None:
     seed=st.integers(0, 2**32 - 1),
 )
 def test_random_queues_stay_byte_exact(
-    scratch_netns: str, up_before: int, up_after: int, down_after: int, block_acks: bool, seed: int
+    scratch_netns: str,
+    *,
+    up_before: int,
+    up_after: int,
+    down_after: int,
+    block_acks: bool,
+    seed: int,
 ) -> None:
     rng = random.Random(seed)  # noqa: S311 - test data
     client, server = pair(scratch_netns)
