@@ -254,6 +254,7 @@ class RstCapture:
     def __exit__(self, *exc: object) -> None:
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(10)
+        self.proc.stderr.close()
         out = subprocess.run(
             ["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True, check=True
         )
