@@ -150,14 +150,20 @@ def _flow_sockets(lab: Lab, node: str, port: int) -> list[str]:
     return [ln for ln in out.splitlines() if ln.strip() and "LISTEN" not in ln]
 
 
-@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
-def test_half_closed_by_client(lab: Lab, family: int) -> None:
-    """The client shut its write side: the server (CLOSE_WAIT) moves and still talks."""
+def _connection(lab: Lab, family: int) -> tuple[socket.socket, socket.socket, socket.socket]:
+    """(listener on host a, client socket, accepted server socket) for one VIP connection."""
     fam, vip = FAMILIES[family], str(lab.plan.vip(family))
     listener = lab.call("a", listen, fam, vip, PORT)
     client = lab.call("client", connect, fam, vip, PORT)
     server, _ = listener.accept()
     server.settimeout(10)
+    return listener, client, server
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_half_closed_by_client(lab: Lab, family: int) -> None:
+    """The client shut its write side: the server (CLOSE_WAIT) moves and still talks."""
+    listener, client, server = _connection(lab, family)
     request, reply = b"q" * 300_000, bytes(range(256)) * 4000
     mover = Mover(lab, family)
     try:
@@ -188,11 +194,7 @@ def test_half_closed_by_client(lab: Lab, family: int) -> None:
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 def test_half_closed_by_server(lab: Lab, family: int) -> None:
     """The server shut its write side (FIN_WAIT2): it moves and still receives to the end."""
-    fam, vip = FAMILIES[family], str(lab.plan.vip(family))
-    listener = lab.call("a", listen, fam, vip, PORT)
-    client = lab.call("client", connect, fam, vip, PORT)
-    server, _ = listener.accept()
-    server.settimeout(10)
+    listener, client, server = _connection(lab, family)
     greeting, upload = b"hello " * 1000, b"u" * 500_000
     mover = Mover(lab, family)
     try:

@@ -75,6 +75,30 @@ class Stream:
             self.ngot += len(chunk)
 
 
+def exchange(
+    client: socket.socket,
+    server: socket.socket,
+    streams: tuple[Stream, Stream],
+    more: tuple[bytes, bytes],
+) -> None:
+    """Send more both ways at once and check both whole streams, first byte to last."""
+    (up, down), (more_up, more_down) = streams, more
+    total_up, total_down = up.nsent + len(more_up), down.nsent + len(more_down)
+    threads = [
+        threading.Thread(target=up.send_all, args=(client, more_up)),
+        threading.Thread(target=down.send_all, args=(server, more_down)),
+        threading.Thread(target=up.read_exactly, args=(server, total_up)),
+        threading.Thread(target=down.read_exactly, args=(client, total_down)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert (up.ngot, down.ngot) == (total_up, total_down)
+    assert up.got.digest() == up.sent.digest()
+    assert down.got.digest() == down.sent.digest()
+
+
 def _queue_sizes(sock: socket.socket) -> int:
     import fcntl  # noqa: PLC0415
 
@@ -128,24 +152,9 @@ def test_loopback_every_queue_byte_exact(scratch_netns: str) -> None:
     drop.remove(acks)  # the lock ends once the new socket exists
     server.settimeout(20)
 
-    more_up = [os.urandom(1 << 20) for _ in range(4)]
-    more_down = [os.urandom(1 << 20) for _ in range(4)]
-    total_up = up.nsent + sum(map(len, more_up))
-    total_down = down.nsent + sum(map(len, more_down))
-    threads = [
-        threading.Thread(target=lambda: [up.send_all(client, d) for d in more_up]),
-        threading.Thread(target=lambda: [down.send_all(server, d) for d in more_down]),
-        threading.Thread(target=up.read_exactly, args=(server, total_up)),
-        threading.Thread(target=down.read_exactly, args=(client, total_down)),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert up.ngot == total_up
-    assert down.ngot == total_down
-    assert up.got.digest() == up.sent.digest()
-    assert down.got.digest() == down.sent.digest()
+    more_up = b"".join(os.urandom(1 << 20) for _ in range(4))
+    more_down = b"".join(os.urandom(1 << 20) for _ in range(4))
+    exchange(client, server, (up, down), (more_up, more_down))
     assert tcp.tcp_info(client).state == tcp.TcpStateCode.ESTABLISHED
     client.close()
     server.close()
@@ -188,21 +197,7 @@ def test_random_queues_stay_byte_exact(
     server = netns.call_in(scratch_netns, tcp.restore, wire_round_trip(state))
     drop.remove(acks)
     server.settimeout(20)
-    second_up, second_down = rng.randbytes(up_after), rng.randbytes(down_after)
-    total_up, total_down = up.nsent + up_after, down.nsent + down_after
-    threads = [
-        threading.Thread(target=up.send_all, args=(client, second_up)),
-        threading.Thread(target=down.send_all, args=(server, second_down)),
-        threading.Thread(target=up.read_exactly, args=(server, total_up)),
-        threading.Thread(target=down.read_exactly, args=(client, total_down)),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert (up.ngot, down.ngot) == (total_up, total_down)
-    assert up.got.digest() == up.sent.digest()
-    assert down.got.digest() == down.sent.digest()
+    exchange(client, server, (up, down), (rng.randbytes(up_after), rng.randbytes(down_after)))
     client.close()
     server.close()
 
