@@ -24,8 +24,9 @@ class NftDrop:
 
     def __init__(self, namespace: str, hook: str = "prerouting") -> None:
         self.namespace = namespace
+        self.table = f"{TABLE}_{hook}"
         self._nft("-f", "-", input=f"""
-table inet {TABLE} {{
+table inet {self.table} {{
   set flows4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; }}
   set flows6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; }}
   chain hold {{
@@ -50,11 +51,11 @@ table inet {TABLE} {{
 
     def add(self, flow: Flow) -> None:
         family, element = self._element(flow)
-        self._nft("add", "element", "inet", TABLE, family, element)
+        self._nft("add", "element", "inet", self.table, family, element)
 
     def remove(self, flow: Flow) -> None:
         family, element = self._element(flow)
-        self._nft("delete", "element", "inet", TABLE, family, element)
+        self._nft("delete", "element", "inet", self.table, family, element)
 
 
 class FlowLock:

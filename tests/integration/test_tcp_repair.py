@@ -446,3 +446,58 @@ def test_kernel_rejected_state_leaves_nothing(scratch_netns: str) -> None:
     assert server.recv(4) == b"data"
     client.close()
     server.close()
+
+
+def _await(sock: socket.socket, want: tcp.TcpStateCode) -> None:
+    deadline = time.monotonic() + 5
+    while tcp.tcp_info(sock).state != want:
+        assert time.monotonic() < deadline, f"{tcp.tcp_info(sock).state_name} != {want.name}"
+        time.sleep(0.001)
+
+
+def _read_to_eof(sock: socket.socket) -> bytes:
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+@pytest.mark.parametrize("closing", ["FIN_WAIT1", "LAST_ACK", "CLOSING"])
+def test_unacknowledged_fin_states(scratch_netns: str, closing: str) -> None:
+    """The server's FIN is not yet acknowledged (lost on the way) when it moves.
+
+    Drops are at prerouting: a drop in the sender's own output path would make TCP treat
+    the data as never sent rather than lost. The new socket retransmits the data and the
+    FIN on its timer, which starts at the kernel's 3 s fallback (no RTT sample yet).
+    """
+    client, server = pair(scratch_netns)
+    drop = NftDrop(scratch_netns, hook="prerouting")
+    to_client, to_server = flow_of(server), flow_of(client)
+    tail = b"last words " * 500
+    if closing == "LAST_ACK":
+        client.shutdown(socket.SHUT_WR)  # server: CLOSE_WAIT
+        assert _read_to_eof(server) == b""
+    drop.add(to_client)  # the server's data and FIN never arrive
+    server.sendall(tail)
+    server.shutdown(socket.SHUT_WR)
+    if closing == "CLOSING":
+        client.shutdown(socket.SHUT_WR)  # crosses the lost FIN: server goes CLOSING
+    _await(server, tcp.TcpStateCode[closing])
+    drop.add(to_server)  # the lock
+    state = tcp.dump(server)
+    assert state.state == tcp.TcpStateCode[closing]
+    assert state.send_unacked == tail
+    tcp.release(server)
+    server = netns.call_in(scratch_netns, tcp.restore, wire_round_trip(state))
+    assert tcp.tcp_info(server).state == tcp.TcpStateCode[closing]
+    drop.remove(to_server)
+    drop.remove(to_client)
+    assert _read_to_eof(client) == tail  # retransmitted by the new socket, then its FIN
+    if closing == "FIN_WAIT1":
+        client.sendall(b"answer")  # the client's direction is still open
+        client.shutdown(socket.SHUT_WR)
+        assert _read_to_eof(server) == b"answer"
+    else:
+        assert server.recv(1) == b""
+    client.close()
+    server.close()
