@@ -1,0 +1,96 @@
+"""Server-side TLS configuration, and the OpenSSL context it builds for handshakes.
+
+The context is complete before any connection exists (pyOpenSSL refuses later changes):
+certificate chain and key (RSA, ECDSA or Ed25519), optional client-certificate
+verification (mTLS), ALPN, minimum version, AEAD-only suites, and the key-log callback
+that hands traffic secrets to the connection that owns each handshake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+
+from pysteer.tls.suites import TLS12, TLS12_CIPHER_LIST, TLS13, TLS13_CIPHERSUITES
+
+
+class TlsConfigError(ValueError):
+    """The TLS configuration is unusable; the message says which part."""
+
+
+_VERSIONS = {TLS12: SSL.TLS1_2_VERSION, TLS13: SSL.TLS1_3_VERSION}
+
+
+def _keylog(conn: SSL.Connection, line: bytes) -> None:
+    owner = conn.get_app_data()
+    if owner is not None:
+        owner.on_keylog(line)
+
+
+class ServerConfig:
+    """What a TLS server needs; ``context`` is shared by all its connections."""
+
+    def __init__(
+        self,
+        cert_chain_pem: bytes,
+        key_pem: bytes,
+        *,
+        client_ca_pem: bytes | None = None,
+        alpn: Sequence[str] = (),
+        min_version: str = TLS12,
+    ) -> None:
+        if min_version not in _VERSIONS:
+            raise TlsConfigError(f"min_version must be {TLS12} or {TLS13}, not {min_version!r}")
+        self.alpn = tuple(alpn)
+        self.min_version = min_version
+        self.verify_clients = client_ca_pem is not None
+        try:
+            chain = x509.load_pem_x509_certificates(cert_chain_pem)
+        except ValueError:
+            raise TlsConfigError("cert_chain_pem holds no PEM certificate") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError):
+            raise TlsConfigError("key_pem is not an unencrypted PEM private key") from None
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(_VERSIONS[min_version])
+        ctx.set_cipher_list(TLS12_CIPHER_LIST.encode())
+        ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode())
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
+        try:
+            ctx.check_privatekey()
+        except SSL.Error:
+            raise TlsConfigError("the private key does not match the certificate") from None
+        if client_ca_pem is not None:
+            cas = x509.load_pem_x509_certificates(client_ca_pem)
+            store = ctx.get_cert_store()
+            for ca in cas:
+                store.add_cert(crypto.X509.from_cryptography(ca))  # type: ignore[union-attr]
+            ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_verified)
+        if self.alpn:
+            ctx.set_alpn_select_callback(self._select_alpn)
+        ctx.set_session_id(b"pysteer")  # TLS 1.2 session-ID resumption; tickets are on too
+        ctx.set_keylog_callback(_keylog)
+        self.context = ctx
+
+    def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> Any:
+        for proto in self.alpn:
+            if proto.encode() in offered:
+                return proto.encode()
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    def __repr__(self) -> str:
+        return f"ServerConfig(min_version={self.min_version}, alpn={self.alpn}, mtls={self.verify_clients})"
+
+
+def _accept_verified(conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
+    return bool(ok)
