@@ -15,7 +15,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
-from pysteer.tls.suites import TLS12, TLS12_CIPHER_LIST, TLS13, TLS13_CIPHERSUITES
+from pysteer.tls.suites import (
+    BY_NAME,
+    OPENSSL_NAMES,
+    TLS12,
+    TLS12_CIPHER_LIST,
+    TLS13,
+    TLS13_CIPHERSUITES,
+)
 
 
 class TlsConfigError(ValueError):
@@ -42,7 +49,9 @@ class ServerConfig:
         client_ca_pem: bytes | None = None,
         alpn: Sequence[str] = (),
         min_version: str = TLS12,
+        suites: Sequence[str] | None = None,
     ) -> None:
+        """``suites``: IANA names to allow (default: every suite pysteer carries)."""
         if min_version not in _VERSIONS:
             raise TlsConfigError(f"min_version must be {TLS12} or {TLS13}, not {min_version!r}")
         self.alpn = tuple(alpn)
@@ -58,24 +67,29 @@ class ServerConfig:
             raise TlsConfigError("key_pem is not an unencrypted PEM private key") from None
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(_VERSIONS[min_version])
-        ctx.set_cipher_list(TLS12_CIPHER_LIST.encode())
-        ctx.set_tls13_ciphersuites(TLS13_CIPHERSUITES.encode())
+        tls12, tls13 = _suite_lists(suites)
+        if not tls13 and min_version == TLS13:
+            raise TlsConfigError("min_version TLSv1.3 with no TLS 1.3 suite allowed")
+        if tls12:
+            ctx.set_cipher_list(tls12.encode())
+        else:
+            ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
+            ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        if tls13:
+            ctx.set_tls13_ciphersuites(tls13.encode())
+        else:
+            ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
-        ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+        ctx.use_certificate(chain[0])
         for extra in chain[1:]:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))  # type: ignore[arg-type]
+            ctx.add_extra_chain_cert(extra)
+        ctx.use_privatekey(key)  # type: ignore[arg-type]
         try:
             ctx.check_privatekey()
         except SSL.Error:
             raise TlsConfigError("the private key does not match the certificate") from None
         if client_ca_pem is not None:
-            cas = x509.load_pem_x509_certificates(client_ca_pem)
-            store = ctx.get_cert_store()
-            for ca in cas:
-                store.add_cert(crypto.X509.from_cryptography(ca))  # type: ignore[union-attr]
-            ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
-            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_verified)
+            _verify_clients(ctx, client_ca_pem)
         if self.alpn:
             ctx.set_alpn_select_callback(self._select_alpn)
         ctx.set_session_id(b"pysteer")  # TLS 1.2 session-ID resumption; tickets are on too
@@ -89,7 +103,33 @@ class ServerConfig:
         return SSL.NO_OVERLAPPING_PROTOCOLS
 
     def __repr__(self) -> str:
-        return f"ServerConfig(min_version={self.min_version}, alpn={self.alpn}, mtls={self.verify_clients})"
+        mtls = self.verify_clients
+        return f"ServerConfig(min_version={self.min_version}, alpn={self.alpn}, mtls={mtls})"
+
+
+def _verify_clients(ctx: SSL.Context, client_ca_pem: bytes) -> None:
+    """mTLS: require a client certificate signed by one of these CAs."""
+    try:
+        cas = x509.load_pem_x509_certificates(client_ca_pem)
+    except ValueError:
+        raise TlsConfigError("client_ca_pem holds no PEM certificate") from None
+    store = ctx.get_cert_store()
+    for ca in cas:
+        store.add_cert(crypto.X509.from_cryptography(ca))  # type: ignore[union-attr]
+    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_verified)
+
+
+def _suite_lists(suites: Sequence[str] | None) -> tuple[str, str]:
+    """OpenSSL's TLS 1.2 cipher list and TLS 1.3 ciphersuites string for ``suites``."""
+    if suites is None:
+        return TLS12_CIPHER_LIST, TLS13_CIPHERSUITES
+    unknown = [s for s in suites if s not in BY_NAME]
+    if unknown or not suites:
+        raise TlsConfigError(f"unknown or no cipher suites: {', '.join(unknown) or 'none given'}")
+    tls13 = [s for s in suites if BY_NAME[s].version == TLS13]
+    tls12 = [OPENSSL_NAMES[s] for s in suites if BY_NAME[s].version == TLS12]
+    return ":".join(tls12), ":".join(tls13)
 
 
 def _accept_verified(conn: SSL.Connection, cert: Any, errnum: int, depth: int, ok: int) -> bool:
