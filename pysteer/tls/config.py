@@ -116,7 +116,7 @@ def _verify_clients(ctx: SSL.Context, client_ca_pem: bytes) -> None:
     store = ctx.get_cert_store()
     for ca in cas:
         store.add_cert(crypto.X509.from_cryptography(ca))  # type: ignore[union-attr]
-    ctx.set_client_ca_list([crypto.X509.from_cryptography(ca).get_subject() for ca in cas])
+        ctx.add_client_ca(ca)  # type: ignore[arg-type]
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_verified)
 
 
