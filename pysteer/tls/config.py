@@ -13,6 +13,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 
 from pysteer.tls.suites import (
@@ -50,8 +51,10 @@ class ServerConfig:
         alpn: Sequence[str] = (),
         min_version: str = TLS12,
         suites: Sequence[str] | None = None,
+        ecdh_curve: ec.EllipticCurve | None = None,
     ) -> None:
-        """``suites``: IANA names to allow (default: every suite pysteer carries)."""
+        """``suites``: IANA names to allow (default: every suite pysteer carries).
+        ``ecdh_curve``: offer only this key-exchange group (default: OpenSSL's list)."""
         if min_version not in _VERSIONS:
             raise TlsConfigError(f"min_version must be {TLS12} or {TLS13}, not {min_version!r}")
         self.alpn = tuple(alpn)
@@ -67,18 +70,7 @@ class ServerConfig:
             raise TlsConfigError("key_pem is not an unencrypted PEM private key") from None
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(_VERSIONS[min_version])
-        tls12, tls13 = _suite_lists(suites)
-        if not tls13 and min_version == TLS13:
-            raise TlsConfigError("min_version TLSv1.3 with no TLS 1.3 suite allowed")
-        if tls12:
-            ctx.set_cipher_list(tls12.encode())
-        else:
-            ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
-            ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
-        if tls13:
-            ctx.set_tls13_ciphersuites(tls13.encode())
-        else:
-            ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+        _set_suites(ctx, suites, min_version)
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
         ctx.use_certificate(chain[0])
         for extra in chain[1:]:
@@ -88,6 +80,8 @@ class ServerConfig:
             ctx.check_privatekey()
         except SSL.Error:
             raise TlsConfigError("the private key does not match the certificate") from None
+        if ecdh_curve is not None:
+            ctx.set_tmp_ecdh(ecdh_curve)
         if client_ca_pem is not None:
             _verify_clients(ctx, client_ca_pem)
         if self.alpn:
@@ -118,6 +112,20 @@ def _verify_clients(ctx: SSL.Context, client_ca_pem: bytes) -> None:
         store.add_cert(crypto.X509.from_cryptography(ca))  # type: ignore[union-attr]
         ctx.add_client_ca(ca)  # type: ignore[arg-type]
     ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_verified)
+
+
+def _set_suites(ctx: SSL.Context, suites: Sequence[str] | None, min_version: str) -> None:
+    tls12, tls13 = _suite_lists(suites)
+    if not tls13 and min_version == TLS13:
+        raise TlsConfigError("min_version TLSv1.3 with no TLS 1.3 suite allowed")
+    if tls12:
+        ctx.set_cipher_list(tls12.encode())
+    else:
+        ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+    if tls13:
+        ctx.set_tls13_ciphersuites(tls13.encode())
+    else:
+        ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
 
 
 def _suite_lists(suites: Sequence[str] | None) -> tuple[str, str]:

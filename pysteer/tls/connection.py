@@ -143,6 +143,7 @@ class TlsServerConnection:
             sni=result.sni,
             resumed=result.resumed,
             peer_chain=result.peer_chain,
+            hello_retry=result.client_hellos > 1,
         )
         events.append(self.info)
 

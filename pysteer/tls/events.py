@@ -18,6 +18,7 @@ class HandshakeComplete(Event):
     sni: str | None
     resumed: bool
     peer_chain: tuple[bytes, ...] = field(repr=False)  # DER, leaf first
+    hello_retry: bool = False  # the server sent a HelloRetryRequest
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class HandshakeResult:
     resumed: bool
     peer_chain: tuple[bytes, ...] = field(repr=False)
     tickets_sent: int  # TLS 1.3 records (NewSessionTickets) sent after the Finished
+    client_hellos: int  # 2 after a HelloRetryRequest
 
 
 def count_records(data: bytes, content_type: int) -> int:
@@ -64,6 +65,7 @@ class OpenSSLHandshake:
         self._ssl.set_accept_state()
         self._ssl.set_app_data(self)
         self._secrets: dict[str, Secret] = {}
+        self.client_hellos = 0
 
     def on_keylog(self, line: bytes) -> None:
         parts = line.split()
@@ -80,6 +82,8 @@ class OpenSSLHandshake:
 
     def feed(self, record: bytes) -> tuple[bool, bytes]:
         """Give OpenSSL one record; returns (handshake complete, bytes to send)."""
+        if record[:1] == b"\x16" and record[5:6] == b"\x01":  # a plaintext ClientHello
+            self.client_hellos += 1
         self._ssl.bio_write(record)
         try:
             self._ssl.do_handshake()
@@ -118,6 +122,7 @@ class OpenSSLHandshake:
             resumed=resumed,
             peer_chain=tuple(chain),
             tickets_sent=count_records(final_output, APPLICATION_DATA) if version == TLS13 else 0,
+            client_hellos=self.client_hellos,
         )
         if version != TLS13 and "CLIENT_RANDOM" not in result.secrets:
             master = ssl.master_key()

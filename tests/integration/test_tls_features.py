@@ -315,3 +315,47 @@ def test_export_refused_mid_handshake(pki: Pki) -> None:
     conn = TlsServerConnection(cfg)
     with pytest.raises(TlsStateError, match="the connection is handshake"):
         conn.export_state()
+
+
+def test_hello_retry_request(pki: Pki) -> None:
+    """The server offers only P-384; Python's client guesses X25519 first: HRR, then P-384."""
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
+                       ecdh_curve=ec.SECP384R1())  # fmt: skip
+    with TlsTestServer(cfg) as server:
+        echo_once(client_ctx(pki, "1.3"), server.port, b"after a retry\n" * 100)
+        served = wait_served(server, 1)[0]
+    assert served.handshake.hello_retry
+    got = b"".join(e.data for e in served.events if isinstance(e, DataReceived))
+    assert got == b"after a retry\n" * 100
+
+
+def test_tls12_renegotiation_is_refused(pki: Pki) -> None:
+    """s_client's R asks to renegotiate: the server answers with a no_renegotiation
+    warning, as a moved connection cannot renegotiate. (OpenSSL's client then gives up.)"""
+    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem)
+    with TlsTestServer(cfg) as server:
+        proc = subprocess.Popen(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername",
+             "localhost", "-CAfile", str(pki.ca_file), "-quiet", "-no_ign_eof", "-tls1_2"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out = b""
+        try:
+            proc.stdin.write(b"before\n")
+            proc.stdin.flush()
+            while not out.endswith(b"before\n"):
+                out += os.read(proc.stdout.fileno(), 65536)
+            proc.stdin.write(b"R\n")
+            proc.stdin.flush()
+            proc.wait(10)
+        finally:
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                stream.close()
+        served = wait_served(server, 1)[0]
+    alerts = [e for e in served.events if isinstance(e, Alert)]
+    # Our warning, then OpenSSL's client aborts its renegotiation with handshake_failure.
+    assert alerts == [Alert(1, 100, sent=True), Alert(2, 40, sent=False)]
+    assert served.events[-1] == ConnectionClosed(clean=False)
+    assert out == b"before\n"
