@@ -8,6 +8,8 @@ import time
 
 import msgpack
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 from conftest import Pki
 from helpers.tls_server import TlsTestServer
 
@@ -60,9 +62,7 @@ def test_mtls_identity_survives_state_round_trip(pki: Pki, version: str) -> None
         echo_once(client_ctx(pki, version, cert=True), server.port, b"hello\n")
         served = wait_served(server, 1)[0]
         hs = served.handshake
-        assert hs.peer_chain[0] == pki.client.cert.public_bytes(
-            __import__("cryptography.hazmat.primitives.serialization", fromlist=["x"]).Encoding.DER
-        )
+        assert hs.peer_chain[0] == pki.client.cert.public_bytes(Encoding.DER)
         # Without a client certificate the handshake fails cleanly.
         with pytest.raises(ssl.SSLError):
             echo_once(client_ctx(pki, version), server.port, b"x")
@@ -319,8 +319,6 @@ def test_export_refused_mid_handshake(pki: Pki) -> None:
 
 def test_hello_retry_request(pki: Pki) -> None:
     """The server offers only P-384; Python's client guesses X25519 first: HRR, then P-384."""
-    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
-
     cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
                        ecdh_curve=ec.SECP384R1())  # fmt: skip
     with TlsTestServer(cfg) as server:
@@ -359,3 +357,47 @@ def test_tls12_renegotiation_is_refused(pki: Pki) -> None:
     assert alerts == [Alert(1, 100, sent=True), Alert(2, 40, sent=False)]
     assert served.events[-1] == ConnectionClosed(clean=False)
     assert out == b"before\n"
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_ed25519_certificate(pki: Pki, version: str) -> None:
+    cfg = ServerConfig(pki.servers["ed25519"].chain_pem, pki.servers["ed25519"].key_pem)
+    with TlsTestServer(cfg) as server:
+        echo_once(client_ctx(pki, version), server.port, b"edwards\n" * 50)
+        served = wait_served(server, 1)[0]
+    assert served.handshake.version == f"TLSv{version}"
+    got = b"".join(e.data for e in served.events if isinstance(e, DataReceived))
+    assert got == b"edwards\n" * 50
+
+
+def test_alpn_is_negotiated_and_moves(pki: Pki) -> None:
+    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
+                       alpn=["http/1.1"])  # fmt: skip
+    ctx = client_ctx(pki, "1.3")
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with TlsTestServer(cfg) as server:
+        echo_once(ctx, server.port, b"alpn\n")
+        served = wait_served(server, 1)[0]
+    assert served.handshake.alpn == "http/1.1"
+    conn = _open_connection(cfg, pki, "1.3")
+    assert TlsServerConnection.from_state(conn.export_state()).info.alpn is None  # not offered
+
+
+def test_min_version_and_aead_only(pki: Pki) -> None:
+    """TLS 1.3 only refuses a TLS 1.2 client; the default refuses non-AEAD (CBC) suites."""
+    strict = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
+                          min_version="TLSv1.3")  # fmt: skip
+    with TlsTestServer(strict) as server:
+        with pytest.raises(ssl.SSLError):
+            echo_once(client_ctx(pki, "1.2"), server.port, b"x")
+        assert any(isinstance(e, HandshakeFailed) for e in wait_served(server, 1)[0].events)
+    default = ServerConfig(pki.servers["rsa"].chain_pem, pki.servers["rsa"].key_pem)
+    with TlsTestServer(default) as server:
+        out = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_2",
+             "-cipher", "ECDHE-RSA-AES128-SHA256:AES128-SHA", "-CAfile", str(pki.ca_file)],
+            input=b"", capture_output=True, timeout=20, check=False,
+        )  # fmt: skip
+        assert out.returncode != 0
+        assert b"handshake failure" in out.stderr
+        assert any(isinstance(e, HandshakeFailed) for e in wait_served(server, 1)[0].events)
