@@ -8,9 +8,9 @@ import time
 
 import msgpack
 import pytest
+from conftest import Pki
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
-from conftest import Pki
 from helpers.tls_server import TlsTestServer
 
 from pysteer.tls import (
