@@ -1,0 +1,19 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* The steering node's maps (declarations only: BCC rewrites map calls only in the main
+ * source file, so every .lookup() lives in steer.c). PIN_DIR (a string literal, given by the loader) is where the
+ * flow table, the hosts and the counters are pinned, so a restarted daemon finds them. */
+#ifndef PYSTEER_MAPS_H
+#define PYSTEER_MAPS_H
+
+#include "pysteer_structs.h"
+
+#ifndef PIN_DIR
+#error "PIN_DIR must be defined by the loader"
+#endif
+
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_value, flows, MAX_FLOWS, PIN_DIR "/flows");
+BPF_TABLE_PINNED("array", u32, struct host_entry, hosts, MAX_HOSTS, PIN_DIR "/hosts");
+BPF_TABLE_PINNED("percpu_array", u32, u64, stats, STAT_MAX, PIN_DIR "/stats");
+BPF_PERF_OUTPUT(parked);
+
+#endif

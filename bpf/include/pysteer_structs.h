@@ -1,0 +1,65 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/* Structures shared by pysteer's BPF programs and its Python side (pysteer/steer/maps.py
+ * mirrors them with ctypes; keep the two in step). Only stable UAPI types are used. */
+#ifndef PYSTEER_STRUCTS_H
+#define PYSTEER_STRUCTS_H
+
+/* A TCP or UDP 5-tuple as the steering node sees it: client -> service. Addresses are
+ * in network order; IPv4 uses the first word. */
+struct flow_key {
+	__u8 family;   /* 4 or 6 */
+	__u8 proto;    /* IPPROTO_TCP */
+	__be16 sport;
+	__be16 dport;
+	__u16 pad;
+	__be32 saddr[4];
+	__be32 daddr[4];
+};
+
+enum flow_action_kind {
+	ACTION_PASS = 0, /* normal routing */
+	ACTION_PARK = 1, /* hand every packet to userspace, in order, and drop it here */
+	ACTION_TO = 2,   /* redirect to host `host` */
+};
+
+struct flow_value {
+	__u32 action;
+	__u32 host;
+	__u64 park_seq;      /* packets parked so far: each carries its number */
+	__u64 packets[3];    /* per action */
+	__u64 bytes[3];
+};
+
+/* Where TO(host) sends a packet: out of `ifindex` with these MACs. */
+struct host_entry {
+	__u32 ifindex;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u32 pad;
+};
+
+/* What a parked packet carries to userspace ahead of its bytes. */
+struct park_meta {
+	struct flow_key key;
+	__u64 seq;
+	__u32 len;
+	__u32 pad;
+};
+
+/* Global counters (per CPU): index into `stats`. */
+enum stat_index {
+	STAT_SEEN = 0,
+	STAT_PASS,
+	STAT_PARKED,
+	STAT_REDIRECTED,
+	STAT_DROP_NO_HOST,   /* TO(host) with no host entry */
+	STAT_DROP_TTL,       /* TTL or hop limit would reach 0 */
+	STAT_DROP_PARK_FULL, /* the perf buffer refused a parked packet */
+	STAT_GUARD_DROPPED,  /* guard: a frozen flow's packet dropped on a host */
+	STAT_MAX,
+};
+
+#define MAX_FLOWS 65536
+#define MAX_HOSTS 64
+
+#endif

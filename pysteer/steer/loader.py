@@ -1,0 +1,102 @@
+"""Compile pysteer's BPF programs with BCC and attach them with pyroute2.
+
+Attach and detach work on the network namespace of the calling thread (pyroute2 talks to
+the namespace of the thread that uses it), so call them from inside the namespace, for
+example through ``pysteer.netns.call_in``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from pysteer.bpfload import compile_file, load_func
+from pysteer.paths import bpf_dir
+
+MODES = ("auto", "tc", "xdp-native", "xdp-generic")
+XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 2, 4
+TC_INGRESS = "ffff:fff2"
+
+
+class AttachError(RuntimeError):
+    """A program could not be attached; the message names the interface and mode."""
+
+
+def compile_program(source: str, pin: Path) -> Any:
+    """Compile ``bpf/<source>`` with its maps pinned under ``pin``."""
+    return compile_file(
+        bpf_dir() / source, cflags=[f"-I{bpf_dir() / 'include'}", f'-DPIN_DIR="{pin}"']
+    )
+
+
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise AttachError(f"no interface {ifname!r} in this network namespace")
+    return found[0]
+
+
+def resolve_mode(ifname: str, mode: str) -> str:
+    """``auto`` picks tc on veth (faster there) and native XDP elsewhere."""
+    if mode not in MODES:
+        raise AttachError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    with IPRoute() as ipr:
+        link = ipr.get_links(_index(ipr, ifname))[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+    return "tc" if kind == "veth" else "xdp-native"
+
+
+def attach(ifname: str, mode: str, fd: int, name: str) -> None:
+    """Attach program ``fd`` on ``ifname``'s ingress, replacing what pysteer put there."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        try:
+            if mode == "tc":
+                with contextlib.suppress(NetlinkError):  # already there
+                    ipr.tc("add", "clsact", idx)
+                with contextlib.suppress(NetlinkError):
+                    ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_INGRESS)
+                ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent=TC_INGRESS,
+                       classid=1, direct_action=True)  # fmt: skip
+            else:
+                flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
+                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd),
+                                                          ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
+        except NetlinkError as exc:
+            raise AttachError(f"attaching {name} ({mode}) to {ifname}: {exc}") from None
+
+
+def detach(ifname: str, mode: str) -> None:
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        with contextlib.suppress(NetlinkError):
+            if mode == "tc":
+                ipr.tc("del", "clsact", idx)
+            else:
+                flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
+                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
+                                                          ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
+
+
+def load_steer(pin: Path, mode: str) -> tuple[Any, Any]:
+    """The compiled steering module and its program for ``mode`` (tc or XDP)."""
+    from bcc import BPF  # noqa: PLC0415 - Debian's python3-bpfcc
+
+    bpf = compile_program("steer.c", pin)
+    if mode == "tc":
+        return bpf, load_func(bpf, "steer_tc", BPF.SCHED_CLS)
+    return bpf, load_func(bpf, "steer_xdp", BPF.XDP)
+
+
+def load_guard(pin: Path) -> tuple[Any, Any]:
+    from bcc import BPF  # noqa: PLC0415
+
+    bpf = compile_program("guard.c", pin)
+    return bpf, load_func(bpf, "guard_tc", BPF.SCHED_CLS)

@@ -1,0 +1,290 @@
+"""The steering node's controller: flow table, hosts, parking and loss-free replay.
+
+``Steerer`` owns the compiled programs and their pinned maps. PARK makes the BPF program
+hand each of the flow's packets to userspace (perf buffer, numbered per flow) and drop
+it; a poller thread queues them in order, within bounds. TO(host) replays the queue to
+the host first and only then switches the flow to in-kernel redirect, then replays any
+packet parked in between, so none is lost and none overtakes the replay.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute
+
+from pysteer import netns
+from pysteer.steer import loader
+from pysteer.steer.flow import Flow
+from pysteer.steer.maps import (
+    MAX_HOSTS,
+    Action,
+    FlowValue,
+    HostEntry,
+    ParkMeta,
+    Stat,
+    flow_key,
+    key_flow,
+)
+from pysteer.steer.packet import PacketError, forward
+from pysteer.steer.pins import pin_dir
+
+T = TypeVar("T")
+
+
+class SteerError(RuntimeError):
+    """A steering request that cannot be carried out; the message says why."""
+
+
+@dataclass
+class Host:
+    id: int
+    name: str
+    ifname: str
+    ifindex: int
+    mac: bytes  # the host's MAC on the link
+    our_mac: bytes  # the steering node's MAC on that link
+    mtu: int
+
+
+@dataclass
+class ParkCounters:
+    parked: int = 0  # received by userspace
+    replayed: int = 0
+    dropped: int = 0  # over the queue bound
+    lost: int = 0  # numbered by the kernel but never received
+
+
+@dataclass
+class _Queue:
+    packets: dict[int, bytes] = field(default_factory=dict)  # seq -> frame
+    dropped: set[int] = field(default_factory=set)  # seqs dropped over the bound
+    bytes: int = 0
+    next_replay: int = 0
+
+
+class Steerer:
+    def __init__(
+        self,
+        name: str,
+        ifname: str,
+        *,
+        namespace: str | None = None,
+        mode: str = "auto",
+        max_per_flow: int = 8192,
+        max_total_bytes: int = 256 << 20,
+    ) -> None:
+        self.name, self.ifname, self.namespace = name, ifname, namespace
+        self.pin = pin_dir(name)
+        self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
+        self.bpf, fn = loader.load_steer(self.pin, self.mode)
+        self._fd = fn.fd
+        self.flows = self.bpf[b"flows"]
+        self.host_table = self.bpf[b"hosts"]
+        self.stats_table = self.bpf[b"stats"]
+        self.hosts: dict[str, Host] = {}
+        self.max_per_flow, self.max_total_bytes = max_per_flow, max_total_bytes
+        self._queues: dict[bytes, _Queue] = defaultdict(_Queue)
+        self.counters: dict[bytes, ParkCounters] = defaultdict(ParkCounters)
+        self._total_bytes = 0
+        self._lock = threading.RLock()
+        self._arrived = threading.Condition(self._lock)
+        self._control = threading.Lock()  # one park/to/pass at a time
+        self.bpf[b"parked"].open_perf_buffer(self._on_parked, page_cnt=1024)
+        self._stop = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name=f"steer:{name}", daemon=True)
+        self._poller.start()
+        self._in_ns(loader.attach, ifname, self.mode, self._fd, "pysteer_steer")
+        self._packet_sockets: dict[str, socket.socket] = {}
+
+    def _in_ns(self, fn: Callable[..., T], *args: Any) -> T:
+        return netns.call_in(self.namespace, fn, *args) if self.namespace else fn(*args)
+
+    # --- hosts ------------------------------------------------------------------------------
+    def add_host(self, name: str, ifname: str, mac: str | bytes) -> Host:
+        """Make ``name`` a redirect target: reached on ``ifname`` at MAC ``mac``."""
+        if name in self.hosts:
+            raise SteerError(f"host {name!r} is already configured")
+        if len(self.hosts) >= MAX_HOSTS:
+            raise SteerError(f"at most {MAX_HOSTS} hosts")
+
+        def lookup() -> tuple[int, bytes, int]:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=ifname)
+                if not found:
+                    raise SteerError(f"no interface {ifname!r} for host {name!r}")
+                link = ipr.get_links(found[0])[0]
+                ours = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+                return found[0], ours, link.get_attr("IFLA_MTU")
+
+        ifindex, ours, mtu = self._in_ns(lookup)
+        raw_mac = mac if isinstance(mac, bytes) else bytes.fromhex(mac.replace(":", ""))
+        host = Host(len(self.hosts), name, ifname, ifindex, raw_mac, ours, mtu)
+        entry = HostEntry(ifindex=ifindex)
+        ctypes.memmove(entry.dmac, host.mac, 6)
+        ctypes.memmove(entry.smac, host.our_mac, 6)
+        self.host_table[ctypes.c_uint32(host.id)] = entry
+        self.hosts[name] = host
+        sock = self._in_ns(socket.socket, socket.AF_PACKET, socket.SOCK_RAW)
+        sock.bind((ifname, 0))
+        self._packet_sockets[name] = sock
+        return host
+
+    def _host(self, name: str) -> Host:
+        try:
+            return self.hosts[name]
+        except KeyError:
+            known = ", ".join(self.hosts) or "none"
+            raise SteerError(f"unknown host {name!r} (known: {known})") from None
+
+    # --- the flow table -------------------------------------------------------------------------
+    def get(self, flow: Flow) -> FlowValue | None:
+        try:
+            return self.flows[flow_key(flow)]
+        except KeyError:
+            return None
+
+    def _set(self, flow: Flow, action: Action, host: int = 0) -> None:
+        key = flow_key(flow)
+        value = self.get(flow) or FlowValue()
+        value.action, value.host = action, host
+        try:
+            self.flows[key] = value
+        except Exception as exc:  # BCC raises a bare Exception when the table is full
+            raise SteerError(f"cannot set {flow}: {exc}") from None
+
+    def park(self, flow: Flow) -> None:
+        """Hold every packet of ``flow`` from now on, in order, until ``to`` or ``pass_``."""
+        with self._control:
+            self._set(flow, Action.PARK)
+
+    def to(self, flow: Flow, host: str, *, timeout: float = 2.0) -> int:
+        """Send ``flow`` to ``host``: replay its parked packets, then redirect in the kernel.
+
+        Returns how many parked packets were replayed.
+        """
+        target = self._host(host)
+        with self._control:
+            current = self.get(flow)
+            replayed = 0
+            if current is not None and current.action == Action.PARK:
+                replayed += self._replay(flow, target, current.park_seq, timeout)
+                self._set(flow, Action.TO, target.id)
+                final = self.get(flow)
+                assert final is not None  # noqa: S101
+                replayed += self._replay(flow, target, final.park_seq, timeout)
+            else:
+                self._set(flow, Action.TO, target.id)
+            return replayed
+
+    def pass_(self, flow: Flow) -> None:
+        """Back to normal routing (the default host). Parked packets go back to it too."""
+        with self._control:
+            current = self.get(flow)
+            self._set(flow, Action.PASS)
+            if current is not None and current.action == Action.PARK:
+                self._drop_queue(flow)
+
+    def forget(self, flow: Flow) -> None:
+        with self._control:
+            try:
+                del self.flows[flow_key(flow)]
+            except KeyError:
+                raise SteerError(f"flow {flow} is not in the table") from None
+
+    def items(self) -> list[tuple[Flow, FlowValue]]:
+        return [(key_flow(k), v) for k, v in self.flows.items()]
+
+    def stats(self) -> dict[str, int]:
+        out = {}
+        for stat in Stat:
+            if stat == Stat.GUARD_DROPPED:
+                continue
+            values = self.stats_table[ctypes.c_uint32(stat)]
+            out[stat.name.lower()] = sum(values)
+        return out
+
+    # --- parking ------------------------------------------------------------------------------
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.bpf.perf_buffer_poll(timeout=20)
+
+    def _on_parked(self, _cpu: int, data: Any, size: int) -> None:
+        meta = ctypes.cast(data, ctypes.POINTER(ParkMeta)).contents
+        frame = ctypes.string_at(data + ctypes.sizeof(ParkMeta), meta.len)
+        key = bytes(meta.key)
+        with self._arrived:
+            queue, counters = self._queues[key], self.counters[key]
+            if (len(queue.packets) >= self.max_per_flow
+                    or self._total_bytes + len(frame) > self.max_total_bytes):  # fmt: skip
+                counters.dropped += 1
+                queue.dropped.add(meta.seq)
+            else:
+                queue.packets[meta.seq] = frame
+                queue.bytes += len(frame)
+                self._total_bytes += len(frame)
+                counters.parked += 1
+            self._arrived.notify_all()
+
+    def _replay(self, flow: Flow, host: Host, upto: int, timeout: float) -> int:
+        """Send the parked packets numbered below ``upto``, in order, to ``host``."""
+        key = bytes(flow_key(flow))
+        sock = self._packet_sockets[host.name]
+        deadline = time.monotonic() + timeout
+        sent = 0
+        with self._arrived:
+            queue, counters = self._queues[key], self.counters[key]
+            while queue.next_replay < upto:
+                seq = queue.next_replay
+                if seq in queue.dropped:  # over the bound: dropped and counted on arrival
+                    queue.dropped.discard(seq)
+                    queue.next_replay += 1
+                    continue
+                if seq not in queue.packets:
+                    if not self._arrived.wait(max(0.0, deadline - time.monotonic())):
+                        counters.lost += upto - queue.next_replay
+                        queue.next_replay = upto
+                        break
+                    continue
+                frame = queue.packets.pop(seq)
+                queue.bytes -= len(frame)
+                self._total_bytes -= len(frame)
+                queue.next_replay += 1
+                try:
+                    for out in forward(frame, host.mac, host.our_mac, host.mtu):
+                        sock.send(out)
+                    counters.replayed += 1
+                    sent += 1
+                except (PacketError, OSError):
+                    counters.dropped += 1
+        return sent
+
+    def _drop_queue(self, flow: Flow) -> None:
+        key = bytes(flow_key(flow))
+        with self._arrived:
+            queue = self._queues.pop(key, _Queue())
+            self._total_bytes -= queue.bytes
+
+    def destroy(self) -> None:
+        """Detach, and remove the pinned maps: every flow of this instance is forgotten."""
+        self.close(detach=True)
+        for pinned in self.pin.iterdir():
+            pinned.unlink()
+        self.pin.rmdir()
+
+    def close(self, *, detach: bool = False) -> None:
+        """Stop the poller. The pinned maps and (unless ``detach``) the program stay."""
+        self._stop.set()
+        self._poller.join(2)
+        for sock in self._packet_sockets.values():
+            sock.close()
+        if detach:
+            self._in_ns(loader.detach, self.ifname, self.mode)
+        self.bpf.cleanup()

@@ -1,0 +1,250 @@
+"""The steering node in the lab: redirect from the first SYN, and live moves with parking."""
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.migration import RstCapture, connect, listen, wire_round_trip
+
+from pysteer import tcp
+from pysteer.lab import Lab
+from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.steer.flow import Flow
+from pysteer.steer.steerer import Steerer, SteerError
+
+PORT = 8000
+FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+def mac_of(lab: Lab, node: str, ifname: str) -> str:
+    return lab.run(node, ["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip()
+
+
+def make_steerer(lab: Lab, mode: str) -> Steerer:
+    st = Steerer(unique_prefix(), "to-client", namespace=lab.netns("steer"), mode=mode)
+    for host in lab.plan.hosts:
+        st.add_host(host, f"to-{host}", mac_of(lab, host, "to-steer"))
+    return st
+
+
+@pytest.fixture
+def steered(lab: Lab) -> Iterator[tuple[Lab, Steerer]]:
+    st = make_steerer(lab, "tc")
+    yield lab, st
+    st.destroy()
+
+
+def client_socket(lab: Lab, family: int, port: int) -> socket.socket:
+    def make() -> socket.socket:
+        s = socket.socket(FAMILIES[family], socket.SOCK_STREAM)
+        s.bind((str(lab.plan.address("client", family)), port))
+        s.settimeout(10)
+        return s
+
+    return lab.call("client", make)
+
+
+def netstat(section: str) -> dict[str, int]:
+    """TcpExt (from netstat) or Tcp (from snmp) counters of this thread's namespace."""
+    path = "netstat" if section == "TcpExt" else "snmp"
+    rows = [ln.split() for ln in Path(f"/proc/thread-self/net/{path}").read_text().splitlines()]
+    names, values = [r for r in rows if r[0] == f"{section}:"][:2]
+    return {n: int(v) for n, v in zip(names[1:], values[1:], strict=True)}
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("mode", ["tc", "xdp-generic"])
+def test_flow_steered_to_b_from_the_first_syn(lab: Lab, mode: str, family: int) -> None:
+    st = make_steerer(lab, mode)
+    try:
+        vip = str(lab.plan.vip(family))
+        on_a = lab.call("a", listen, FAMILIES[family], vip, PORT)
+        on_b = lab.call("b", listen, FAMILIES[family], vip, PORT)
+        client = client_socket(lab, family, 41000)
+        flow = Flow.parse(str(Flow.of_server_socket((vip, PORT), client.getsockname())))
+        st.to(flow, "b")
+        client.connect((vip, PORT))
+        on_b.settimeout(5)
+        server, peer = on_b.accept()
+        assert peer[0] == str(lab.plan.address("client", family))
+        for i in range(50):  # small packets both ways
+            client.sendall(b"ping %d\n" % i)
+            got = b""
+            while not got.endswith(b"\n"):
+                got += server.recv(100)
+            server.sendall(got.upper())
+            echo = b""
+            while not echo.endswith(b"\n"):
+                echo += client.recv(100)
+            assert echo == b"PING %d\n" % i
+        on_a.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            on_a.accept()  # host a never saw the flow
+        value = st.get(flow)
+        assert value.packets[2] >= 51  # SYN, ACK and 50 data segments, all redirected
+        assert value.packets[0] == value.packets[1] == 0
+        assert st.stats()["drop_no_host"] == 0
+        for s in (client, server, on_a, on_b):
+            s.close()
+    finally:
+        st.destroy()
+
+
+def test_bulk_100mb_steered_with_tc(steered: tuple[Lab, Steerer]) -> None:
+    lab, st = steered
+    vip = str(lab.plan.vip_v4)
+    on_b = lab.call("b", listen, socket.AF_INET, vip, PORT)
+    client = client_socket(lab, 4, 41001)
+    st.to(Flow.parse(f"{lab.plan.address('client')}:41001-{vip}:{PORT}"), "b")
+    client.connect((vip, PORT))
+    server, _ = on_b.accept()
+    server.settimeout(30)
+    block, total = os.urandom(1 << 20), 100
+    digest = hashlib.sha256()
+
+    def receive() -> None:
+        got = 0
+        while got < total << 20:
+            data = server.recv(1 << 20)
+            digest.update(data)
+            got += len(data)
+
+    reader = threading.Thread(target=receive)
+    reader.start()
+    for _ in range(total):
+        client.sendall(block)
+    reader.join(60)
+    assert digest.digest() == hashlib.sha256(block * total).digest()
+    for s in (client, server, on_b):
+        s.close()
+
+
+class EchoLines(threading.Thread):
+    """The server side: echo lines back; between reads, perform the moves asked of it."""
+
+    def __init__(self, lab: Lab, st: Steerer, sock: socket.socket) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.st, self.sock = lab, st, sock
+        self.host = lab.plan.default_host
+        self.requests: list[threading.Event] = []
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.replayed = 0
+
+    def move(self) -> None:
+        local, peer = self.sock.getsockname(), self.sock.getpeername()
+        flow = Flow.of_server_socket(local, peer)
+        target = "b" if self.host == "a" else "a"
+        self.st.park(flow)  # before repair mode: a frozen socket still ACKs
+        state = tcp.dump(self.sock)
+        new = self.lab.call(target, tcp.restore, wire_round_trip(state))
+        self.replayed += self.st.to(flow, target)
+        tcp.release(self.sock)
+        self.sock, self.host = new, target
+        self.sock.settimeout(0.002)
+
+    def run(self) -> None:
+        self.sock.settimeout(0.002)
+        buf = b""
+        try:
+            while not self.stop.is_set():
+                with self.lock:
+                    pending, self.requests = self.requests, []
+                for done in pending:
+                    self.move()
+                    done.set()
+                try:
+                    data = self.sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    return
+                buf += data
+                *lines, buf = buf.split(b"\n")
+                if lines:
+                    self.sock.sendall(b"".join(line + b"\n" for line in lines))
+        except BaseException as exc:
+            self.error = exc
+
+    def request_move(self) -> None:
+        done = threading.Event()
+        with self.lock:
+            self.requests.append(done)
+        assert done.wait(10), self.error
+
+
+def test_live_moves_with_parking(steered: tuple[Lab, Steerer]) -> None:
+    """50 moves of a live connection, A<->B, in the order park, dump, restore, to, release.
+    The client writes a line every millisecond and checks every echo."""
+    lab, st = steered
+    vip = str(lab.plan.vip_v4)
+    listeners = [lab.call(h, listen, socket.AF_INET, vip, PORT) for h in lab.plan.hosts]
+    client = lab.call("client", connect, socket.AF_INET, vip, PORT)
+    server, _ = listeners[0].accept()
+    ext0, tcp0 = lab.call("client", netstat, "TcpExt"), lab.call("client", netstat, "Tcp")
+    echo = EchoLines(lab, st, server)
+    sent, received, errors = [0], [b""], []
+
+    def client_loop() -> None:
+        client.settimeout(0.001)
+        try:
+            while not echo.stop.is_set():
+                client.sendall(b"line %06d\n" % sent[0])
+                sent[0] += 1
+                deadline = time.monotonic() + 0.001
+                while time.monotonic() < deadline:
+                    with contextlib.suppress(TimeoutError):
+                        received[0] += client.recv(65536)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with RstCapture(lab, "client", "to-steer") as capture:
+        echo.start()
+        talker = threading.Thread(target=client_loop, daemon=True)
+        talker.start()
+        for _ in range(50):
+            time.sleep(0.02)
+            echo.request_move()
+        time.sleep(0.05)
+        echo.stop.set()
+        talker.join(5)
+        client.settimeout(5)
+        want = b"".join(b"line %06d\n" % i for i in range(sent[0]))
+        while len(received[0]) < len(want):
+            received[0] += client.recv(65536)
+        echo.join(5)
+    ext1, tcp1 = lab.call("client", netstat, "TcpExt"), lab.call("client", netstat, "Tcp")
+    assert errors == []
+    assert echo.error is None
+    assert received[0] == want
+    assert capture.count == 0, capture.lines
+    assert ext1["TCPTimeouts"] == ext0["TCPTimeouts"]
+    retrans = tcp1["RetransSegs"] - tcp0["RetransSegs"]
+    assert retrans <= 50, f"{retrans} client retransmissions in 50 moves"
+    counters = list(st.counters.values())
+    assert sum(c.parked for c in counters) == sum(c.replayed for c in counters) == echo.replayed
+    assert sum(c.dropped + c.lost for c in counters) == 0
+    print(f"\n50 moves: {sent[0]} lines, {retrans} client retransmissions, "
+          f"{echo.replayed} packets parked and replayed")  # fmt: skip
+    for s in (client, echo.sock, *listeners):
+        s.close()
+
+
+def test_bad_requests(steered: tuple[Lab, Steerer]) -> None:
+    lab, st = steered
+    flow = Flow.parse(f"{lab.plan.address('client')}:41002-{lab.plan.vip_v4}:{PORT}")
+    with pytest.raises(SteerError, match=r"unknown host 'c' \(known: a, b\)"):
+        st.to(flow, "c")
+    with pytest.raises(SteerError, match="is not in the table"):
+        st.forget(flow)
+    with pytest.raises(SteerError, match="already configured"):
+        st.add_host("a", "to-a", "02:00:00:00:00:01")
+    with pytest.raises(SteerError, match="no interface 'nope'"):
+        st.add_host("z", "nope", "02:00:00:00:00:01")
