@@ -64,7 +64,7 @@ def _ip_parts(frame: bytes) -> tuple[int, bytearray, bytes, bytes, bytes]:
         raise PacketError("TTL or hop limit expired")
     ip[ttl_at] -= 1
     # A GSO super-packet may carry a length field of 0 or one that does not fit: use it all.
-    end = ETH_LEN + total if 0 < total and ETH_LEN + total <= len(frame) else len(frame)
+    end = ETH_LEN + total if total > 0 and ETH_LEN + total <= len(frame) else len(frame)
     return ethertype, ip, frame[ETH_LEN + ihl : end], src, dst
 
 

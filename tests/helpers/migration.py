@@ -244,7 +244,10 @@ class RstCapture:
         self.count: int | None = None
 
     def __enter__(self) -> RstCapture:
-        argv = ["tcpdump", "-i", self.ifname, "-nn", "-U", "-w", str(self.path), self.FILTER]
+        # --immediate-mode: without it a packet can wait a whole buffer timeout (1 s) in
+        # the kernel's ring and be lost when we stop tcpdump.
+        argv = ["tcpdump", "-i", self.ifname, "-nn", "--immediate-mode", "-U",
+                "-w", str(self.path), self.FILTER]  # fmt: skip
         self.proc = self.lab.popen(self.node, argv, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()  # "listening on ..." once the filter is in place
         if "listening on" not in line:
@@ -252,6 +255,7 @@ class RstCapture:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        time.sleep(0.05)  # let the last packets reach tcpdump
         self.proc.send_signal(signal.SIGINT)
         self.proc.wait(10)
         self.proc.stderr.close()

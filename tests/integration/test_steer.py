@@ -137,12 +137,14 @@ class EchoLines(threading.Thread):
         self.error: BaseException | None = None
         self.stop = threading.Event()
         self.replayed = 0
+        self.hold = 0.0  # seconds the flow stays parked during a move
 
     def move(self) -> None:
         local, peer = self.sock.getsockname(), self.sock.getpeername()
         flow = Flow.of_server_socket(local, peer)
         target = "b" if self.host == "a" else "a"
         self.st.park(flow)  # before repair mode: a frozen socket still ACKs
+        time.sleep(self.hold)
         state = tcp.dump(self.sock)
         new = self.lab.call(target, tcp.restore, wire_round_trip(state))
         self.replayed += self.st.to(flow, target)
@@ -180,28 +182,35 @@ class EchoLines(threading.Thread):
         assert done.wait(10), self.error
 
 
-def test_live_moves_with_parking(steered: tuple[Lab, Steerer]) -> None:
-    """50 moves of a live connection, A<->B, in the order park, dump, restore, to, release.
-    The client writes a line every millisecond and checks every echo."""
-    lab, st = steered
+def run_moves(
+    lab: Lab, st: Steerer, *, moves: int, hold: float = 0.0, bulk: bool = False
+) -> dict[str, int]:
+    """Echo traffic (a line per millisecond, or bulk) while the server moves ``moves``
+    times; checks the stream byte for byte and that no RST crossed the client's link."""
     vip = str(lab.plan.vip_v4)
     listeners = [lab.call(h, listen, socket.AF_INET, vip, PORT) for h in lab.plan.hosts]
     client = lab.call("client", connect, socket.AF_INET, vip, PORT)
     server, _ = listeners[0].accept()
     ext0, tcp0 = lab.call("client", netstat, "TcpExt"), lab.call("client", netstat, "Tcp")
     echo = EchoLines(lab, st, server)
-    sent, received, errors = [0], [b""], []
+    echo.hold = hold
+    sent, received, errors = [b""], [b""], []
 
     def client_loop() -> None:
         client.settimeout(0.001)
+        n = 0
         try:
             while not echo.stop.is_set():
-                client.sendall(b"line %06d\n" % sent[0])
-                sent[0] += 1
+                chunk = b"".join(b"line %06d\n" % (n + i) for i in range(400 if bulk else 1))
+                n += 400 if bulk else 1
+                client.settimeout(5)
+                client.sendall(chunk)
+                client.settimeout(0.001)
+                sent[0] += chunk
                 deadline = time.monotonic() + 0.001
-                while time.monotonic() < deadline:
+                while time.monotonic() < deadline or len(sent[0]) - len(received[0]) > 1 << 20:
                     with contextlib.suppress(TimeoutError):
-                        received[0] += client.recv(65536)
+                        received[0] += client.recv(1 << 20)
         except BaseException as exc:
             errors.append(exc)
 
@@ -209,32 +218,102 @@ def test_live_moves_with_parking(steered: tuple[Lab, Steerer]) -> None:
         echo.start()
         talker = threading.Thread(target=client_loop, daemon=True)
         talker.start()
-        for _ in range(50):
+        for _ in range(moves):
             time.sleep(0.02)
             echo.request_move()
         time.sleep(0.05)
         echo.stop.set()
-        talker.join(5)
-        client.settimeout(5)
-        want = b"".join(b"line %06d\n" % i for i in range(sent[0]))
-        while len(received[0]) < len(want):
-            received[0] += client.recv(65536)
+        talker.join(10)
+        client.settimeout(10)
+        while len(received[0]) < len(sent[0]):
+            received[0] += client.recv(1 << 20)
         echo.join(5)
     ext1, tcp1 = lab.call("client", netstat, "TcpExt"), lab.call("client", netstat, "Tcp")
     assert errors == []
     assert echo.error is None
-    assert received[0] == want
+    assert received[0] == sent[0]
     assert capture.count == 0, capture.lines
-    assert ext1["TCPTimeouts"] == ext0["TCPTimeouts"]
-    retrans = tcp1["RetransSegs"] - tcp0["RetransSegs"]
-    assert retrans <= 50, f"{retrans} client retransmissions in 50 moves"
-    counters = list(st.counters.values())
-    assert sum(c.parked for c in counters) == sum(c.replayed for c in counters) == echo.replayed
-    assert sum(c.dropped + c.lost for c in counters) == 0
-    print(f"\n50 moves: {sent[0]} lines, {retrans} client retransmissions, "
-          f"{echo.replayed} packets parked and replayed")  # fmt: skip
     for s in (client, echo.sock, *listeners):
         s.close()
+    counters = list(st.counters.values())
+    return {
+        "timeouts": ext1["TCPTimeouts"] - ext0["TCPTimeouts"],
+        "retrans": tcp1["RetransSegs"] - tcp0["RetransSegs"],
+        "parked": sum(c.parked for c in counters),
+        "replayed": sum(c.replayed for c in counters),
+        "dropped": sum(c.dropped for c in counters),
+        "lost": sum(c.lost for c in counters),
+        "moved_replayed": echo.replayed,
+        "bytes": len(sent[0]),
+    }
+
+
+def test_live_moves_with_parking(steered: tuple[Lab, Steerer]) -> None:
+    """50 moves of a live connection, A<->B, in the order park, dump, restore, to, release.
+    The client writes a line every millisecond and checks every echo."""
+    lab, st = steered
+    r = run_moves(lab, st, moves=50)
+    assert r["timeouts"] == 0
+    assert r["retrans"] <= 50, r
+    assert r["parked"] == r["replayed"] == r["moved_replayed"]
+    assert r["dropped"] == r["lost"] == 0
+    print(f"\n50 moves: {r}")
+
+
+@pytest.mark.parametrize("bulk", [False, True], ids=["lines", "bulk"])
+def test_long_park_replays_everything(steered: tuple[Lab, Steerer], bulk: bool) -> None:
+    """Parked for 200 ms: every packet is replayed in order (probes and retransmissions
+    of the client during so long a park are expected, and reported)."""
+    lab, st = steered
+    r = run_moves(lab, st, moves=3, hold=0.2, bulk=bulk)
+    assert r["parked"] == r["replayed"] > 3
+    assert r["dropped"] == r["lost"] == 0
+    print(f"\n200 ms parks ({'bulk' if bulk else 'lines'}): {r}")
+
+
+def test_park_over_the_bound_drops_counts_and_recovers(lab: Lab) -> None:
+    st = make_steerer(lab, "tc")
+    st.max_per_flow = 2
+    try:
+        r = run_moves(lab, st, moves=2, hold=0.2)
+    finally:
+        st.destroy()
+    assert r["dropped"] > 0
+    assert r["parked"] == r["replayed"]
+    print(f"\nover the bound: {r}")
+
+
+def test_guard_keeps_a_host_from_sending_rst(steered: tuple[Lab, Steerer]) -> None:
+    """A's socket is released while the flow still routes to A. With the guard, the
+    client's next packet is dropped on A; without it (the control), A answers with a RST."""
+    from pysteer.steer.guard import Guard  # noqa: PLC0415
+
+    lab, _st = steered
+    vip = str(lab.plan.vip_v4)
+    listener = lab.call("a", listen, socket.AF_INET, vip, PORT)
+    guard = Guard(unique_prefix(), "to-steer", namespace=lab.netns("a"))
+    try:
+        results = {}
+        for guarded in (True, False):
+            client = lab.call("client", connect, socket.AF_INET, vip, PORT)
+            server, _ = listener.accept()
+            flow = Flow.of_server_socket(server.getsockname(), server.getpeername())
+            if guarded:
+                guard.freeze(flow)
+            tcp.dump(server)
+            tcp.release(server)
+            with RstCapture(lab, "client", "to-steer") as capture:
+                client.sendall(b"anyone there?")
+                time.sleep(0.3)
+            results[guarded] = (capture.count, guard.thaw(flow) if guarded else 0)
+            client.close()
+        assert results[True][0] == 0
+        assert results[True][1] >= 1  # the guard dropped the client's segment(s)
+        assert results[False][0] >= 1  # the control: without the guard, A resets
+        assert guard.dropped() >= 1
+    finally:
+        guard.destroy()
+        listener.close()
 
 
 def test_bad_requests(steered: tuple[Lab, Steerer]) -> None:
