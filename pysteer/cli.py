@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pysteer import __version__, doctor
 from pysteer.errors import UsageError
 from pysteer.lab import cli as lab_cli
+from pysteer.steer import cli as steer_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     doctor.add_parser(sub)
     lab_cli.add_parser(sub)
+    steer_cli.add_parser(sub)
     return parser
 
 

@@ -59,7 +59,9 @@ enum stat_index {
 	STAT_MAX,
 };
 
+#ifndef MAX_FLOWS /* the loader may choose another size */
 #define MAX_FLOWS 65536
+#endif
 #define MAX_HOSTS 64
 
 #endif

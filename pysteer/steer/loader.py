@@ -26,11 +26,12 @@ class AttachError(RuntimeError):
     """A program could not be attached; the message names the interface and mode."""
 
 
-def compile_program(source: str, pin: Path) -> Any:
+def compile_program(source: str, pin: Path, max_flows: int | None = None) -> Any:
     """Compile ``bpf/<source>`` with its maps pinned under ``pin``."""
-    return compile_file(
-        bpf_dir() / source, cflags=[f"-I{bpf_dir() / 'include'}", f'-DPIN_DIR="{pin}"']
-    )
+    cflags = [f"-I{bpf_dir() / 'include'}", f'-DPIN_DIR="{pin}"']
+    if max_flows:
+        cflags.append(f"-DMAX_FLOWS={int(max_flows)}")
+    return compile_file(bpf_dir() / source, cflags=cflags)
 
 
 def _index(ipr: IPRoute, ifname: str) -> int:
@@ -61,10 +62,9 @@ def attach(ifname: str, mode: str, fd: int, name: str) -> None:
             if mode == "tc":
                 with contextlib.suppress(NetlinkError):  # already there
                     ipr.tc("add", "clsact", idx)
-                with contextlib.suppress(NetlinkError):
-                    ipr.tc("del-filter", "bpf", idx, ":1", parent=TC_INGRESS)
-                ipr.tc("add-filter", "bpf", idx, ":1", fd=fd, name=name, parent=TC_INGRESS,
-                       classid=1, direct_action=True)  # fmt: skip
+                # replace, not delete + add: a restarted daemon leaves no gap
+                ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name,
+                       parent=TC_INGRESS, classid=1, direct_action=True, prio=1)  # fmt: skip
             else:
                 flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
                 ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd),
@@ -85,11 +85,11 @@ def detach(ifname: str, mode: str) -> None:
                                                           ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
 
 
-def load_steer(pin: Path, mode: str) -> tuple[Any, Any]:
+def load_steer(pin: Path, mode: str, max_flows: int | None = None) -> tuple[Any, Any]:
     """The compiled steering module and its program for ``mode`` (tc or XDP)."""
     from bcc import BPF  # noqa: PLC0415 - Debian's python3-bpfcc
 
-    bpf = compile_program("steer.c", pin)
+    bpf = compile_program("steer.c", pin, max_flows)
     if mode == "tc":
         return bpf, load_func(bpf, "steer_tc", BPF.SCHED_CLS)
     return bpf, load_func(bpf, "steer_xdp", BPF.XDP)

@@ -80,11 +80,12 @@ class Steerer:
         mode: str = "auto",
         max_per_flow: int = 8192,
         max_total_bytes: int = 256 << 20,
+        max_flows: int | None = None,
     ) -> None:
         self.name, self.ifname, self.namespace = name, ifname, namespace
         self.pin = pin_dir(name)
         self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
-        self.bpf, fn = loader.load_steer(self.pin, self.mode)
+        self.bpf, fn = loader.load_steer(self.pin, self.mode, max_flows)
         self._fd = fn.fd
         self.flows = self.bpf[b"flows"]
         self.host_table = self.bpf[b"hosts"]
@@ -108,6 +109,9 @@ class Steerer:
         return netns.call_in(self.namespace, fn, *args) if self.namespace else fn(*args)
 
     # --- hosts ------------------------------------------------------------------------------
+    def items_by_host(self) -> dict[int, str]:
+        return {h.id: h.name for h in self.hosts.values()}
+
     def add_host(self, name: str, ifname: str, mac: str | bytes) -> Host:
         """Make ``name`` a redirect target: reached on ``ifname`` at MAC ``mac``."""
         if name in self.hosts:
@@ -157,7 +161,9 @@ class Steerer:
         value.action, value.host = action, host
         try:
             self.flows[key] = value
-        except Exception as exc:  # BCC raises a bare Exception when the table is full
+        except Exception as exc:  # BCC raises a bare Exception (E2BIG when full)
+            if "Argument list too long" in str(exc) or "E2BIG" in str(exc):
+                raise SteerError(f"flow table is full: cannot add {flow}") from None
             raise SteerError(f"cannot set {flow}: {exc}") from None
 
     def park(self, flow: Flow) -> None:

@@ -1,0 +1,116 @@
+"""``pysteer steer ...``: run the steering daemon, or talk to it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from pysteer.errors import UsageError
+from pysteer.steer.control import ControlError, request, socket_path
+from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.steer.loader import MODES
+
+
+def add_parser(sub: Any) -> None:
+    steer = sub.add_parser(
+        "steer",
+        help="the steering node: run its daemon, or inspect and change its flow table",
+        description=(
+            "The steering node redirects a migrating flow's packets to the new host, parks "
+            "them while the flow is frozen and replays them afterwards. FLOW is written "
+            "SRC:PORT-DST:PORT (IPv6 in brackets)."
+        ),
+    )
+    cmds = steer.add_subparsers(dest="steer_command", metavar="ACTION", required=True)
+    run = cmds.add_parser("run", help="run the steering daemon (until SIGTERM)")
+    run.add_argument("--name", default="default", help="instance name (pin path, socket)")
+    run.add_argument("--ifname", required=True, help="the client-facing interface")
+    run.add_argument("--netns", help="network namespace of the interfaces")
+    run.add_argument("--mode", choices=MODES, default="auto",
+                     help="auto: tc on veth, native XDP elsewhere")  # fmt: skip
+    run.add_argument("--host", action="append", default=[], metavar="NAME=IFNAME,MAC",
+                     help="a redirect target; repeat for each host")  # fmt: skip
+    run.add_argument("--max-flows", type=int, help="flow table size (default 65536)")
+    run.add_argument("--max-parked", type=int, default=8192, help="parked packets per flow")
+    run.set_defaults(func=cmd_run)
+    for name, help_ in (("flows", "list the flow table"), ("hosts", "list the hosts"),
+                        ("stats", "global counters")):  # fmt: skip
+        p = cmds.add_parser(name, help=help_)
+        _common(p)
+        p.set_defaults(func=cmd_show, what=name)
+    for name, help_ in (("park", "hold FLOW's packets"), ("pass", "route FLOW normally"),
+                        ("to", "replay FLOW's parked packets to HOST, then redirect")):  # fmt: skip
+        p = cmds.add_parser(name, help=help_)
+        _common(p)
+        p.add_argument("flow", metavar="FLOW")
+        if name == "to":
+            p.add_argument("host", metavar="HOST")
+        p.set_defaults(func=cmd_change, what=name)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="default", help="daemon instance (default: %(default)s)")
+    p.add_argument("--socket", type=Path, help="control socket (default: from --name)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
+    try:
+        return request(args.socket or socket_path(args.name), cmd, **extra)
+    except ControlError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pysteer.steer.daemon import DaemonError, run  # noqa: PLC0415 - needs BCC
+
+    hosts = []
+    for spec in args.host:
+        try:
+            name, rest = spec.split("=", 1)
+            ifname, mac = rest.split(",", 1)
+        except ValueError:
+            raise UsageError(f"--host {spec!r}: expected NAME=IFNAME,MAC") from None
+        hosts.append((name, ifname, mac))
+    try:
+        return run(args.name, args.ifname, hosts, namespace=args.netns, mode=args.mode,
+                   max_flows=args.max_flows, max_parked=args.max_parked)  # fmt: skip
+    except DaemonError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    answer = _ask(args, args.what)
+    if args.json:
+        print(json.dumps(answer[args.what], indent=2))
+    elif args.what == "flows":
+        print(f"{'FLOW':<48} {'ACTION':<6} {'HOST':<6} {'PKTS':>8} {'PARKED':>7}")
+        for row in answer["flows"]:
+            total = sum(row["packets"].values())
+            print(f"{row['flow']:<48} {row['action']:<6} {row['host'] or '-':<6} {total:>8} "
+                  f"{row['packets']['park']:>7}")  # fmt: skip
+    elif args.what == "hosts":
+        for row in answer["hosts"]:
+            print(f"{row['name']:<10} {row['ifname']:<12} {row['mac']}")
+    else:
+        for key, value in answer["stats"].items():
+            print(f"{key:<16} {value}")
+    return 0
+
+
+def cmd_change(args: argparse.Namespace) -> int:
+    try:
+        flow = str(Flow.parse(args.flow))
+    except FlowSyntaxError as exc:
+        raise UsageError(str(exc)) from None
+    extra = {"flow": flow} | ({"host": args.host} if args.what == "to" else {})
+    answer = _ask(args, args.what, **extra)
+    if args.json:
+        print(json.dumps(answer))
+    elif args.what == "to":
+        print(f"{flow} -> {args.host} ({answer['replayed']} parked packets replayed)")
+    else:
+        print(f"{flow}: {args.what}")
+    return 0

@@ -1,0 +1,160 @@
+"""``pysteer steer run``: the steering daemon, serving its control API on a unix socket.
+
+The flow table, hosts and counters are pinned maps, so a killed daemon leaves steering
+running in the kernel and a restarted one takes over the same flows. Only one daemon may
+own an instance (a lock next to its socket); it holds no network port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from pysteer.steer.control import RUN_DIR, socket_path
+from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.steer.maps import Action
+from pysteer.steer.steerer import Steerer, SteerError
+
+
+class DaemonError(RuntimeError):
+    """The daemon cannot start; the message says why."""
+
+
+def _flow_row(flow: Flow, value: Any, hosts: dict[int, str]) -> dict[str, Any]:
+    action = Action(value.action)
+    return {
+        "flow": str(flow),
+        "action": action.name,
+        "host": hosts.get(value.host) if action == Action.TO else None,
+        "packets": {a.name.lower(): value.packets[a] for a in Action},
+        "bytes": {a.name.lower(): value.bytes[a] for a in Action},
+        "park_seq": value.park_seq,
+    }
+
+
+class Daemon:
+    def __init__(self, steerer: Steerer, path: Path) -> None:
+        self.steerer, self.path = steerer, path
+        self._stop = threading.Event()
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        try:
+            if cmd in ("flows", "hosts", "stats"):
+                return {"ok": True, cmd: self._show(cmd)}
+            if cmd in ("park", "to", "pass", "forget"):
+                return {"ok": True} | self._change(cmd, req)
+            return {"ok": False, "error": f"unknown command {cmd!r}"}
+        except (SteerError, FlowSyntaxError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    def _show(self, what: str) -> Any:
+        st = self.steerer
+        if what == "flows":
+            hosts = st.items_by_host()
+            return [_flow_row(f, v, hosts) for f, v in st.items()]
+        if what == "hosts":
+            return [{"name": h.name, "ifname": h.ifname, "mac": h.mac.hex(":"), "id": h.id}
+                    for h in st.hosts.values()]  # fmt: skip
+        parked = st.counters.values()
+        return st.stats() | {
+            "replayed": sum(c.replayed for c in parked),
+            "park_dropped": sum(c.dropped for c in parked),
+            "park_lost": sum(c.lost for c in parked),
+        }
+
+    def _change(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+        st = self.steerer
+        flow = Flow.parse(str(req.get("flow", "")))
+        if cmd == "park":
+            st.park(flow)
+        elif cmd == "to":
+            return {"replayed": st.to(flow, str(req.get("host")))}
+        elif cmd == "pass":
+            if st.get(flow) is None:
+                raise SteerError(f"flow {flow} is not in the table")
+            st.pass_(flow)
+        else:
+            st.forget(flow)
+        return {}
+
+    def _client(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            try:
+                req = json.loads(data)
+                answer = self.handle(req) if isinstance(req, dict) else {"ok": False}
+            except json.JSONDecodeError:
+                answer = {"ok": False, "error": "requests are one JSON object per line"}
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+
+    def serve(self) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            old = os.umask(0o177)
+            try:
+                server.bind(str(self.path))  # mode 0600
+            finally:
+                os.umask(old)
+            server.listen()
+            server.settimeout(0.2)
+            while not self._stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def stop(self, *_: object) -> None:
+        self._stop.set()
+
+
+def run(
+    name: str,
+    ifname: str,
+    hosts: list[tuple[str, str, str]],
+    *,
+    namespace: str | None = None,
+    mode: str = "auto",
+    max_flows: int | None = None,
+    max_parked: int = 8192,
+) -> int:
+    """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned."""
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    lock = open(RUN_DIR / f"steer-{name}.lock", "w")  # noqa: SIM115 - held for our lifetime
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DaemonError(
+            f"another steering daemon already runs instance {name!r} "
+            f"(pin path /sys/fs/bpf/pysteer/{name})"
+        ) from None
+    steerer = Steerer(name, ifname, namespace=namespace, mode=mode, max_flows=max_flows,
+                      max_per_flow=max_parked)  # fmt: skip
+    for host, host_if, mac in hosts:
+        steerer.add_host(host, host_if, mac)
+    daemon = Daemon(steerer, socket_path(name))
+    signal.signal(signal.SIGTERM, daemon.stop)
+    signal.signal(signal.SIGINT, daemon.stop)
+    print(f"steering {ifname} ({steerer.mode}) as {name!r}; control at {daemon.path}", flush=True)
+    try:
+        daemon.serve()
+    finally:
+        steerer.close()
+        lock.close()
+    return 0

@@ -1,0 +1,154 @@
+"""The steering daemon and its CLI: control, restart without losing steering, bad input."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from helpers.migration import listen
+
+from pysteer.lab import Lab
+from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.steer.pins import PIN_ROOT
+
+PORT = 8100
+PYSTEER = [sys.executable, "-m", "pysteer"]
+
+
+def mac_of(lab: Lab, node: str) -> str:
+    return lab.run(node, ["cat", "/sys/class/net/to-steer/address"]).stdout.strip()
+
+
+class DaemonProc:
+    def __init__(self, lab: Lab, name: str, *extra: str) -> None:
+        self.lab, self.name = lab, name
+        self.argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client",
+                     "--netns", lab.netns("steer"), "--mode", "tc",
+                     "--host", f"a=to-a,{mac_of(lab, 'a')}",
+                     "--host", f"b=to-b,{mac_of(lab, 'b')}", *extra]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+        line = self.proc.stdout.readline()
+        assert "control at" in line, self.proc.stderr.read()
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+
+def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PYSTEER, "steer", *args, "--name", name], capture_output=True,
+                          text=True, check=False, timeout=30)  # fmt: skip
+
+
+@pytest.fixture
+def daemon(lab: Lab) -> Iterator[DaemonProc]:
+    d = DaemonProc(lab, unique_prefix())
+    d.start()
+    yield d
+    d.stop()
+    for pinned in (PIN_ROOT / d.name).glob("*"):
+        pinned.unlink()
+    (PIN_ROOT / d.name).rmdir()
+
+
+def exchange(client: socket.socket, server: socket.socket, data: bytes) -> None:
+    client.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        got += server.recv(65536)
+    assert got == data
+
+
+def test_restart_keeps_steering(lab: Lab, daemon: DaemonProc) -> None:
+    vip = str(lab.plan.vip_v4)
+    on_b = lab.call("b", listen, socket.AF_INET, vip, PORT)
+
+    def make() -> socket.socket:
+        s = socket.socket()
+        s.bind((str(lab.plan.address("client")), 42000))
+        s.settimeout(10)
+        return s
+
+    client = lab.call("client", make)
+    flow = f"{lab.plan.address('client')}:42000-{vip}:{PORT}"
+    out = cli(daemon.name, "to", flow, "b")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{flow} -> b (0 parked packets replayed)"
+    client.connect((vip, PORT))
+    on_b.settimeout(5)
+    server, _ = on_b.accept()
+    exchange(client, server, b"before the crash")
+    daemon.kill()
+    exchange(client, server, b"while no daemon runs" * 1000)  # pinned maps keep steering
+    daemon.start()
+    exchange(client, server, b"after the restart")
+    rows = json.loads(cli(daemon.name, "flows", "--json").stdout)
+    assert [(r["flow"], r["action"], r["host"]) for r in rows] == [(flow, "TO", "b")]
+    assert rows[0]["packets"]["to"] >= 6
+    human = cli(daemon.name, "flows").stdout.splitlines()
+    assert human[1].startswith(flow) and " TO " in human[1]
+    stats = json.loads(cli(daemon.name, "stats", "--json").stdout)
+    assert stats["redirected"] >= rows[0]["packets"]["to"]
+    hosts = json.loads(cli(daemon.name, "hosts", "--json").stdout)
+    assert [h["name"] for h in hosts] == ["a", "b"]
+    for s in (client, server, on_b):
+        s.close()
+
+
+def test_bad_input(lab: Lab, daemon: DaemonProc) -> None:
+    vip = lab.plan.vip_v4
+    flow = f"{lab.plan.address('client')}:42001-{vip}:{PORT}"
+    cases = [
+        (("to", "10.0.0.1:80", "b"), "malformed flow '10.0.0.1:80'"),
+        (("to", flow, "c"), "unknown host 'c' (known: a, b)"),
+        (("pass", flow), f"flow {flow} is not in the table"),
+    ]
+    for args, message in cases:
+        out = cli(daemon.name, *args)
+        assert out.returncode == 2
+        assert out.stderr.strip().startswith(f"pysteer: error: {message}")
+    second = DaemonProc(lab, daemon.name)
+    out = subprocess.run(second.argv, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 2
+    assert f"another steering daemon already runs instance '{daemon.name}'" in out.stderr
+    gone = cli("nosuchdaemon", "flows")
+    assert gone.returncode == 2
+    assert "no steering daemon at /run/pysteer/steer-nosuchdaemon.sock" in gone.stderr
+
+
+def test_full_flow_table_is_an_error(lab: Lab) -> None:
+    d = DaemonProc(lab, unique_prefix(), "--max-flows", "2")
+    d.start()
+    try:
+        base = f"{lab.plan.address('client')}"
+        for port in (43001, 43002):
+            assert cli(d.name, "park", f"{base}:{port}-{lab.plan.vip_v4}:80").returncode == 0
+        out = cli(d.name, "park", f"{base}:43003-{lab.plan.vip_v4}:80")
+        assert out.returncode == 2
+        assert "flow table is full" in out.stderr
+        rows = json.loads(cli(d.name, "flows", "--json").stdout)
+        assert len(rows) == 2
+    finally:
+        d.stop()
+        for pinned in (PIN_ROOT / d.name).glob("*"):
+            pinned.unlink()
+        (PIN_ROOT / d.name).rmdir()
+    assert os.path.exists(PIN_ROOT)
