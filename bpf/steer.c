@@ -22,7 +22,7 @@ static __always_inline void stat_add(u32 index)
 
 enum verdict { V_PASS, V_PARK, V_REDIRECT, V_DROP };
 
-static __always_inline void count(struct flow_value *v, u32 len, int action)
+static __always_inline void count(struct flow_stats *v, u32 len, int action)
 {
 	if (action == ACTION_PASS) {
 		__sync_fetch_and_add(&v->packets[0], 1);
@@ -45,17 +45,27 @@ static __always_inline int steer_decide(void *data, void *data_end, u32 len,
 		stat_add(STAT_PASS);
 		return V_PASS;
 	}
-	struct flow_value *v = flows.lookup(&meta->key);
-	if (!v || v->action == ACTION_PASS) {
-		if (v)
-			count(v, len, ACTION_PASS);
+	struct flow_action *v = flows.lookup(&meta->key);
+	if (!v) {
+		stat_add(STAT_PASS);
+		return V_PASS;
+	}
+	struct flow_stats zero = {};
+	struct flow_stats *c = flow_stats.lookup_or_try_init(&meta->key, &zero);
+	if (v->action == ACTION_PASS) {
+		if (c)
+			count(c, len, ACTION_PASS);
 		stat_add(STAT_PASS);
 		return V_PASS;
 	}
 	if (v->action == ACTION_PARK) {
-		meta->seq = __sync_fetch_and_add(&v->park_seq, 1);
+		if (!c) { /* no room for its counters: cannot number it, so cannot park it */
+			stat_add(STAT_DROP_PARK_FULL);
+			return V_DROP;
+		}
+		meta->seq = __sync_fetch_and_add(&c->park_seq, 1);
 		meta->len = len;
-		count(v, len, ACTION_PARK);
+		count(c, len, ACTION_PARK);
 		stat_add(STAT_PARKED);
 		return V_PARK;
 	}
@@ -71,7 +81,8 @@ static __always_inline int steer_decide(void *data, void *data_end, u32 len,
 	}
 	if (!rewrite_macs(data, data_end, host))
 		return V_DROP;
-	count(v, len, ACTION_TO);
+	if (c)
+		count(c, len, ACTION_TO);
 	stat_add(STAT_REDIRECTED);
 	*ifindex = host->ifindex;
 	return V_REDIRECT;

@@ -11,7 +11,9 @@
 #error "PIN_DIR must be defined by the loader"
 #endif
 
-BPF_TABLE_PINNED("hash", struct flow_key, struct flow_value, flows, MAX_FLOWS, PIN_DIR "/flows");
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_action, flows, MAX_FLOWS, PIN_DIR "/flows");
+BPF_TABLE_PINNED("hash", struct flow_key, struct flow_stats, flow_stats, MAX_FLOWS,
+		 PIN_DIR "/flow_stats");
 BPF_TABLE_PINNED("array", u32, struct host_entry, hosts, MAX_HOSTS, PIN_DIR "/hosts");
 BPF_TABLE_PINNED("percpu_array", u32, u64, stats, STAT_MAX, PIN_DIR "/stats");
 BPF_PERF_OUTPUT(parked);

@@ -22,9 +22,15 @@ enum flow_action_kind {
 	ACTION_TO = 2,   /* redirect to host `host` */
 };
 
-struct flow_value {
+/* What to do with a flow: written by userspace only. */
+struct flow_action {
 	__u32 action;
 	__u32 host;
+};
+
+/* A flow's counters: written by the programs only (userspace never writes them back,
+ * so a park sequence number can never be rewound by a read-modify-write). */
+struct flow_stats {
 	__u64 park_seq;      /* packets parked so far: each carries its number */
 	__u64 packets[3];    /* per action */
 	__u64 bytes[3];

@@ -1,6 +1,6 @@
 """Flows as operators write them: ``SRC:PORT-DST:PORT``, IPv6 in brackets.
 
-``10.77.1.2:51000-10.77.100.1:443`` and ``[fd00::2]:51000-[fd00::64]:443``. The same
+``10.0.0.2:51000-10.0.0.100:443`` and ``[fd00::2]:51000-[fd00::64]:443``. The same
 syntax is used by every pysteer command.
 """
 

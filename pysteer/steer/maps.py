@@ -41,10 +41,12 @@ class FlowKey(ctypes.Structure):
     )
 
 
-class FlowValue(ctypes.Structure):
+class FlowAction(ctypes.Structure):
+    _fields_ = (("action", ctypes.c_uint32), ("host", ctypes.c_uint32))
+
+
+class FlowStats(ctypes.Structure):
     _fields_ = (
-        ("action", ctypes.c_uint32),
-        ("host", ctypes.c_uint32),
         ("park_seq", ctypes.c_uint64),
         ("packets", ctypes.c_uint64 * 3),
         ("bytes", ctypes.c_uint64 * 3),

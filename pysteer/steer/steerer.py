@@ -9,6 +9,7 @@ packet parked in between, so none is lost and none overtakes the replay.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import socket
 import threading
@@ -26,7 +27,7 @@ from pysteer.steer.flow import Flow
 from pysteer.steer.maps import (
     MAX_HOSTS,
     Action,
-    FlowValue,
+    FlowAction,
     HostEntry,
     ParkMeta,
     Stat,
@@ -52,6 +53,17 @@ class Host:
     mac: bytes  # the host's MAC on the link
     our_mac: bytes  # the steering node's MAC on that link
     mtu: int
+
+
+@dataclass(frozen=True)
+class FlowView:
+    """A flow's action (set by userspace) and counters (kept by the programs)."""
+
+    action: Action
+    host: int
+    park_seq: int
+    packets: tuple[int, int, int]  # per action: pass, park, to
+    bytes: tuple[int, int, int]
 
 
 @dataclass
@@ -88,6 +100,7 @@ class Steerer:
         self.bpf, fn = loader.load_steer(self.pin, self.mode, max_flows)
         self._fd = fn.fd
         self.flows = self.bpf[b"flows"]
+        self.flow_stats = self.bpf[b"flow_stats"]
         self.host_table = self.bpf[b"hosts"]
         self.stats_table = self.bpf[b"stats"]
         self.hosts: dict[str, Host] = {}
@@ -149,18 +162,26 @@ class Steerer:
             raise SteerError(f"unknown host {name!r} (known: {known})") from None
 
     # --- the flow table -------------------------------------------------------------------------
-    def get(self, flow: Flow) -> FlowValue | None:
+    def get(self, flow: Flow) -> FlowView | None:
+        key = flow_key(flow)
         try:
-            return self.flows[flow_key(flow)]
+            action = self.flows[key]
         except KeyError:
             return None
+        return self._view(key, action)
+
+    def _view(self, key: Any, action: FlowAction) -> FlowView:
+        try:
+            c = self.flow_stats[key]
+            counts = (c.park_seq, tuple(c.packets), tuple(c.bytes))
+        except KeyError:
+            counts = (0, (0, 0, 0), (0, 0, 0))
+        return FlowView(Action(action.action), action.host, *counts)
 
     def _set(self, flow: Flow, action: Action, host: int = 0) -> None:
-        key = flow_key(flow)
-        value = self.get(flow) or FlowValue()
-        value.action, value.host = action, host
+        # Only the action is written: the counters belong to the programs.
         try:
-            self.flows[key] = value
+            self.flows[flow_key(flow)] = FlowAction(action=action, host=host)
         except Exception as exc:  # BCC raises a bare Exception (E2BIG when full)
             if "Argument list too long" in str(exc) or "E2BIG" in str(exc):
                 raise SteerError(f"flow table is full: cannot add {flow}") from None
@@ -200,13 +221,16 @@ class Steerer:
 
     def forget(self, flow: Flow) -> None:
         with self._control:
+            key = flow_key(flow)
             try:
-                del self.flows[flow_key(flow)]
+                del self.flows[key]
             except KeyError:
                 raise SteerError(f"flow {flow} is not in the table") from None
+            with contextlib.suppress(KeyError):
+                del self.flow_stats[key]
 
-    def items(self) -> list[tuple[Flow, FlowValue]]:
-        return [(key_flow(k), v) for k, v in self.flows.items()]
+    def items(self) -> list[tuple[Flow, FlowView]]:
+        return [(key_flow(k), self._view(k, v)) for k, v in self.flows.items()]
 
     def stats(self) -> dict[str, int]:
         out = {}

@@ -196,11 +196,11 @@ def run_moves(
     echo.hold = hold
     sent, received, errors = [b""], [b""], []
 
-    def client_loop() -> None:
+    def client_loop(talking: threading.Event) -> None:
         client.settimeout(0.001)
         n = 0
         try:
-            while not echo.stop.is_set():
+            while talking.is_set():
                 chunk = b"".join(b"line %06d\n" % (n + i) for i in range(400 if bulk else 1))
                 n += 400 if bulk else 1
                 client.settimeout(5)
@@ -214,19 +214,29 @@ def run_moves(
         except BaseException as exc:
             errors.append(exc)
 
+    talking = threading.Event()
+    talking.set()
     with RstCapture(lab, "client", "to-steer") as capture:
         echo.start()
-        talker = threading.Thread(target=client_loop, daemon=True)
+        talker = threading.Thread(target=client_loop, args=(talking,), daemon=True)
         talker.start()
         for _ in range(moves):
             time.sleep(0.02)
             echo.request_move()
         time.sleep(0.05)
-        echo.stop.set()
+        talking.clear()  # the client stops first; the server echoes to the last byte
         talker.join(10)
         client.settimeout(10)
-        while len(received[0]) < len(sent[0]):
-            received[0] += client.recv(1 << 20)
+        try:
+            while len(received[0]) < len(sent[0]):
+                received[0] += client.recv(1 << 20)
+        except TimeoutError:
+            state = {n: lab.run(n, ["ss", "-tin"], check=False).stdout for n in lab.plan.nodes}
+            raise AssertionError(
+                f"stalled: got {len(received[0])} of {len(sent[0])} bytes; {errors=}; "
+                f"{echo.error=}; counters={dict(st.counters)}; flows={st.items()}; {state}"
+            ) from None
+        echo.stop.set()
         echo.join(5)
     ext1, tcp1 = lab.call("client", netstat, "TcpExt"), lab.call("client", netstat, "Tcp")
     assert errors == []
