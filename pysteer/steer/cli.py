@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.errors import UsageError
-from pysteer.steer.control import ControlError, request, socket_path
+from pysteer.steer.control import ControlError, request, server_context, socket_path
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.steer.loader import MODES
 
@@ -34,6 +34,14 @@ def add_parser(sub: Any) -> None:
                      help="a redirect target; repeat for each host")  # fmt: skip
     run.add_argument("--max-flows", type=int, help="flow table size (default 65536)")
     run.add_argument("--max-parked", type=int, default=8192, help="parked packets per flow")
+    run.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="also serve remote agents on TCP (mutual TLS; needs the three below)",
+    )
+    run.add_argument("--tls-cert", type=Path, help="this node's certificate (PEM)")
+    run.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    run.add_argument("--tls-ca", type=Path, help="the CA that signs the agents' certificates")
     run.set_defaults(func=cmd_run)
     for name, help_ in (("flows", "list the flow table"), ("hosts", "list the hosts"),
                         ("stats", "global counters")):  # fmt: skip
@@ -74,9 +82,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--host {spec!r}: expected NAME=IFNAME,MAC") from None
         hosts.append((name, ifname, mac))
+    listen = tls = None
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--listen {args.listen!r}: expected HOST:PORT")
+        if not (args.tls_cert and args.tls_key and args.tls_ca):
+            raise UsageError("--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)")
+        listen = (host.strip("[]"), int(port))
+        tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
     try:
         return run(args.name, args.ifname, hosts, namespace=args.netns, mode=args.mode,
-                   max_flows=args.max_flows, max_parked=args.max_parked)  # fmt: skip
+                   max_flows=args.max_flows, max_parked=args.max_parked, listen=listen,
+                   tls=tls)  # fmt: skip
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +23,64 @@ class ControlError(RuntimeError):
     """The daemon could not be reached, or refused the request (its message is kept)."""
 
 
+def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    """mTLS for the daemon's TCP listener: clients need a certificate from ``ca``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert, key)
+    ctx.load_verify_locations(ca)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _exchange(sock: socket.socket, cmd: str, args: dict[str, Any]) -> bytes:
+    sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def request_remote(
+    address: tuple[str, int], context: ssl.SSLContext, server_name: str, cmd: str, **args: Any
+) -> dict[str, Any]:
+    """The same request, to a daemon's TCP listener over mutual TLS."""
+    where = f"{address[0]}:{address[1]}"
+    try:
+        with (
+            socket.create_connection(address, timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname=server_name) as sock,
+        ):
+            data = _exchange(sock, cmd, args)
+    except (ssl.SSLError, OSError) as exc:
+        raise ControlError(f"steering daemon at {where}: {exc}") from None
+    return _answer(where, data)
+
+
 def request(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
-            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = _exchange(sock, cmd, args)
     except (FileNotFoundError, ConnectionRefusedError):
         raise ControlError(f"no steering daemon at {path} (is `pysteer steer run` up?)") from None
     except OSError as exc:
         raise ControlError(f"steering daemon at {path}: {exc.strerror or exc}") from None
+    return _answer(str(path), data)
+
+
+def _answer(path: str, data: bytes) -> dict[str, Any]:
     try:
         answer = json.loads(data)
     except json.JSONDecodeError:

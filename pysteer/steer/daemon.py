@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class Daemon:
     def __init__(self, steerer: Steerer, path: Path) -> None:
         self.steerer, self.path = steerer, path
         self._stop = threading.Event()
+        self._tls_server: socket.socket | None = None
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -120,6 +122,32 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    def listen_tls(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
+        """Also serve remote agents on TCP, mutually authenticated by ``context``."""
+        server = socket.create_server(address)
+        server.settimeout(0.2)
+        self._tls_server = server
+
+        def accept_loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    raw, _ = server.accept()
+                except TimeoutError:
+                    continue
+                threading.Thread(target=self._tls_client, args=(raw, context), daemon=True).start()
+            server.close()
+
+        threading.Thread(target=accept_loop, daemon=True).start()
+
+    def _tls_client(self, raw: socket.socket, context: ssl.SSLContext) -> None:
+        raw.settimeout(10)
+        try:
+            conn = context.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError):
+            raw.close()  # no valid client certificate: nothing is answered
+            return
+        self._client(conn)
+
     def stop(self, *_: object) -> None:
         self._stop.set()
 
@@ -133,6 +161,8 @@ def run(
     mode: str = "auto",
     max_flows: int | None = None,
     max_parked: int = 8192,
+    listen: tuple[str, int] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
@@ -149,6 +179,10 @@ def run(
     for host, host_if, mac in hosts:
         steerer.add_host(host, host_if, mac)
     daemon = Daemon(steerer, socket_path(name))
+    if listen is not None:
+        if tls is None:
+            raise DaemonError("a TCP control listener needs mutual TLS (certificate, key, CA)")
+        daemon.listen_tls(listen, tls)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     print(f"steering {ifname} ({steerer.mode}) as {name!r}; control at {daemon.path}", flush=True)

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -129,6 +130,10 @@ def test_bad_input(lab: Lab, daemon: DaemonProc) -> None:
     out = subprocess.run(second.argv, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2
     assert f"another steering daemon already runs instance '{daemon.name}'" in out.stderr
+    insecure = subprocess.run([*second.argv, "--listen", "127.0.0.1:1"], capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+    assert insecure.returncode == 2
+    assert "--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)" in insecure.stderr
     gone = cli("nosuchdaemon", "flows")
     assert gone.returncode == 2
     assert "no steering daemon at /run/pysteer/steer-nosuchdaemon.sock" in gone.stderr
@@ -152,3 +157,47 @@ def test_full_flow_table_is_an_error(lab: Lab) -> None:
             pinned.unlink()
         (PIN_ROOT / d.name).rmdir()
     assert os.path.exists(PIN_ROOT)
+
+
+def test_remote_control_needs_a_client_certificate(lab: Lab, tmp_path) -> None:
+    """The optional TCP listener speaks only to agents with a certificate from the CA."""
+    from pysteer.certs import CertificateAuthority  # noqa: PLC0415
+    from pysteer.steer.control import ControlError, client_context, request_remote  # noqa: PLC0415
+
+    ca, other = CertificateAuthority(), CertificateAuthority("another CA")
+    node = ca.issue("steer", names=["steer", "127.0.0.1"])
+    agent, stranger = ca.issue("agent-a", client=True), other.issue("agent-x", client=True)
+    files = {}
+    for name, pem in (
+        ("ca", ca.cert_pem),
+        ("node", node.chain_pem),
+        ("node.key", node.key_pem),
+        ("agent", agent.cert_pem),
+        ("agent.key", agent.key_pem),
+        ("stranger", stranger.cert_pem),
+        ("stranger.key", stranger.key_pem),
+    ):
+        files[name] = tmp_path / name
+        files[name].write_bytes(pem)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    d = DaemonProc(lab, unique_prefix(), "--listen", f"127.0.0.1:{port}", "--tls-cert",
+                   str(files["node"]), "--tls-key", str(files["node.key"]),
+                   "--tls-ca", str(files["ca"]))  # fmt: skip
+    d.start()
+    try:
+        good = client_context(files["agent"], files["agent.key"], files["ca"])
+        answer = request_remote(("127.0.0.1", port), good, "steer", "hosts")
+        assert [h["name"] for h in answer["hosts"]] == ["a", "b"]
+        bad = client_context(files["stranger"], files["stranger.key"], files["ca"])
+        with pytest.raises(ControlError):
+            request_remote(("127.0.0.1", port), bad, "steer", "hosts")
+        anonymous = ssl.create_default_context(cafile=str(files["ca"]))
+        with pytest.raises(ControlError):
+            request_remote(("127.0.0.1", port), anonymous, "steer", "hosts")
+    finally:
+        d.stop()
+        for pinned in (PIN_ROOT / d.name).glob("*"):
+            pinned.unlink()
+        (PIN_ROOT / d.name).rmdir()
