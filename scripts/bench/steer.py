@@ -80,13 +80,20 @@ def transfer(lab: Lab, cport: int, seconds: float, size: int, nodelay: bool = Fa
     return got[0] / elapsed
 
 
-def offloads(lab: Lab, on: bool) -> None:
-    state = "on" if on else "off"
-    lab.run("client", ["ethtool", "-K", "to-steer", "tso", state, "gso", state], check=False)
+def offloads(lab: Lab, mode: str) -> None:
+    """tc: everything on. XDP generic: no TSO/GSO at the sender (super-packets are dropped
+    on redirect). XDP native on veth: GRO on the hosts' ends, no TX checksum at the sender."""
+    gso = "off" if mode == "xdp-generic" else "on"
+    tx = "off" if mode == "xdp-native" else "on"
+    lab.run("client", ["ethtool", "-K", "to-steer", "tso", gso, "gso", gso, "tx", tx],
+            check=False)  # fmt: skip
+    for host in lab.plan.hosts:
+        gro = "on" if mode == "xdp-native" else "off"
+        lab.run(host, ["ethtool", "-K", "to-steer", "gro", gro], check=False)
 
 
 def measure(lab: Lab, mode: str, seconds: float) -> dict[str, float]:
-    offloads(lab, mode == "tc")
+    offloads(lab, mode)
     cport = 50000 + int(time.time()) % 1000
     route_vip(lab, "b")
     base_bulk = transfer(lab, cport, seconds, 1 << 20)
@@ -103,7 +110,7 @@ def measure(lab: Lab, mode: str, seconds: float) -> dict[str, float]:
         small = transfer(lab, cport + 3, seconds, 64, nodelay=True) / 64
     finally:
         st.destroy()
-        offloads(lab, True)
+        offloads(lab, "tc")
     return {
         "baseline_gbit_s": round(base_bulk * 8 / 1e9, 2),
         "steered_gbit_s": round(bulk * 8 / 1e9, 2),
@@ -158,7 +165,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("results/bench/steer.json"))
     args = parser.parse_args()
     with Lab(prefix=unique_prefix()) as lab:
-        results = {mode: measure(lab, mode, args.seconds) for mode in ("tc", "xdp-generic")}
+        modes = ("tc", "xdp-generic", "xdp-native")
+        results = {mode: measure(lab, mode, args.seconds) for mode in modes}
         results["park_replay"] = [park_replay(lab, n) for n in (1, 10, 100)]
     report = {"benchmark": "steer", "bar": "tc bulk ratio >= 0.9 with offloads on",
               "results": results}  # fmt: skip
