@@ -28,9 +28,13 @@ class DaemonError(RuntimeError):
     """The daemon cannot start; the message says why."""
 
 
-def _flow_row(flow: Flow, value: Any, hosts: dict[int, str]) -> dict[str, Any]:
+def _flow_row(flow: Flow, value: Any, hosts: dict[int, str], park: Any) -> dict[str, Any]:
     action = Action(value.action)
     return {
+        "parked": park.parked,
+        "replayed": park.replayed,
+        "park_dropped": park.dropped,
+        "park_lost": park.lost,
         "flow": str(flow),
         "action": action.name,
         "host": hosts.get(value.host) if action == Action.TO else None,
@@ -61,7 +65,7 @@ class Daemon:
         st = self.steerer
         if what == "flows":
             hosts = st.items_by_host()
-            return [_flow_row(f, v, hosts) for f, v in st.items()]
+            return [_flow_row(f, v, hosts, st.park_counters(f)) for f, v in st.items()]
         if what == "hosts":
             return [{"name": h.name, "ifname": h.ifname, "mac": h.mac.hex(":"), "id": h.id}
                     for h in st.hosts.values()]  # fmt: skip

@@ -9,7 +9,6 @@ packet parked in between, so none is lost and none overtakes the replay.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import socket
 import threading
@@ -24,15 +23,14 @@ from pyroute2 import IPRoute
 from pysteer import netns
 from pysteer.steer import loader
 from pysteer.steer.flow import Flow
+from pysteer.steer.flowtable import FlowTable, FlowTableError, FlowView
 from pysteer.steer.maps import (
     MAX_HOSTS,
     Action,
-    FlowAction,
     HostEntry,
     ParkMeta,
     Stat,
     flow_key,
-    key_flow,
 )
 from pysteer.steer.packet import PacketError, forward
 from pysteer.steer.pins import pin_dir
@@ -53,17 +51,6 @@ class Host:
     mac: bytes  # the host's MAC on the link
     our_mac: bytes  # the steering node's MAC on that link
     mtu: int
-
-
-@dataclass(frozen=True)
-class FlowView:
-    """A flow's action (set by userspace) and counters (kept by the programs)."""
-
-    action: Action
-    host: int
-    park_seq: int
-    packets: tuple[int, int, int]  # per action: pass, park, to
-    bytes: tuple[int, int, int]
 
 
 @dataclass
@@ -99,8 +86,7 @@ class Steerer:
         self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
         self.bpf, fn = loader.load_steer(self.pin, self.mode, max_flows)
         self._fd = fn.fd
-        self.flows = self.bpf[b"flows"]
-        self.flow_stats = self.bpf[b"flow_stats"]
+        self.table = FlowTable(self.bpf[b"flows"], self.bpf[b"flow_stats"])
         self.host_table = self.bpf[b"hosts"]
         self.stats_table = self.bpf[b"stats"]
         self.hosts: dict[str, Host] = {}
@@ -163,29 +149,13 @@ class Steerer:
 
     # --- the flow table -------------------------------------------------------------------------
     def get(self, flow: Flow) -> FlowView | None:
-        key = flow_key(flow)
-        try:
-            action = self.flows[key]
-        except KeyError:
-            return None
-        return self._view(key, action)
-
-    def _view(self, key: Any, action: FlowAction) -> FlowView:
-        try:
-            c = self.flow_stats[key]
-            counts = (c.park_seq, tuple(c.packets), tuple(c.bytes))
-        except KeyError:
-            counts = (0, (0, 0, 0), (0, 0, 0))
-        return FlowView(Action(action.action), action.host, *counts)
+        return self.table.get(flow)
 
     def _set(self, flow: Flow, action: Action, host: int = 0) -> None:
-        # Only the action is written: the counters belong to the programs.
         try:
-            self.flows[flow_key(flow)] = FlowAction(action=action, host=host)
-        except Exception as exc:  # BCC raises a bare Exception (E2BIG when full)
-            if "Argument list too long" in str(exc) or "E2BIG" in str(exc):
-                raise SteerError(f"flow table is full: cannot add {flow}") from None
-            raise SteerError(f"cannot set {flow}: {exc}") from None
+            self.table.set(flow, action, host)
+        except FlowTableError as exc:
+            raise SteerError(str(exc)) from None
 
     def park(self, flow: Flow) -> None:
         """Hold every packet of ``flow`` from now on, in order, until ``to`` or ``pass_``."""
@@ -221,16 +191,17 @@ class Steerer:
 
     def forget(self, flow: Flow) -> None:
         with self._control:
-            key = flow_key(flow)
             try:
-                del self.flows[key]
-            except KeyError:
-                raise SteerError(f"flow {flow} is not in the table") from None
-            with contextlib.suppress(KeyError):
-                del self.flow_stats[key]
+                self.table.delete(flow)
+            except FlowTableError as exc:
+                raise SteerError(str(exc)) from None
+            self._drop_queue(flow)
 
     def items(self) -> list[tuple[Flow, FlowView]]:
-        return [(key_flow(k), self._view(k, v)) for k, v in self.flows.items()]
+        return list(self.table)
+
+    def park_counters(self, flow: Flow) -> ParkCounters:
+        return self.counters.get(bytes(flow_key(flow)), ParkCounters())
 
     def stats(self) -> dict[str, int]:
         out = {}

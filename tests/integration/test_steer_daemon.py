@@ -1,5 +1,6 @@
 """The steering daemon and its CLI: control, restart without losing steering, bad input."""
 
+import contextlib
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -201,3 +203,39 @@ def test_remote_control_needs_a_client_certificate(lab: Lab, tmp_path) -> None:
         for pinned in (PIN_ROOT / d.name).glob("*"):
             pinned.unlink()
         (PIN_ROOT / d.name).rmdir()
+
+
+def test_cli_park_then_to_replays_the_syn(lab: Lab, daemon: DaemonProc) -> None:
+    """Park a flow before it starts: its SYN waits at the steering node, and `to b`
+    replays it to b, where the connection is then established."""
+    vip = str(lab.plan.vip_v4)
+    on_b = lab.call("b", listen, socket.AF_INET, vip, PORT)
+    flow = f"{lab.plan.address('client')}:42100-{vip}:{PORT}"
+    assert cli(daemon.name, "park", flow).returncode == 0
+
+    def make() -> socket.socket:
+        s = socket.socket()
+        s.bind((str(lab.plan.address("client")), 42100))
+        s.setblocking(False)
+        return s
+
+    client = lab.call("client", make)
+    with contextlib.suppress(BlockingIOError):
+        client.connect((vip, PORT))  # the SYN is parked
+    deadline = time.monotonic() + 5
+    while not json.loads(cli(daemon.name, "flows", "--json").stdout)[0]["parked"]:
+        assert time.monotonic() < deadline, "the SYN was never parked"
+        time.sleep(0.05)
+    out = cli(daemon.name, "to", flow, "b", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["replayed"] >= 1
+    on_b.settimeout(5)
+    server, _ = on_b.accept()
+    client.setblocking(True)
+    client.settimeout(5)
+    exchange(client, server, b"established through the replayed SYN")
+    row = json.loads(cli(daemon.name, "flows", "--json").stdout)[0]
+    assert row["parked"] == row["replayed"] >= 1
+    assert (row["park_dropped"], row["park_lost"]) == (0, 0)
+    for s in (client, server, on_b):
+        s.close()
