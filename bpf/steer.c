@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 // pysteer's steering programs for the client-facing link of the steering node: one
 // decision (below), two hooks. steer_tc runs on tc clsact ingress (direct-action), the
-// best default on veth; steer_xdp runs as XDP, best on real NICs (generic XDP on veth
-// needs GSO off on the sender: it drops super-packets on redirect).
+// best default on veth; steer_xdp runs as XDP, best on real NICs. In the XDP modes the
+// loader attaches steer_tc too, as the fallback for what XDP cannot redirect: packets
+// larger than the target's MTU (GSO super-packets on veth) are passed up to it.
 //   PASS      route normally
 //   PARK      hand the packet to userspace (perf buffer, numbered per flow) and drop it
 //   TO(host)  rewrite the MACs, decrement the TTL, redirect to the host's link
@@ -20,7 +21,7 @@ static __always_inline void stat_add(u32 index)
 		*v += 1;
 }
 
-enum verdict { V_PASS, V_PARK, V_REDIRECT, V_DROP };
+enum verdict { V_PASS, V_PARK, V_REDIRECT, V_DROP, V_FALLBACK };
 
 static __always_inline void count(struct flow_stats *v, u32 len, int action)
 {
@@ -36,8 +37,10 @@ static __always_inline void count(struct flow_stats *v, u32 len, int action)
 	}
 }
 
+/* `xdp`: called from XDP, where a packet larger than the target link's MTU (a GSO
+ * super-packet, on veth) cannot be redirected: it goes up to the tc program instead. */
 static __always_inline int steer_decide(void *data, void *data_end, u32 len,
-					struct park_meta *meta, u32 *ifindex)
+					struct park_meta *meta, u32 *ifindex, int xdp)
 {
 	stat_add(STAT_SEEN);
 	void *ip = parse_flow(data, data_end, &meta->key);
@@ -75,6 +78,10 @@ static __always_inline int steer_decide(void *data, void *data_end, u32 len,
 		stat_add(STAT_DROP_NO_HOST);
 		return V_DROP;
 	}
+	if (xdp && host->mtu && len > host->mtu + sizeof(struct ethhdr)) {
+		stat_add(STAT_XDP_FALLBACK);
+		return V_FALLBACK;
+	}
 	if (!decrement_ttl(ip, data_end, meta->key.family)) {
 		stat_add(STAT_DROP_TTL);
 		return V_DROP;
@@ -101,7 +108,7 @@ int steer_tc(struct __sk_buff *skb)
 	struct park_meta meta = {};
 	u32 ifindex = 0;
 	/* if/else, not switch: clang may emit a jump table, which BPF cannot run */
-	int verdict = steer_decide(data, data_end, skb->len, &meta, &ifindex);
+	int verdict = steer_decide(data, data_end, skb->len, &meta, &ifindex, 0);
 	if (verdict == V_PARK) {
 		/* BCC rewrites this call into a statement: keep it one. */
 		int rc = parked.perf_submit_skb(skb, skb->len, &meta, sizeof(meta));
@@ -124,7 +131,7 @@ int steer_xdp(struct xdp_md *ctx)
 	u32 ifindex = 0;
 	u32 len = data_end - data;
 	/* if/else, not switch: clang may emit a jump table, which BPF cannot run */
-	int verdict = steer_decide(data, data_end, len, &meta, &ifindex);
+	int verdict = steer_decide(data, data_end, len, &meta, &ifindex, 1);
 	if (verdict == V_PARK) {
 		/* BCC rewrites this call into a statement: keep it one. */
 		int rc = parked.perf_submit_skb(ctx, len, &meta, sizeof(meta));
@@ -136,5 +143,5 @@ int steer_xdp(struct xdp_md *ctx)
 		return bpf_redirect(ifindex, 0);
 	if (verdict == V_DROP)
 		return XDP_DROP;
-	return XDP_PASS;
+	return XDP_PASS; /* V_PASS, and V_FALLBACK: steer_tc handles it on tc ingress */
 }

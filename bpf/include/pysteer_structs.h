@@ -41,7 +41,7 @@ struct host_entry {
 	__u32 ifindex;
 	__u8 dmac[6];
 	__u8 smac[6];
-	__u32 pad;
+	__u32 mtu; /* the link's MTU: XDP hands larger (GSO) packets to the tc fallback */
 };
 
 /* What a parked packet carries to userspace ahead of its bytes. */
@@ -62,6 +62,7 @@ enum stat_index {
 	STAT_DROP_TTL,       /* TTL or hop limit would reach 0 */
 	STAT_DROP_PARK_FULL, /* the perf buffer refused a parked packet */
 	STAT_GUARD_DROPPED,  /* guard: a frozen flow's packet dropped on a host */
+	STAT_XDP_FALLBACK,   /* XDP passed a packet too large to redirect up to tc */
 	STAT_MAX,
 };
 

@@ -77,22 +77,25 @@ def detach(ifname: str, mode: str) -> None:
     with IPRoute() as ipr:
         idx = _index(ipr, ifname)
         with contextlib.suppress(NetlinkError):
-            if mode == "tc":
-                ipr.tc("del", "clsact", idx)
-            else:
+            ipr.tc("del", "clsact", idx)
+        with contextlib.suppress(NetlinkError):
+            if mode != "tc":
                 flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
                 ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
                                                           ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
 
 
-def load_steer(pin: Path, mode: str, max_flows: int | None = None) -> tuple[Any, Any]:
-    """The compiled steering module and its program for ``mode`` (tc or XDP)."""
+def load_steer(pin: Path, mode: str, max_flows: int | None = None) -> tuple[Any, Any, Any]:
+    """The compiled steering module, its tc program, and its XDP program (None in tc mode).
+
+    In the XDP modes the tc program is attached too, as the fallback for packets XDP
+    passes up (larger than the target's MTU), so no offload has to be turned off."""
     from bcc import BPF  # noqa: PLC0415 - Debian's python3-bpfcc
 
     bpf = compile_program("steer.c", pin, max_flows)
-    if mode == "tc":
-        return bpf, load_func(bpf, "steer_tc", BPF.SCHED_CLS)
-    return bpf, load_func(bpf, "steer_xdp", BPF.XDP)
+    tc = load_func(bpf, "steer_tc", BPF.SCHED_CLS)
+    xdp = None if mode == "tc" else load_func(bpf, "steer_xdp", BPF.XDP)
+    return bpf, tc, xdp
 
 
 def load_guard(pin: Path) -> tuple[Any, Any]:

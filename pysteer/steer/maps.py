@@ -27,6 +27,7 @@ class Stat(enum.IntEnum):
     DROP_TTL = 5
     DROP_PARK_FULL = 6
     GUARD_DROPPED = 7
+    XDP_FALLBACK = 8
 
 
 class FlowKey(ctypes.Structure):
@@ -58,7 +59,7 @@ class HostEntry(ctypes.Structure):
         ("ifindex", ctypes.c_uint32),
         ("dmac", ctypes.c_uint8 * 6),
         ("smac", ctypes.c_uint8 * 6),
-        ("pad", ctypes.c_uint32),
+        ("mtu", ctypes.c_uint32),
     )
 
 

@@ -84,8 +84,9 @@ class Steerer:
         self.name, self.ifname, self.namespace = name, ifname, namespace
         self.pin = pin_dir(name)
         self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
-        self.bpf, fn = loader.load_steer(self.pin, self.mode, max_flows)
-        self._fd = fn.fd
+        self.bpf, tc_fn, xdp_fn = loader.load_steer(self.pin, self.mode, max_flows)
+        self._tc_fd = tc_fn.fd
+        self._xdp_fd = xdp_fn.fd if xdp_fn is not None else None
         self.table = FlowTable(self.bpf[b"flows"], self.bpf[b"flow_stats"])
         self.host_table = self.bpf[b"hosts"]
         self.stats_table = self.bpf[b"stats"]
@@ -101,7 +102,9 @@ class Steerer:
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"steer:{name}", daemon=True)
         self._poller.start()
-        self._in_ns(loader.attach, ifname, self.mode, self._fd, "pysteer_steer")
+        self._in_ns(loader.attach, ifname, "tc", self._tc_fd, "pysteer_steer")
+        if self._xdp_fd is not None:  # XDP first, tc as its fallback
+            self._in_ns(loader.attach, ifname, self.mode, self._xdp_fd, "pysteer_steer")
         self._packet_sockets: dict[str, socket.socket] = {}
 
     def _in_ns(self, fn: Callable[..., T], *args: Any) -> T:
@@ -130,7 +133,7 @@ class Steerer:
         ifindex, ours, mtu = self._in_ns(lookup)
         raw_mac = mac if isinstance(mac, bytes) else bytes.fromhex(mac.replace(":", ""))
         host = Host(len(self.hosts), name, ifname, ifindex, raw_mac, ours, mtu)
-        entry = HostEntry(ifindex=ifindex)
+        entry = HostEntry(ifindex=ifindex, mtu=mtu)
         ctypes.memmove(entry.dmac, host.mac, 6)
         ctypes.memmove(entry.smac, host.our_mac, 6)
         self.host_table[ctypes.c_uint32(host.id)] = entry
