@@ -54,6 +54,30 @@ def resolve_mode(ifname: str, mode: str) -> str:
     return "tc" if kind == "veth" else "xdp-native"
 
 
+def native_xdp_supported(ifname: str) -> bool:
+    """Whether ``ifname``'s driver runs XDP natively: attach a trivial program, then remove it."""
+    from bcc import BPF  # noqa: PLC0415
+
+    probe = compile_file(bpf_dir() / "probe" / "doctor.c")
+    try:
+        fn = load_func(probe, "doctor_xdp", BPF.XDP)
+        try:
+            attach(ifname, "xdp-native", fn.fd, "pysteer_probe")
+        except AttachError:
+            return False
+        detach_xdp(ifname, "xdp-native")
+        return True
+    finally:
+        probe.cleanup()
+
+
+def detach_xdp(ifname: str, mode: str) -> None:
+    flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
+    with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+        ipr.link("set", index=_index(ipr, ifname),
+                 xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
+
+
 def attach(ifname: str, mode: str, fd: int, name: str) -> None:
     """Attach program ``fd`` on ``ifname``'s ingress, replacing what pysteer put there."""
     with IPRoute() as ipr:

@@ -84,6 +84,10 @@ class Steerer:
         self.name, self.ifname, self.namespace = name, ifname, namespace
         self.pin = pin_dir(name)
         self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
+        # Native XDP only where the driver has it: auto tries a scratch program first.
+        if (mode == "auto" and self.mode == "xdp-native"
+                and not self._in_ns(loader.native_xdp_supported, ifname)):  # fmt: skip
+            self.mode = "tc"
         self.bpf, tc_fn, xdp_fn = loader.load_steer(self.pin, self.mode, max_flows)
         self._tc_fd = tc_fn.fd
         self._xdp_fd = xdp_fn.fd if xdp_fn is not None else None

@@ -15,6 +15,7 @@ from helpers.migration import RstCapture, connect, listen, wire_round_trip
 from pysteer import tcp
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.netns import call_in as netns_call
 from pysteer.steer.flow import Flow
 from pysteer.steer.steerer import Steerer, SteerError
 
@@ -368,3 +369,22 @@ def test_bad_requests(steered: tuple[Lab, Steerer]) -> None:
         st.add_host("a", "to-a", "02:00:00:00:00:01")
     with pytest.raises(SteerError, match="no interface 'nope'"):
         st.add_host("z", "nope", "02:00:00:00:00:01")
+
+
+def test_auto_mode_picks_tc_on_veth_and_falls_back_without_native_xdp(lab: Lab) -> None:
+    from pysteer.steer import loader  # noqa: PLC0415
+
+    st = make_steerer(lab, "auto")
+    try:
+        assert st.mode == "tc"  # veth: tc is the faster choice there
+    finally:
+        st.destroy()
+    # Not a veth, and no native XDP in its driver (loopback): auto must not pick XDP.
+    steer_ns = lab.netns("steer")
+    assert netns_call(steer_ns, loader.resolve_mode, "lo", "auto") == "xdp-native"
+    assert netns_call(steer_ns, loader.native_xdp_supported, "lo") is False
+    st = Steerer(unique_prefix(), "lo", namespace=steer_ns, mode="auto")
+    try:
+        assert st.mode == "tc"
+    finally:
+        st.destroy()
