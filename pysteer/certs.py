@@ -86,6 +86,10 @@ class CertificateAuthority:
         )
         self.cert_pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
+    def key_pem(self) -> bytes:
+        """The CA's private key, PEM. Whoever holds it can mint cluster members."""
+        return _pem_key(self._key)
+
     def issue(
         self,
         common_name: str,
@@ -94,6 +98,7 @@ class CertificateAuthority:
         kind: str = "ecdsa",
         client: bool = False,
         days: int = 30,
+        both: bool = False,
     ) -> Issued:
         """A leaf certificate: DNS names and IP addresses in ``names`` go into the SAN."""
         key = _key(kind)
@@ -104,7 +109,9 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 sans.append(x509.DNSName(name))
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        usage = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
+        if both:
+            usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -115,7 +122,7 @@ class CertificateAuthority:
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
             .sign(self._key, _sign_hash(self._key))
         )
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pysteer import __version__, doctor
+from pysteer import __version__, certs_cli, doctor
 from pysteer.errors import UsageError
 from pysteer.lab import cli as lab_cli
 from pysteer.steer import cli as steer_cli
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_parser(sub)
     lab_cli.add_parser(sub)
     steer_cli.add_parser(sub)
+    certs_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,144 @@
+"""The migration blob: ``{v, id, flow, tcp, tls, app, t}`` as msgpack, sealed with an AEAD.
+
+The blob holds a connection's TCP state, its TLS keys and the app's snapshot, so it is
+never handled in the clear: ``seal`` encrypts it under the cluster key (ChaCha20-Poly1305,
+random nonce, the migration id as associated data) and ``open_sealed`` refuses anything
+tampered, of another version, or for another id. It travels inside the agents' mTLS
+channel on top of that. ``ImportLedger`` is B's fencing: a migration id is imported once.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.tcp import StateFormatError, TcpState
+from pysteer.tls.state import TlsStateError, decode_state
+
+BLOB_VERSION = 1
+MAGIC = b"PSMB"  # pysteer migration blob
+_HEADER = struct.Struct("!4sB16s12s")  # magic, version, migration id, nonce
+KEY_LEN = 32
+
+
+class BlobError(ValueError):
+    """A blob that cannot be sealed or opened; the message never contains its contents."""
+
+
+def new_migration_id() -> bytes:
+    return os.urandom(16)
+
+
+@dataclass(frozen=True)
+class MigrationBlob:
+    """Everything B needs to continue one connection."""
+
+    id: bytes
+    flow: Flow
+    tcp: TcpState = field(repr=False)
+    tls: dict[str, Any] | None = field(repr=False)  # TlsServerConnection.export_state()
+    app: Any = field(repr=False)  # the handler's snapshot, msgpack-able
+    t: float = field(default_factory=time.time)
+
+    def __repr__(self) -> str:
+        kind = "TLS" if self.tls else "TCP"
+        return f"MigrationBlob({self.id.hex()[:8]}, {self.flow}, {kind})"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "v": BLOB_VERSION,
+            "id": self.id,
+            "flow": str(self.flow),
+            "tcp": self.tcp.to_wire(),
+            "tls": self.tls,
+            "app": self.app,
+            "t": self.t,
+        }
+
+
+def _check_key(key: bytes) -> ChaCha20Poly1305:
+    if not isinstance(key, bytes) or len(key) != KEY_LEN:
+        raise BlobError(f"the cluster key must be {KEY_LEN} bytes")
+    return ChaCha20Poly1305(key)
+
+
+def seal(blob: MigrationBlob, key: bytes) -> bytes:
+    """Encrypt and authenticate ``blob`` under the cluster key."""
+    aead = _check_key(key)
+    if len(blob.id) != 16:
+        raise BlobError("a migration id is 16 bytes")
+    try:
+        plain = msgpack.packb(blob.to_wire(), use_bin_type=True)
+    except (TypeError, ValueError) as exc:
+        raise BlobError(f"the blob cannot be encoded: {type(exc).__name__}") from None
+    nonce = os.urandom(12)
+    header = _HEADER.pack(MAGIC, BLOB_VERSION, blob.id, nonce)
+    return header + aead.encrypt(nonce, plain, header)
+
+
+def open_sealed(data: bytes, key: bytes, *, expect_id: bytes | None = None) -> MigrationBlob:
+    """Authenticate, decrypt and validate a sealed blob (for ``expect_id``, if given)."""
+    aead = _check_key(key)
+    if len(data) < _HEADER.size + 16:
+        raise BlobError("sealed blob too short")
+    header = data[: _HEADER.size]
+    magic, version, mid, nonce = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise BlobError("not a pysteer migration blob")
+    if version != BLOB_VERSION:
+        raise BlobError(f"unknown blob version {version} (this pysteer reads {BLOB_VERSION})")
+    if expect_id is not None and mid != expect_id:
+        raise BlobError("the blob is for another migration")
+    try:
+        plain = aead.decrypt(nonce, data[_HEADER.size :], header)
+    except InvalidTag:
+        raise BlobError("sealed blob failed authentication (tampered, or another key)") from None
+    try:
+        wire = msgpack.unpackb(plain, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        raise BlobError("sealed blob holds no valid msgpack") from None
+    return _decode(wire, mid)
+
+
+def _decode(wire: Any, mid: bytes) -> MigrationBlob:
+    if not isinstance(wire, dict):
+        raise BlobError("blob must be a map")
+    expected = {"v", "id", "flow", "tcp", "tls", "app", "t"}
+    if set(wire) != expected:
+        raise BlobError(f"blob fields must be exactly {', '.join(sorted(expected))}")
+    if wire["v"] != BLOB_VERSION or wire["id"] != mid:
+        raise BlobError("blob version or id does not match its envelope")
+    try:
+        flow = Flow.parse(str(wire["flow"]))
+        tcp = TcpState.from_wire(wire["tcp"])
+        if wire["tls"] is not None:
+            decode_state(wire["tls"])  # validated now, restored by the agent
+    except (FlowSyntaxError, StateFormatError, TlsStateError) as exc:
+        raise BlobError(f"invalid blob: {exc}") from None
+    if not isinstance(wire["t"], float | int):
+        raise BlobError("blob time must be a number")
+    return MigrationBlob(mid, flow, tcp, wire["tls"], wire["app"], float(wire["t"]))
+
+
+class ImportLedger:
+    """B's fencing: each migration id is imported at most once."""
+
+    def __init__(self) -> None:
+        self._seen: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, migration_id: bytes) -> None:
+        """Record ``migration_id``; raises BlobError if it was already imported."""
+        with self._lock:
+            if migration_id in self._seen:
+                raise BlobError(f"migration {migration_id.hex()} was already imported (replay?)")
+            self._seen.add(migration_id)
