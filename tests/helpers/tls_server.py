@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pysteer.app.handlers import Http
 from pysteer.tls import (
     ConnectionClosed,
     DataReceived,
@@ -21,12 +22,6 @@ from pysteer.tls import (
     ServerConfig,
     TlsServerConnection,
 )
-
-PATTERN = bytes((i * 7 + 3) % 251 for i in range(65536))
-
-
-def http_body(n: int) -> bytes:
-    return (PATTERN * (n // len(PATTERN) + 1))[:n]
 
 
 @dataclass
@@ -55,24 +50,16 @@ class EchoApp:
 
 
 class HttpApp:
+    """pysteer's built-in http handler, driven over the TLS connection."""
+
     def __init__(self) -> None:
-        self.buf = b""
+        self.handler = Http()
 
     def __call__(self, conn: TlsServerConnection, data: bytes) -> None:
-        self.buf += data
-        while b"\r\n\r\n" in self.buf:
-            head, self.buf = self.buf.split(b"\r\n\r\n", 1)
-            request = head.split(b"\r\n")[0].split()
-            if len(request) == 3 and request[1].startswith(b"/bytes/"):
-                body = http_body(int(request[1][7:]))
-                conn.send(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                    b"Content-Length: %d\r\n\r\n" % len(body) + body
-                )
-            else:
-                conn.send(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
-            if b"connection: close" in head.lower():
-                conn.close()
+        if out := self.handler.on_data(data):
+            conn.send(out)
+        if self.handler.closing:
+            conn.close()
 
 
 APPS: dict[str, Callable[[], Callable[[TlsServerConnection, bytes], None]]] = {

@@ -11,8 +11,9 @@ import time
 
 import pytest
 from conftest import Pki
-from helpers.tls_server import TlsTestServer, http_body
+from helpers.tls_server import TlsTestServer
 
+from pysteer.app.handlers import http_body
 from pysteer.tls import ConnectionClosed, DataReceived, ServerConfig
 
 # (IANA suite, server key kind, version, OpenSSL name, gnutls priority part)

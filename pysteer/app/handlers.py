@@ -1,0 +1,215 @@
+"""Connection handlers: bytes in, bytes out, and a snapshot that moves with the connection.
+
+A handler never touches a socket: the runtime feeds it ``on_data`` and sends what it
+returns. ``snapshot()`` returns plain msgpack-able data and ``restore(snapshot)`` continues
+on another host, so an unmodified client sees one continuous application.
+
+Built-ins:
+- ``echo``: everything back.
+- ``ticker``: a numbered line every ``interval`` seconds, and each client line echoed with
+  a per-connection counter, so a client can check both directions and app-state continuity.
+- ``http``: HTTP/1.1 keep-alive; ``GET /bytes/N`` returns N deterministic bytes.
+Users load their own as ``module:Class``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any, Protocol, runtime_checkable
+
+MAX_LINE = 64 * 1024
+MAX_REQUEST_HEAD = 16 * 1024
+MAX_BODY = 1 << 31
+PATTERN = bytes((i * 7 + 3) % 251 for i in range(65536))
+
+
+class HandlerError(ValueError):
+    """A handler cannot be loaded or restored; the message says which and why."""
+
+
+@runtime_checkable
+class Handler(Protocol):
+    def on_connect(self) -> bytes: ...
+    def on_data(self, data: bytes) -> bytes: ...
+    def on_tick(self, now: float) -> bytes: ...
+    def on_close(self) -> None: ...
+    def snapshot(self) -> Any: ...
+    def restore(self, snapshot: Any) -> None: ...
+
+
+class Echo:
+    def on_connect(self) -> bytes:
+        return b""
+
+    def on_data(self, data: bytes) -> bytes:
+        return data
+
+    def on_tick(self, now: float) -> bytes:
+        return b""
+
+    def on_close(self) -> None:
+        pass
+
+    def snapshot(self) -> Any:
+        return {}
+
+    def restore(self, snapshot: Any) -> None:
+        if snapshot != {}:
+            raise HandlerError("echo has no state to restore")
+
+
+class Ticker:
+    """``tick N`` every ``interval`` seconds; each client line comes back as ``echo N line``."""
+
+    def __init__(self, interval: float = 0.1, clock: Any = time.monotonic) -> None:
+        if interval <= 0:
+            raise HandlerError("ticker interval must be positive")
+        self.interval, self.clock = interval, clock
+        self.ticks = 0
+        self.echoes = 0
+        self.partial = b""
+        self.next_tick = clock() + interval
+
+    def on_connect(self) -> bytes:
+        return b"ticker ready\n"
+
+    def on_data(self, data: bytes) -> bytes:
+        self.partial += data
+        out = []
+        while b"\n" in self.partial:
+            line, self.partial = self.partial.split(b"\n", 1)
+            self.echoes += 1
+            out.append(b"echo %d %s\n" % (self.echoes, line))
+        if len(self.partial) > MAX_LINE:
+            self.partial = b""
+            out.append(b"error line too long\n")
+        return b"".join(out)
+
+    def on_tick(self, now: float) -> bytes:
+        out = []
+        while now >= self.next_tick:
+            self.ticks += 1
+            out.append(b"tick %d\n" % self.ticks)
+            self.next_tick += self.interval
+        return b"".join(out)
+
+    def on_close(self) -> None:
+        pass
+
+    def snapshot(self) -> Any:
+        # Clocks differ between hosts: the next tick travels as time remaining.
+        remaining = max(0.0, self.next_tick - self.clock())
+        return {"ticks": self.ticks, "echoes": self.echoes, "partial": self.partial,
+                "interval": self.interval, "next_in": remaining}  # fmt: skip
+
+    def restore(self, snapshot: Any) -> None:
+        try:
+            self.ticks, self.echoes = int(snapshot["ticks"]), int(snapshot["echoes"])
+            self.partial = bytes(snapshot["partial"])
+            self.interval = float(snapshot["interval"])
+            self.next_tick = self.clock() + float(snapshot["next_in"])
+        except (KeyError, TypeError, ValueError):
+            raise HandlerError("malformed ticker snapshot") from None
+
+
+def http_body(n: int) -> bytes:
+    """The deterministic body of ``GET /bytes/N``."""
+    return (PATTERN * (n // len(PATTERN) + 1))[:n]
+
+
+class Http:
+    """HTTP/1.1 with keep-alive: ``GET /bytes/N`` (N deterministic bytes), else 404."""
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.requests = 0
+        self.closing = False
+
+    def on_connect(self) -> bytes:
+        return b""
+
+    def on_data(self, data: bytes) -> bytes:
+        if self.closing:
+            return b""
+        self.buffer += data
+        out = []
+        while b"\r\n\r\n" in self.buffer and not self.closing:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            out.append(self._respond(head))
+        if len(self.buffer) > MAX_REQUEST_HEAD:
+            self.closing = True
+            out.append(_response(431, b"", close=True))
+        return b"".join(out)
+
+    def _respond(self, head: bytes) -> bytes:
+        self.requests += 1
+        lines = head.split(b"\r\n")
+        parts = lines[0].split()
+        close = any(ln.lower().replace(b" ", b"") == b"connection:close" for ln in lines[1:])
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            self.closing = True
+            return _response(400, b"", close=True)
+        method, path = parts[0], parts[1]
+        if method != b"GET":
+            body, status = b"", 405
+        elif path.startswith(b"/bytes/") and path[7:].isdigit() and int(path[7:]) <= MAX_BODY:
+            body, status = http_body(int(path[7:])), 200
+        else:
+            body, status = b"", 404
+        self.closing = close
+        return _response(status, body, close=close)
+
+    def on_tick(self, now: float) -> bytes:
+        return b""
+
+    def on_close(self) -> None:
+        pass
+
+    def snapshot(self) -> Any:
+        return {"buffer": self.buffer, "requests": self.requests, "closing": self.closing}
+
+    def restore(self, snapshot: Any) -> None:
+        try:
+            self.buffer = bytes(snapshot["buffer"])
+            self.requests = int(snapshot["requests"])
+            self.closing = bool(snapshot["closing"])
+        except (KeyError, TypeError, ValueError):
+            raise HandlerError("malformed http snapshot") from None
+
+
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
+            431: b"Request Header Fields Too Large"}  # fmt: skip
+
+
+def _response(status: int, body: bytes, *, close: bool) -> bytes:
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/octet-stream\r\n" % (
+        status, _REASONS[status])  # fmt: skip
+    head += b"Content-Length: %d\r\n" % len(body)
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+BUILTIN: dict[str, type] = {"echo": Echo, "ticker": Ticker, "http": Http}
+
+
+def load_handler(spec: str) -> type:
+    """A handler class: a built-in name (echo, ticker, http) or ``module:Class``."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise HandlerError(f"unknown app {spec!r}: use {', '.join(BUILTIN)} or module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise HandlerError(f"cannot import {module_name!r}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise HandlerError(f"module {module_name!r} has no {class_name!r}")
+    missing = [m for m in ("on_connect", "on_data", "on_close", "snapshot", "restore")
+               if not callable(getattr(cls, m, None))]  # fmt: skip
+    if missing:
+        raise HandlerError(f"{spec} is not a handler: it lacks {', '.join(missing)}")
+    return cls
