@@ -1,0 +1,98 @@
+"""The cluster TOML file: a good one loads, each kind of mistake names its key."""
+
+from pathlib import Path
+
+import pytest
+
+from pysteer.cluster import ConfigError, load_config
+
+GOOD = """
+[cluster]
+vip = ["10.0.0.100", "fd00::64"]
+ca = "certs/ca.pem"
+key = "/etc/pysteer/cluster.key"
+
+[services.443]
+app = "ticker"
+tls = true
+
+[services.80]
+app = "http"
+
+[steer]
+name = "lb"
+control = "10.0.1.1:7700"
+cert = "certs/lb.pem"
+key = "certs/lb.key"
+
+[nodes.a]
+control = "10.0.2.2:7701"
+cert = "certs/a.pem"
+key = "certs/a.key"
+
+[nodes.b]
+control = "[fd00::3]:7701"
+cert = "certs/b.pem"
+key = "certs/b.key"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    return path
+
+
+def test_good_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, GOOD))
+    assert [str(v) for v in cfg.vips] == ["10.0.0.100", "fd00::64"]
+    assert cfg.ca == tmp_path / "certs/ca.pem"
+    assert cfg.cluster_key == Path("/etc/pysteer/cluster.key")
+    assert cfg.services[443].app == "ticker" and cfg.services[443].tls
+    assert not cfg.services[80].tls
+    assert cfg.steer.name == "lb" and cfg.steer.control == ("10.0.1.1", 7700)
+    assert cfg.node("b").control == ("fd00::3", 7701)
+    with pytest.raises(ConfigError, match=r"unknown node 'c' \(nodes: a, b\)"):
+        cfg.node("c")
+
+
+def test_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYSTEER_CONFIG", str(write(tmp_path, GOOD)))
+    assert load_config().steer.name == "lb"
+    monkeypatch.delenv("PYSTEER_CONFIG")
+    with pytest.raises(ConfigError, match="give --config or set PYSTEER_CONFIG"):
+        load_config()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('vip = ["10.0.0.100", "fd00::64"]', 'vip = "nope"'), "cluster.vip"),
+        (("[services.443]", "[services.https]"), "the key must be a port"),
+        (("tls = true", 'tls = "yes"'), "services.443.tls must be true or false"),
+        (
+            ('control = "10.0.2.2:7701"', 'control = "a.example:7701"'),
+            "nodes.a.control must be ADDRESS:PORT",
+        ),
+        (
+            ('control = "10.0.1.1:7700"', 'control = "10.0.1.1:99999"'),
+            "steer.control must be ADDRESS:PORT",
+        ),
+        (('cert = "certs/a.pem"', 'cert = ""'), "nodes.a.cert must be a non-empty string"),
+        (("[nodes.b]", "[nodes.B_x]"), "invalid node name 'B_x'"),
+        (('name = "lb"', 'name = "a"'), "steering node 'a' is also listed"),
+        (('key = "certs/a.key"', 'key = "certs/a.key"\nport = 1'), "unknown key(s): port"),
+        (("[cluster]", "[clusters]"), "[cluster] is missing"),
+        (('app = "ticker"', "app = ticker"), "not valid TOML"),
+    ],
+)
+def test_mistakes_name_their_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    text = GOOD.replace(*change, 1)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
