@@ -40,15 +40,23 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-def _exchange(sock: socket.socket, cmd: str, args: dict[str, Any]) -> bytes:
-    sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+MAX_MESSAGE = 1 << 20
+
+
+def read_line(sock: socket.socket) -> bytes:
+    """One newline-terminated message (or what came before EOF), at most 1 MiB."""
     data = b""
-    while not data.endswith(b"\n"):
+    while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
         chunk = sock.recv(65536)
         if not chunk:
             break
         data += chunk
     return data
+
+
+def _exchange(sock: socket.socket, cmd: str, args: dict[str, Any]) -> bytes:
+    sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+    return read_line(sock)
 
 
 def request_remote(

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pysteer.steer.control import RUN_DIR, socket_path
+from pysteer.steer.control import RUN_DIR, read_line, socket_path
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.steer.maps import Action
 from pysteer.steer.steerer import Steerer, SteerError
@@ -93,12 +93,9 @@ class Daemon:
 
     def _client(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
+            data = read_line(conn)
+            if not data.endswith(b"\n"):
+                return
             try:
                 req = json.loads(data)
                 answer = self.handle(req) if isinstance(req, dict) else {"ok": False}
