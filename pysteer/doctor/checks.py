@@ -28,6 +28,7 @@ from pyroute2 import netns as pr_netns
 from pysteer import netns
 from pysteer.bpfload import BpfBuildError, compile_file, load_func
 from pysteer.paths import bpf_dir
+from pysteer.steer.pins import BPFFS, is_bpffs
 from pysteer.tcp import constants as tc
 
 Status = Literal["ok", "warn", "fail"]
@@ -388,6 +389,21 @@ def tls_libraries(versions: dict[str, str] | None = None) -> Check:
     return Check("tls-libraries", "ok", f"{found}; {openssl}")
 
 
+# --- bpffs ---
+@_guard("bpffs", ROOT_HINT)
+def bpffs(path: Path = BPFFS) -> Check:
+    """Pinned maps need bpffs; pysteer mounts it at /sys/fs/bpf when it is missing."""
+    if is_bpffs(path):
+        return Check("bpffs", "ok", f"bpffs mounted at {path}")
+    return Check(
+        "bpffs",
+        "warn",
+        f"no bpffs at {path}: the steering node mounts it on first use",
+        "mount -t bpf bpf /sys/fs/bpf",
+        required=False,
+    )
+
+
 ALL_CHECKS: tuple[Callable[[], Check], ...] = (
     privileges,
     bpf_syscall,
@@ -396,6 +412,7 @@ ALL_CHECKS: tuple[Callable[[], Check], ...] = (
     tcp_repair,
     netns_create,
     attach_veth,
+    bpffs,
     tls_libraries,
 )
 

@@ -18,6 +18,7 @@ EXPECTED = [
     "tcp-repair",
     "netns",
     "attach",
+    "bpffs",
     "tls-libraries",
 ]
 

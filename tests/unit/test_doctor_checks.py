@@ -114,3 +114,10 @@ def test_format_line_has_fix_only_on_failure() -> None:
     assert format_line(bad) == "FAIL  netns           cannot create  -> fix: run as root"
     good = checks.Check("netns", "ok", "fine", "unused hint")
     assert format_line(good) == "  ok  netns           fine"
+
+
+def test_bpffs_check(tmp_path: Path) -> None:
+    c = checks.bpffs(tmp_path)  # a plain directory, not bpffs
+    assert (c.status, c.required) == ("warn", False)
+    assert c.detail == f"no bpffs at {tmp_path}: the steering node mounts it on first use"
+    assert c.hint == "mount -t bpf bpf /sys/fs/bpf"
