@@ -57,7 +57,7 @@ def known_labs(state_dir: Path = STATE_DIR) -> list[str]:
     return sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.is_dir() else []
 
 
-def _sysctl(values: dict[str, str]) -> None:
+def set_sysctls(values: dict[str, str]) -> None:
     """Write sysctls; /proc/sys/net follows the writing thread's network namespace."""
     for key, value in values.items():
         Path("/proc/sys", *key.split(".")).write_text(value)
@@ -146,6 +146,17 @@ class Lab:
     def popen(self, node: str, argv: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start a command inside ``node``'s namespace; ``down`` ends it if nobody else does."""
         return subprocess.Popen(netns.exec_argv(self.netns(node), argv), **kwargs)
+
+    def mac(self, node: str, ifname: str) -> str:
+        """The MAC address of ``ifname`` in ``node``'s namespace."""
+
+        def read(ipr: IPRoute) -> str:
+            found = ipr.link_lookup(ifname=ifname)
+            if not found:
+                raise LabError(f"no interface {ifname!r} in {self.netns(node)}")
+            return ipr.get_links(found[0])[0].get_attr("IFLA_ADDRESS")
+
+        return self.call(node, _with_ipr(read))
 
     # --- lifecycle -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -244,7 +255,7 @@ class Lab:
                 values |= _STEER_SYSCTLS
             if node in plan.hosts:
                 values |= _HOST_SYSCTLS
-            self.call(node, _sysctl, values)
+            self.call(node, set_sysctls, values)
             self.call(node, _with_ipr(_lo_up))
         self.call(plan.steer, _with_ipr(self._build_steer))
         for link in plan.links:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pysteer import netns
-from pysteer.steer import loader
+from pysteer.steer import loader, pins
 from pysteer.steer.flow import Flow
 from pysteer.steer.maps import Stat, flow_key
 from pysteer.steer.pins import pin_dir
@@ -50,6 +50,4 @@ class Guard:
     def destroy(self) -> None:
         self._in_ns(loader.detach, self.ifname, "tc")
         self.bpf.cleanup()
-        for pinned in self.pin.iterdir():
-            pinned.unlink()
-        self.pin.rmdir()
+        pins.remove(self.pin.name)

@@ -98,15 +98,11 @@ def attach(ifname: str, mode: str, fd: int, name: str) -> None:
 
 
 def detach(ifname: str, mode: str) -> None:
-    with IPRoute() as ipr:
-        idx = _index(ipr, ifname)
-        with contextlib.suppress(NetlinkError):
-            ipr.tc("del", "clsact", idx)
-        with contextlib.suppress(NetlinkError):
-            if mode != "tc":
-                flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
-                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", -1),
-                                                          ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
+    """Remove what ``attach`` put on ``ifname``: the clsact programs, and XDP if any."""
+    with IPRoute() as ipr, contextlib.suppress(NetlinkError):
+        ipr.tc("del", "clsact", _index(ipr, ifname))
+    if mode != "tc":
+        detach_xdp(ifname, mode)
 
 
 def load_steer(pin: Path, mode: str, max_flows: int | None = None) -> tuple[Any, Any, Any]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from pysteer.inet import checksum
+
 ETH_LEN = 14
 ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 TCP = 6
@@ -18,18 +20,6 @@ FIN, PSH, CWR = 0x01, 0x08, 0x80
 
 class PacketError(ValueError):
     """Not an Ethernet/IP/TCP packet this code can forward."""
-
-
-def _fold(total: int) -> int:
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    return ~_fold(sum(struct.unpack(f"!{len(data) // 2}H", data))) & 0xFFFF
 
 
 def _tcp_checksum(src: bytes, dst: bytes, segment: bytearray) -> int:

@@ -39,6 +39,15 @@ def ensure_bpffs() -> None:
         raise PinError(f"cannot mount bpffs at {BPFFS}: {os.strerror(err)}")
 
 
+def remove(name: str) -> None:
+    """Unpin every map of instance ``name`` and remove its directory (safe if absent)."""
+    path = PIN_ROOT / name
+    if path.is_dir():
+        for pinned in path.iterdir():
+            pinned.unlink()
+        path.rmdir()
+
+
 def pin_dir(name: str) -> Path:
     """The pin directory of steering instance ``name``, created if needed."""
     if not NAME_RE.match(name):

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 
 from pysteer import netns
-from pysteer.steer import loader
+from pysteer.steer import loader, pins
 from pysteer.steer.flow import Flow
 from pysteer.steer.flowtable import FlowTable, FlowTableError, FlowView
 from pysteer.steer.maps import (
@@ -283,9 +283,7 @@ class Steerer:
     def destroy(self) -> None:
         """Detach, and remove the pinned maps: every flow of this instance is forgotten."""
         self.close(detach=True)
-        for pinned in self.pin.iterdir():
-            pinned.unlink()
-        self.pin.rmdir()
+        pins.remove(self.pin.name)
 
     def close(self, *, detach: bool = False) -> None:
         """Stop the poller. The pinned maps and (unless ``detach``) the program stay."""

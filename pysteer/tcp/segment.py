@@ -16,19 +16,11 @@ from __future__ import annotations
 import socket
 import struct
 
+from pysteer.inet import checksum
 from pysteer.tcp.constants import INJECT_MARK, SO_MARK
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
 _TCP = struct.Struct("!HHIIBBHHH")
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def build(
@@ -51,12 +43,12 @@ def build(
         pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_TCP, length)
     else:
         pseudo = sip + dip + struct.pack("!I3xB", length, socket.IPPROTO_TCP)
-    csum = _checksum(pseudo + header + payload)
+    csum = checksum(pseudo + header + payload)
     segment = header[:16] + struct.pack("!H", csum) + header[18:] + payload
     if family == socket.AF_INET:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64,
                          socket.IPPROTO_TCP, 0, sip, dip)  # fmt: skip
-        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     else:
         ip = struct.pack("!IHBB16s16s", 6 << 28, length, socket.IPPROTO_TCP, 64,
                          sip, dip)  # fmt: skip

@@ -30,10 +30,6 @@ from pysteer.steer.steerer import Steerer
 PORT = 9000
 
 
-def mac_of(lab: Lab, node: str) -> str:
-    return lab.run(node, ["cat", "/sys/class/net/to-steer/address"]).stdout.strip()
-
-
 def route_vip(lab: Lab, host: str) -> None:
     gw = lab.plan.link(host).peer_end.v4.ip
     lab.run("steer", ["ip", "route", "replace", f"{lab.plan.vip_v4}/32", "via", str(gw)])
@@ -103,7 +99,7 @@ def measure(lab: Lab, mode: str, seconds: float) -> dict[str, float]:
     st = Steerer(unique_prefix(), "to-client", namespace=lab.netns("steer"), mode=mode)
     try:
         for host in lab.plan.hosts:
-            st.add_host(host, f"to-{host}", mac_of(lab, host))
+            st.add_host(host, f"to-{host}", lab.mac(host, "to-steer"))
         vip = lab.plan.vip_v4
         for port in (cport + 2, cport + 3):
             st.to(Flow.parse(f"{lab.plan.address('client')}:{port}-{vip}:{PORT}"), "b")
@@ -129,7 +125,7 @@ def park_replay(lab: Lab, parked: int, rounds: int = 20) -> dict[str, float]:
     times = []
     try:
         for host in lab.plan.hosts:
-            st.add_host(host, f"to-{host}", mac_of(lab, host))
+            st.add_host(host, f"to-{host}", lab.mac(host, "to-steer"))
         vip = str(lab.plan.vip_v4)
         for n in range(rounds):
             port = 52000 + n

@@ -226,10 +226,11 @@ def connect(family: int, addr: str, port: int, *, mss: int | None = None) -> soc
     return sock
 
 
-def snmp_tcp() -> dict[str, int]:
-    """This thread's namespace's Tcp counters (``/proc/thread-self/net/snmp``)."""
-    lines = [ln.split() for ln in Path("/proc/thread-self/net/snmp").read_text().splitlines()]
-    names, values = [ln for ln in lines if ln[0] == "Tcp:"][:2]
+def netstat(section: str = "Tcp") -> dict[str, int]:
+    """Counters of this thread's namespace: ``Tcp`` (snmp) or ``TcpExt`` (netstat)."""
+    path = "netstat" if section == "TcpExt" else "snmp"
+    rows = [ln.split() for ln in Path(f"/proc/thread-self/net/{path}").read_text().splitlines()]
+    names, values = [r for r in rows if r[0] == f"{section}:"][:2]
     return {n: int(v) for n, v in zip(names[1:], values[1:], strict=True)}
 
 

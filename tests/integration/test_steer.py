@@ -7,10 +7,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from helpers.migration import RstCapture, connect, listen, wire_round_trip
+from helpers.migration import RstCapture, connect, listen, netstat, wire_round_trip
 
 from pysteer import tcp
 from pysteer.lab import Lab
@@ -23,14 +22,10 @@ PORT = 8000
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
-def mac_of(lab: Lab, node: str, ifname: str) -> str:
-    return lab.run(node, ["cat", f"/sys/class/net/{ifname}/address"]).stdout.strip()
-
-
 def make_steerer(lab: Lab, mode: str) -> Steerer:
     st = Steerer(unique_prefix(), "to-client", namespace=lab.netns("steer"), mode=mode)
     for host in lab.plan.hosts:
-        st.add_host(host, f"to-{host}", mac_of(lab, host, "to-steer"))
+        st.add_host(host, f"to-{host}", lab.mac(host, "to-steer"))
     return st
 
 
@@ -49,14 +44,6 @@ def client_socket(lab: Lab, family: int, port: int) -> socket.socket:
         return s
 
     return lab.call("client", make)
-
-
-def netstat(section: str) -> dict[str, int]:
-    """TcpExt (from netstat) or Tcp (from snmp) counters of this thread's namespace."""
-    path = "netstat" if section == "TcpExt" else "snmp"
-    rows = [ln.split() for ln in Path(f"/proc/thread-self/net/{path}").read_text().splitlines()]
-    names, values = [r for r in rows if r[0] == f"{section}:"][:2]
-    return {n: int(v) for n, v in zip(names[1:], values[1:], strict=True)}
 
 
 def native_xdp_on_veth(lab: Lab) -> None:

@@ -16,14 +16,11 @@ from helpers.migration import listen
 
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.steer import pins
 from pysteer.steer.pins import PIN_ROOT
 
 PORT = 8100
 PYSTEER = [sys.executable, "-m", "pysteer"]
-
-
-def mac_of(lab: Lab, node: str) -> str:
-    return lab.run(node, ["cat", "/sys/class/net/to-steer/address"]).stdout.strip()
 
 
 class DaemonProc:
@@ -31,8 +28,8 @@ class DaemonProc:
         self.lab, self.name = lab, name
         self.argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client",
                      "--netns", lab.netns("steer"), "--mode", "tc",
-                     "--host", f"a=to-a,{mac_of(lab, 'a')}",
-                     "--host", f"b=to-b,{mac_of(lab, 'b')}", *extra]  # fmt: skip
+                     "--host", f"a=to-a,{lab.mac('a', 'to-steer')}",
+                     "--host", f"b=to-b,{lab.mac('b', 'to-steer')}", *extra]  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -67,9 +64,7 @@ def daemon(lab: Lab) -> Iterator[DaemonProc]:
     d.start()
     yield d
     d.stop()
-    for pinned in (PIN_ROOT / d.name).glob("*"):
-        pinned.unlink()
-    (PIN_ROOT / d.name).rmdir()
+    pins.remove(d.name)
 
 
 def exchange(client: socket.socket, server: socket.socket, data: bytes) -> None:
@@ -155,9 +150,7 @@ def test_full_flow_table_is_an_error(lab: Lab) -> None:
         assert len(rows) == 2
     finally:
         d.stop()
-        for pinned in (PIN_ROOT / d.name).glob("*"):
-            pinned.unlink()
-        (PIN_ROOT / d.name).rmdir()
+        pins.remove(d.name)
     assert os.path.exists(PIN_ROOT)
 
 
@@ -200,9 +193,7 @@ def test_remote_control_needs_a_client_certificate(lab: Lab, tmp_path) -> None:
             request_remote(("127.0.0.1", port), anonymous, "steer", "hosts")
     finally:
         d.stop()
-        for pinned in (PIN_ROOT / d.name).glob("*"):
-            pinned.unlink()
-        (PIN_ROOT / d.name).rmdir()
+        pins.remove(d.name)
 
 
 def test_cli_park_then_to_replays_the_syn(lab: Lab, daemon: DaemonProc) -> None:

@@ -4,7 +4,6 @@ byte-exact streams, no reset, and its retransmission timer never runs away."""
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from helpers.migration import (
@@ -14,11 +13,12 @@ from helpers.migration import (
     RstCapture,
     connect,
     listen,
-    snmp_tcp,
+    netstat,
 )
 
 from pysteer import tcp
 from pysteer.lab import Lab
+from pysteer.lab.topology import set_sysctls
 
 PORT = 7100
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -30,11 +30,6 @@ def _sockets(lab: Lab) -> str:
         f"--- {node}\n{lab.run(node, ['ss', '-tin'], check=False).stdout}"
         for node in lab.plan.nodes
     )
-
-
-def _sysctl(values: dict[str, str]) -> None:
-    for key, value in values.items():
-        Path("/proc/sys", *key.split(".")).write_text(value)
 
 
 def migrate_echo(
@@ -54,7 +49,7 @@ def migrate_echo(
     mover = Mover(lab, family)
     server = EchoServer(server_sock, mover)
     client = Client(client_sock, pattern)
-    counters = lab.call("client", snmp_tcp)
+    counters = lab.call("client", netstat)
     max_rto = 0
     states = []
     try:
@@ -80,7 +75,7 @@ def migrate_echo(
         mover.close()
         for s in (*listeners, client_sock, server.sock):
             s.close()
-    after = lab.call("client", snmp_tcp)
+    after = lab.call("client", netstat)
     assert client.errors == []
     assert server.error is None
     assert mover.moves == moves
@@ -126,7 +121,7 @@ def test_chain_of_100_migrations_keeps_rto_low(lab: Lab, pattern: str) -> None:
 def test_options_still_migrate(
     lab: Lab, sysctls: dict, mss: int | None, family: int, check
 ) -> None:
-    lab.call("client", _sysctl, sysctls)
+    lab.call("client", set_sysctls, sysctls)
     result = migrate_echo(lab, family=family, moves=4, mss=mss)
     assert all(check(state) for state in result["states"])
 
