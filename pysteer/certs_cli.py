@@ -46,6 +46,31 @@ def _write(path: Path, data: bytes, private: bool) -> None:
     tmp.replace(path)
 
 
+def write_cluster(
+    directory: Path,
+    nodes: dict[str, list[str]],
+    *,
+    kind: str = "ecdsa",
+    days: int = 365,
+    force: bool = False,
+) -> None:
+    """Write the CA, one certificate and key per node, and the cluster key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / "ca.key").exists() and not force:
+        raise UsageError(f"{directory} already holds a cluster (ca.key); --force replaces it")
+    ca = CertificateAuthority("pysteer cluster CA", kind=kind, days=days)
+    _write(directory / "ca.pem", ca.cert_pem, private=False)
+    _write(directory / "ca.key", ca.key_pem(), private=True)
+    for name, names in nodes.items():
+        # One certificate serves a node both as server (its listeners) and as client.
+        # The node name is always a DNS name of it: peers verify each other by name.
+        sans = [name, *(n for n in names if n != name)]
+        issued = ca.issue(name, names=sans, kind=kind, days=days, both=True)
+        _write(directory / f"{name}.pem", issued.chain_pem, private=False)
+        _write(directory / f"{name}.key", issued.key_pem, private=True)
+    _write(directory / "cluster.key", os.urandom(32), private=True)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     nodes: dict[str, list[str]] = {}
     for spec in args.node:
@@ -54,20 +79,9 @@ def cmd_init(args: argparse.Namespace) -> int:
             raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting alphanumeric")
         if name in nodes:
             raise UsageError(f"node {name!r} given twice")
-        nodes[name] = [n for n in names.split(",") if n] or [name]
+        nodes[name] = [n for n in names.split(",") if n]
     if args.days < 1:
         raise UsageError("--days must be at least 1")
-    args.dir.mkdir(parents=True, exist_ok=True)
-    if (args.dir / "ca.key").exists() and not args.force:
-        raise UsageError(f"{args.dir} already holds a cluster (ca.key); --force replaces it")
-    ca = CertificateAuthority("pysteer cluster CA", kind=args.kind, days=args.days)
-    _write(args.dir / "ca.pem", ca.cert_pem, private=False)
-    _write(args.dir / "ca.key", ca.key_pem(), private=True)
-    for name, names in nodes.items():
-        # One certificate serves a node both as server (its listeners) and as client.
-        issued = ca.issue(name, names=names, kind=args.kind, days=args.days, both=True)
-        _write(args.dir / f"{name}.pem", issued.chain_pem, private=False)
-        _write(args.dir / f"{name}.key", issued.key_pem, private=True)
-    _write(args.dir / "cluster.key", os.urandom(32), private=True)
+    write_cluster(args.dir, nodes, kind=args.kind, days=args.days, force=args.force)
     print(f"cluster in {args.dir}: CA, {len(nodes)} node certificate(s), cluster.key")
     return 0

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from pysteer import __version__, certs_cli, doctor
+from pysteer.agent import cli as agent_cli
 from pysteer.errors import UsageError
 from pysteer.lab import cli as lab_cli
 from pysteer.steer import cli as steer_cli
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cli.add_parser(sub)
     steer_cli.add_parser(sub)
     certs_cli.add_parser(sub)
+    agent_cli.add_parser(sub)
     return parser
 
 

@@ -20,10 +20,12 @@ from typing import Any
 
 from pysteer import tcp
 from pysteer.app.handlers import Handler, load_handler
+from pysteer.steer.flow import Flow
 from pysteer.tls import (
     ConnectionClosed,
     DataReceived,
     HandshakeComplete,
+    KeyUpdated,
     ServerConfig,
     TlsServerConnection,
 )
@@ -54,6 +56,12 @@ class Connection:
     out: bytearray = field(default_factory=bytearray)  # owed to the peer, not yet sent
     task: asyncio.Task | None = None
     closed: bool = False
+    flow: Flow | None = None
+    key_updates: int = 0  # the peer's TLS 1.3 KeyUpdates since the connection came here
+
+    def __post_init__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.flow = Flow.of_server_socket(self.sock.getsockname(), self.sock.getpeername())
 
     def describe(self) -> dict[str, Any]:
         local, peer = self.sock.getsockname(), self.sock.getpeername()
@@ -62,11 +70,14 @@ class Connection:
             "id": self.id,
             "local": [local[0], local[1]],
             "peer": [peer[0], peer[1]],
-            "tls": {"version": info.version, "suite": info.suite} if info else None,
+            "tls": {"version": info.version, "suite": info.suite, "key_updates": self.key_updates}
+            if info
+            else None,
             "age": round(time.time() - self.created, 3),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
             "app": self.service.app,
+            "flow": str(self.flow) if self.flow else None,
         }
 
 
@@ -84,9 +95,9 @@ class Exported:
 
 
 class Runtime:
-    def __init__(self, services: list[Service], address: str) -> None:
+    def __init__(self, services: list[Service], address: str | list[str]) -> None:
         self.services = {s.port: s for s in services}
-        self.address = address
+        self.addresses = [address] if isinstance(address, str) else list(address)
         self.connections: dict[int, Connection] = {}
         self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task] = []
@@ -96,14 +107,17 @@ class Runtime:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for service in self.services.values():
-            family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
-            listener = socket.socket(family, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.address, service.port))
-            listener.listen(128)
-            listener.setblocking(False)
-            self._listeners.append(listener)
-            self._tasks.append(loop.create_task(self._accept(listener, service)))
+            for address in self.addresses:
+                family = socket.AF_INET6 if ":" in address else socket.AF_INET
+                listener = socket.socket(family, socket.SOCK_STREAM)
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                listener.bind((address, service.port))
+                listener.listen(1024)
+                listener.setblocking(False)
+                self._listeners.append(listener)
+                self._tasks.append(loop.create_task(self._accept(listener, service)))
 
     async def _accept(self, listener: socket.socket, service: Service) -> None:
         loop = asyncio.get_running_loop()
@@ -142,6 +156,8 @@ class Runtime:
             elif isinstance(event, ConnectionClosed):
                 conn.out += conn.tls.data_to_send()
                 return False
+            elif isinstance(event, KeyUpdated):
+                conn.key_updates += 1
             elif isinstance(event, HandshakeComplete):
                 conn.out += conn.tls.data_to_send()
                 self._app_output(conn, conn.handler.on_connect())
@@ -196,6 +212,13 @@ class Runtime:
         conn.sock.close()
         if self.on_close:
             self.on_close(conn)
+
+    def find(self, flow: Flow) -> Connection | None:
+        """The served connection of ``flow`` (client to service address), if any."""
+        for conn in self.connections.values():
+            if conn.flow == flow:
+                return conn
+        return None
 
     # --- moving ----------------------------------------------------------------------
     async def export(self, conn_id: int) -> Exported:

@@ -1,6 +1,7 @@
 """The cluster's TOML file, given with ``--config`` or ``PYSTEER_CONFIG``.
 
     [cluster]
+    name = "prod"                      # optional: names the control sockets (default "default")
     vip = ["10.0.0.100", "fd00::64"]
     ca = "certs/ca.pem"                # cluster CA (PEM)
     key = "certs/cluster.key"          # seals migration blobs (32 bytes)
@@ -8,6 +9,8 @@
     [services.443]
     app = "ticker"                     # echo, ticker, http or module:Class
     tls = true
+    cert = "certs/vip.pem"             # what clients see (needed with tls = true)
+    key = "certs/vip.key"
 
     [steer]
     name = "steer"                     # the steering daemon's node name
@@ -54,11 +57,14 @@ class Service:
     port: int
     app: str
     tls: bool
+    cert: Path | None = None
+    key: Path | None = None
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     path: Path
+    name: str
     vips: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
     ca: Path
     cluster_key: Path
@@ -121,6 +127,25 @@ def _node(name: str, table: Any, base: Path, where: str) -> NodeConfig:
     )
 
 
+def _services(tables: dict[str, Any], base: Path) -> dict[int, Service]:
+    services: dict[int, Service] = {}
+    for port, table in tables.items():
+        where = f"services.{port}"
+        if not port.isdigit() or not 1 <= int(port) <= 65535 or not isinstance(table, dict):
+            raise ConfigError(f"[{where}]: the key must be a port and the value a table")
+        tls = table.get("tls", False)
+        if not isinstance(tls, bool):
+            raise ConfigError(f"{where}.tls must be true or false")
+        unknown = sorted(set(table) - {"app", "tls", "cert", "key"})
+        if unknown:
+            raise ConfigError(f"[{where}] has unknown key(s): {', '.join(unknown)}")
+        cert = key = None
+        if tls:
+            cert, key = _path(base, table, "cert", where), _path(base, table, "key", where)
+        services[int(port)] = Service(int(port), _str(table, "app", where), tls, cert, key)
+    return services
+
+
 def load_config(path: str | Path | None = None) -> ClusterConfig:
     """Read and check the cluster file (``path``, else ``$PYSTEER_CONFIG``)."""
     path = path or os.environ.get(ENV)
@@ -144,15 +169,7 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         vips = tuple(ipaddress.ip_address(v) for v in vips_raw)
     except ValueError as exc:
         raise ConfigError(f"cluster.vip: {exc}") from None
-    services: dict[int, Service] = {}
-    for port, table in _table(doc, "services").items():
-        where = f"services.{port}"
-        if not port.isdigit() or not 1 <= int(port) <= 65535 or not isinstance(table, dict):
-            raise ConfigError(f"[{where}]: the key must be a port and the value a table")
-        tls = table.get("tls", False)
-        if not isinstance(tls, bool):
-            raise ConfigError(f"{where}.tls must be true or false")
-        services[int(port)] = Service(int(port), _str(table, "app", where), tls)
+    services = _services(_table(doc, "services"), base)
     steer_table = _table(doc, "steer")
     steer = _node(str(steer_table.get("name", "steer")), steer_table, base, "steer")
     nodes_table = _table(doc, "nodes")
@@ -161,8 +178,12 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
     nodes = {name: _node(name, t, base, f"nodes.{name}") for name, t in nodes_table.items()}
     if steer.name in nodes:
         raise ConfigError(f"the steering node {steer.name!r} is also listed under [nodes]")
+    name = cluster.get("name", "default")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"cluster.name must match {NAME_RE.pattern}, not {name!r}")
     return ClusterConfig(
         path=path,
+        name=name,
         vips=vips,
         ca=_path(base, cluster, "ca", "cluster"),
         cluster_key=_path(base, cluster, "key", "cluster"),

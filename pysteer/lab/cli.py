@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,18 @@ def add_parser(sub: Any) -> None:
     down = cmds.add_parser("down", help="remove every namespace, link and process of the lab")
     _prefix(down)
     down.set_defaults(func=cmd_down)
+
+    cluster = cmds.add_parser(
+        "cluster",
+        help="write a pysteer cluster for the lab (certificates, key, cluster.toml)",
+        description="Write the CA, node and VIP certificates, the cluster key and "
+        "cluster.toml for the lab's addresses into DIR, then print the commands that start "
+        "the steering daemon and the two agents.",
+    )
+    _prefix(cluster)
+    cluster.add_argument("--dir", type=Path, required=True, help="where to write the files")
+    cluster.add_argument("--force", action="store_true", help="replace an existing cluster")
+    cluster.set_defaults(func=cmd_cluster)
 
     status = cmds.add_parser("status", help="show what exists of the lab")
     _prefix(status)
@@ -97,6 +110,23 @@ def cmd_down(args: argparse.Namespace) -> int:
         print(f"lab {lab.prefix}: removed {', '.join(removed)}")
     else:
         print(f"lab {lab.prefix}: nothing to remove")
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from pysteer.lab.cluster import agent_argv, steer_argv, write_cluster  # noqa: PLC0415
+
+    lab = _lab_for(args.prefix)
+    if lab.status()["state"] != "up":
+        raise UsageError(f"lab {args.prefix!r} is not up (pysteer lab up --prefix {args.prefix})")
+    path = write_cluster(lab, args.dir.resolve(), force=args.force)
+    print(f"cluster file: {path}")
+    print("start the steering daemon and the agents (each runs until SIGTERM):")
+    print("  " + shlex.join(["pysteer", *steer_argv(lab, path)[3:]]) + " &")
+    for host in lab.plan.hosts:
+        argv = ["ip", "netns", "exec", lab.netns(host), "pysteer", *agent_argv(path, host)[3:]]
+        print("  " + shlex.join(argv) + " &")
+    print(f"then: export PYSTEER_CONFIG={shlex.quote(str(path))}; pysteer status")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The steering daemon's control protocol: one JSON object per line over a unix socket.
 
 Request ``{"cmd": ..., ...}``; answer ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``.
-Commands: flows, hosts, stats, park FLOW, to FLOW HOST, pass FLOW, forget FLOW.
+Commands: flows, hosts, stats, park FLOW (answers what it did before), to FLOW HOST,
+pass FLOW [HOST] (replays parked packets to HOST, the host it routes to), forget FLOW.
 """
 
 from __future__ import annotations
@@ -43,15 +44,30 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
 MAX_MESSAGE = 1 << 20
 
 
+class LineReader:
+    """Newline-terminated messages from a socket, at most 1 MiB each, keeping any excess."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.buffer = sock, b""
+
+    def line(self) -> bytes:
+        """The next message with its newline, or what came before EOF (maybe b"")."""
+        while b"\n" not in self.buffer and len(self.buffer) < MAX_MESSAGE:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                data, self.buffer = self.buffer, b""
+                return data
+            self.buffer += chunk
+        head, sep, self.buffer = self.buffer.partition(b"\n")
+        return head + sep
+
+
 def read_line(sock: socket.socket) -> bytes:
     """One newline-terminated message (or what came before EOF), at most 1 MiB."""
-    data = b""
-    while not data.endswith(b"\n") and len(data) < MAX_MESSAGE:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
+    return LineReader(sock).line()
 
 
 def _exchange(sock: socket.socket, cmd: str, args: dict[str, Any]) -> bytes:

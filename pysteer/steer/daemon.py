@@ -14,11 +14,13 @@ import os
 import signal
 import socket
 import ssl
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from pysteer.steer.control import RUN_DIR, read_line, socket_path
+from pysteer.netns import call_in
+from pysteer.steer.control import RUN_DIR, LineReader, socket_path
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.steer.maps import Action
 from pysteer.steer.steerer import Steerer, SteerError
@@ -80,28 +82,33 @@ class Daemon:
         st = self.steerer
         flow = Flow.parse(str(req.get("flow", "")))
         if cmd == "park":
-            st.park(flow)
+            action, host = st.park(flow)
+            return {"was": action.name if action is not None else None, "host": host}
         elif cmd == "to":
             return {"replayed": st.to(flow, str(req.get("host")))}
         elif cmd == "pass":
             if st.get(flow) is None:
                 raise SteerError(f"flow {flow} is not in the table")
-            st.pass_(flow)
+            host = req.get("host")
+            return {"replayed": st.pass_(flow, replay_to=None if host is None else str(host))}
         else:
             st.forget(flow)
         return {}
 
     def _client(self, conn: socket.socket) -> None:
+        """Answer requests, one per line, until the client hangs up (agents keep it open)."""
         with conn:
-            data = read_line(conn)
-            if not data.endswith(b"\n"):
-                return
-            try:
-                req = json.loads(data)
-                answer = self.handle(req) if isinstance(req, dict) else {"ok": False}
-            except json.JSONDecodeError:
-                answer = {"ok": False, "error": "requests are one JSON object per line"}
-            conn.sendall(json.dumps(answer).encode() + b"\n")
+            reader = LineReader(conn)
+            while (data := reader.line()).endswith(b"\n"):
+                try:
+                    req = json.loads(data)
+                    answer = self.handle(req) if isinstance(req, dict) else {"ok": False}
+                except json.JSONDecodeError:
+                    answer = {"ok": False, "error": "requests are one JSON object per line"}
+                try:
+                    conn.sendall(json.dumps(answer).encode() + b"\n")
+                except OSError:
+                    return
 
     def serve(self) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
@@ -123,9 +130,17 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
-    def listen_tls(self, address: tuple[str, int], context: ssl.SSLContext) -> None:
-        """Also serve remote agents on TCP, mutually authenticated by ``context``."""
-        server = socket.create_server(address)
+    def listen_tls(
+        self, address: tuple[str, int], context: ssl.SSLContext, namespace: str | None = None
+    ) -> None:
+        """Also serve remote agents on TCP (in ``namespace``), mutually authenticated."""
+        try:
+            server = call_in(namespace, socket.create_server, address) if namespace else \
+                socket.create_server(address)  # fmt: skip
+        except OSError as exc:
+            raise DaemonError(
+                f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}"
+            ) from None
         server.settimeout(0.2)
         self._tls_server = server
 
@@ -144,9 +159,12 @@ class Daemon:
         raw.settimeout(10)
         try:
             conn = context.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError):
+        except (ssl.SSLError, OSError) as exc:
             raw.close()  # no valid client certificate: nothing is answered
+            print(f"refused a control connection: {exc}", file=sys.stderr, flush=True)
             return
+        conn.settimeout(None)  # agents keep their connection open between migrations
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._client(conn)
 
     def stop(self, *_: object) -> None:
@@ -183,7 +201,7 @@ def run(
     if listen is not None:
         if tls is None:
             raise DaemonError("a TCP control listener needs mutual TLS (certificate, key, CA)")
-        daemon.listen_tls(listen, tls)
+        daemon.listen_tls(listen, tls, namespace)
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
     print(f"steering {ifname} ({steerer.mode}) as {name!r}; control at {daemon.path}", flush=True)

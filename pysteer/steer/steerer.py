@@ -164,10 +164,19 @@ class Steerer:
         except FlowTableError as exc:
             raise SteerError(str(exc)) from None
 
-    def park(self, flow: Flow) -> None:
-        """Hold every packet of ``flow`` from now on, in order, until ``to`` or ``pass_``."""
+    def park(self, flow: Flow) -> tuple[Action | None, str | None]:
+        """Hold every packet of ``flow`` from now on, in order, until ``to`` or ``pass_``.
+
+        Returns what the flow did before (action and host), so a rollback can restore it.
+        """
         with self._control:
+            before = self.get(flow)
             self._set(flow, Action.PARK)
+        if before is None:
+            return None, None
+        action = Action(before.action)
+        host = self.items_by_host().get(before.host) if action == Action.TO else None
+        return action, host
 
     def to(self, flow: Flow, host: str, *, timeout: float = 2.0) -> int:
         """Send ``flow`` to ``host``: replay its parked packets, then redirect in the kernel.
@@ -188,13 +197,26 @@ class Steerer:
                 self._set(flow, Action.TO, target.id)
             return replayed
 
-    def pass_(self, flow: Flow) -> None:
-        """Back to normal routing (the default host). Parked packets go back to it too."""
+    def pass_(self, flow: Flow, *, replay_to: str | None = None, timeout: float = 2.0) -> int:
+        """Back to normal routing (the default host).
+
+        A parked flow's packets are replayed to ``replay_to`` (the host it is routed to),
+        or dropped without it. Returns how many were replayed.
+        """
+        target = self._host(replay_to) if replay_to is not None else None
         with self._control:
             current = self.get(flow)
+            replayed = 0
+            if current is not None and current.action == Action.PARK and target is not None:
+                replayed += self._replay(flow, target, current.park_seq, timeout)
             self._set(flow, Action.PASS)
             if current is not None and current.action == Action.PARK:
+                if target is not None:
+                    final = self.get(flow)
+                    assert final is not None  # noqa: S101
+                    replayed += self._replay(flow, target, final.park_seq, timeout)
                 self._drop_queue(flow)
+            return replayed
 
     def forget(self, flow: Flow) -> None:
         with self._control:

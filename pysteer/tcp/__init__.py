@@ -2,7 +2,8 @@
 
 ``dump(sock)`` freezes a connected socket and reads its state; ``restore(state)`` rebuilds
 it in the caller's network namespace; ``release(sock)`` closes a frozen socket silently;
-``resume(sock)`` thaws it in place. ``TcpState`` travels as ``to_wire()`` / ``from_wire()``.
+``resume(sock)`` thaws it in place; ``restore(state, frozen=True)`` + ``thaw`` split a
+restore at the migration's commit point. ``TcpState`` travels as ``to_wire()`` / ``from_wire()``.
 """
 
 from pysteer.tcp.errors import (
@@ -13,7 +14,7 @@ from pysteer.tcp.errors import (
     UnsupportedSocketError,
 )
 from pysteer.tcp.info import TcpInfo, TcpStateCode, tcp_info
-from pysteer.tcp.repair import dump, release, restore, resume
+from pysteer.tcp.repair import dump, release, restore, resume, thaw
 from pysteer.tcp.state import RepairWindow, SocketOptions, TcpState
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "restore",
     "resume",
     "tcp_info",
+    "thaw",
 ]

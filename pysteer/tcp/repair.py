@@ -330,17 +330,21 @@ def resume(sock: socket.socket) -> None:
 
 
 # --- restore -------------------------------------------------------------------------------
-def restore(state: TcpState) -> socket.socket:
+def restore(state: TcpState, *, frozen: bool = False) -> socket.socket:
     """Rebuild the socket of ``state`` in the current network namespace.
 
     The namespace must hold the local address. On any failure the half-built socket is
     closed silently (in repair mode) and the error raised; nothing is left behind.
+    ``frozen=True`` stops short of leaving repair mode: a migration's target holds the
+    socket silent until the commit, then calls ``thaw`` (or ``release`` on an abort).
     """
     family = socket.AF_INET if state.family == 4 else socket.AF_INET6
     name = _Name(lambda: f"restored TCP socket {_fmt(state.local)} -> {_fmt(state.peer)}")
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         _rebuild(sock, state, name)
+        if not frozen:
+            thaw(sock, state)
     except BaseException as exc:
         _discard(sock)
         if isinstance(exc, OSError) and not isinstance(exc, RepairError):
@@ -399,6 +403,11 @@ def _rebuild(sock: socket.socket, state: TcpState, name: Name) -> None:
         _restore_fins(sock, state, name)
     with _doing(name, "setting socket options"):
         _write_options(sock, state)
+
+
+def thaw(sock: socket.socket, state: TcpState) -> None:
+    """Leave repair mode on a restored socket and make it announce itself to the peer."""
+    name = _name_of(sock)
     _repair(sock, name, k.TCP_REPAIR_OFF)  # sends one window probe
     with _doing(name, "sending the first ACK"):
         _elicit_ack(state)

@@ -1,4 +1,4 @@
-"""The migration blob: ``{v, id, flow, tcp, tls, app, t}`` as msgpack, sealed with an AEAD.
+"""The migration blob: ``{v, id, flow, tcp, tls, app, out, t}`` as msgpack, sealed with an AEAD.
 
 The blob holds a connection's TCP state, its TLS keys and the app's snapshot, so it is
 never handled in the clear: ``seal`` encrypts it under the cluster key (ChaCha20-Poly1305,
@@ -47,6 +47,7 @@ class MigrationBlob:
     tcp: TcpState = field(repr=False)
     tls: dict[str, Any] | None = field(repr=False)  # TlsServerConnection.export_state()
     app: Any = field(repr=False)  # the handler's snapshot, msgpack-able
+    out: bytes = field(default=b"", repr=False)  # owed to the peer, not yet in the socket
     t: float = field(default_factory=time.time)
 
     def __repr__(self) -> str:
@@ -61,6 +62,7 @@ class MigrationBlob:
             "tcp": self.tcp.to_wire(),
             "tls": self.tls,
             "app": self.app,
+            "out": self.out,
             "t": self.t,
         }
 
@@ -112,7 +114,7 @@ def open_sealed(data: bytes, key: bytes, *, expect_id: bytes | None = None) -> M
 def _decode(wire: Any, mid: bytes) -> MigrationBlob:
     if not isinstance(wire, dict):
         raise BlobError("blob must be a map")
-    expected = {"v", "id", "flow", "tcp", "tls", "app", "t"}
+    expected = {"v", "id", "flow", "tcp", "tls", "app", "out", "t"}
     if set(wire) != expected:
         raise BlobError(f"blob fields must be exactly {', '.join(sorted(expected))}")
     if wire["v"] != BLOB_VERSION or wire["id"] != mid:
@@ -126,19 +128,41 @@ def _decode(wire: Any, mid: bytes) -> MigrationBlob:
         raise BlobError(f"invalid blob: {exc}") from None
     if not isinstance(wire["t"], float | int):
         raise BlobError("blob time must be a number")
-    return MigrationBlob(mid, flow, tcp, wire["tls"], wire["app"], float(wire["t"]))
+    if not isinstance(wire["out"], bytes):
+        raise BlobError("blob output must be bytes")
+    return MigrationBlob(mid, flow, tcp, wire["tls"], wire["app"], wire["out"], float(wire["t"]))
 
 
 class ImportLedger:
-    """B's fencing: each migration id is imported at most once."""
+    """B's fencing: each migration id is imported at most once, and its outcome kept.
 
-    def __init__(self) -> None:
-        self._seen: set[bytes] = set()
+    Outcomes: ``prepared`` (restored, still frozen), ``committed`` (serving here) or
+    ``aborted`` (discarded, never served). A asks for the outcome when a commit's answer
+    is lost, so it resumes only when B has certainly not served the flow.
+    """
+
+    OUTCOMES = ("prepared", "committed", "aborted")
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._seen: dict[bytes, str] = {}
+        self._limit = limit
         self._lock = threading.Lock()
 
     def claim(self, migration_id: bytes) -> None:
-        """Record ``migration_id``; raises BlobError if it was already imported."""
+        """Record ``migration_id`` as prepared; raises BlobError if it was seen before."""
         with self._lock:
             if migration_id in self._seen:
                 raise BlobError(f"migration {migration_id.hex()} was already imported (replay?)")
-            self._seen.add(migration_id)
+            if len(self._seen) >= self._limit:  # oldest first; stale blobs are refused by age
+                del self._seen[next(iter(self._seen))]
+            self._seen[migration_id] = "prepared"
+
+    def decide(self, migration_id: bytes, outcome: str) -> None:
+        if outcome not in self.OUTCOMES:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        with self._lock:
+            self._seen[migration_id] = outcome
+
+    def outcome(self, migration_id: bytes) -> str | None:
+        with self._lock:
+            return self._seen.get(migration_id)

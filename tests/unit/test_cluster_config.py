@@ -15,6 +15,8 @@ key = "/etc/pysteer/cluster.key"
 [services.443]
 app = "ticker"
 tls = true
+cert = "certs/vip.pem"
+key = "certs/vip.key"
 
 [services.80]
 app = "http"
@@ -49,6 +51,7 @@ def test_good_file(tmp_path: Path) -> None:
     assert cfg.ca == tmp_path / "certs/ca.pem"
     assert cfg.cluster_key == Path("/etc/pysteer/cluster.key")
     assert cfg.services[443].app == "ticker" and cfg.services[443].tls
+    assert cfg.services[443].cert == tmp_path / "certs/vip.pem"
     assert not cfg.services[80].tls
     assert cfg.steer.name == "lb" and cfg.steer.control == ("10.0.1.1", 7700)
     assert cfg.node("b").control == ("fd00::3", 7701)
@@ -83,6 +86,8 @@ def test_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (('name = "lb"', 'name = "a"'), "steering node 'a' is also listed"),
         (('key = "certs/a.key"', 'key = "certs/a.key"\nport = 1'), "unknown key(s): port"),
         (("[cluster]", "[clusters]"), "[cluster] is missing"),
+        (('cert = "certs/vip.pem"\n', ""), "services.443.cert must be a non-empty string"),
+        (('app = "ticker"', 'app = "ticker"\nkind = 1'), "[services.443] has unknown key(s): kind"),
         (('app = "ticker"', "app = ticker"), "not valid TOML"),
     ],
 )

@@ -1,0 +1,247 @@
+"""The operator's commands: ``pysteer agent``, ``migrate``, ``flows`` and ``status``.
+
+They read the cluster file (``--config`` or ``PYSTEER_CONFIG``) and talk to each node's
+agent on its local control socket. Bad input exits 2 and changes nothing; a migration
+that ran and rolled back exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from pysteer.agent.control import AgentDown, AgentRefused, ask
+from pysteer.cluster.config import ENV, ClusterConfig, ConfigError, load_config
+from pysteer.errors import UsageError
+from pysteer.steer.flow import Flow, FlowSyntaxError
+
+
+def add_parser(sub: Any) -> None:
+    agent = sub.add_parser(
+        "agent",
+        help="the per-host agent: run it, or cordon/uncordon a node",
+        description="The agent serves the cluster's apps on the VIP and moves their "
+        "connections to and from other nodes' agents over mutual TLS.",
+    )
+    cmds = agent.add_subparsers(dest="agent_command", metavar="ACTION", required=True)
+    run = cmds.add_parser("run", help="run this node's agent (until SIGTERM)")
+    _config(run)
+    run.add_argument("--node", required=True, help="this node's name in the cluster file")
+    run.set_defaults(func=cmd_run)
+    for name, help_ in (("cordon", "refuse imports (migrations to the node)"),
+                        ("uncordon", "accept imports again")):  # fmt: skip
+        p = cmds.add_parser(name, help=help_)
+        _config(p)
+        p.add_argument("node", metavar="NODE")
+        p.set_defaults(func=cmd_cordon, what=name)
+
+    mig = sub.add_parser(
+        "migrate",
+        help="move one established connection to another node",
+        description="Move FLOW, a client's connection to the VIP, to NODE while the client "
+        "notices nothing. Any failure before the commit point rolls back: the flow stays "
+        "on its node, nothing lost. FLOW is CLIENT:PORT-VIP:PORT (IPv6 in brackets), as "
+        "`pysteer flows` lists it.",
+    )
+    _config(mig)
+    mig.add_argument("--flow", required=True, metavar="FLOW", help="the connection to move")
+    mig.add_argument("--to", required=True, metavar="NODE", help="the node to move it to")
+    mig.add_argument("--timeout", type=float, default=5.0,
+                     help="seconds before an unfinished move rolls back (default: 5)")  # fmt: skip
+    mig.add_argument("--json", action="store_true", help="print the report with its timeline")
+    mig.set_defaults(func=cmd_migrate)
+
+    flows = sub.add_parser("flows", help="list the connections each node serves")
+    _config(flows)
+    flows.add_argument("--node", help="only this node")
+    flows.add_argument("--json", action="store_true", help="machine-readable output")
+    flows.set_defaults(func=cmd_flows)
+
+    status = sub.add_parser("status", help="nodes, steering daemon and certificate expiry")
+    _config(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+
+def _config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help=f"the cluster file (default: ${ENV})")
+
+
+def _load(args: argparse.Namespace) -> ClusterConfig:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _path(cfg: ClusterConfig, node: str) -> Path:
+    from pysteer.agent.agent import control_path  # noqa: PLC0415 - keeps --help light
+
+    return control_path(cfg.name, node)
+
+
+def _node(cfg: ClusterConfig, name: str) -> str:
+    try:
+        return cfg.node(name).name
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pysteer.agent.agent import AgentError, run  # noqa: PLC0415 - needs the TLS stack
+
+    cfg = _load(args)
+    node = _node(cfg, args.node)
+    try:
+        return run(cfg, node)
+    except AgentError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_cordon(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    node = _node(cfg, args.node)
+    try:
+        ask(_path(cfg, node), args.what)
+    except (AgentDown, AgentRefused) as exc:
+        raise UsageError(f"node {node} is down: {exc}") from None
+    print(f"{node}: {'refuses' if args.what == 'cordon' else 'accepts'} imports")
+    return 0
+
+
+def _all_flows(cfg: ClusterConfig, nodes: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    flows, down = [], []
+    for node in nodes:
+        try:
+            flows += ask(_path(cfg, node), "flows")["flows"]
+        except (AgentDown, AgentRefused):
+            down.append(node)
+    return flows, down
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    try:
+        flow = Flow.parse(args.flow)
+    except FlowSyntaxError as exc:
+        raise UsageError(str(exc)) from None
+    target = _node(cfg, args.to)
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
+        raise UsageError("--timeout must be in (0, 600] seconds")
+    flows, down = _all_flows(cfg, sorted(cfg.nodes))
+    owners = [f["node"] for f in flows if f["flow"] == str(flow)]
+    if not owners:
+        extra = f" (down: {', '.join(down)})" if down else ""
+        raise UsageError(f"flow {flow} not found on any node{extra}; see `pysteer flows`")
+    source = owners[0]
+    if source == target:
+        raise UsageError(f"flow {flow} is already on {target}")
+    if target in down:
+        raise UsageError(f"node {target} is down (no agent at {_path(cfg, target)})")
+    try:
+        answer = ask(_path(cfg, source), "migrate", timeout=args.timeout + 30, flow=str(flow),
+                     to=target, timeout_s=args.timeout)  # fmt: skip
+    except AgentRefused as exc:
+        raise UsageError(str(exc)) from None
+    except AgentDown as exc:
+        raise UsageError(f"node {source} is down: {exc}") from None
+    report = answer["migration"]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(_describe(report))
+    return 0 if report["outcome"] == "moved" else 1
+
+
+def _describe(r: dict[str, Any]) -> str:
+    head = f"{r['flow']}: {r['from']} -> {r['to']}: {r['outcome']}"
+    if r["outcome"] == "moved":
+        return (f"{head}, freeze window {r['freeze_ms']:.3f} ms "
+                f"({r['replayed']} parked packet(s) replayed)")  # fmt: skip
+    return f"{head}: {r['error']}"
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_flows(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    nodes = [_node(cfg, args.node)] if args.node else sorted(cfg.nodes)
+    flows, down = _all_flows(cfg, nodes)
+    if args.node and down:
+        raise UsageError(f"node {args.node} is down (no agent at {_path(cfg, args.node)})")
+    if args.json:
+        print(json.dumps({"flows": flows, "down": down}, indent=2))
+        return 0
+    rows = [("NODE", "FLOW", "KIND", "AGE", "IN", "OUT", "APP")]
+    for f in sorted(flows, key=lambda f: (f["node"], f["flow"])):
+        kind = f"TLS {f['tls']['version']} {f['tls']['suite']}" if f["tls"] else "TCP"
+        rows.append((f["node"], f["flow"], kind, _age(f["age"]), str(f["bytes_in"]),
+                     str(f["bytes_out"]), f["app"]))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for node in down:
+        print(f"({node}: down)")
+    return 0
+
+
+def _expiry(path: Path) -> dict[str, Any]:
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        return {"file": str(path), "error": getattr(exc, "strerror", None) or str(exc)}
+    left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    return {"file": str(path), "expires": cert.not_valid_after_utc.isoformat(),
+            "days_left": round(left.total_seconds() / 86400, 1)}  # fmt: skip
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    nodes: dict[str, Any] = {}
+    steer: dict[str, Any] = {"reachable": False, "error": "no agent is up to ask"}
+    for node in sorted(cfg.nodes):
+        try:
+            st = ask(_path(cfg, node), "status")["status"]
+        except (AgentDown, AgentRefused) as exc:
+            nodes[node] = {"up": False, "error": str(exc)}
+            continue
+        nodes[node] = {"up": True} | st
+        if st["steer"]["reachable"] or not steer["reachable"]:
+            steer = st["steer"] | {"via": node}
+    certs = {"ca": _expiry(cfg.ca), cfg.steer.name: _expiry(cfg.steer.cert)}
+    certs |= {n: _expiry(c.cert) for n, c in cfg.nodes.items()}
+    certs |= {f"service {p}": _expiry(s.cert) for p, s in cfg.services.items() if s.cert}
+    result = {"cluster": cfg.name, "nodes": nodes, "steer": steer, "certificates": certs}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"cluster {cfg.name} ({cfg.path})")
+    for node, st in nodes.items():
+        if not st["up"]:
+            print(f"  node {node}: DOWN ({st['error']})")
+            continue
+        state = "accepting" if st["accepting"] else "cordoned"
+        print(f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
+              f"{state}, control {st['control']}")  # fmt: skip
+    where = f"{cfg.steer.control[0]}:{cfg.steer.control[1]}"
+    if steer["reachable"]:
+        print(f"  steering {cfg.steer.name} at {where}: up (asked via {steer['via']})")
+    else:
+        print(f"  steering {cfg.steer.name} at {where}: UNREACHABLE ({steer['error']})")
+    for name, c in certs.items():
+        shown = f"expires {c['expires'][:10]} ({c['days_left']} days)" if "expires" in c \
+            else f"unreadable: {c['error']}"  # fmt: skip
+        print(f"  certificate {name}: {shown}")
+    return 0

@@ -1,0 +1,101 @@
+"""A pysteer cluster on the namespace lab: certificates, cluster file, daemon commands.
+
+``write_cluster(lab, dir)`` makes what an operator makes by hand on real hosts (see the
+README): a CA and node certificates, the cluster key and ``cluster.toml`` whose addresses
+come from the lab's plan. ``steer_argv`` and ``agent_argv`` are the commands that run
+the steering daemon and each host's agent on it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from pysteer.certs_cli import write_cluster as write_certs
+from pysteer.lab.topology import Lab
+
+STEER_PORT = 7700
+AGENT_PORT = 7701
+# port -> (app, tls): a TLS ticker, a TLS HTTP server for downloads, a plain TCP ticker.
+DEFAULT_SERVICES: dict[int, tuple[str, bool]] = {
+    443: ("ticker", True),
+    8443: ("http", True),
+    7000: ("ticker", False),
+}
+
+
+def _endpoint(addr: object, port: int) -> str:
+    text = str(addr)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def write_cluster(
+    lab: Lab,
+    directory: Path,
+    *,
+    services: dict[int, tuple[str, bool]] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write certificates, the cluster key and ``cluster.toml``; returns the file's path."""
+    plan = lab.plan
+    services = DEFAULT_SERVICES if services is None else services
+    steer_addr = plan.link(plan.hosts[0]).steer_end.v4.ip  # the steering node's side of link a
+    nodes = {plan.steer: [str(steer_addr)]}
+    nodes |= {h: [str(plan.address(h, 4)), str(plan.address(h, 6))] for h in plan.hosts}
+    nodes["vip"] = [str(plan.vip(4)), str(plan.vip(6)), "localhost"]
+    write_certs(directory, nodes, force=force)
+    lines = [
+        "# Written by `pysteer lab cluster` for the lab " + repr(lab.prefix),
+        "[cluster]",
+        f'name = "{lab.prefix}"',
+        f'vip = ["{plan.vip(4)}", "{plan.vip(6)}"]',
+        'ca = "ca.pem"',
+        'key = "cluster.key"',
+        "",
+    ]
+    for port, (app, tls) in sorted(services.items()):
+        lines += [f"[services.{port}]", f'app = "{app}"', f"tls = {str(tls).lower()}"]
+        if tls:
+            lines += ['cert = "vip.pem"', 'key = "vip.key"']
+        lines.append("")
+    lines += [
+        "[steer]",
+        f'name = "{plan.steer}"',
+        f'control = "{_endpoint(steer_addr, STEER_PORT)}"',
+        f'cert = "{plan.steer}.pem"',
+        f'key = "{plan.steer}.key"',
+        "",
+    ]
+    for host in plan.hosts:
+        lines += [
+            f"[nodes.{host}]",
+            f'control = "{_endpoint(plan.address(host, 4), AGENT_PORT)}"',
+            f'cert = "{host}.pem"',
+            f'key = "{host}.key"',
+            "",
+        ]
+    path = directory / "cluster.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def steer_argv(lab: Lab, config: Path, mode: str = "tc") -> list[str]:
+    """The steering daemon for ``config``, run from the root namespace."""
+    plan = lab.plan
+    steer_addr = plan.link(plan.hosts[0]).steer_end.v4.ip
+    hosts = []
+    for host in plan.hosts:
+        mac = lab.mac(host, plan.link(host).peer_end.name)
+        hosts += ["--host", f"{host}={plan.link(host).steer_end.name},{mac}"]
+    d = config.parent
+    return [sys.executable, "-m", "pysteer", "steer", "run", "--name", lab.prefix,
+            "--netns", lab.netns(plan.steer), "--ifname", plan.link(plan.client).steer_end.name,
+            "--mode", mode, *hosts, "--listen", _endpoint(steer_addr, STEER_PORT),
+            "--tls-cert", str(d / f"{plan.steer}.pem"), "--tls-key", str(d / f"{plan.steer}.key"),
+            "--tls-ca", str(d / "ca.pem")]  # fmt: skip
+
+
+def agent_argv(config: Path, node: str) -> list[str]:
+    """A host's agent; run it inside the host's namespace (``lab.popen(node, ...)``)."""
+    return [sys.executable, "-m", "pysteer", "agent", "run", "--config", str(config),
+            "--node", node]  # fmt: skip
