@@ -211,11 +211,11 @@ class Steerer:
                 replayed += self._replay(flow, target, current.park_seq, timeout)
             self._set(flow, Action.PASS)
             if current is not None and current.action == Action.PARK:
+                final = self.get(flow)
+                assert final is not None  # noqa: S101
                 if target is not None:
-                    final = self.get(flow)
-                    assert final is not None  # noqa: S101
                     replayed += self._replay(flow, target, final.park_seq, timeout)
-                self._drop_queue(flow)
+                self._skip_queue(flow, final.park_seq)
             return replayed
 
     def forget(self, flow: Flow) -> None:
@@ -252,7 +252,9 @@ class Steerer:
         key = bytes(meta.key)
         with self._arrived:
             queue, counters = self._queues[key], self.counters[key]
-            if (len(queue.packets) >= self.max_per_flow
+            if meta.seq < queue.next_replay:  # arrived after its flow was unparked
+                counters.dropped += 1
+            elif (len(queue.packets) >= self.max_per_flow
                     or self._total_bytes + len(frame) > self.max_total_bytes):  # fmt: skip
                 counters.dropped += 1
                 queue.dropped.add(meta.seq)
@@ -295,6 +297,17 @@ class Steerer:
                 except (PacketError, OSError):
                     counters.dropped += 1
         return sent
+
+    def _skip_queue(self, flow: Flow, upto: int) -> None:
+        """Drop what is parked below ``upto``; the kernel keeps numbering from there."""
+        key = bytes(flow_key(flow))
+        with self._arrived:
+            queue = self._queues[key]
+            for seq in [s for s in queue.packets if s < upto]:
+                self._total_bytes -= len(queue.packets[seq])
+                queue.bytes -= len(queue.packets.pop(seq))
+            queue.dropped = {s for s in queue.dropped if s >= upto}
+            queue.next_replay = max(queue.next_replay, upto)
 
     def _drop_queue(self, flow: Flow) -> None:
         key = bytes(flow_key(flow))

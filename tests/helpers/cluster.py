@@ -38,11 +38,12 @@ class Cluster:
     def _start(self, name: str, popen: Any, env: dict[str, str] | None = None) -> None:
         log = self.dir / f"{name}.log"
         self.logs[name] = log
+        start = log.stat().st_size if log.exists() else 0
         out = log.open("a")
         proc = popen(stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
         out.close()
         deadline = time.monotonic() + 60
-        while "control at" not in log.read_text():
+        while "control at" not in log.read_text()[start:]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{name} did not start:\n{log.read_text()}")
             time.sleep(0.05)
@@ -114,7 +115,7 @@ class Cluster:
     def steer_row(self, flow: str) -> dict[str, Any] | None:
         out = subprocess.run([*PYSTEER, "steer", "flows", "--json", "--name", self.lab.prefix],
                              capture_output=True, text=True, check=True)  # fmt: skip
-        return next((r for r in json.loads(out.stdout)["flows"] if r["flow"] == flow), None)
+        return next((r for r in json.loads(out.stdout) if r["flow"] == flow), None)
 
     def client_counters(self) -> dict[str, int]:
         ext = self.lab.call("client", netstat, "TcpExt")

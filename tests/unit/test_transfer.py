@@ -11,13 +11,11 @@ import msgpack
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from helpers.blobs import SECRET, blob
 
-from pysteer.steer.flow import Flow
-from pysteer.tcp import RepairWindow, SocketOptions, TcpState, TcpStateCode
 from pysteer.transfer import (
     BlobError,
     ImportLedger,
-    MigrationBlob,
     new_migration_id,
     open_sealed,
     seal,
@@ -25,27 +23,6 @@ from pysteer.transfer import (
 from pysteer.transfer import blob as blob_module
 
 KEY = os.urandom(32)
-SECRET = os.urandom(32)
-
-
-def blob(mid: bytes | None = None) -> MigrationBlob:
-    tcp = TcpState(
-        family=4, local=("10.0.0.100", 443), peer=("10.0.0.2", 51000),
-        state=TcpStateCode.ESTABLISHED, send_seq=10, recv_seq=20, recv_queue=b"rq",
-        send_unacked=b"", send_unsent=b"", mss_clamp=1460, sack=True, timestamps=False,
-        wscale=None, timestamp=None, window=RepairWindow(20, 100, 100, 100, 20),
-        options=SocketOptions(),
-    )  # fmt: skip
-    tls = {
-        "v": 1, "version": "TLSv1.3", "suite": "TLS_AES_128_GCM_SHA256",
-        "read": {"secret": SECRET, "seq": 0}, "write": {"secret": os.urandom(32), "seq": 2},
-        "rx": b"", "hs": b"", "close_sent": False, "close_received": False, "written": 0,
-        "sni": None, "alpn": None, "resumed": False, "peer_chain": [],
-    }  # fmt: skip
-    return MigrationBlob(
-        mid or new_migration_id(), Flow.parse("10.0.0.2:51000-10.0.0.100:443"), tcp, tls,
-        {"counter": 7},
-    )  # fmt: skip
 
 
 def test_seal_and_open_round_trip() -> None:
