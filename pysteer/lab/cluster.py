@@ -8,11 +8,17 @@ the steering daemon and each host's agent on it.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from pysteer.certs_cli import write_cluster as write_certs
 from pysteer.lab.topology import Lab
+from pysteer.steer import pins
 
 STEER_PORT = 7700
 AGENT_PORT = 7701
@@ -99,3 +105,65 @@ def agent_argv(config: Path, node: str) -> list[str]:
     """A host's agent; run it inside the host's namespace (``lab.popen(node, ...)``)."""
     return [sys.executable, "-m", "pysteer", "agent", "run", "--config", str(config),
             "--node", node]  # fmt: skip
+
+
+class LabCluster:
+    """The cluster's daemons on a lab: start, stop and kill them; their logs in ``dir``."""
+
+    def __init__(self, lab: Lab, directory: Path) -> None:
+        self.lab = lab
+        self.dir = directory
+        self.config = write_cluster(lab, directory)
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+        self.logs: dict[str, Path] = {}
+
+    # --- daemons ------------------------------------------------------------------------
+    def _start(self, name: str, popen: Any, env: dict[str, str] | None = None) -> None:
+        log = self.dir / f"{name}.log"
+        self.logs[name] = log
+        start = log.stat().st_size if log.exists() else 0
+        out = log.open("a")
+        proc = popen(stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        out.close()
+        deadline = time.monotonic() + 60
+        while "control at" not in log.read_text()[start:]:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start:\n{log.read_text()}")
+            time.sleep(0.05)
+        self.procs[name] = proc
+
+    def start_steer(self) -> None:
+        argv = steer_argv(self.lab, self.config)
+        self._start("steer", lambda **kw: subprocess.Popen(argv, **kw))
+
+    def start_agent(self, node: str, fault: str | None = None) -> None:
+        env = dict(os.environ, PYSTEER_FAULT=fault) if fault else None
+        argv = agent_argv(self.config, node)
+        self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), env)
+
+    def start(self) -> LabCluster:
+        self.start_steer()
+        for host in self.lab.plan.hosts:
+            self.start_agent(host)
+        return self
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        return proc.wait(15)
+
+    def close(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+        pins.remove(self.lab.prefix)
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text()
+
+
+def control_path_for(cluster: LabCluster, node: str) -> Path:
+    """The local control socket of ``node``'s agent in ``cluster``."""
+    from pysteer.agent.agent import control_path  # noqa: PLC0415
+
+    return control_path(cluster.lab.prefix, node)

@@ -55,7 +55,7 @@ class LineReader:
         while b"\n" not in self.buffer and len(self.buffer) < MAX_MESSAGE:
             try:
                 chunk = self.sock.recv(65536)
-            except OSError:
+            except (ConnectionResetError, BrokenPipeError):  # a timeout is the caller's
                 chunk = b""
             if not chunk:
                 data, self.buffer = self.buffer, b""

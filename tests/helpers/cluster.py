@@ -19,67 +19,13 @@ from typing import Any
 
 from helpers.migration import netstat
 from pysteer.lab import Lab
-from pysteer.lab.cluster import agent_argv, steer_argv, write_cluster
-from pysteer.steer import pins
+from pysteer.lab.cluster import LabCluster
 
 PYSTEER = [sys.executable, "-m", "pysteer"]
 HELPERS = Path(__file__).parent
 
 
-class Cluster:
-    def __init__(self, lab: Lab, directory: Path) -> None:
-        self.lab = lab
-        self.dir = directory
-        self.config = write_cluster(lab, directory)
-        self.procs: dict[str, subprocess.Popen[str]] = {}
-        self.logs: dict[str, Path] = {}
-
-    # --- daemons ------------------------------------------------------------------------
-    def _start(self, name: str, popen: Any, env: dict[str, str] | None = None) -> None:
-        log = self.dir / f"{name}.log"
-        self.logs[name] = log
-        start = log.stat().st_size if log.exists() else 0
-        out = log.open("a")
-        proc = popen(stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
-        out.close()
-        deadline = time.monotonic() + 60
-        while "control at" not in log.read_text()[start:]:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start:\n{log.read_text()}")
-            time.sleep(0.05)
-        self.procs[name] = proc
-
-    def start_steer(self) -> None:
-        argv = steer_argv(self.lab, self.config)
-        self._start("steer", lambda **kw: subprocess.Popen(argv, **kw))
-
-    def start_agent(self, node: str, fault: str | None = None) -> None:
-        import os  # noqa: PLC0415
-
-        env = dict(os.environ, PYSTEER_FAULT=fault) if fault else None
-        argv = agent_argv(self.config, node)
-        self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), env)
-
-    def start(self) -> Cluster:
-        self.start_steer()
-        for host in self.lab.plan.hosts:
-            self.start_agent(host)
-        return self
-
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            proc.send_signal(sig)
-        return proc.wait(15)
-
-    def close(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
-        pins.remove(self.lab.prefix)
-
-    def log(self, name: str) -> str:
-        return self.logs[name].read_text()
-
+class Cluster(LabCluster):
     # --- the CLI ------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*PYSTEER, *args, "--config", str(self.config)],
