@@ -166,19 +166,19 @@ def run(moves: int, every: float, out: Path) -> dict[str, Any]:
             "median": statistics.median(freeze),
             "p99": pct(freeze, 0.99),
             "max": max(freeze),
-        },  # fmt: skip
+        },
         "steps_median_ms": {k: round(statistics.median(v), 3) for k, v in steps.items()},
         "client_gap_ms": {
             "window_s": WINDOW,
             "median": statistics.median(gaps),
             "p99": pct(gaps, 0.99),
             "max": max(gaps),
-        },  # fmt: skip
+        },
         "baseline_gap_ms": {
             "median": statistics.median(base_gaps),
             "p99": pct(base_gaps, 0.99),
             "max": max(base_gaps),
-        },  # fmt: skip
+        },
         "client_retransmissions": after["retrans"] - before["retrans"],
         "client_timeouts": after["timeouts"] - before["timeouts"],
         "baseline": baseline,
