@@ -179,12 +179,13 @@ def test_ipv6_tls(cluster: Cluster) -> None:
 
 
 def test_curl_50mb(cluster: Cluster, tmp_path: Path) -> None:
+    """50 MB at 2.5 MB/s: 20 s, so the ten moves (each a CLI start) land mid-download."""
     size = 50_000_000
     target = tmp_path / "body"
     before = {f["flow"] for f in cluster.flows()}
     with Watch(cluster) as watch:
         curl = cluster.lab.popen("client", [
-            "curl", "--silent", "--show-error", "--fail", "--http1.1", "--limit-rate", "5M",
+            "curl", "--silent", "--show-error", "--fail", "--http1.1", "--limit-rate", "2500K",
             "--cacert", str(cluster.dir / "ca.pem"), "--resolve", f"vip:8443:{vip(cluster)}",
             "-o", str(target), f"https://vip:8443/bytes/{size}"],
             stderr=subprocess.PIPE, text=True)  # fmt: skip

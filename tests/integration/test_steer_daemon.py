@@ -183,14 +183,15 @@ def test_remote_control_needs_a_client_certificate(lab: Lab, tmp_path) -> None:
     d.start()
     try:
         good = client_context(files["agent"], files["agent.key"], files["ca"])
-        answer = request_remote(("127.0.0.1", port), good, "steer", "hosts")
+        # The listener lives in the steering node's namespace, next to its interfaces.
+        answer = lab.call("steer", request_remote, ("127.0.0.1", port), good, "steer", "hosts")
         assert [h["name"] for h in answer["hosts"]] == ["a", "b"]
         bad = client_context(files["stranger"], files["stranger.key"], files["ca"])
-        with pytest.raises(ControlError):
-            request_remote(("127.0.0.1", port), bad, "steer", "hosts")
         anonymous = ssl.create_default_context(cafile=str(files["ca"]))
-        with pytest.raises(ControlError):
-            request_remote(("127.0.0.1", port), anonymous, "steer", "hosts")
+        for ctx in (bad, anonymous):
+            with pytest.raises(ControlError) as info:
+                lab.call("steer", request_remote, ("127.0.0.1", port), ctx, "steer", "hosts")
+            assert "Connection refused" not in str(info.value)  # refused by TLS, not absent
     finally:
         d.stop()
         pins.remove(d.name)
