@@ -10,6 +10,10 @@ Built-ins:
   a per-connection counter, so a client can check both directions and app-state continuity.
 - ``http``: HTTP/1.1 keep-alive; ``GET /bytes/N`` returns N deterministic bytes.
 Users load their own as ``module:Class``.
+
+A handler whose output can be large also has ``pull(limit) -> bytes``: the runtime asks
+for more only as the socket drains, so the output owed to the peer (which travels in a
+migration) stays small.
 """
 
 from __future__ import annotations
@@ -113,18 +117,24 @@ class Ticker:
             raise HandlerError("malformed ticker snapshot") from None
 
 
-def http_body(n: int) -> bytes:
-    """The deterministic body of ``GET /bytes/N``."""
-    return (PATTERN * (n // len(PATTERN) + 1))[:n]
+def http_body(n: int, offset: int = 0) -> bytes:
+    """Bytes ``offset`` to ``offset + n`` of the deterministic body of ``GET /bytes/N``."""
+    start = offset % len(PATTERN)
+    return (PATTERN[start:] + PATTERN * (n // len(PATTERN) + 1))[:n]
 
 
 class Http:
-    """HTTP/1.1 with keep-alive: ``GET /bytes/N`` (N deterministic bytes), else 404."""
+    """HTTP/1.1 with keep-alive: ``GET /bytes/N`` (N deterministic bytes), else 404.
+
+    Bodies stream: ``on_data`` queues each response and ``pull`` produces it as the
+    connection takes it, so a moving connection carries a position, not the body.
+    """
 
     def __init__(self) -> None:
         self.buffer = b""
         self.requests = 0
         self.closing = False
+        self.queue: list[list[Any]] = []  # ["raw", bytes] or ["body", offset, remaining]
 
     def on_connect(self) -> bytes:
         return b""
@@ -133,32 +143,50 @@ class Http:
         if self.closing:
             return b""
         self.buffer += data
-        out = []
         while b"\r\n\r\n" in self.buffer and not self.closing:
             head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
-            out.append(self._respond(head))
+            self._respond(head)
         if len(self.buffer) > MAX_REQUEST_HEAD:
             self.closing = True
-            out.append(_response(431, b"", close=True))
-        return b"".join(out)
+            self.queue.append(["raw", _head(431, 0, close=True)])
+        return b""  # the responses come out through pull()
 
-    def _respond(self, head: bytes) -> bytes:
+    def pull(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the queued responses (b"" when all are out)."""
+        out = bytearray()
+        while self.queue and len(out) < limit:
+            item = self.queue[0]
+            if item[0] == "raw":
+                out += item[1]
+                self.queue.pop(0)
+                continue
+            n = min(limit - len(out), item[2])
+            out += http_body(n, item[1])
+            item[1] += n
+            item[2] -= n
+            if item[2] == 0:
+                self.queue.pop(0)
+        return bytes(out)
+
+    def _respond(self, head: bytes) -> None:
         self.requests += 1
         lines = head.split(b"\r\n")
         parts = lines[0].split()
         close = any(ln.lower().replace(b" ", b"") == b"connection:close" for ln in lines[1:])
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             self.closing = True
-            return _response(400, b"", close=True)
+            self.queue.append(["raw", _head(400, 0, close=True)])
+            return
         method, path = parts[0], parts[1]
+        length, status = 0, 404
         if method != b"GET":
-            body, status = b"", 405
+            status = 405
         elif path.startswith(b"/bytes/") and path[7:].isdigit() and int(path[7:]) <= MAX_BODY:
-            body, status = http_body(int(path[7:])), 200
-        else:
-            body, status = b"", 404
+            length, status = int(path[7:]), 200
         self.closing = close
-        return _response(status, body, close=close)
+        self.queue.append(["raw", _head(status, length, close=close)])
+        if length:
+            self.queue.append(["body", 0, length])
 
     def on_tick(self, now: float) -> bytes:
         return b""
@@ -167,14 +195,23 @@ class Http:
         pass
 
     def snapshot(self) -> Any:
-        return {"buffer": self.buffer, "requests": self.requests, "closing": self.closing}
+        return {"buffer": self.buffer, "requests": self.requests, "closing": self.closing,
+                "queue": self.queue}  # fmt: skip
 
     def restore(self, snapshot: Any) -> None:
         try:
             self.buffer = bytes(snapshot["buffer"])
             self.requests = int(snapshot["requests"])
             self.closing = bool(snapshot["closing"])
-        except (KeyError, TypeError, ValueError):
+            queue = [list(item) for item in snapshot["queue"]]
+            for item in queue:
+                ok = (item[0] == "raw" and len(item) == 2 and isinstance(item[1], bytes)) or (
+                    item[0] == "body" and len(item) == 3
+                    and all(isinstance(v, int) and v >= 0 for v in item[1:]))  # fmt: skip
+                if not ok:
+                    raise ValueError
+            self.queue = queue
+        except (KeyError, TypeError, ValueError, IndexError):
             raise HandlerError("malformed http snapshot") from None
 
 
@@ -182,13 +219,13 @@ _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method No
             431: b"Request Header Fields Too Large"}  # fmt: skip
 
 
-def _response(status: int, body: bytes, *, close: bool) -> bytes:
+def _head(status: int, length: int, *, close: bool) -> bytes:
     head = b"HTTP/1.1 %d %s\r\nContent-Type: application/octet-stream\r\n" % (
         status, _REASONS[status])  # fmt: skip
-    head += b"Content-Length: %d\r\n" % len(body)
+    head += b"Content-Length: %d\r\n" % length
     if close:
         head += b"Connection: close\r\n"
-    return head + b"\r\n" + body
+    return head + b"\r\n"
 
 
 BUILTIN: dict[str, type] = {"echo": Echo, "ticker": Ticker, "http": Http}

@@ -31,6 +31,9 @@ from pysteer.tls import (
 )
 
 _ids = itertools.count(1)
+LOW_WATER = 256 * 1024  # refill the output from the handler's pull() below this
+PULL_CHUNK = 64 * 1024
+PAUSE_TIMEOUT = 1.0  # seconds for a connection's task to stop at a safe point
 
 
 @dataclass
@@ -92,6 +95,26 @@ class Exported:
     pending: bytes
     service_port: int
     meta: dict[str, Any]
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
+    """Wait until ``sock`` has something to read, or ``timeout``. Reads nothing itself,
+    so cancelling it (export pauses a connection so) can never lose received bytes —
+    unlike ``wait_for(sock_recv())``, whose cancellation Python 3.11 can swallow."""
+    fut = loop.create_future()
+
+    def wake(value: bool) -> None:
+        if not fut.done():
+            fut.set_result(value)
+
+    fd = sock.fileno()
+    loop.add_reader(fd, wake, True)
+    timer = loop.call_later(timeout, wake, False)
+    try:
+        return await fut
+    finally:
+        loop.remove_reader(fd)
+        timer.cancel()
 
 
 class Runtime:
@@ -164,9 +187,21 @@ class Runtime:
         conn.out += conn.tls.data_to_send()
         return True
 
+    def _refill(self, conn: Connection) -> None:
+        """Take more streamed output from the handler, while little is owed."""
+        pull = getattr(conn.handler, "pull", None)
+        if pull is None or (conn.tls is not None and conn.tls.phase != "open"):
+            return
+        while len(conn.out) < LOW_WATER:
+            chunk = pull(PULL_CHUNK)
+            if not chunk:
+                return
+            self._app_output(conn, chunk)
+
     async def _flush(self, conn: Connection) -> None:
         """Send what is owed; ``conn.out`` always holds exactly the unsent rest."""
         loop = asyncio.get_running_loop()
+        self._refill(conn)
         while conn.out:
             try:
                 sent = conn.sock.send(conn.out)
@@ -180,6 +215,7 @@ class Runtime:
                 continue
             del conn.out[:sent]
             conn.bytes_out += sent
+            self._refill(conn)
 
     async def _serve(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
@@ -187,11 +223,12 @@ class Runtime:
         try:
             await self._flush(conn)
             while alive:
-                try:
-                    data = await asyncio.wait_for(loop.sock_recv(conn.sock, 65536),
-                                                  conn.service.tick)  # fmt: skip
-                except TimeoutError:
-                    data = None
+                data = None
+                if await _readable(loop, conn.sock, conn.service.tick):
+                    try:
+                        data = conn.sock.recv(65536)
+                    except BlockingIOError:
+                        data = None
                 if data == b"":
                     break
                 if data:
@@ -232,8 +269,11 @@ class Runtime:
             raise tcp.RepairError(f"connection {conn_id}", "TLS handshake still running")
         assert conn.task is not None  # noqa: S101
         conn.task.cancel()  # the reader stops; ``out`` holds exactly what is owed
-        with contextlib.suppress(asyncio.CancelledError):
-            await conn.task
+        done, _ = await asyncio.wait([conn.task], timeout=PAUSE_TIMEOUT)
+        if not done or not conn.task.cancelled():
+            if conn.task.done():  # it ended by itself (peer closed): nothing to move
+                raise tcp.RepairError(f"connection {conn_id}", "closed while pausing")
+            raise tcp.RepairError(f"connection {conn_id}", "did not pause")  # still served
         conn.sock.setblocking(True)
         meta = conn.describe()
         try:
