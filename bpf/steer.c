@@ -7,6 +7,8 @@
 //   PASS      route normally
 //   PARK      hand the packet to userspace (perf buffer, numbered per flow) and drop it
 //   TO(host)  rewrite the MACs, decrement the TTL, redirect to the host's link
+// A flow not in the table is routed normally, unless it is a new connection (SYN) to a
+// service diverted to a host (new_flows: a drain): then it is entered as TO(host).
 // BCC rewrites map calls only in this file, so the logic lives here, not in a header.
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/pkt_cls.h>
@@ -49,6 +51,22 @@ static __always_inline int steer_decide(void *data, void *data_end, u32 len,
 		return V_PASS;
 	}
 	struct flow_action *v = flows.lookup(&meta->key);
+	if (!v && is_syn(ip, data_end, meta->key.family)) {
+		/* A new connection to a diverted service: it belongs to the divert host from its
+		 * first packet on, so the flow is entered as TO(host) for the packets that follow. */
+		struct service_key svc = {.family = meta->key.family};
+#pragma unroll
+		for (int i = 0; i < 4; i++)
+			svc.addr[i] = meta->key.daddr[i];
+		u32 *divert = new_flows.lookup(&svc);
+		if (divert) {
+			struct flow_action to = {.action = ACTION_TO, .host = *divert};
+			flows.insert(&meta->key, &to);
+			v = flows.lookup(&meta->key);
+			if (v)
+				stat_add(STAT_NEW_DIVERTED);
+		}
+	}
 	if (!v) {
 		stat_add(STAT_PASS);
 		return V_PASS;

@@ -16,6 +16,8 @@ BPF_TABLE_PINNED("hash", struct flow_key, struct flow_stats, flow_stats, MAX_FLO
 		 PIN_DIR "/flow_stats");
 BPF_TABLE_PINNED("array", u32, struct host_entry, hosts, MAX_HOSTS, PIN_DIR "/hosts");
 BPF_TABLE_PINNED("percpu_array", u32, u64, stats, STAT_MAX, PIN_DIR "/stats");
+/* service address -> host id: new connections to it go to that host (see divert). */
+BPF_TABLE_PINNED("hash", struct service_key, u32, new_flows, MAX_SERVICES, PIN_DIR "/new_flows");
 BPF_PERF_OUTPUT(parked);
 
 #endif

@@ -56,6 +56,17 @@ static __always_inline void *parse_flow(void *data, void *data_end, struct flow_
 	return NULL;
 }
 
+/* Whether the TCP segment after `ip` (as parse_flow returned it) opens a connection: SYN
+ * without ACK. */
+static __always_inline int is_syn(void *ip, void *data_end, __u8 family)
+{
+	struct tcphdr *tcp = family == 4 ? (void *)((struct iphdr *)ip + 1)
+					 : (void *)((struct ipv6hdr *)ip + 1);
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	return tcp->syn && !tcp->ack;
+}
+
 /* Forward like a router: decrement TTL (fixing the IPv4 checksum) or the hop limit.
  * Returns 0 when the packet must be dropped instead (it would expire). */
 static __always_inline int decrement_ttl(void *ip, void *data_end, __u8 family)

@@ -44,6 +44,13 @@ struct host_entry {
 	__u32 mtu; /* the link's MTU: XDP hands larger (GSO) packets to the tc fallback */
 };
 
+/* A service address (a VIP): new connections to it can be sent to one host (a drain). */
+struct service_key {
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+	__be32 addr[4];
+};
+
 /* What a parked packet carries to userspace ahead of its bytes. */
 struct park_meta {
 	struct flow_key key;
@@ -63,6 +70,7 @@ enum stat_index {
 	STAT_DROP_PARK_FULL, /* the perf buffer refused a parked packet */
 	STAT_GUARD_DROPPED,  /* guard: a frozen flow's packet dropped on a host */
 	STAT_XDP_FALLBACK,   /* XDP passed a packet too large to redirect up to tc */
+	STAT_NEW_DIVERTED,   /* a new connection's SYN sent to the host its service is diverted to */
 	STAT_MAX,
 };
 
@@ -70,5 +78,6 @@ enum stat_index {
 #define MAX_FLOWS 65536
 #endif
 #define MAX_HOSTS 64
+#define MAX_SERVICES 64
 
 #endif

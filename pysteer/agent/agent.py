@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,11 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from pysteer import tcp
+from pysteer.agent.drain import Drain, DrainError
 from pysteer.agent.frames import FrameError, read_frame, write_frame
-from pysteer.agent.links import LinkError, PeerLink, Refused, SteerLink
+from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration
 from pysteer.app.runtime import Exported, Runtime, Service
 from pysteer.cluster.config import ClusterConfig
+from pysteer.metrics import AgentMetrics, setup_logging
+from pysteer.metrics import serve as serve_metrics
 from pysteer.steer.control import client_context, server_context
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tls import ServerConfig
@@ -94,7 +98,14 @@ class _Held(asyncio.Protocol):
 
 
 class Agent:
-    def __init__(self, config: ClusterConfig, node: str, *, fault: str | None = None) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        node: str,
+        *,
+        fault: str | None = None,
+        metrics: tuple[str, int] | None = None,
+    ) -> None:
         self.config = config
         self.name = node
         me = config.node(node)
@@ -106,6 +117,7 @@ class Agent:
         self.prepared: dict[bytes, _Prepared] = {}
         self.in_doubt: dict[str, Exported] = {}
         self.accepting = True
+        self.drained_to: str | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)
         self.started = time.time()
         self.fault = fault  # test hook: PYSTEER_FAULT (see tests/integration/test_migrate_*)
@@ -114,12 +126,19 @@ class Agent:
             client_tls = client_context(me.cert, me.key, config.ca)
         except (OSError, ssl.SSLError) as exc:
             raise AgentError(f"node {node}: cannot load its certificate or the CA: {exc}") from None
-        self.peers = {n: PeerLink(n, c.control, client_tls)
-                      for n, c in config.nodes.items() if n != node}  # fmt: skip
-        self.steer = SteerLink(config.steer.name, config.steer.control, client_tls)
+        self.peers = {
+            n: LinkPool(functools.partial(PeerLink, n, c.control, client_tls))
+            for n, c in config.nodes.items() if n != node
+        }  # fmt: skip
+        steer = config.steer
+        self.steer = LinkPool(functools.partial(SteerLink, steer.name, steer.control, client_tls))
         self._moving: set[Flow] = set()
         self._stop = asyncio.Event()
         self.control_path = control_path(config.name, node)
+        self.metrics: AgentMetrics | None = None
+        if metrics is not None:
+            self.metrics = AgentMetrics(node, lambda: len(self.runtime.connections))
+            self._metrics_listen = metrics
 
     # --- lifecycle -------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -133,6 +152,11 @@ class Agent:
             peer_server = await loop.create_server(lambda: _Held(self._peer_tls), host, port)
         except OSError as exc:
             raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        if self.metrics is not None:
+            try:
+                serve_metrics(self.metrics.registry, self._metrics_listen)
+            except OSError as exc:
+                raise AgentError(f"cannot serve metrics: {exc.strerror or exc}") from None
         self.control_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             self.control_path.unlink()
@@ -143,9 +167,9 @@ class Agent:
             os.umask(old)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
-        print(f"agent {self.name}: serving {sorted(self.runtime.services)} on "
-              f"{', '.join(self.runtime.addresses)}; peers at {host}:{port}; "
-              f"control at {self.control_path}", flush=True)  # fmt: skip
+        log.info("agent %s: serving %s on %s; peers at %s:%d; control at %s", self.name,
+                 sorted(self.runtime.services), ", ".join(self.runtime.addresses), host, port,
+                 self.control_path)  # fmt: skip
         try:
             await self._stop.wait()
         finally:
@@ -238,6 +262,7 @@ class Agent:
             self.ledger.claim(mid)
         except BlobError as exc:
             log.warning("import %s from %s refused: %s", short, who, exc)
+            self._count_import("refused")
             return {"ok": False, "error": str(exc)}
         if blob.flow.dport not in self.runtime.services:
             self.ledger.decide(mid, "aborted")
@@ -272,6 +297,7 @@ class Agent:
             self._abort_entry(mid, entry, f"thaw failed: {exc}")
             return {"ok": False, "error": f"thaw failed on {self.name}: {exc}"}
         self.ledger.decide(mid, "committed")
+        self._count_import("committed")
         exported = Exported(entry.sock, blob.tcp, blob.tls, blob.app, blob.out, blob.flow.dport, {})
         self.runtime.adopt_socket(entry.sock, exported)
         log.info("import %s: %s now served here", mid.hex()[:12], blob.flow)
@@ -286,7 +312,12 @@ class Agent:
         with contextlib.suppress(tcp.RepairError, OSError):
             tcp.release(entry.sock)
         self.ledger.decide(mid, "aborted")
+        self._count_import("aborted")
         log.warning("import %s of %s aborted: %s", mid.hex()[:12], entry.blob.flow, why)
+
+    def _count_import(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.imported(outcome)
 
     # --- local control (unix socket, 0600) ---------------------------------------------------
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -299,6 +330,9 @@ class Agent:
                 except ValueError:
                     answer = {"ok": False, "error": "requests are one JSON object per line"}
                 else:
+                    if req.get("cmd") == "drain":
+                        await self._drain(req, reader, writer)
+                        continue
                     answer = await self._control_op(req)
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
@@ -307,7 +341,7 @@ class Agent:
         finally:
             writer.close()
 
-    async def _control_op(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def _control_op(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - dispatch
         cmd = req.get("cmd")
         if cmd == "flows":
             flows = [c.describe() | {"node": self.name} for c in self.runtime.connections.values()]
@@ -316,6 +350,8 @@ class Agent:
             return {"ok": True, "status": await self.status()}
         if cmd == "migrations":
             return {"ok": True, "migrations": list(self.history)}
+        if cmd == "undrain":
+            return await self._undrain()
         if cmd in ("cordon", "uncordon"):
             self.accepting = cmd == "uncordon"
             return {"ok": True, "accepting": self.accepting}
@@ -341,14 +377,79 @@ class Agent:
             return {"ok": False, "error": f"flow {flow} is not served on {self.name}"}
         if flow in self._moving:
             return {"ok": False, "error": f"flow {flow} is already moving"}
+        return {"ok": True, "migration": await self.migrate_flow(flow, target, float(timeout))}
+
+    async def migrate_flow(self, flow: Flow, target: str, timeout: float) -> dict[str, Any]:
+        """Move one flow (checked by the caller); returns the report, kept in the history."""
         self._moving.add(flow)
         try:
-            report = await Migration(self, flow, target, float(timeout)).run()
+            report = await Migration(self, flow, target, timeout).run()
         finally:
             self._moving.discard(flow)
         result = report.to_json()
         self.history.append(result)
-        return {"ok": True, "migration": result}
+        if self.metrics is not None:
+            self.metrics.migration(result)
+        return result
+
+    async def _drain(self, req: dict[str, Any], reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:  # fmt: skip
+        """A drain streams progress lines, then its summary; any line from the client (or
+        its hanging up) stops it after the batch in flight."""
+
+        async def send(message: dict[str, Any]) -> None:
+            try:
+                writer.write(json.dumps(message).encode() + b"\n")
+                await writer.drain()
+            except (ConnectionError, OSError):
+                stop.set()
+
+        target, batch, timeout = req.get("to"), req.get("batch", 32), req.get("timeout_s", 5.0)
+        error = None
+        if target not in self.peers:
+            error = f"cannot drain {self.name} to {target!r}" + (
+                " (itself)" if target == self.name else f" (nodes: {', '.join(self.peers)})"
+            )
+        elif not isinstance(batch, int) or not 1 <= batch <= 4096:
+            error = "batch must be 1..4096"
+        elif not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+            error = "timeout must be a number of seconds in (0, 600]"
+        stop = asyncio.Event()
+        if error:
+            await send({"ok": False, "error": error})
+            return
+        drain = Drain(self, str(target), batch, float(timeout), stop=stop,
+                      progress=lambda counts: send({"ok": True, "progress": counts}))  # fmt: skip
+        try:
+            await drain.start()
+        except DrainError as exc:
+            await send({"ok": False, "error": str(exc)})
+            return
+
+        async def watch() -> None:
+            with contextlib.suppress(OSError, ValueError):
+                await reader.readline()
+            stop.set()
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            summary = await drain.run()
+        finally:
+            watcher.cancel()
+        log.info("drain %s -> %s%s: %d moved, %d rolled back, %d failed, %d still here",
+                 self.name, target, " (interrupted)" if summary["interrupted"] else "",
+                 summary["moved"], summary["rolled_back"], summary["failed"],
+                 len(summary["remaining"]))  # fmt: skip
+        await send({"ok": True, "drain": summary})
+
+    async def _undrain(self) -> dict[str, Any]:
+        try:
+            for vip in self.runtime.addresses:
+                await self.steer.call(5.0, cmd="divert", address=vip, host=None)
+        except (LinkError, Refused) as exc:
+            return {"ok": False, "error": f"steering node: {exc}"}
+        self.accepting, self.drained_to = True, None
+        return {"ok": True}
 
     async def status(self) -> dict[str, Any]:
         try:
@@ -362,6 +463,7 @@ class Agent:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 1),
             "accepting": self.accepting,
+            "drained_to": self.drained_to,
             "services": {
                 str(p): {"app": s.app, "tls": s.tls is not None}
                 for p, s in self.runtime.services.items()
@@ -378,8 +480,10 @@ class Agent:
         }
 
 
-def run(config: ClusterConfig, node: str) -> int:
+def run(config: ClusterConfig, node: str, *, metrics: tuple[str, int] | None = None,
+        log_json: bool = False) -> int:  # fmt: skip
     """``pysteer agent run``: serve until SIGTERM."""
-    agent = Agent(config, node, fault=os.environ.get("PYSTEER_FAULT"))
+    setup_logging(log_json)
+    agent = Agent(config, node, fault=os.environ.get("PYSTEER_FAULT"), metrics=metrics)
     asyncio.run(agent.serve())
     return 0

@@ -11,12 +11,13 @@ import argparse
 import datetime
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from pysteer.agent.control import AgentDown, AgentRefused, ask
+from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask
 from pysteer.cluster.config import ENV, ClusterConfig, ConfigError, load_config
 from pysteer.errors import UsageError
 from pysteer.steer.flow import Flow, FlowSyntaxError
@@ -33,6 +34,9 @@ def add_parser(sub: Any) -> None:
     run = cmds.add_parser("run", help="run this node's agent (until SIGTERM)")
     _config(run)
     run.add_argument("--node", required=True, help="this node's name in the cluster file")
+    run.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics")  # fmt: skip
+    run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     run.set_defaults(func=cmd_run)
     for name, help_ in (("cordon", "refuse imports (migrations to the node)"),
                         ("uncordon", "accept imports again")):  # fmt: skip
@@ -56,6 +60,29 @@ def add_parser(sub: Any) -> None:
                      help="seconds before an unfinished move rolls back (default: 5)")  # fmt: skip
     mig.add_argument("--json", action="store_true", help="print the report with its timeline")
     mig.set_defaults(func=cmd_migrate)
+
+    drain = sub.add_parser(
+        "drain",
+        help="move every connection of a node to another (before a reboot)",
+        description="Move every flow of --from to --to, in concurrent batches, with a "
+        "progress bar on stderr. New connections to the VIP go to --to from the start, and --from "
+        "takes none until `pysteer undrain`. Ctrl-C stops after the batch in flight; every "
+        "flow then is on exactly one node, and the summary says which stayed. Run it "
+        "again to finish.",
+    )
+    _config(drain)
+    drain.add_argument("--from", dest="source", required=True, metavar="NODE")
+    drain.add_argument("--to", dest="target", required=True, metavar="NODE")
+    drain.add_argument("--batch", type=int, default=32, help="migrations at a time (32)")
+    drain.add_argument("--timeout", type=float, default=5.0, help="per migration (5 s)")
+    drain.add_argument("--dry-run", action="store_true", help="list what would move")
+    drain.add_argument("--json", action="store_true", help="print the summary as JSON")
+    drain.set_defaults(func=cmd_drain)
+
+    undrain = sub.add_parser("undrain", help="let a drained node take new connections again")
+    _config(undrain)
+    undrain.add_argument("node", metavar="NODE")
+    undrain.set_defaults(func=cmd_undrain)
 
     flows = sub.add_parser("flows", help="list the connections each node serves")
     _config(flows)
@@ -95,11 +122,16 @@ def _node(cfg: ClusterConfig, name: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pysteer.agent.agent import AgentError, run  # noqa: PLC0415 - needs the TLS stack
+    from pysteer.metrics import parse_listen  # noqa: PLC0415
 
     cfg = _load(args)
     node = _node(cfg, args.node)
     try:
-        return run(cfg, node)
+        metrics = parse_listen(args.metrics) if args.metrics else None
+    except ValueError as exc:
+        raise UsageError(f"--metrics: {exc}") from None
+    try:
+        return run(cfg, node, metrics=metrics, log_json=args.log_json)
     except AgentError as exc:
         raise UsageError(str(exc)) from None
 
@@ -157,6 +189,120 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     else:
         print(_describe(report))
     return 0 if report["outcome"] == "moved" else 1
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    source, target = _node(cfg, args.source), _node(cfg, args.target)
+    if source == target:
+        raise UsageError("--from and --to are the same node")
+    if not 1 <= args.batch <= 4096 or not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
+        raise UsageError("--batch must be 1..4096 and --timeout in (0, 600] seconds")
+    flows, down = _all_flows(cfg, [source, target])
+    for node in down:
+        raise UsageError(f"node {node} is down (no agent at {_path(cfg, node)})")
+    mine = sorted(f["flow"] for f in flows if f["node"] == source)
+    if args.dry_run:
+        for flow in mine:
+            print(flow)
+        print(f"would move {len(mine)} flow(s) from {source} to {target}, and send new "
+              f"connections to {target}")  # fmt: skip
+        return 0
+    try:
+        stream = Stream(_path(cfg, source), "drain", to=target, batch=args.batch,
+                        timeout_s=args.timeout)  # fmt: skip
+    except (AgentDown, AgentRefused) as exc:
+        raise UsageError(str(exc)) from None
+    answer = _follow(stream, source)
+    summary = answer["drain"]
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_drain(summary)
+    if summary["interrupted"]:
+        return 130
+    return 0 if not summary["remaining"] and not summary["not_moved"] else 1
+
+
+def _follow(stream: Stream, source: str) -> dict[str, Any]:
+    """Show the drain's progress until its summary; Ctrl-C asks it to stop."""
+    bar = _Progress(sys.stderr.isatty())
+    interrupted = False
+    try:
+        while True:
+            try:
+                answer = stream.next()
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise
+                interrupted = True
+                print("\nstopping after the batch in flight (Ctrl-C again to leave now)",
+                      file=sys.stderr)  # fmt: skip
+                stream.stop()
+                continue
+            if "progress" not in answer:
+                return answer
+            bar.show(answer["progress"])
+    except AgentRefused as exc:
+        raise UsageError(str(exc)) from None
+    except AgentDown as exc:
+        raise UsageError(f"node {source}: {exc}") from None
+    finally:
+        stream.close()
+        bar.done()
+
+
+class _Progress:
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.shown = tty, False
+
+    def show(self, p: dict[str, Any]) -> None:
+        done = p["moved"] + p["rolled_back"] + p["failed"]
+        text = (f"{done}/{p['total']} done: {p['moved']} moved, {p['rolled_back']} rolled "
+                f"back, {p['failed']} failed")  # fmt: skip
+        if self.tty:
+            width = 30
+            filled = width * done // max(p["total"], 1)
+            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}", end="", flush=True,
+                  file=sys.stderr)  # fmt: skip
+            self.shown = True
+        else:
+            print(text, flush=True, file=sys.stderr)
+
+    def done(self) -> None:
+        if self.shown:
+            print(file=sys.stderr)
+
+
+def _print_drain(s: dict[str, Any]) -> None:
+    f = s["freeze_ms"]
+    head = "drain interrupted" if s["interrupted"] else "drain done"
+    print(f"{head}: {s['from']} -> {s['to']}: {s['moved']} moved, {s['rolled_back']} rolled "
+          f"back, {s['failed']} failed in {s['seconds']:.2f} s ({s['per_second']}/s)")  # fmt: skip
+    if f["p50"] is not None:
+        print(f"freeze window: p50 {f['p50']} ms, p90 {f['p90']} ms, p99 {f['p99']} ms, "
+              f"max {f['max']} ms")  # fmt: skip
+    for r in s["not_moved"]:
+        print(f"  not moved: {r['flow']} ({r['outcome']}: {r['error']})")
+    if s["remaining"]:
+        print(f"{len(s['remaining'])} flow(s) still served by {s['from']}:")
+        for flow in s["remaining"]:
+            print(f"  {flow}")
+    else:
+        print(f"{s['from']} serves no flow; new connections go to {s['to']}")
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    node = _node(cfg, args.node)
+    try:
+        ask(_path(cfg, node), "undrain")
+    except AgentDown as exc:
+        raise UsageError(f"node {node} is down: {exc}") from None
+    except AgentRefused as exc:
+        raise UsageError(str(exc)) from None
+    print(f"{node} takes new connections again")
+    return 0
 
 
 def _describe(r: dict[str, Any]) -> str:

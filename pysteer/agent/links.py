@@ -6,9 +6,11 @@ for a TLS handshake; a broken link is dialled again on next use.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pysteer.agent.frames import FrameError, read_frame, write_frame
@@ -35,6 +37,11 @@ class _Link:
     def where(self) -> str:
         host, port = self.address
         return f"{self.what} {self.name} at {'[' + host + ']' if ':' in host else host}:{port}"
+
+    async def connect(self, timeout: float) -> None:
+        """Open the link now (a no-op if it is open): its handshake is then out of the way."""
+        async with self._lock:
+            await self._connect(timeout)
 
     async def _connect(self, timeout: float) -> None:
         if self._writer is not None and not self._writer.is_closing():
@@ -107,3 +114,40 @@ class SteerLink(_Link):
         if not line.endswith(b"\n"):
             raise FrameError("the steering daemon hung up")
         return json.loads(line)
+
+
+class LinkPool:
+    """Up to ``size`` links to one peer, so concurrent migrations (a drain) do not queue
+    behind each other's round trips. A migration leases one link for its whole run."""
+
+    def __init__(self, make: Any, size: int = 8) -> None:
+        self._make, self.size = make, size
+        self._idle: list[_Link] = []
+        self._count = 0
+        self._free = asyncio.Condition()
+        self.name = make().name  # a throwaway link, never connected: for messages
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[Any]:
+        async with self._free:
+            while not self._idle and self._count >= self.size:
+                await self._free.wait()
+            if self._idle:
+                link = self._idle.pop()
+            else:
+                link = self._make()
+                self._count += 1
+        try:
+            yield link
+        finally:
+            async with self._free:
+                self._idle.append(link)
+                self._free.notify()
+
+    async def call(self, timeout: float, **request: Any) -> dict[str, Any]:
+        async with self.lease() as link:
+            return await link.call(timeout, **request)
+
+    def close(self) -> None:
+        for link in self._idle:
+            link.close()

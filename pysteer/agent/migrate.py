@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pysteer import tcp
-from pysteer.agent.links import LinkError, PeerLink, Refused
+from pysteer.agent.links import LinkError, PeerLink, Refused, SteerLink
 from pysteer.agent.timeline import Timeline
 from pysteer.steer.flow import Flow
 from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal
@@ -66,7 +66,8 @@ class Migration:
         self.mid = new_migration_id()
         self.report = Report(self.mid.hex(), str(flow), agent.name, target)
         self.tl = self.report.timeline
-        self.peer: PeerLink = agent.peers[target]
+        self.peer: PeerLink  # leased from the pools for the whole run
+        self.steer: SteerLink
         self._deadline = 0.0
         self._was: tuple[str | None, str | None] = (None, None)
 
@@ -76,10 +77,13 @@ class Migration:
     async def run(self) -> Report:
         self._deadline = asyncio.get_running_loop().time() + self.timeout
         self.tl.step("start")
-        try:
-            await self._run()
-        except _Stop as stop:
-            self.report.outcome, self.report.error = stop.outcome, stop.reason
+        async with (self.agent.peers[self.target].lease() as peer,
+                    self.agent.steer.lease() as steer):  # fmt: skip
+            self.peer, self.steer = peer, steer
+            try:
+                await self._run()
+            except _Stop as stop:
+                self.report.outcome, self.report.error = stop.outcome, stop.reason
         r = self.report
         level = logging.INFO if r.outcome == "moved" else logging.WARNING
         log.log(level, "migration %s %s -> %s: %s%s%s", r.id[:12], r.flow, r.target, r.outcome,
@@ -97,13 +101,17 @@ class Migration:
             raise _Stop("failed", f"node {self.target} refuses imports (cordoned)")
         if flow.dport not in hello.get("services", []):
             raise _Stop("failed", f"node {self.target} does not serve port {flow.dport}")
+        try:  # a handshake now, not inside the freeze
+            await self.steer.connect(self._left())
+        except LinkError as exc:
+            raise _Stop("failed", f"steering node: {exc}; nothing was frozen") from None
         self.tl.step("peer-ready")
         conn = agent.runtime.find(flow)
         if conn is None:
             raise _Stop("failed", f"flow {flow} closed before it could move")
         self.tl.step("park")
         try:
-            answer = await agent.steer.call(self._left(), cmd="park", flow=str(flow))
+            answer = await self.steer.call(self._left(), cmd="park", flow=str(flow))
         except Refused as exc:
             raise _Stop("failed", f"steering node refused: {exc}; nothing was frozen") from None
         except LinkError as exc:
@@ -173,7 +181,7 @@ class Migration:
         end = loop.time() + AFTER_COMMIT
         while True:
             try:
-                return await self.agent.steer.call(max(end - loop.time(), 0.5), cmd=cmd,
+                return await self.steer.call(max(end - loop.time(), 0.5), cmd=cmd,
                                                    flow=str(self.flow), **args)  # fmt: skip
             except LinkError:
                 if loop.time() > end:
@@ -235,7 +243,7 @@ class Migration:
         The flow is served here, so redirecting it here is right whatever it did before.
         """
         with contextlib.suppress(LinkError, Refused):
-            await self.agent.steer.call(1.0, cmd="to", flow=str(self.flow), host=self.agent.name)
+            await self.steer.call(1.0, cmd="to", flow=str(self.flow), host=self.agent.name)
 
 
 class _Stop(Exception):

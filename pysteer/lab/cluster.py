@@ -110,10 +110,13 @@ def agent_argv(config: Path, node: str) -> list[str]:
 class LabCluster:
     """The cluster's daemons on a lab: start, stop and kill them; their logs in ``dir``."""
 
-    def __init__(self, lab: Lab, directory: Path) -> None:
+    def __init__(self, lab: Lab, directory: Path, *, extra: list[str] | None = None) -> None:
+        """``extra``: options for every daemon (``--log-json``, for instance)."""
         self.lab = lab
         self.dir = directory
         self.config = write_cluster(lab, directory)
+        self.extra = list(extra or [])
+        self.metrics: dict[str, tuple[str, int]] = {}  # node -> its metrics listener
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.logs: dict[str, Path] = {}
 
@@ -132,13 +135,23 @@ class LabCluster:
             time.sleep(0.05)
         self.procs[name] = proc
 
+    def serve_metrics(self, port: int = 9100) -> None:
+        """Make every daemon started from now on serve Prometheus metrics on 127.0.0.1:PORT
+        of its own namespace."""
+        self.metrics = {n: ("127.0.0.1", port) for n in (self.lab.plan.steer, *self.lab.plan.hosts)}
+
+    def _extra(self, node: str) -> list[str]:
+        if node in self.metrics:
+            return [*self.extra, "--metrics", f"127.0.0.1:{self.metrics[node][1]}"]
+        return self.extra
+
     def start_steer(self) -> None:
-        argv = steer_argv(self.lab, self.config)
+        argv = steer_argv(self.lab, self.config) + self._extra(self.lab.plan.steer)
         self._start("steer", lambda **kw: subprocess.Popen(argv, **kw))
 
     def start_agent(self, node: str, fault: str | None = None) -> None:
         env = dict(os.environ, PYSTEER_FAULT=fault) if fault else None
-        argv = agent_argv(self.config, node)
+        argv = agent_argv(self.config, node) + self._extra(node)
         self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), env)
 
     def start(self) -> LabCluster:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,13 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--tls-cert", type=Path, help="this node's certificate (PEM)")
     run.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     run.add_argument("--tls-ca", type=Path, help="the CA that signs the agents' certificates")
+    run.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve Prometheus metrics (in the namespace of --netns)")  # fmt: skip
+    run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     run.set_defaults(func=cmd_run)
     for name, help_ in (("flows", "list the flow table"), ("hosts", "list the hosts"),
-                        ("stats", "global counters")):  # fmt: skip
+                        ("stats", "global counters"),
+                        ("diversions", "VIPs whose new connections go to one host")):  # fmt: skip
         p = cmds.add_parser(name, help=help_)
         _common(p)
         p.set_defaults(func=cmd_show, what=name)
@@ -56,6 +61,12 @@ def add_parser(sub: Any) -> None:
         if name == "to":
             p.add_argument("host", metavar="HOST")
         p.set_defaults(func=cmd_change, what=name)
+    div = cmds.add_parser("divert", help="send new connections to ADDRESS to HOST (a drain)")
+    _common(div)
+    div.add_argument("address", metavar="ADDRESS", help="a service address (VIP)")
+    div.add_argument("host", metavar="HOST", nargs="?", help="the host new connections go to")
+    div.add_argument("--clear", action="store_true", help="route new connections normally again")
+    div.set_defaults(func=cmd_divert)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -91,10 +102,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError("--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)")
         listen = (host.strip("[]"), int(port))
         tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+    metrics = None
+    if args.metrics:
+        from pysteer.metrics import parse_listen  # noqa: PLC0415
+
+        try:
+            metrics = parse_listen(args.metrics)
+        except ValueError as exc:
+            raise UsageError(f"--metrics: {exc}") from None
     try:
         return run(args.name, args.ifname, hosts, namespace=args.netns, mode=args.mode,
                    max_flows=args.max_flows, max_parked=args.max_parked, listen=listen,
-                   tls=tls)  # fmt: skip
+                   tls=tls, metrics=metrics, log_json=args.log_json)  # fmt: skip
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
 
@@ -112,9 +131,27 @@ def cmd_show(args: argparse.Namespace) -> int:
     elif args.what == "hosts":
         for row in answer["hosts"]:
             print(f"{row['name']:<10} {row['ifname']:<12} {row['mac']}")
+    elif args.what == "diversions":
+        for address, host in answer["diversions"].items():
+            print(f"{address:<40} -> {host}")
     else:
         for key, value in answer["stats"].items():
             print(f"{key:<16} {value}")
+    return 0
+
+
+def cmd_divert(args: argparse.Namespace) -> int:
+    try:
+        address = str(ipaddress.ip_address(args.address))
+    except ValueError:
+        raise UsageError(f"not an IP address: {args.address!r}") from None
+    if args.clear == bool(args.host):
+        raise UsageError("give HOST, or --clear (not both)")
+    answer = _ask(args, "divert", address=address, host=None if args.clear else args.host)
+    if args.json:
+        print(json.dumps(answer["diversions"]))
+    else:
+        print(f"new connections to {address}: {'routed' if args.clear else 'to ' + args.host}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Request ``{"cmd": ..., ...}``; answer ``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``.
 Commands: flows, hosts, stats, park FLOW (answers what it did before), to FLOW HOST,
-pass FLOW [HOST] (replays parked packets to HOST, the host it routes to), forget FLOW.
+pass FLOW [HOST] (replays parked packets to HOST, the host it routes to), forget FLOW,
+divert ADDRESS HOST|null (new connections to ADDRESS go to HOST), diversions.
 """
 
 from __future__ import annotations

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
 import ssl
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+from pysteer.metrics import setup_logging
 from pysteer.netns import call_in
 from pysteer.steer.control import RUN_DIR, LineReader, socket_path
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.steer.maps import Action
 from pysteer.steer.steerer import Steerer, SteerError
+
+log = logging.getLogger("pysteer.steer")
 
 
 class DaemonError(RuntimeError):
@@ -59,6 +63,10 @@ class Daemon:
                 return {"ok": True, cmd: self._show(cmd)}
             if cmd in ("park", "to", "pass", "forget"):
                 return {"ok": True} | self._change(cmd, req)
+            if cmd == "divert":
+                return self._divert(req)
+            if cmd == "diversions":
+                return {"ok": True, "diversions": self.steerer.diversions()}
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         except (SteerError, FlowSyntaxError) as exc:
             return {"ok": False, "error": str(exc)}
@@ -77,6 +85,15 @@ class Daemon:
             "park_dropped": sum(c.dropped for c in parked),
             "park_lost": sum(c.lost for c in parked),
         }
+
+    def _divert(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            address = ipaddress.ip_address(str(req.get("address")))
+        except ValueError:
+            return {"ok": False, "error": f"divert: not an address: {req.get('address')!r}"}
+        host = req.get("host")
+        self.steerer.divert(address, None if host is None else str(host))
+        return {"ok": True, "diversions": self.steerer.diversions()}
 
     def _change(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
         st = self.steerer
@@ -161,7 +178,7 @@ class Daemon:
             conn = context.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             raw.close()  # no valid client certificate: nothing is answered
-            print(f"refused a control connection: {exc}", file=sys.stderr, flush=True)
+            log.warning("refused a control connection: %s", exc)
             return
         conn.settimeout(None)  # agents keep their connection open between migrations
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -182,8 +199,11 @@ def run(
     max_parked: int = 8192,
     listen: tuple[str, int] | None = None,
     tls: ssl.SSLContext | None = None,
+    metrics: tuple[str, int] | None = None,
+    log_json: bool = False,
 ) -> int:
     """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned."""
+    setup_logging(log_json)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     lock = open(RUN_DIR / f"steer-{name}.lock", "w")  # noqa: SIM115 - held for our lifetime
     try:
@@ -202,9 +222,23 @@ def run(
         if tls is None:
             raise DaemonError("a TCP control listener needs mutual TLS (certificate, key, CA)")
         daemon.listen_tls(listen, tls, namespace)
+    if metrics is not None:
+        from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+        from pysteer.metrics import SteerCollector, serve  # noqa: PLC0415
+
+        registry = CollectorRegistry()
+        registry.register(SteerCollector(steerer))
+        try:
+            if namespace:
+                call_in(namespace, serve, registry, metrics)
+            else:
+                serve(registry, metrics)
+        except OSError as exc:
+            raise DaemonError(f"cannot serve metrics on {metrics[0]}:{metrics[1]}: {exc}") from None
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
-    print(f"steering {ifname} ({steerer.mode}) as {name!r}; control at {daemon.path}", flush=True)
+    log.info("steering %s (%s) as %r; control at %s", ifname, steerer.mode, name, daemon.path)
     try:
         daemon.serve()
     finally:

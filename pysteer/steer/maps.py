@@ -28,6 +28,7 @@ class Stat(enum.IntEnum):
     DROP_PARK_FULL = 6
     GUARD_DROPPED = 7
     XDP_FALLBACK = 8
+    NEW_DIVERTED = 9
 
 
 class FlowKey(ctypes.Structure):
@@ -66,6 +67,23 @@ class HostEntry(ctypes.Structure):
 class ParkMeta(ctypes.Structure):
     _fields_ = (("key", FlowKey), ("seq", ctypes.c_uint64), ("len", ctypes.c_uint32),
                 ("pad", ctypes.c_uint32))  # fmt: skip
+
+
+class ServiceKey(ctypes.Structure):
+    _fields_ = (("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
+                ("addr", ctypes.c_uint32 * 4))  # fmt: skip
+
+
+def service_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ServiceKey:
+    key = ServiceKey()
+    key.family = address.version
+    packed = address.packed
+    ctypes.memmove(key.addr, packed, len(packed))
+    return key
+
+
+def key_service(key: ServiceKey) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(bytes(key.addr)[: 4 if key.family == 4 else 16])
 
 
 def _swap16(port: int) -> int:

@@ -9,7 +9,9 @@ packet parked in between, so none is lost and none overtakes the replay.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import ipaddress
 import socket
 import threading
 import time
@@ -31,6 +33,8 @@ from pysteer.steer.maps import (
     ParkMeta,
     Stat,
     flow_key,
+    key_service,
+    service_key,
 )
 from pysteer.steer.packet import PacketError, forward
 from pysteer.steer.pins import pin_dir
@@ -153,6 +157,27 @@ class Steerer:
         except KeyError:
             known = ", ".join(self.hosts) or "none"
             raise SteerError(f"unknown host {name!r} (known: {known})") from None
+
+    # --- new connections ---------------------------------------------------------------------
+    def divert(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+               host: str | None) -> None:  # fmt: skip
+        """Send new connections to ``address`` (a VIP) to ``host`` (None: route them again).
+
+        Only a connection's first SYN is diverted, and it enters the flow table as TO(host);
+        established flows keep going where they go. This is what a drain needs.
+        """
+        table = self.bpf[b"new_flows"]
+        key = service_key(address)
+        if host is None:
+            with contextlib.suppress(KeyError):
+                del table[key]
+            return
+        table[key] = ctypes.c_uint32(self._host(host).id)
+
+    def diversions(self) -> dict[str, str]:
+        names = self.items_by_host()
+        return {str(key_service(k)): names.get(v.value, f"#{v.value}")
+                for k, v in self.bpf[b"new_flows"].items()}  # fmt: skip
 
     # --- the flow table -------------------------------------------------------------------------
     def get(self, flow: Flow) -> FlowView | None:

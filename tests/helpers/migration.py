@@ -9,17 +9,12 @@ host, point the steering node's VIP route at it, release the old socket, unlock.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
 import random
 import selectors
-import signal
 import socket
-import subprocess
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import msgpack
 from pyroute2 import IPRoute
@@ -27,6 +22,7 @@ from pyroute2 import IPRoute
 from helpers.flowlock import FlowLock
 from pysteer import tcp
 from pysteer.lab import Lab
+from pysteer.lab.clients import RstCapture, netstat  # noqa: F401 - re-exported
 
 
 def wire_round_trip(state: tcp.TcpState) -> tcp.TcpState:
@@ -224,46 +220,3 @@ def connect(family: int, addr: str, port: int, *, mss: int | None = None) -> soc
     sock.settimeout(10)
     sock.connect((addr, port))
     return sock
-
-
-def netstat(section: str = "Tcp") -> dict[str, int]:
-    """Counters of this thread's namespace: ``Tcp`` (snmp) or ``TcpExt`` (netstat)."""
-    path = "netstat" if section == "TcpExt" else "snmp"
-    rows = [ln.split() for ln in Path(f"/proc/thread-self/net/{path}").read_text().splitlines()]
-    names, values = [r for r in rows if r[0] == f"{section}:"][:2]
-    return {n: int(v) for n, v in zip(names[1:], values[1:], strict=True)}
-
-
-class RstCapture:
-    """tcpdump of RST segments on one interface of a lab node, for the life of a with-block."""
-
-    FILTER = "(tcp[tcpflags] & tcp-rst != 0) or (ip6 and ip6[6] == 6 and ip6[53] & 4 != 0)"
-
-    def __init__(self, lab: Lab, node: str, ifname: str) -> None:
-        self.lab, self.node, self.ifname = lab, node, ifname
-        self.path = Path(tempfile.mkdtemp(prefix="pysteer-rst-")) / "rst.pcap"
-        self.count: int | None = None
-
-    def __enter__(self) -> RstCapture:
-        # --immediate-mode: without it a packet can wait a whole buffer timeout (1 s) in
-        # the kernel's ring and be lost when we stop tcpdump.
-        argv = ["tcpdump", "-i", self.ifname, "-nn", "--immediate-mode", "-U",
-                "-w", str(self.path), self.FILTER]  # fmt: skip
-        self.proc = self.lab.popen(self.node, argv, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stderr.readline()  # "listening on ..." once the filter is in place
-        if "listening on" not in line:
-            raise RuntimeError(f"tcpdump did not start: {line}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.05)  # let the last packets reach tcpdump
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.wait(10)
-        self.proc.stderr.close()
-        out = subprocess.run(
-            ["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True, check=True
-        )
-        self.lines = out.stdout.splitlines()
-        self.count = len(self.lines)
-        os.unlink(self.path)
-        os.rmdir(self.path.parent)

@@ -58,6 +58,8 @@ class HttpApp:
     def __call__(self, conn: TlsServerConnection, data: bytes) -> None:
         if out := self.handler.on_data(data):
             conn.send(out)
+        while out := self.handler.pull(1 << 20):  # the whole response (this server is simple)
+            conn.send(out)
         if self.handler.closing:
             conn.close()
 

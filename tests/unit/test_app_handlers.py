@@ -111,3 +111,10 @@ def test_load_handler() -> None:
     ]:
         with pytest.raises(HandlerError, match=message):
             load_handler(spec)
+
+
+def test_http_body_at_an_offset() -> None:
+    """What a streamed download continues with after a move: the body from its position."""
+    body = http_body(200_000)
+    assert http_body(50_000, 150_000) == body[150_000:]
+    assert http_body(10, 65530) == body[65530:65540]

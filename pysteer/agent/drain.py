@@ -1,0 +1,111 @@
+"""Draining a host: every flow moves to another node, and new connections go there too.
+
+The agent that drains first makes the steering node divert new connections (their SYN)
+for every VIP to the target, and refuses imports itself; then it moves its flows in
+batches, each batch's migrations running concurrently. A stop request (the CLI's Ctrl-C,
+or the CLI going away) ends it after the batch in flight: every migration ends with its
+flow on exactly one node, and the summary lists the flows still here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from pysteer.agent.links import LinkError, Refused
+
+if TYPE_CHECKING:
+    from pysteer.agent.agent import Agent
+
+MAX_ROUNDS = 5  # connections that arrived just before the divert get this many passes
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 3)
+
+
+class DrainError(RuntimeError):
+    """The drain could not start; nothing was changed."""
+
+
+class Drain:
+    def __init__(self, agent: Agent, target: str, batch: int, timeout: float, *,
+                 stop: asyncio.Event, progress: Callable[[dict[str, Any]], Awaitable[None]],
+                 ) -> None:  # fmt: skip
+        self.agent, self.target, self.batch, self.timeout = agent, target, batch, timeout
+        self.stop, self.progress = stop, progress
+        self.results: list[dict[str, Any]] = []
+
+    async def start(self) -> None:
+        """Check the target, divert new connections to it and stop taking imports."""
+        agent = self.agent
+        try:
+            hello = await agent.peers[self.target].call(self.timeout, op="hello")
+        except (LinkError, Refused) as exc:
+            raise DrainError(f"node {self.target} is unreachable: {exc}") from None
+        if not hello.get("accepting"):
+            raise DrainError(f"node {self.target} refuses imports (cordoned)")
+        agent.accepting = False
+        try:
+            for vip in agent.runtime.addresses:
+                await agent.steer.call(self.timeout, cmd="divert", address=vip, host=self.target)
+        except (LinkError, Refused) as exc:
+            agent.accepting = True
+            raise DrainError(f"steering node: {exc}") from None
+        agent.drained_to = self.target
+
+    async def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        total = len(self.agent.runtime.connections)
+        for _ in range(MAX_ROUNDS):
+            flows = [c.flow for c in list(self.agent.runtime.connections.values()) if c.flow]
+            if not flows or self.stop.is_set():
+                break
+            total = max(total, len(self.results) + len(flows))
+            for i in range(0, len(flows), self.batch):
+                if self.stop.is_set():
+                    break
+                batch = flows[i : i + self.batch]
+                reports = await asyncio.gather(*(
+                    self.agent.migrate_flow(f, self.target, self.timeout) for f in batch
+                ))  # fmt: skip
+                self.results += reports
+                await self.progress(self._counts() | {"total": total})
+        return self._summary(time.perf_counter() - started)
+
+    def _counts(self) -> dict[str, int]:
+        outcomes = [r["outcome"] for r in self.results]
+        return {
+            "moved": outcomes.count("moved"),
+            "rolled_back": outcomes.count("rolled-back"),
+            "failed": len(outcomes) - outcomes.count("moved") - outcomes.count("rolled-back"),
+        }
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        freeze = [r["freeze_ms"] for r in self.results if r["freeze_ms"] is not None]
+        remaining = sorted(str(c.flow) for c in self.agent.runtime.connections.values())
+        counts = self._counts()
+        return counts | {
+            "from": self.agent.name,
+            "to": self.target,
+            "interrupted": self.stop.is_set(),
+            "seconds": round(seconds, 3),
+            "per_second": round(counts["moved"] / seconds, 1) if seconds > 0 else None,
+            "freeze_ms": {
+                "p50": percentile(freeze, 0.5),
+                "p90": percentile(freeze, 0.9),
+                "p99": percentile(freeze, 0.99),
+                "max": round(max(freeze), 3) if freeze else None,
+            },
+            "remaining": remaining,
+            "not_moved": [
+                {"flow": r["flow"], "outcome": r["outcome"], "error": r["error"]}
+                for r in self.results
+                if r["outcome"] != "moved"
+            ],
+        }

@@ -1,0 +1,232 @@
+"""Unmodified clients in the lab, and what they noticed: streams, counters, RSTs.
+
+``Session`` drives an interactive client program (s_client, gnutls-cli, a line client)
+over its stdin and stdout, timestamping what it prints. ``check_ticker_stream`` checks the
+ticker app's output byte for byte. ``RstCapture`` records every RST on a link, and
+``netstat`` reads the TCP counters of the calling thread's namespace. The tests and
+``scripts/demo`` use them alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from pysteer.lab.topology import Lab
+
+
+def netstat(section: str = "Tcp") -> dict[str, int]:
+    """Counters of this thread's namespace: ``Tcp`` (snmp) or ``TcpExt`` (netstat)."""
+    path = "netstat" if section == "TcpExt" else "snmp"
+    rows = [ln.split() for ln in Path(f"/proc/thread-self/net/{path}").read_text().splitlines()]
+    names, values = [r for r in rows if r[0] == f"{section}:"][:2]
+    return {n: int(v) for n, v in zip(names[1:], values[1:], strict=True)}
+
+
+class RstCapture:
+    """tcpdump of RST segments on one interface of a lab node, for the life of a with-block."""
+
+    FILTER = "(tcp[tcpflags] & tcp-rst != 0) or (ip6 and ip6[6] == 6 and ip6[53] & 4 != 0)"
+
+    def __init__(self, lab: Lab, node: str, ifname: str) -> None:
+        self.lab, self.node, self.ifname = lab, node, ifname
+        self.path = Path(tempfile.mkdtemp(prefix="pysteer-rst-")) / "rst.pcap"
+        self.count: int | None = None
+
+    def __enter__(self) -> RstCapture:
+        # --immediate-mode: without it a packet can wait a whole buffer timeout (1 s) in
+        # the kernel's ring and be lost when we stop tcpdump.
+        argv = ["tcpdump", "-i", self.ifname, "-nn", "--immediate-mode", "-U",
+                "-w", str(self.path), self.FILTER]  # fmt: skip
+        self.proc = self.lab.popen(self.node, argv, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stderr.readline()  # "listening on ..." once the filter is in place
+        if "listening on" not in line:
+            raise RuntimeError(f"tcpdump did not start: {line}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        time.sleep(0.05)  # let the last packets reach tcpdump
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(10)
+        self.proc.stderr.close()
+        out = subprocess.run(
+            ["tcpdump", "-nn", "-r", str(self.path)], capture_output=True, text=True, check=True
+        )
+        self.lines = out.stdout.splitlines()
+        self.count = len(self.lines)
+        os.unlink(self.path)
+        os.rmdir(self.path.parent)
+
+
+class Session:
+    """An interactive client: lines go to its stdin, everything it prints is kept."""
+
+    def __init__(self, lab: Lab, argv: list[str], interval: float = 0.02) -> None:
+        self.proc = lab.popen("client", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)  # fmt: skip
+        self.out = bytearray()
+        self.arrivals: list[float] = []  # monotonic time of each chunk read
+        self.sent: list[bytes] = []
+        self.interval = interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._writer: threading.Thread | None = None
+
+    def _read(self) -> None:
+        while chunk := self.proc.stdout.read1(65536):
+            with self._lock:
+                self.out += chunk
+                self.arrivals.append(time.monotonic())
+
+    def largest_gap(self, start: float, end: float) -> float:
+        """The longest silence (s) between outputs within [start, end]."""
+        with self._lock:
+            times = [t for t in self.arrivals if start <= t <= end]
+        return max((b - a for a, b in itertools.pairwise(times)), default=end - start)
+
+    def text(self) -> str:
+        with self._lock:
+            return self.out.decode(errors="replace")
+
+    def wait_for(self, needle: str, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{needle!r} not seen; got {self.text()[-500:]!r}")
+            time.sleep(0.02)
+
+    def send(self, line: bytes) -> None:
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+        self.sent.append(line)
+
+    def command(self, line: bytes) -> None:
+        """Input the client itself acts on (s_client's K): not sent as data."""
+        self.proc.stdin.write(line)
+        self.proc.stdin.flush()
+
+    def start_writing(self) -> None:
+        def write() -> None:
+            n = 0
+            while not self._stop.wait(self.interval):
+                n += 1
+                self.send(b"line-%d-%s\n" % (n, b"x" * (n % 37)))
+
+        self._writer = threading.Thread(target=write, daemon=True)
+        self._writer.start()
+
+    def stop_writing(self) -> None:
+        self._stop.set()
+        if self._writer:
+            self._writer.join()
+
+    def drain(self, timeout: float = 20) -> None:
+        """Wait for the echo of every line sent, and a few more ticks."""
+        self.wait_for(f"echo {len(self.sent)} ", timeout)
+        time.sleep(0.3)
+
+    def finish(self) -> str:
+        """End the client (its kernel may answer the ticks still coming with a RST)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        self.proc.stdin.close()
+        self.proc.stderr.close()
+        return self.text()
+
+
+class StreamError(AssertionError):
+    """A client's stream shows a loss, a repeat, a reorder or a reconnect."""
+
+
+TICK = re.compile(r"^tick (\d+)$")
+ECHO = re.compile(r"^echo (\d+) (.*)$")
+
+
+def check_ticker_stream(text: str, sent: list[bytes]) -> int:
+    """The ticker's output, line by line: one greeting, consecutive ticks, one echo per line
+    sent in order with a counter that never restarts (a reconnect would start it again).
+    Returns the number of ticks."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if "ticker ready" not in lines:
+        raise StreamError("the ticker's greeting never came")
+    lines = lines[lines.index("ticker ready") :]
+    if lines.count("ticker ready") != 1:
+        raise StreamError("the app greeted twice: a reconnect")
+    ticks, echoes = [], []
+    for line in lines[1:]:
+        if m := TICK.match(line):
+            ticks.append(int(m.group(1)))
+        elif m := ECHO.match(line):
+            echoes.append((int(m.group(1)), m.group(2)))
+        else:
+            raise StreamError(f"unexpected line {line!r}")
+    if ticks != list(range(1, len(ticks) + 1)):
+        raise StreamError("ticks lost, repeated or restarted")
+    expected = [(i + 1, s.decode().rstrip("\n")) for i, s in enumerate(sent)]
+    if echoes != expected:
+        raise StreamError("echoes lost, repeated or out of order")
+    return len(ticks)
+
+
+class LineClient(threading.Thread):
+    """A client in this process on a socket from the lab (plain or Python ssl): a line every
+    ``interval``, every byte it gets kept with arrival times. Same checks as a Session."""
+
+    def __init__(self, sock: socket.socket, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.out, self.sent = sock, bytearray(), []
+        self.arrivals: list[float] = []
+        self.interval = interval
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        sock.settimeout(interval)
+
+    def run(self) -> None:
+        try:
+            next_send = 0.0
+            while not self.stop.is_set() or f"echo {len(self.sent)} ".encode() not in self.out:
+                now = time.monotonic()
+                if not self.stop.is_set() and now >= next_send:
+                    line = b"l-%d\n" % (len(self.sent) + 1)
+                    self.sock.sendall(line)
+                    self.sent.append(line)
+                    next_send = now + self.interval
+                try:
+                    chunk = self.sock.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    raise EOFError("server closed")
+                self.out += chunk
+                self.arrivals.append(time.monotonic())
+        except BaseException as exc:  # kept for the check
+            self.error = exc
+
+    def finish(self, timeout: float = 30) -> str:
+        """Stop sending, wait for the last echo; the stream's text."""
+        self.stop.set()
+        self.join(timeout)
+        if self.is_alive():
+            raise StreamError("the last echo never came")
+        if self.error is not None:
+            raise StreamError(f"the client failed: {self.error!r}")
+        return self.out.decode(errors="replace")
+
+    def largest_gap(self, start: float, end: float) -> float:
+        times = [t for t in self.arrivals if start <= t <= end]
+        return max((b - a for a, b in itertools.pairwise(times)), default=end - start)

@@ -1,0 +1,122 @@
+"""Prometheus metrics (opt-in, ``--metrics HOST:PORT``) and JSON log lines (``--log-json``).
+
+Each process has its own registry: the agent counts migrations by outcome, the freeze
+window and the flows it serves; the steering daemon reports its packet counters, read from
+the kernel's maps at scrape time. Neither ever carries a secret: only counts, durations
+and node names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+FREEZE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets); ValueError with the reason otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def serve(registry: CollectorRegistry, listen: tuple[str, int]) -> None:
+    """Serve ``/metrics`` for ``registry`` on a background thread."""
+    start_http_server(listen[1], addr=listen[0], registry=registry)
+
+
+class AgentMetrics:
+    def __init__(self, node: str, flows: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.migrations = Counter("pysteer_migrations", "Migrations started here, by outcome",
+                                  ["node", "outcome"], registry=self.registry)  # fmt: skip
+        self.freeze = Histogram("pysteer_freeze_window_seconds",
+                                "Park to replay done, for flows moved away from here",
+                                ["node"], buckets=FREEZE_BUCKETS,
+                                registry=self.registry)  # fmt: skip
+        self.imports = Counter("pysteer_imports", "Flows imported from peers, by outcome",
+                               ["node", "outcome"], registry=self.registry)  # fmt: skip
+        flows_gauge = Gauge("pysteer_flows", "Connections served by this node", ["node"],
+                            registry=self.registry)  # fmt: skip
+        flows_gauge.labels(node).set_function(flows)
+        self.node = node
+
+    def migration(self, report: dict[str, Any]) -> None:
+        self.migrations.labels(self.node, report["outcome"]).inc()
+        if report.get("freeze_ms") is not None:
+            self.freeze.labels(self.node).observe(report["freeze_ms"] / 1000)
+
+    def imported(self, outcome: str) -> None:
+        self.imports.labels(self.node, outcome).inc()
+
+
+class SteerCollector(Collector):
+    """The steering daemon's counters, read from its maps at each scrape."""
+
+    def __init__(self, steerer: Any) -> None:
+        self.steerer = steerer
+
+    def collect(self) -> Iterator[Any]:
+        st = self.steerer
+        stats = st.stats()
+        parked = list(st.counters.values())
+        for name, value, help_ in (
+            ("parked_packets", stats.get("parked", 0), "Packets parked (held for a move)"),
+            ("replayed_packets", sum(c.replayed for c in parked), "Parked packets replayed"),
+            ("park_dropped_packets", sum(c.dropped for c in parked),
+             "Parked packets dropped over the bound"),
+            ("redirected_packets", stats.get("redirected", 0), "Packets redirected to a host"),
+            ("seen_packets", stats.get("seen", 0), "Packets the program saw"),
+            ("new_diverted_connections", stats.get("new_diverted", 0),
+             "New connections sent to a drain's target"),
+        ):  # fmt: skip
+            family = CounterMetricFamily(f"pysteer_steer_{name}", help_)
+            family.add_metric([], value)
+            yield family
+        by_action: dict[str, int] = {}
+        for _flow, view in st.items():
+            action = view.action.name if hasattr(view.action, "name") else str(view.action)
+            by_action[action] = by_action.get(action, 0) + 1
+        flows = GaugeMetricFamily("pysteer_steer_flows", "Flows in the table, by action",
+                                  labels=["action"])  # fmt: skip
+        for action, count in sorted(by_action.items()):
+            flows.add_metric([action], count)
+        yield flows
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "t": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(entry)
+
+
+def setup_logging(json_lines: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger("pysteer")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False

@@ -1,0 +1,103 @@
+"""Prometheus metrics and JSON logs: the counters match what the test did.
+
+Agents and the steering daemon run with ``--metrics 127.0.0.1:9100`` (in their own
+namespaces) and ``--log-json``. The test moves one TLS flow a -> b -> a, makes one move
+fail (b cordoned), and scrapes every endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from helpers.cluster import PYSTEER, Cluster
+
+from pysteer.lab import Lab
+from pysteer.lab.clients import LineClient, check_ticker_stream
+from pysteer.lab.plan import load
+from pysteer.lab.pytest_plugin import require_root, unique_prefix
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    require_root()
+    lab = Lab(prefix=unique_prefix(), plan=load()).up()
+    c = Cluster(lab, tmp_path_factory.mktemp("cluster"))
+    c.extra = ["--log-json"]
+    c.serve_metrics(9100)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+        lab.down()
+
+
+def scrape(cluster: Cluster, node: str) -> dict[str, float]:
+    """``name{labels}`` -> value, from the node's /metrics."""
+
+    def get() -> str:
+        with urllib.request.urlopen("http://127.0.0.1:9100/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    text = cluster.lab.call(node, get)
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_match_what_happened(cluster: Cluster) -> None:
+    vip = str(cluster.lab.plan.vip(4))
+    ctx = ssl.create_default_context(cafile=str(cluster.dir / "ca.pem"))
+    raw = cluster.lab.call("client", socket.create_connection, (vip, 443))
+    client = LineClient(ctx.wrap_socket(raw, server_hostname="vip"), interval=0.05)
+    client.start()
+    local = client.sock.getsockname()
+    flow = f"{local[0]}:{local[1]}-{vip}:443"
+    assert scrape(cluster, "a")['pysteer_flows{node="a"}'] == 1
+    reports = [cluster.migrate(flow, "b"), cluster.migrate(flow, "a")]
+    assert [r["outcome"] for r in reports] == ["moved", "moved"]
+    assert cluster.cli("agent", "cordon", "b").returncode == 0
+    failed = cluster.migrate(flow, "b")
+    assert failed["outcome"] == "failed"
+    assert cluster.cli("agent", "uncordon", "b").returncode == 0
+
+    a, b = scrape(cluster, "a"), scrape(cluster, "b")
+    assert a['pysteer_migrations_total{node="a",outcome="moved"}'] == 1
+    assert a['pysteer_migrations_total{node="a",outcome="failed"}'] == 1
+    assert b['pysteer_migrations_total{node="b",outcome="moved"}'] == 1
+    assert a['pysteer_imports_total{node="a",outcome="committed"}'] == 1
+    assert b['pysteer_imports_total{node="b",outcome="committed"}'] == 1
+    assert a['pysteer_freeze_window_seconds_count{node="a"}'] == 1
+    assert b['pysteer_freeze_window_seconds_count{node="b"}'] == 1
+    assert a['pysteer_freeze_window_seconds_sum{node="a"}'] == pytest.approx(
+        reports[0]["freeze_ms"] / 1000, rel=1e-6)  # fmt: skip
+    assert a['pysteer_flows{node="a"}'] == 1 and b['pysteer_flows{node="b"}'] == 0
+
+    steer = scrape(cluster, "steer")
+    stats = json.loads(subprocess.run(
+        [*PYSTEER, "steer", "stats", "--json", "--name", cluster.lab.prefix],
+        capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    assert steer["pysteer_steer_parked_packets_total"] == stats["parked"]
+    assert steer["pysteer_steer_replayed_packets_total"] == stats["replayed"]
+    assert steer["pysteer_steer_park_dropped_packets_total"] == stats["park_dropped"] == 0
+    assert steer["pysteer_steer_replayed_packets_total"] == sum(r["replayed"] for r in reports)
+    assert steer['pysteer_steer_flows{action="TO"}'] == 1  # our flow, back on a by TO(a)
+
+    check_ticker_stream(client.finish(), client.sent)
+    client.sock.close()
+    for name in ("a", "b", "steer"):
+        for line in cluster.log(name).splitlines():
+            entry = json.loads(line)  # every line is one JSON object
+            assert set(entry) >= {"t", "level", "logger", "msg"}
+    assert any(re.search(r"migration \w+ .* -> b: moved", json.loads(ln)["msg"])
+               for ln in cluster.log("a").splitlines())  # fmt: skip
