@@ -1,0 +1,26 @@
+"""`scripts/demo`, the README's first command, runs and reports that no client noticed."""
+
+import re
+import subprocess
+from pathlib import Path
+
+from pysteer.lab.pytest_plugin import require_root, unique_prefix
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_passes_and_reports_nothing_lost() -> None:
+    require_root()
+    out = subprocess.run([str(ROOT / "scripts" / "demo"), "--prefix", unique_prefix()],
+                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    report = out.stdout[out.stdout.index("pysteer demo report") :]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "RESULT: PASS" in report
+    assert re.search(r"client link: 0 RST to the clients", report)
+    assert "retransmission timeouts 0" in report
+    assert "24000000 bytes over TLS, sha256 verified" in report
+    assert len(re.findall(r"migration \d: \w -> \w: moved", report)) == 4
+    assert re.search(r"drain a -> b: 3 moved, 0 rolled back, 0 failed", report)
+    for client in ("s_client", "plain"):
+        line = next(ln for ln in report.splitlines() if ln.strip().startswith(client))
+        assert re.search(r"\d+ ticks in sequence, \d+ lines echoed in order, \d+ bytes exact", line)
