@@ -43,6 +43,8 @@ log = logging.getLogger("pysteer.agent")
 
 MAX_BLOB_AGE = 60.0  # seconds: an older blob is stale (and a replay, whatever the ledger says)
 RUN_DIR = Path("/run/pysteer")
+# What the CLI may ask over the peer listener (a drain streams: run it on the source node).
+REMOTE_COMMANDS = ("flows", "status", "migrate", "migrations", "cordon", "uncordon", "undrain")
 
 
 class AgentError(RuntimeError):
@@ -225,6 +227,8 @@ class Agent:
 
     async def _peer_op(self, who: str, req: dict[str, Any], mine: set[bytes]) -> dict[str, Any]:
         op = req.get("op")
+        if op == "control":  # the CLI from another machine, with a cluster certificate
+            return await self._remote_control(who, req.get("request"))
         if op == "hello":
             return {"ok": True, "node": self.name, "accepting": self.accepting,
                     "services": sorted(self.runtime.services)}  # fmt: skip
@@ -237,6 +241,12 @@ class Agent:
         if op not in handler:
             return {"ok": False, "error": f"unknown op {op!r}"}
         return handler[op](who, mid)
+
+    async def _remote_control(self, who: str, request: Any) -> dict[str, Any]:
+        if not isinstance(request, dict) or request.get("cmd") not in REMOTE_COMMANDS:
+            return {"ok": False, "error": f"remote commands: {', '.join(REMOTE_COMMANDS)}"}
+        log.info("remote %s from %s", request["cmd"], who)
+        return await self._control_op(request)
 
     def _abort_op(self, who: str, mid: bytes) -> dict[str, Any]:
         entry = self.prepared.get(mid)

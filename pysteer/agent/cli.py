@@ -11,13 +11,14 @@ import argparse
 import datetime
 import json
 import math
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask
+from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask, ask_remote
 from pysteer.cluster.config import ENV, ClusterConfig, ConfigError, load_config
 from pysteer.errors import UsageError
 from pysteer.steer.flow import Flow, FlowSyntaxError
@@ -113,6 +114,32 @@ def _path(cfg: ClusterConfig, node: str) -> Path:
     return control_path(cfg.name, node)
 
 
+def _ask(cfg: ClusterConfig, node: str, cmd: str, **args: Any) -> dict[str, Any]:
+    """Ask ``node``'s agent: on its local socket if it runs here, else over mutual TLS with
+    a cluster certificate this machine holds (a node's certificate and key)."""
+    path = _path(cfg, node)
+    if path.exists():
+        return ask(path, cmd, **args)
+    context = _identity(cfg)
+    if context is None:
+        raise AgentDown(f"no agent at {path}, and no node key readable here to reach it")
+    return ask_remote(cfg.node(node).control, context, node, cmd, **args)
+
+
+def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:
+    from pysteer.steer.control import client_context  # noqa: PLC0415
+
+    # Prefer the node whose agent runs here; any readable node key otherwise.
+    names = sorted(cfg.nodes, key=lambda n: not _path(cfg, n).exists())
+    for name in names:
+        node = cfg.nodes[name]
+        try:
+            return client_context(node.cert, node.key, cfg.ca)
+        except (OSError, ssl.SSLError):
+            continue
+    return None
+
+
 def _node(cfg: ClusterConfig, name: str) -> str:
     try:
         return cfg.node(name).name
@@ -140,7 +167,7 @@ def cmd_cordon(args: argparse.Namespace) -> int:
     cfg = _load(args)
     node = _node(cfg, args.node)
     try:
-        ask(_path(cfg, node), args.what)
+        _ask(cfg, node, args.what)
     except (AgentDown, AgentRefused) as exc:
         raise UsageError(f"node {node} is down: {exc}") from None
     print(f"{node}: {'refuses' if args.what == 'cordon' else 'accepts'} imports")
@@ -151,7 +178,7 @@ def _all_flows(cfg: ClusterConfig, nodes: list[str]) -> tuple[list[dict[str, Any
     flows, down = [], []
     for node in nodes:
         try:
-            flows += ask(_path(cfg, node), "flows")["flows"]
+            flows += _ask(cfg, node, "flows")["flows"]
         except (AgentDown, AgentRefused):
             down.append(node)
     return flows, down
@@ -177,7 +204,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if target in down:
         raise UsageError(f"node {target} is down (no agent at {_path(cfg, target)})")
     try:
-        answer = ask(_path(cfg, source), "migrate", timeout=args.timeout + 30, flow=str(flow),
+        answer = _ask(cfg, source, "migrate", timeout=args.timeout + 30, flow=str(flow),
                      to=target, timeout_s=args.timeout)  # fmt: skip
     except AgentRefused as exc:
         raise UsageError(str(exc)) from None
@@ -296,7 +323,7 @@ def cmd_undrain(args: argparse.Namespace) -> int:
     cfg = _load(args)
     node = _node(cfg, args.node)
     try:
-        ask(_path(cfg, node), "undrain")
+        _ask(cfg, node, "undrain")
     except AgentDown as exc:
         raise UsageError(f"node {node} is down: {exc}") from None
     except AgentRefused as exc:
@@ -359,7 +386,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     steer: dict[str, Any] = {"reachable": False, "error": "no agent is up to ask"}
     for node in sorted(cfg.nodes):
         try:
-            st = ask(_path(cfg, node), "status")["status"]
+            st = _ask(cfg, node, "status")["status"]
         except (AgentDown, AgentRefused) as exc:
             nodes[node] = {"up": False, "error": str(exc)}
             continue

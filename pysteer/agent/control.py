@@ -1,12 +1,17 @@
-"""The CLI's side of an agent's local control socket (JSON lines, root only)."""
+"""The CLI's side of an agent: its local control socket (JSON lines, root only), or,
+from another machine, its mutual-TLS peer listener (``ask_remote``)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
+from pysteer.agent.frames import encode_frame
 from pysteer.steer.control import LineReader
 
 
@@ -76,3 +81,36 @@ class Stream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def ask_remote(address: tuple[str, int], context: ssl.SSLContext, node: str, cmd: str, *,
+               timeout: float = 10.0, **args: Any) -> dict[str, Any]:  # fmt: skip
+    """The same request to a node's agent over its mutual-TLS peer listener (another
+    machine). ``context`` carries a cluster certificate; the agent checks it is a node's."""
+    where = f"agent {node} at {address[0]}:{address[1]}"
+    request = encode_frame({"op": "control", "request": {"cmd": cmd, **args}})
+    try:
+        with (
+            socket.create_connection(address, timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=node) as sock,
+        ):
+            sock.sendall(request)
+            head = _read_exactly(sock, 4)
+            answer = msgpack.unpackb(_read_exactly(sock, int.from_bytes(head, "big")), raw=False)
+    except TimeoutError:
+        raise AgentDown(f"{where} did not answer within {timeout:g} s") from None
+    except (ssl.SSLError, OSError, EOFError) as exc:
+        raise AgentDown(f"{where}: {exc}") from None
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        raise AgentRefused(answer.get("error", "refused") if isinstance(answer, dict) else "?")
+    return answer
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError("the agent hung up")
+        data += chunk
+    return data

@@ -348,3 +348,29 @@ def test_flows_and_status(cluster: Cluster, client: Client) -> None:
     assert status["nodes"]["a"]["up"] and status["nodes"]["b"]["up"]
     assert status["steer"]["reachable"]
     assert all(c["days_left"] > 300 for c in status["certificates"].values())
+
+
+def test_cli_reaches_a_remote_agent_over_mtls(cluster: Cluster, client: Client) -> None:
+    """Without b's local socket (b on another machine), the CLI asks b's agent over its
+    mutual-TLS listener with a node certificate of this machine; migrate works both ways."""
+    sock = Path(f"/run/pysteer/{cluster.lab.prefix}/agent-b.sock")
+    hidden = sock.with_name("agent-b.sock.hidden")
+
+    def on_a(*args: str) -> subprocess.CompletedProcess[str]:  # an operator on host a
+        argv = [sys.executable, "-m", "pysteer", *args, "--config", str(cluster.config)]
+        return cluster.lab.run("a", argv, check=False)
+
+    sock.rename(hidden)
+    try:
+        flows = on_a("flows", "--node", "b", "--json")
+        assert flows.returncode == 0, flows.stderr
+        for node in ("b", "a"):
+            out = on_a("migrate", "--flow", client.flow, "--to", node, "--json")
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert json.loads(out.stdout)["outcome"] == "moved"
+        status = json.loads(on_a("status", "--json").stdout)
+        assert status["nodes"]["b"]["up"] and status["nodes"]["b"]["pid"] > 0
+    finally:
+        hidden.rename(sock)
+    assert "remote migrate from a" in cluster.log("b")  # b -> a was asked over mTLS
+    client.check_served_by("a")
