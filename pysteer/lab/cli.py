@@ -51,7 +51,24 @@ def add_parser(sub: Any) -> None:
     _prefix(cluster)
     cluster.add_argument("--dir", type=Path, required=True, help="where to write the files")
     cluster.add_argument("--force", action="store_true", help="replace an existing cluster")
+    cluster.add_argument("--variant", help="for machines laid out by this plan variant (vm) "
+                         "instead of a lab; the cluster is named after it")  # fmt: skip
     cluster.set_defaults(func=cmd_cluster)
+
+    plan = cmds.add_parser("plan", help="print a plan variant's derived addresses (JSON)")
+    plan.add_argument("--variant", default=DEFAULT_VARIANT, help="plan variant (lab, vm)")
+    plan.set_defaults(func=cmd_plan)
+
+    vm = cmds.add_parser(
+        "vm-setup",
+        help="set this machine up as one node of the plan (the Vagrant demo's VMs)",
+        description="On a VM whose link IPv4 addresses Vagrant assigned from the plan's vm "
+        "variant: add the IPv6 addresses, the role's sysctls, the VIP on a host's lo and "
+        "routes through the steering node. Safe to run again.",
+    )
+    vm.add_argument("--node", required=True, help="this machine's node name in the plan")
+    vm.add_argument("--variant", default="vm", help="plan variant (default: vm)")
+    vm.set_defaults(func=cmd_vm_setup)
 
     status = cmds.add_parser("status", help="show what exists of the lab")
     _prefix(status)
@@ -113,9 +130,39 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        plan = load(args.variant)
+    except PlanError as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps(plan.to_dict(), indent=2))
+    return 0
+
+
+def cmd_vm_setup(args: argparse.Namespace) -> int:
+    from pysteer.lab.vm import setup_node  # noqa: PLC0415
+
+    try:
+        for line in setup_node(load(args.variant), args.node):
+            print(f"vm-setup {args.node}: {line}")
+    except (PlanError, LabError) as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def cmd_cluster(args: argparse.Namespace) -> int:
     from pysteer.lab.cluster import agent_argv, steer_argv, write_cluster  # noqa: PLC0415
 
+    if args.variant:
+        from pysteer.lab.cluster import write_plan_cluster  # noqa: PLC0415
+
+        try:
+            plan = load(args.variant)
+        except PlanError as exc:
+            raise UsageError(str(exc)) from None
+        path = write_plan_cluster(plan, args.variant, args.dir.resolve(), force=args.force)
+        print(f"cluster file: {path} (copy the directory to every machine)")
+        return 0
     lab = _lab_for(args.prefix)
     if lab.status()["state"] != "up":
         raise UsageError(f"lab {args.prefix!r} is not up (pysteer lab up --prefix {args.prefix})")

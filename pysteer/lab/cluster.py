@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.certs_cli import write_cluster as write_certs
+from pysteer.lab.plan import LabPlan
 from pysteer.lab.topology import Lab
 from pysteer.steer import pins
 
@@ -43,7 +44,18 @@ def write_cluster(
     force: bool = False,
 ) -> Path:
     """Write certificates, the cluster key and ``cluster.toml``; returns the file's path."""
-    plan = lab.plan
+    return write_plan_cluster(lab.plan, lab.prefix, directory, services=services, force=force)
+
+
+def write_plan_cluster(
+    plan: LabPlan,
+    name: str,
+    directory: Path,
+    *,
+    services: dict[int, tuple[str, bool]] | None = None,
+    force: bool = False,
+) -> Path:
+    """The same for any machines laid out by ``plan`` (the Vagrant VMs): cluster ``name``."""
     services = DEFAULT_SERVICES if services is None else services
     steer_addr = plan.link(plan.hosts[0]).steer_end.v4.ip  # the steering node's side of link a
     nodes = {plan.steer: [str(steer_addr)]}
@@ -51,9 +63,9 @@ def write_cluster(
     nodes["vip"] = [str(plan.vip(4)), str(plan.vip(6)), "localhost"]
     write_certs(directory, nodes, force=force)
     lines = [
-        "# Written by `pysteer lab cluster` for the lab " + repr(lab.prefix),
+        f"# Written by `pysteer lab cluster` for {name!r}",
         "[cluster]",
-        f'name = "{lab.prefix}"',
+        f'name = "{name}"',
         f'vip = ["{plan.vip(4)}", "{plan.vip(6)}"]',
         'ca = "ca.pem"',
         'key = "cluster.key"',

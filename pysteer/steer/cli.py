@@ -32,7 +32,8 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--mode", choices=MODES, default="auto",
                      help="auto: tc on veth, native XDP elsewhere")  # fmt: skip
     run.add_argument("--host", action="append", default=[], metavar="NAME=IFNAME,MAC",
-                     help="a redirect target; repeat for each host")  # fmt: skip
+                     help="a redirect target, or NAME=ADDRESS (its link address: the link "
+                          "and MAC are looked up); repeat for each host")  # fmt: skip
     run.add_argument("--max-flows", type=int, help="flow table size (default 65536)")
     run.add_argument("--max-parked", type=int, default=8192, help="parked packets per flow")
     run.add_argument(
@@ -87,11 +88,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     hosts = []
     for spec in args.host:
-        try:
-            name, rest = spec.split("=", 1)
-            ifname, mac = rest.split(",", 1)
-        except ValueError:
-            raise UsageError(f"--host {spec!r}: expected NAME=IFNAME,MAC") from None
+        name, _, rest = spec.partition("=")
+        ifname, _, mac = rest.partition(",")
+        if not mac:
+            try:
+                ipaddress.ip_address(ifname)
+            except ValueError:
+                raise UsageError(
+                    f"--host {spec!r}: expected NAME=IFNAME,MAC or NAME=ADDRESS"
+                ) from None
+        if not name or not ifname:
+            raise UsageError(f"--host {spec!r}: expected NAME=IFNAME,MAC or NAME=ADDRESS")
         hosts.append((name, ifname, mac))
     listen = tls = None
     if args.listen:

@@ -215,7 +215,14 @@ def run(
         ) from None
     steerer = Steerer(name, ifname, namespace=namespace, mode=mode, max_flows=max_flows,
                       max_per_flow=max_parked)  # fmt: skip
-    for host, host_if, mac in hosts:
+    for host, where, given_mac in hosts:
+        host_if, mac = where, given_mac
+        if not given_mac:  # NAME=ADDRESS: find its link and MAC
+            try:
+                host_if, mac = steerer.resolve(where)
+            except SteerError as exc:
+                steerer.close(detach=True)
+                raise DaemonError(f"--host {host}: {exc}") from None
         steerer.add_host(host, host_if, mac)
     daemon = Daemon(steerer, socket_path(name))
     if listen is not None:

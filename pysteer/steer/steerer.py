@@ -151,6 +151,32 @@ class Steerer:
         self._packet_sockets[name] = sock
         return host
 
+    def resolve(self, address: str, timeout: float = 3.0) -> tuple[str, str]:
+        """The interface and MAC address that reach ``address`` (a host's link address):
+        what ``add_host`` needs, found from the routing and neighbour tables."""
+
+        def lookup() -> tuple[str, str]:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            with IPRoute() as ipr:
+                try:
+                    route = ipr.route("get", dst=address)[0]
+                except Exception as exc:
+                    raise SteerError(f"no route to host address {address}: {exc}") from None
+                if route.get_attr("RTA_GATEWAY"):
+                    raise SteerError(f"{address} is not on a link of the steering node")
+                ifname = ipr.get_links(route.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME")
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.sendto(b"", (address, 9))  # makes the kernel resolve its MAC
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    for n in ipr.get_neighbours(dst=address):
+                        if n.get_attr("NDA_LLADDR") and n["state"] not in (0x20, 0x01):
+                            return ifname, n.get_attr("NDA_LLADDR")  # not FAILED/INCOMPLETE
+                    time.sleep(0.05)
+            raise SteerError(f"{address} does not answer ARP/ND on {ifname}")
+
+        return self._in_ns(lookup)
+
     def _host(self, name: str) -> Host:
         try:
             return self.hosts[name]

@@ -231,3 +231,26 @@ def test_cli_park_then_to_replays_the_syn(lab: Lab, daemon: DaemonProc) -> None:
     assert (row["park_dropped"], row["park_lost"]) == (0, 0)
     for s in (client, server, on_b):
         s.close()
+
+
+def test_hosts_by_address(lab: Lab) -> None:
+    """--host NAME=ADDRESS: the daemon finds the link and the MAC (ARP) itself."""
+    name = unique_prefix()
+    d = DaemonProc(lab, name)
+    first = d.argv.index("--host")
+    d.argv[first : first + 4] = ["--host", f"a={lab.plan.address('a')}",
+                                 "--host", f"b={lab.plan.address('b')}"]  # fmt: skip
+    d.start()
+    try:
+        hosts = json.loads(cli(name, "hosts", "--json").stdout)
+        assert [(h["name"], h["ifname"], h["mac"]) for h in hosts] == [
+            ("a", "to-a", lab.mac("a", "to-steer")),
+            ("b", "to-b", lab.mac("b", "to-steer")),
+        ]
+    finally:
+        d.stop()
+        pins.remove(name)
+    bad = subprocess.run([*PYSTEER, "steer", "run", "--name", unique_prefix(), "--ifname",
+                          "to-client", "--netns", lab.netns("steer"), "--host", "a=to-a"],
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    assert bad.returncode == 2 and "NAME=IFNAME,MAC or NAME=ADDRESS" in bad.stderr

@@ -1,5 +1,7 @@
-"""The tree stays ruff clean: lint and format are part of the suite."""
+"""The tree stays clean: ruff, bash -n and shellcheck on every script, the Vagrantfile
+validates, and the Vagrant plan is the one pysteer derives."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,10 +29,40 @@ def test_ruff_format() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def shell_scripts() -> list[Path]:
+    candidates = [*(ROOT / "scripts").glob("*"), *(ROOT / "vagrant").glob("*.sh"),
+                  ROOT / ".ci" / "run"]  # fmt: skip
+    found = [
+        p for p in candidates if p.is_file() and p.read_text().startswith("#!/usr/bin/env bash")
+    ]
+    assert len(found) >= 5
+    return found
+
+
 def test_shell_scripts_parse() -> None:
-    for script in [*(ROOT / "scripts").glob("*"), ROOT / ".ci" / "run"]:
-        if script.is_file() and script.read_text().startswith("#!/usr/bin/env bash"):
-            out = subprocess.run(
-                ["bash", "-n", str(script)], capture_output=True, text=True, check=False
-            )
-            assert out.returncode == 0, f"{script}: {out.stderr}"
+    for script in shell_scripts():
+        out = subprocess.run(
+            ["bash", "-n", str(script)], capture_output=True, text=True, check=False
+        )
+        assert out.returncode == 0, f"{script}: {out.stderr}"
+
+
+def test_shellcheck() -> None:
+    out = subprocess.run(["shellcheck", *map(str, shell_scripts())], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_vagrant_validate() -> None:
+    """What CI can do without booting VMs: the Vagrantfile parses and validates."""
+    out = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant", capture_output=True,
+                         text=True, check=False, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "validated successfully" in out.stdout
+
+
+def test_vagrant_plan_is_derived_from_plan_json() -> None:
+    out = subprocess.run([sys.executable, "-m", "pysteer", "lab", "plan", "--variant", "vm"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    committed = json.loads((ROOT / "vagrant" / "plan-vm.json").read_text())
+    assert committed == json.loads(out.stdout), "regenerate: pysteer lab plan --variant vm"
