@@ -11,9 +11,10 @@ Built-ins:
 - ``http``: HTTP/1.1 keep-alive; ``GET /bytes/N`` returns N deterministic bytes.
 Users load their own as ``module:Class``.
 
-A handler whose output can be large also has ``pull(limit) -> bytes``: the runtime asks
-for more only as the socket drains, so the output owed to the peer (which travels in a
-migration) stays small.
+``on_tick`` is called every few tens of milliseconds unless the handler class sets
+``TICKS = False``. A handler whose output can be large also has ``pull(limit) -> bytes``:
+the runtime asks for more only as the socket drains, so the output owed to the peer
+(which travels in a migration) stays small.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Handler(Protocol):
 
 
 class Echo:
+    TICKS = False  # no periodic output: the runtime need not wake it
+
     def on_connect(self) -> bytes:
         return b""
 
@@ -129,6 +132,8 @@ class Http:
     Bodies stream: ``on_data`` queues each response and ``pull`` produces it as the
     connection takes it, so a moving connection carries a position, not the body.
     """
+
+    TICKS = False  # idle keep-alive connections cost nothing between requests
 
     def __init__(self) -> None:
         self.buffer = b""

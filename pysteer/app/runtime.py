@@ -97,7 +97,9 @@ class Exported:
     meta: dict[str, Any]
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float) -> bool:
+async def _readable(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, timeout: float | None
+) -> bool:
     """Wait until ``sock`` has something to read, or ``timeout``. Reads nothing itself,
     so cancelling it (export pauses a connection so) can never lose received bytes —
     unlike ``wait_for(sock_recv())``, whose cancellation Python 3.11 can swallow."""
@@ -109,12 +111,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, timeou
 
     fd = sock.fileno()
     loop.add_reader(fd, wake, True)
-    timer = loop.call_later(timeout, wake, False)
+    timer = loop.call_later(timeout, wake, False) if timeout is not None else None
     try:
         return await fut
     finally:
         loop.remove_reader(fd)
-        timer.cancel()
+        if timer is not None:
+            timer.cancel()
 
 
 class Runtime:
@@ -224,7 +227,9 @@ class Runtime:
             await self._flush(conn)
             while alive:
                 data = None
-                if await _readable(loop, conn.sock, conn.service.tick):
+                # Handlers without periodic output (TICKS = False) sleep until data comes.
+                tick = conn.service.tick if getattr(conn.handler, "TICKS", True) else None
+                if await _readable(loop, conn.sock, tick):
                     try:
                         data = conn.sock.recv(65536)
                     except BlockingIOError:

@@ -7,12 +7,13 @@ from pysteer.tcp import RepairWindow, SocketOptions, TcpState, TcpStateCode
 from pysteer.transfer import MigrationBlob, new_migration_id
 
 SECRET = os.urandom(32)
+RECV = b"received but unread: a marker long enough never to occur by chance"
 
 
 def blob(mid: bytes | None = None, flow: str = "10.0.0.2:51000-10.0.0.100:443") -> MigrationBlob:
     tcp = TcpState(
         family=4, local=("10.0.0.100", 443), peer=("10.0.0.2", 51000),
-        state=TcpStateCode.ESTABLISHED, send_seq=10, recv_seq=20, recv_queue=b"rq",
+        state=TcpStateCode.ESTABLISHED, send_seq=10, recv_seq=20, recv_queue=RECV,
         send_unacked=b"", send_unsent=b"", mss_clamp=1460, sack=True, timestamps=False,
         wscale=None, timestamp=None, window=RepairWindow(20, 100, 100, 100, 20),
         options=SocketOptions(),

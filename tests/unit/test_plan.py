@@ -55,8 +55,8 @@ def test_bad_bases_are_refused(v4: str | None, v6: str | None, message: str) -> 
 
 
 def test_unknown_variant() -> None:
-    with pytest.raises(plan.PlanError, match="no plan variant 'vm'; known: lab"):
-        plan.load("vm")
+    with pytest.raises(plan.PlanError, match="no plan variant 'nope'; known: lab, vm"):
+        plan.load("nope")
 
 
 def test_bad_layouts(tmp_path) -> None:
