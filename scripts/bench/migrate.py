@@ -185,6 +185,7 @@ def run(moves: int, every: float, out: Path) -> dict[str, Any]:
         "replayed_packets": sum(r["replayed"] for r in reports),
         "blob_bytes_median": statistics.median(r["blob_bytes"] for r in reports),
         "targets": {"freeze_median_ms": 1.0, "client_gap_p99_ms": 5.0, "retransmissions": 0},
+        "raw": {"freeze_ms": freeze, "client_gap_ms": gaps, "baseline_gap_ms": base_gaps},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
