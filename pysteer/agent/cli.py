@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import math
+import signal
 import ssl
 import sys
 from pathlib import Path
@@ -252,29 +253,30 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 
 def _follow(stream: Stream, source: str) -> dict[str, Any]:
-    """Show the drain's progress until its summary; Ctrl-C asks it to stop."""
+    """Show the drain's progress until its summary; Ctrl-C asks it to stop (twice: leave)."""
     bar = _Progress(sys.stderr.isatty())
-    interrupted = False
+    stopping = False
+
+    def on_sigint(_sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if stopping:
+            raise KeyboardInterrupt
+        stopping = True
+        print("\nstopping after the batch in flight (Ctrl-C again to leave now)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        stream.stop()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while True:
-            try:
-                answer = stream.next()
-            except KeyboardInterrupt:
-                if interrupted:
-                    raise
-                interrupted = True
-                print("\nstopping after the batch in flight (Ctrl-C again to leave now)",
-                      file=sys.stderr)  # fmt: skip
-                stream.stop()
-                continue
-            if "progress" not in answer:
-                return answer
+        while "progress" in (answer := stream.next()):
             bar.show(answer["progress"])
+        return answer
     except AgentRefused as exc:
         raise UsageError(str(exc)) from None
     except AgentDown as exc:
         raise UsageError(f"node {source}: {exc}") from None
     finally:
+        signal.signal(signal.SIGINT, previous)
         stream.close()
         bar.done()
 
