@@ -41,6 +41,7 @@ from pysteer.transfer.blob import KEY_LEN, BlobError, ImportLedger, MigrationBlo
 
 log = logging.getLogger("pysteer.agent")
 
+LINKS = 16  # mTLS links per peer (and to the steering node): migrations in flight at once
 MAX_BLOB_AGE = 60.0  # seconds: an older blob is stale (and a replay, whatever the ledger says)
 RUN_DIR = Path("/run/pysteer")
 # What the CLI may ask over the peer listener (a drain streams: run it on the source node).
@@ -129,11 +130,13 @@ class Agent:
         except (OSError, ssl.SSLError) as exc:
             raise AgentError(f"node {node}: cannot load its certificate or the CA: {exc}") from None
         self.peers = {
-            n: LinkPool(functools.partial(PeerLink, n, c.control, client_tls))
+            n: LinkPool(functools.partial(PeerLink, n, c.control, client_tls), size=LINKS)
             for n, c in config.nodes.items() if n != node
         }  # fmt: skip
         steer = config.steer
-        self.steer = LinkPool(functools.partial(SteerLink, steer.name, steer.control, client_tls))
+        self.steer = LinkPool(
+            functools.partial(SteerLink, steer.name, steer.control, client_tls), size=LINKS
+        )
         self._moving: set[Flow] = set()
         self._stop = asyncio.Event()
         self.control_path = control_path(config.name, node)
@@ -389,11 +392,12 @@ class Agent:
             return {"ok": False, "error": f"flow {flow} is already moving"}
         return {"ok": True, "migration": await self.migrate_flow(flow, target, float(timeout))}
 
-    async def migrate_flow(self, flow: Flow, target: str, timeout: float) -> dict[str, Any]:
+    async def migrate_flow(self, flow: Flow, target: str, timeout: float, *,
+                           checked: bool = False) -> dict[str, Any]:  # fmt: skip
         """Move one flow (checked by the caller); returns the report, kept in the history."""
         self._moving.add(flow)
         try:
-            report = await Migration(self, flow, target, timeout).run()
+            report = await Migration(self, flow, target, timeout, checked=checked).run()
         finally:
             self._moving.discard(flow)
         result = report.to_json()

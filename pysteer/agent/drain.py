@@ -72,7 +72,8 @@ class Drain:
                     break
                 batch = flows[i : i + self.batch]
                 reports = await asyncio.gather(*(
-                    self.agent.migrate_flow(f, self.target, self.timeout) for f in batch
+                    self.agent.migrate_flow(f, self.target, self.timeout, checked=True)
+                    for f in batch
                 ))  # fmt: skip
                 self.results += reports
                 await self.progress(self._counts() | {"total": total})

@@ -61,8 +61,11 @@ class Report:
 class Migration:
     """One move of ``flow`` to ``target``; ``run`` never raises once it has started."""
 
-    def __init__(self, agent: Agent, flow: Flow, target: str, timeout: float) -> None:
+    def __init__(self, agent: Agent, flow: Flow, target: str, timeout: float, *,
+                 checked: bool = False) -> None:  # fmt: skip
+        """``checked``: the target was just asked (a drain); skip the per-move hello."""
         self.agent, self.flow, self.target, self.timeout = agent, flow, target, timeout
+        self.checked = checked
         self.mid = new_migration_id()
         self.report = Report(self.mid.hex(), str(flow), agent.name, target)
         self.tl = self.report.timeline
@@ -93,14 +96,13 @@ class Migration:
 
     async def _run(self) -> None:
         agent, flow = self.agent, self.flow
-        try:
-            hello = await self.peer.call(self._left(), op="hello")
-        except (LinkError, Refused) as exc:
-            raise _Stop("failed", f"node {self.target} is unreachable: {exc}") from None
-        if not hello.get("accepting", False):
-            raise _Stop("failed", f"node {self.target} refuses imports (cordoned)")
-        if flow.dport not in hello.get("services", []):
-            raise _Stop("failed", f"node {self.target} does not serve port {flow.dport}")
+        if self.checked:
+            try:  # B's answer to prepare still decides; this only opens the link
+                await self.peer.connect(self._left())
+            except LinkError as exc:
+                raise _Stop("failed", f"node {self.target} is unreachable: {exc}") from None
+        else:
+            await self._hello()
         try:  # a handshake now, not inside the freeze
             await self.steer.connect(self._left())
         except LinkError as exc:
@@ -142,6 +144,16 @@ class Migration:
             raise _Stop("rolled-back", f"node {self.target}: {exc}") from None
         self.tl.step("prepared")
         await self._commit(exported)
+
+    async def _hello(self) -> None:
+        try:
+            hello = await self.peer.call(self._left(), op="hello")
+        except (LinkError, Refused) as exc:
+            raise _Stop("failed", f"node {self.target} is unreachable: {exc}") from None
+        if not hello.get("accepting", False):
+            raise _Stop("failed", f"node {self.target} refuses imports (cordoned)")
+        if self.flow.dport not in hello.get("services", []):
+            raise _Stop("failed", f"node {self.target} does not serve port {self.flow.dport}")
 
     async def _commit(self, exported: Exported) -> None:
         # The commit point: from here A resumes only if B certainly aborted.
