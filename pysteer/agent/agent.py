@@ -395,11 +395,14 @@ class Agent:
     async def migrate_flow(self, flow: Flow, target: str, timeout: float, *,
                            checked: bool = False) -> dict[str, Any]:  # fmt: skip
         """Move one flow (checked by the caller); returns the report, kept in the history."""
-        self._moving.add(flow)
+        return await self.run_migration(Migration(self, flow, target, timeout, checked=checked))
+
+    async def run_migration(self, migration: Migration) -> dict[str, Any]:
+        self._moving.add(migration.flow)
         try:
-            report = await Migration(self, flow, target, timeout, checked=checked).run()
+            report = await migration.run()
         finally:
-            self._moving.discard(flow)
+            self._moving.discard(migration.flow)
         result = report.to_json()
         self.history.append(result)
         if self.metrics is not None:

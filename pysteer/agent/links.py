@@ -118,7 +118,8 @@ class SteerLink(_Link):
 
 class LinkPool:
     """Up to ``size`` links to one peer, so concurrent migrations (a drain) do not queue
-    behind each other's round trips. A migration leases one link for its whole run."""
+    behind each other's round trips. Each request leases a link for its round trip only,
+    so nothing waits on a link held by a migration that is itself waiting."""
 
     def __init__(self, make: Any, size: int = 8) -> None:
         self._make, self.size = make, size
@@ -147,6 +148,11 @@ class LinkPool:
     async def call(self, timeout: float, **request: Any) -> dict[str, Any]:
         async with self.lease() as link:
             return await link.call(timeout, **request)
+
+    async def connect(self, timeout: float) -> None:
+        """Have an open link ready (its handshake out of the way of what follows)."""
+        async with self.lease() as link:
+            await link.connect(timeout)
 
     def close(self) -> None:
         for link in self._idle:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pysteer import tcp
-from pysteer.agent.links import LinkError, PeerLink, Refused, SteerLink
+from pysteer.agent.links import LinkError, LinkPool, Refused
 from pysteer.agent.timeline import Timeline
 from pysteer.steer.flow import Flow
 from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal
@@ -69,8 +69,8 @@ class Migration:
         self.mid = new_migration_id()
         self.report = Report(self.mid.hex(), str(flow), agent.name, target)
         self.tl = self.report.timeline
-        self.peer: PeerLink  # leased from the pools for the whole run
-        self.steer: SteerLink
+        self.peer: LinkPool = agent.peers[target]
+        self.steer: LinkPool = agent.steer
         self._deadline = 0.0
         self._was: tuple[str | None, str | None] = (None, None)
 
@@ -80,13 +80,10 @@ class Migration:
     async def run(self) -> Report:
         self._deadline = asyncio.get_running_loop().time() + self.timeout
         self.tl.step("start")
-        async with (self.agent.peers[self.target].lease() as peer,
-                    self.agent.steer.lease() as steer):  # fmt: skip
-            self.peer, self.steer = peer, steer
-            try:
-                await self._run()
-            except _Stop as stop:
-                self.report.outcome, self.report.error = stop.outcome, stop.reason
+        try:
+            await self._run()
+        except _Stop as stop:
+            self.report.outcome, self.report.error = stop.outcome, stop.reason
         r = self.report
         level = logging.INFO if r.outcome == "moved" else logging.WARNING
         log.log(level, "migration %s %s -> %s: %s%s%s", r.id[:12], r.flow, r.target, r.outcome,
@@ -111,16 +108,7 @@ class Migration:
         conn = agent.runtime.find(flow)
         if conn is None:
             raise _Stop("failed", f"flow {flow} closed before it could move")
-        self.tl.step("park")
-        try:
-            answer = await self.steer.call(self._left(), cmd="park", flow=str(flow))
-        except Refused as exc:
-            raise _Stop("failed", f"steering node refused: {exc}; nothing was frozen") from None
-        except LinkError as exc:
-            await self._unpark_after_failed_park()
-            raise _Stop("failed", f"steering node: {exc}; nothing was frozen") from None
-        self._was = (answer.get("was"), answer.get("host"))
-        self.tl.step("parked")
+        await self._park()
         try:
             exported = await agent.runtime.export(conn.id)
         except (tcp.RepairError, OSError) as exc:
@@ -144,6 +132,18 @@ class Migration:
             raise _Stop("rolled-back", f"node {self.target}: {exc}") from None
         self.tl.step("prepared")
         await self._commit(exported)
+
+    async def _park(self) -> None:
+        self.tl.step("park")
+        try:
+            answer = await self.steer.call(self._left(), cmd="park", flow=str(self.flow))
+        except Refused as exc:
+            raise _Stop("failed", f"steering node refused: {exc}; nothing was frozen") from None
+        except LinkError as exc:
+            await self._unpark_after_failed_park()
+            raise _Stop("failed", f"steering node: {exc}; nothing was frozen") from None
+        self._was = (answer.get("was"), answer.get("host"))
+        self.tl.step("parked")
 
     async def _hello(self) -> None:
         try:
