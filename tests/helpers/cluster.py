@@ -7,15 +7,20 @@ migrates its flow with the real CLI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pysteer.lab import Lab
 from pysteer.lab.clients import Session, check_ticker_stream, netstat  # noqa: F401 - re-exported
 from pysteer.lab.cluster import LabCluster
+from pysteer.lab.plan import load
+from pysteer.lab.pytest_plugin import require_root, unique_prefix
 
 PYSTEER = [sys.executable, "-m", "pysteer"]
 HELPERS = Path(__file__).parent
@@ -64,3 +69,21 @@ class Cluster(LabCluster):
         tcp = self.lab.call("client", netstat, "Tcp")
         return {"TCPTimeouts": ext["TCPTimeouts"], "RetransSegs": tcp["RetransSegs"],
                 "EstabResets": tcp["EstabResets"], "ActiveOpens": tcp["ActiveOpens"]}  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_cluster(directory: Path, *, extra: list[str] | None = None,
+                    metrics_port: int | None = None) -> Iterator[Cluster]:  # fmt: skip
+    """A lab with the steering daemon and both agents running; all removed afterwards."""
+    require_root()
+    lab = Lab(prefix=unique_prefix(), plan=load()).up()
+    cluster = Cluster(lab, directory)
+    cluster.extra = list(extra or [])
+    if metrics_port is not None:
+        cluster.serve_metrics(metrics_port)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+        lab.down()

@@ -18,14 +18,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers.cluster import PYSTEER, Cluster, Session, check_ticker_stream
+from helpers.cluster import PYSTEER, Cluster, Session, check_ticker_stream, running_cluster
 from helpers.migration import RstCapture
 
 from pysteer.app.handlers import http_body
-from pysteer.lab import Lab
 from pysteer.lab.clients import LineClient
-from pysteer.lab.plan import load
-from pysteer.lab.pytest_plugin import require_root, unique_prefix
 
 ACTIVE_PROCESSES = 10  # s_client and gnutls-cli, half each
 ACTIVE_THREADS = 190
@@ -34,15 +31,8 @@ IDLE = 300
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_root()
-    lab = Lab(prefix=unique_prefix(), plan=load()).up()
-    c = Cluster(lab, tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start()
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
-    finally:
-        c.close()
-        lab.down()
 
 
 class Clients:

@@ -16,27 +16,17 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from helpers.cluster import PYSTEER, Cluster
+from helpers.cluster import PYSTEER, Cluster, running_cluster
 
-from pysteer.lab import Lab
 from pysteer.lab.clients import LineClient, check_ticker_stream
-from pysteer.lab.plan import load
-from pysteer.lab.pytest_plugin import require_root, unique_prefix
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_root()
-    lab = Lab(prefix=unique_prefix(), plan=load()).up()
-    c = Cluster(lab, tmp_path_factory.mktemp("cluster"))
-    c.extra = ["--log-json"]
-    c.serve_metrics(9100)
-    try:
-        c.start()
+    with running_cluster(
+        tmp_path_factory.mktemp("cluster"), extra=["--log-json"], metrics_port=9100
+    ) as c:
         yield c
-    finally:
-        c.close()
-        lab.down()
 
 
 def scrape(cluster: Cluster, node: str) -> dict[str, float]:

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers.cluster import HELPERS, Cluster, Session, check_ticker_stream
+from helpers.cluster import HELPERS, Cluster, Session, check_ticker_stream, running_cluster
 from helpers.migration import RstCapture
 
 from pysteer.app.handlers import http_body
 from pysteer.lab import Lab
-from pysteer.lab.plan import load
-from pysteer.lab.pytest_plugin import require_root, unique_prefix
 
 MOVES = 10
 TLS13 = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"]
@@ -34,15 +32,8 @@ TLS12 = ["ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"]
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_root()
-    lab = Lab(prefix=unique_prefix(), plan=load()).up()
-    c = Cluster(lab, tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start()
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
-    finally:
-        c.close()
-        lab.down()
 
 
 def client_ifname(lab: Lab) -> str:

@@ -25,28 +25,18 @@ from pathlib import Path
 import msgpack
 import pytest
 from helpers.blobs import blob
-from helpers.cluster import HELPERS, Cluster, Session, check_ticker_stream
+from helpers.cluster import HELPERS, Cluster, Session, check_ticker_stream, running_cluster
 from helpers.migration import RstCapture
 
 from pysteer.certs import CertificateAuthority
-from pysteer.lab import Lab
 from pysteer.lab.cluster import AGENT_PORT
-from pysteer.lab.plan import load
-from pysteer.lab.pytest_plugin import require_root, unique_prefix
 from pysteer.transfer import new_migration_id, seal
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    require_root()
-    lab = Lab(prefix=unique_prefix(), plan=load()).up()
-    c = Cluster(lab, tmp_path_factory.mktemp("cluster"))
-    try:
-        c.start()
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
-    finally:
-        c.close()
-        lab.down()
 
 
 class Client:
