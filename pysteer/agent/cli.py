@@ -169,8 +169,10 @@ def cmd_cordon(args: argparse.Namespace) -> int:
     node = _node(cfg, args.node)
     try:
         _ask(cfg, node, args.what)
-    except (AgentDown, AgentRefused) as exc:
+    except AgentDown as exc:
         raise UsageError(f"node {node} is down: {exc}") from None
+    except AgentRefused as exc:
+        raise UsageError(f"node {node}: {exc}") from None
     print(f"{node}: {'refuses' if args.what == 'cordon' else 'accepts'} imports")
     return 0
 

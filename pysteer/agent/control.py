@@ -24,53 +24,51 @@ class AgentRefused(RuntimeError):
 
 
 def ask(path: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """One request, one answer."""
+    stream = Stream(path, cmd, timeout=timeout, **args)
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            data = LineReader(sock).line()
-    except (FileNotFoundError, ConnectionRefusedError):
-        raise AgentDown(f"no agent at {path}") from None
-    except TimeoutError:
-        raise AgentDown(f"the agent at {path} did not answer within {timeout:g} s") from None
-    except PermissionError:
-        raise AgentRefused(f"{path}: permission denied (the control socket is root's)") from None
-    except OSError as exc:
-        raise AgentDown(f"agent at {path}: {exc.strerror or exc}") from None
-    try:
-        answer = json.loads(data)
-    except json.JSONDecodeError:
-        raise AgentDown(f"the agent at {path} sent no valid answer") from None
-    if not answer.get("ok"):
-        raise AgentRefused(answer.get("error", "refused"))
-    return answer
+        return stream.next()
+    finally:
+        stream.close()
 
 
 class Stream:
-    """A long request (a drain): its answers arrive one per line until the final one."""
+    """A request on the local socket; its answers arrive one per line (a drain sends many)."""
 
-    def __init__(self, path: Path, cmd: str, **args: Any) -> None:
-        self.path = path
+    def __init__(self, path: Path, cmd: str, *, timeout: float | None = None, **args: Any) -> None:
+        self.path, self.timeout = path, timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
         try:
             self.sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
+            self.sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        except BaseException as exc:
             self.sock.close()
-            raise AgentDown(f"no agent at {path}") from None
-        except PermissionError:
-            self.sock.close()
-            raise AgentRefused(
-                f"{path}: permission denied (the control socket is root's)"
-            ) from None
-        self.sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            raise self._error(exc) from None
         self.reader = LineReader(self.sock)
 
+    def _error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+            return AgentDown(f"no agent at {self.path}")
+        if isinstance(exc, PermissionError):
+            return AgentRefused(f"{self.path}: permission denied (the control socket is root's)")
+        if isinstance(exc, TimeoutError):
+            return AgentDown(f"the agent at {self.path} did not answer within {self.timeout:g} s")
+        if isinstance(exc, OSError):
+            return AgentDown(f"agent at {self.path}: {exc.strerror or exc}")
+        return exc
+
     def next(self) -> dict[str, Any]:
-        data = self.reader.line()
+        try:
+            data = self.reader.line()
+        except OSError as exc:
+            raise self._error(exc) from None
         if not data:
             raise AgentDown(f"the agent at {self.path} hung up")
-        answer = json.loads(data)
+        try:
+            answer = json.loads(data)
+        except json.JSONDecodeError:
+            raise AgentDown(f"the agent at {self.path} sent no valid answer") from None
         if not answer.get("ok"):
             raise AgentRefused(answer.get("error", "refused"))
         return answer

@@ -125,6 +125,7 @@ class Runtime:
         self.services = {s.port: s for s in services}
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.connections: dict[int, Connection] = {}
+        self._by_flow: dict[Flow, Connection] = {}  # find() is on every migration's path
         self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task] = []
         self.on_close: Callable[[Connection], None] | None = None
@@ -159,6 +160,8 @@ class Runtime:
     def _run(self, conn: Connection) -> None:
         conn.sock.setblocking(False)
         self.connections[conn.id] = conn
+        if conn.flow is not None:
+            self._by_flow[conn.flow] = conn
         conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
 
     def _app_output(self, conn: Connection, data: bytes) -> None:
@@ -250,17 +253,19 @@ class Runtime:
             return
         conn.closed = True
         conn.handler.on_close()
-        self.connections.pop(conn.id, None)
+        self._forget(conn)
         conn.sock.close()
         if self.on_close:
             self.on_close(conn)
 
     def find(self, flow: Flow) -> Connection | None:
         """The served connection of ``flow`` (client to service address), if any."""
-        for conn in self.connections.values():
-            if conn.flow == flow:
-                return conn
-        return None
+        return self._by_flow.get(flow)
+
+    def _forget(self, conn: Connection) -> None:
+        self.connections.pop(conn.id, None)
+        if conn.flow is not None and self._by_flow.get(conn.flow) is conn:
+            del self._by_flow[conn.flow]
 
     # --- moving ----------------------------------------------------------------------
     async def export(self, conn_id: int) -> Exported:
@@ -287,7 +292,7 @@ class Runtime:
             self._run(conn)  # nothing was frozen: carry on here
             raise
         tls_state = conn.tls.export_state() if conn.tls else None
-        self.connections.pop(conn_id, None)
+        self._forget(conn)
         return Exported(conn.sock, state, tls_state, conn.handler.snapshot(), bytes(conn.out),
                         conn.service.port, meta)  # fmt: skip
 

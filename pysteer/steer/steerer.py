@@ -235,18 +235,7 @@ class Steerer:
         Returns how many parked packets were replayed.
         """
         target = self._host(host)
-        with self._control:
-            current = self.get(flow)
-            replayed = 0
-            if current is not None and current.action == Action.PARK:
-                replayed += self._replay(flow, target, current.park_seq, timeout)
-                self._set(flow, Action.TO, target.id)
-                final = self.get(flow)
-                assert final is not None  # noqa: S101
-                replayed += self._replay(flow, target, final.park_seq, timeout)
-            else:
-                self._set(flow, Action.TO, target.id)
-            return replayed
+        return self._unpark(flow, Action.TO, target, target, timeout)
 
     def pass_(self, flow: Flow, *, replay_to: str | None = None, timeout: float = 2.0) -> int:
         """Back to normal routing (the default host).
@@ -255,17 +244,24 @@ class Steerer:
         or dropped without it. Returns how many were replayed.
         """
         target = self._host(replay_to) if replay_to is not None else None
+        return self._unpark(flow, Action.PASS, None, target, timeout)
+
+    def _unpark(self, flow: Flow, action: Action, host: Host | None, replay_to: Host | None,
+                timeout: float) -> int:  # fmt: skip
+        """Switch ``flow`` to ``action``; if it was parked, replay (or drop) what was parked
+        before the switch and what arrived during it, so nothing overtakes the replay."""
         with self._control:
             current = self.get(flow)
+            parked = current is not None and current.action == Action.PARK
             replayed = 0
-            if current is not None and current.action == Action.PARK and target is not None:
-                replayed += self._replay(flow, target, current.park_seq, timeout)
-            self._set(flow, Action.PASS)
-            if current is not None and current.action == Action.PARK:
+            if parked and replay_to is not None:
+                replayed += self._replay(flow, replay_to, current.park_seq, timeout)
+            self._set(flow, action, host.id if host is not None else 0)
+            if parked:
                 final = self.get(flow)
                 assert final is not None  # noqa: S101
-                if target is not None:
-                    replayed += self._replay(flow, target, final.park_seq, timeout)
+                if replay_to is not None:
+                    replayed += self._replay(flow, replay_to, final.park_seq, timeout)
                 self._skip_queue(flow, final.park_seq)
             return replayed
 
