@@ -1,6 +1,6 @@
 """Moving one connection from this agent (A) to a peer (B), with rollback.
 
-The sequence (ARCHITECTURE.md section 2): hello to B, PARK at the steering node, freeze
+The sequence (docs/how-it-works.md): hello to B, PARK at the steering node, freeze
 and dump (runtime.export), seal, ``prepare`` on B (restored, still frozen), **commit**,
 TO(B) with replay, release here. Before the commit point every failure rolls back: A
 thaws its own socket and the steering node replays the parked packets to A. After it, A

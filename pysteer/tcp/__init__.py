@@ -1,4 +1,4 @@
-"""TCP_REPAIR: dump and restore established sockets (ARCHITECTURE.md section 4).
+"""TCP_REPAIR: dump and restore established sockets (docs/how-it-works.md).
 
 ``dump(sock)`` freezes a connected socket and reads its state; ``restore(state)`` rebuilds
 it in the caller's network namespace; ``release(sock)`` closes a frozen socket silently;

@@ -2,7 +2,7 @@
 
 ``dump`` freezes a socket (repair mode: it stops transmitting) and reads its whole state;
 ``restore`` rebuilds it in the caller's network namespace in the order the kernel demands
-(ARCHITECTURE.md section 4); ``release`` closes a frozen socket without FIN or RST;
+(docs/how-it-works.md); ``release`` closes a frozen socket without FIN or RST;
 ``resume`` thaws it in place for a rollback.
 
 Two details keep the peer from waiting on its retransmission timer, the failure that made
@@ -379,7 +379,7 @@ def _set_queue_seq(sock: socket.socket, queue: int, seq: int) -> None:
 
 
 def _rebuild(sock: socket.socket, state: TcpState, name: Name) -> None:
-    """Restore in the order the kernel enforces (ARCHITECTURE.md section 4)."""
+    """Restore in the order the kernel enforces (docs/how-it-works.md)."""
     if state.family == 6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state.options.v6only))
     _repair(sock, name, k.TCP_REPAIR_ON)  # before bind: binds next to a listener

@@ -2,7 +2,7 @@
 
 ``TlsServerConnection(config)`` takes bytes and returns bytes and events; its whole state
 is ``export_state()``, a small dict that ``TlsServerConnection.from_state`` continues
-elsewhere (ARCHITECTURE.md section 3).
+elsewhere (docs/how-it-works.md).
 """
 
 from pysteer.tls.config import ServerConfig, TlsConfigError

@@ -47,7 +47,7 @@ def client_socket(lab: Lab, family: int, port: int) -> socket.socket:
 
 
 def native_xdp_on_veth(lab: Lab) -> None:
-    """What native XDP redirect between veths needs (ARCHITECTURE.md section 7): GRO (or an
+    """What native XDP redirect between veths needs (docs/tuning.md): GRO (or an
     XDP program) on the target's peer, and no TX checksum offload on the sender."""
     for host in lab.plan.hosts:
         lab.run(host, ["ethtool", "-K", "to-steer", "gro", "on"])

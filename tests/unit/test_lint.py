@@ -54,9 +54,12 @@ def test_shellcheck() -> None:
 
 
 def test_vagrant_validate() -> None:
-    """What CI can do without booting VMs: the Vagrantfile parses and validates."""
-    out = subprocess.run(["vagrant", "validate"], cwd=ROOT / "vagrant", capture_output=True,
-                         text=True, check=False, timeout=120)  # fmt: skip
+    """What CI can do without booting VMs: the Vagrantfile parses and validates.
+
+    ``--ignore-provider``: a CI machine has no VirtualBox or libvirt, and plain ``vagrant
+    validate`` then fails with "No usable default provider could be found"."""
+    out = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=ROOT / "vagrant",
+                         capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "validated successfully" in out.stdout
 
