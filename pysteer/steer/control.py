@@ -9,6 +9,8 @@ divert ADDRESS HOST|null (new connections to ADDRESS go to HOST), diversions.
 from __future__ import annotations
 
 import json
+import math
+import re
 import socket
 import ssl
 from pathlib import Path
@@ -23,6 +25,11 @@ def socket_path(name: str) -> Path:
 
 class ControlError(RuntimeError):
     """The daemon could not be reached, or refused the request (its message is kept)."""
+
+
+class RequestError(ControlError):
+    """A control line that is not one JSON object within bounds; the message says what is
+    wrong and never quotes the line, so it is safe to send back as the answer's error."""
 
 
 def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
@@ -64,6 +71,71 @@ class LineReader:
             self.buffer += chunk
         head, sep, self.buffer = self.buffer.partition(b"\n")
         return head + sep
+
+
+MAX_DEPTH = 16  # requests are flat maps; Python's JSON parser recurses, so bound it first
+MAX_DIGITS = 20  # a 64-bit integer; int() refuses over 4300 digits with a plain ValueError
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes and all
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+def _too_deep(text: str) -> bool:
+    """Whether ``text`` nests arrays or objects beyond MAX_DEPTH (brackets in strings aside)."""
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return False
+    depth = 0
+    for c in _NOT_BRACKET.sub("", _STRING.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        if depth > MAX_DEPTH:
+            return True
+    return False
+
+
+def _integer(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_DIGITS:
+        raise RequestError(f"a request's numbers have at most {MAX_DIGITS} digits")
+    return int(literal)
+
+
+def _real(literal: str) -> float:
+    value = float(literal) if len(literal) <= 2 * MAX_DIGITS else math.inf
+    if not math.isfinite(value):
+        raise RequestError("a request's numbers must be finite and short")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise RequestError(f"a request's numbers must be finite, not {name}")
+
+
+def decode_request(line: bytes | str) -> dict[str, Any]:
+    """One control line as the request map it holds, or RequestError (never anything else).
+
+    Every way a line can be bad is refused here, before the daemon looks at it: invalid
+    UTF-8, nesting that would make the parser recurse, numbers ``int()`` or JSON cannot
+    carry, and anything but an object.
+    """
+    if isinstance(line, str):
+        line = line.encode("utf-8", "surrogatepass")  # a lone surrogate fails below
+    if len(line) > MAX_MESSAGE + 1:
+        raise RequestError(f"a request is at most {MAX_MESSAGE} bytes")
+    try:
+        text = bytes(line).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"a request must be UTF-8 (bad byte at offset {exc.start})") from None
+    if _too_deep(text):
+        raise RequestError(f"a request nests at most {MAX_DEPTH} levels deep")
+    try:
+        req = json.loads(text, parse_int=_integer, parse_float=_real, parse_constant=_constant)
+    except json.JSONDecodeError as exc:
+        raise RequestError(
+            f"requests are one JSON object per line (column {exc.colno}: {exc.msg})"
+        ) from None
+    except RecursionError:  # not reached within MAX_DEPTH; kept so the contract holds
+        raise RequestError(f"a request nests at most {MAX_DEPTH} levels deep") from None
+    if not isinstance(req, dict):
+        raise RequestError(f"a request must be a JSON object, not {type(req).__name__}")
+    return req
 
 
 def read_line(sock: socket.socket) -> bytes:

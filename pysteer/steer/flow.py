@@ -10,8 +10,16 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-_ENDPOINT = r"(?:\[(?P<{0}6>[0-9A-Fa-f:.]+)\]|(?P<{0}4>[0-9.]+)):(?P<{0}port>\d+)"
-_FLOW_RE = re.compile(rf"^{_ENDPOINT.format('s')}-{_ENDPOINT.format('d')}$")
+# Ports are ASCII digits (``\d`` takes any Unicode digit), at most 5 of them: ``int()`` then
+# never sees a number over Python's 4300-digit limit (a plain ValueError).
+_ENDPOINT = r"(?:\[(?P<{0}6>[0-9A-Fa-f:.]+)\]|(?P<{0}4>[0-9.]+)):(?P<{0}port>[0-9]{{1,5}})"
+_FLOW_RE = re.compile(f"{_ENDPOINT.format('s')}-{_ENDPOINT.format('d')}")
+_SHOWN = 100  # characters of a bad flow quoted in an error message
+
+
+def _quote(text: str) -> str:
+    """``text`` as repr, cut short: an error answer never grows with its input."""
+    return repr(text) if len(text) <= _SHOWN else f"{text[:_SHOWN]!r}... ({len(text)} chars)"
 
 
 class FlowSyntaxError(ValueError):
@@ -33,10 +41,14 @@ class Flow:
 
     @classmethod
     def parse(cls, text: str) -> Flow:
-        m = _FLOW_RE.match(text.strip())
+        """The flow ``text`` names; anything else raises FlowSyntaxError, never another error."""
+        if not isinstance(text, str):
+            raise FlowSyntaxError(f"a flow is a string, not {type(text).__name__}")
+        shown = _quote(text)
+        m = _FLOW_RE.fullmatch(text.strip())
         if not m:
             raise FlowSyntaxError(
-                f"malformed flow {text!r}: expected SRC:PORT-DST:PORT, "
+                f"malformed flow {shown}: expected SRC:PORT-DST:PORT, "
                 "e.g. 10.0.0.2:51000-10.0.0.100:443 or [fd00::2]:51000-[fd00::64]:443"
             )
         ends = []
@@ -45,16 +57,17 @@ class Flow:
             try:
                 addr = ipaddress.ip_address(host)
             except ValueError:
-                raise FlowSyntaxError(f"malformed flow {text!r}: bad address {host!r}") from None
+                bad = _quote(host)
+                raise FlowSyntaxError(f"malformed flow {shown}: bad address {bad}") from None
             if (m.group(f"{side}6") is not None) != (addr.version == 6):
-                raise FlowSyntaxError(f"malformed flow {text!r}: IPv6 goes in brackets")
+                raise FlowSyntaxError(f"malformed flow {shown}: IPv6 goes in brackets")
             port = int(m.group(f"{side}port"))
             if not 1 <= port <= 65535:
-                raise FlowSyntaxError(f"malformed flow {text!r}: port {port} out of 1..65535")
+                raise FlowSyntaxError(f"malformed flow {shown}: port {port} out of 1..65535")
             ends.append((addr, port))
         (src, sport), (dst, dport) = ends
         if src.version != dst.version:
-            raise FlowSyntaxError(f"malformed flow {text!r}: mixes IPv4 and IPv6")
+            raise FlowSyntaxError(f"malformed flow {shown}: mixes IPv4 and IPv6")
         return cls(src, sport, dst, dport)
 
     def __str__(self) -> str:

@@ -158,12 +158,34 @@ def _fail(reason: str) -> StateFormatError:
     return StateFormatError(reason)
 
 
+def _show(value: Any) -> str:
+    """A bad value for an error message: short scalars as repr, anything else by its type.
+
+    Never bytes (they may be queue data), never a huge int (``str`` refuses over 4300
+    digits) and never a container (its repr recurses, and a deep one raises RecursionError).
+    """
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else "a huge integer"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 64 else f"{value[:64]!r}..."
+    if isinstance(value, bytes | bytearray):
+        return f"{len(value)} bytes"
+    return f"a {type(value).__name__}"
+
+
+def _name(key: Any) -> str:
+    """A map key for an error message: a string as itself, anything else as ``_show`` has it."""
+    return key if isinstance(key, str) and len(key) <= 64 else _show(key)
+
+
 def _int(wire: dict[str, Any], key: str, lo: int, hi: int) -> int:
     value = wire[key]
     if type(value) is not int:
         raise _fail(f"field {key!r} must be an integer, not {type(value).__name__}")
     if not lo <= value <= hi:
-        raise _fail(f"field {key!r} = {value} is out of range {lo}..{hi}")
+        raise _fail(f"field {key!r} = {_show(value)} is out of range {lo}..{hi}")
     return value
 
 
@@ -185,13 +207,15 @@ def _address(value: Any, key: str, family: int) -> tuple[str, int]:
         raise _fail(f"field {key!r} must be [host, port]")
     host, port = value
     try:
+        if not isinstance(host, str):  # ip_address also takes ints and packed bytes
+            raise TypeError(host)
         ip = ipaddress.ip_address(host)
     except (ValueError, TypeError):
-        raise _fail(f"field {key!r} has an invalid address {host!r}") from None
+        raise _fail(f"field {key!r} has an invalid address {_show(host)}") from None
     if ip.version != family:
         raise _fail(f"field {key!r} is IPv{ip.version} in an IPv{family} state")
     if type(port) is not int or not 1 <= port <= 65535:
-        raise _fail(f"field {key!r} has an invalid port {port!r}")
+        raise _fail(f"field {key!r} has an invalid port {_show(port)}")
     return str(ip), port
 
 
@@ -199,12 +223,12 @@ def _check_keys(wire: Any) -> dict[str, Any]:
     if not isinstance(wire, dict):
         raise _fail(f"state must be a map, not {type(wire).__name__}")
     version = wire.get("v")
-    if version != WIRE_VERSION:
-        raise _fail(f"unknown state version {version!r} (this pysteer reads {WIRE_VERSION})")
+    if type(version) is not int or version != WIRE_VERSION:  # True == 1.0 == 1
+        raise _fail(f"unknown state version {_show(version)} (this pysteer reads {WIRE_VERSION})")
     missing = sorted(_KEYS - wire.keys())
     if missing:
         raise _fail(f"missing field(s): {', '.join(missing)}")
-    extra = sorted(str(key) for key in wire.keys() - _KEYS)
+    extra = sorted(_name(key) for key in wire.keys() - _KEYS)
     if extra:
         raise _fail(f"unexpected field(s): {', '.join(extra)}")
     return wire
@@ -215,7 +239,7 @@ def _state(wire: dict[str, Any]) -> TcpStateCode:
     try:
         state = TcpStateCode[name]
     except (KeyError, TypeError):
-        raise _fail(f"unknown TCP state {name!r}") from None
+        raise _fail(f"unknown TCP state {_show(name)}") from None
     if state not in MOVABLE_STATES:
         raise _fail(f"TCP state {state.name} cannot be restored")
     return state
@@ -272,7 +296,7 @@ def _options(value: Any) -> SocketOptions:
     if not isinstance(value, dict):
         raise _fail("field 'options' must be a map")
     known = {f.name: f.default for f in fields(SocketOptions)}
-    unknown = sorted(str(key) for key in value.keys() - known.keys())
+    unknown = sorted(_name(key) for key in value.keys() - known.keys())
     if unknown:
         raise _fail(f"unexpected option(s): {', '.join(unknown)}")
     values: dict[str, Any] = {}
@@ -290,7 +314,7 @@ def _decode(raw: Any) -> TcpState:
     wire = _check_keys(raw)
     family = wire["family"]
     if type(family) is not int or family not in (4, 6):
-        raise _fail(f"field 'family' must be 4 or 6, not {family!r}")
+        raise _fail(f"field 'family' must be 4 or 6, not {_show(family)}")
     state = _state(wire)
     recv_queue, send_unacked, send_unsent = _queues(wire, state)
     recv_seq = _int(wire, "recv_seq", 0, U32 - 1)

@@ -77,6 +77,28 @@ def _fail(reason: str) -> TlsStateError:
     return TlsStateError(f"tls state: {reason}")
 
 
+def _show(value: Any) -> str:
+    """A bad value for an error message: short scalars as repr, anything else by its type.
+
+    Never bytes (they may be keys), never a huge int (``str`` refuses over 4300 digits)
+    and never a container (its repr recurses, and a deep one raises RecursionError).
+    """
+    if value is None or isinstance(value, bool | float):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value) if value.bit_length() <= 64 else "a huge integer"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 64 else f"{value[:64]!r}..."
+    if isinstance(value, bytes | bytearray):
+        return f"{len(value)} bytes"
+    return f"a {type(value).__name__}"
+
+
+def _name(key: Any) -> str:
+    """A map key for an error message: a string as itself, anything else as ``_show`` has it."""
+    return key if isinstance(key, str) and len(key) <= 64 else _show(key)
+
+
 def _bytes(
     d: dict[str, Any], key: str, where: str, size: int | None = None, limit: int = 1 << 24
 ) -> bytes:
@@ -124,18 +146,19 @@ def _optional_str(d: dict[str, Any], key: str) -> str | None:
 def decode_state(d: Any) -> DecodedState:
     if not isinstance(d, dict):
         raise _fail(f"state must be a map, not {type(d).__name__}")
-    if d.get("v") != WIRE_VERSION:
-        raise _fail(f"unknown state version {d.get('v')!r} (this pysteer reads {WIRE_VERSION})")
-    missing, extra = sorted(_KEYS - d.keys()), sorted(str(k) for k in d.keys() - _KEYS)
+    version = d.get("v")
+    if type(version) is not int or version != WIRE_VERSION:  # True == 1.0 == 1
+        raise _fail(f"unknown state version {_show(version)} (this pysteer reads {WIRE_VERSION})")
+    missing, extra = sorted(_KEYS - d.keys()), sorted(_name(k) for k in d.keys() - _KEYS)
     if missing:
         raise _fail(f"missing field(s): {', '.join(missing)}")
     if extra:
         raise _fail(f"unexpected field(s): {', '.join(extra)}")
     suite = BY_NAME.get(d["suite"]) if isinstance(d["suite"], str) else None
     if suite is None:
-        raise _fail(f"unknown cipher suite {d['suite']!r}")
+        raise _fail(f"unknown cipher suite {_show(d['suite'])}")
     if d["version"] != suite.version:
-        raise _fail(f"suite {suite.name} does not belong to version {d['version']!r}")
+        raise _fail(f"suite {suite.name} does not belong to version {_show(d['version'])}")
     flags = {}
     for key in ("close_sent", "close_received", "resumed"):
         if type(d[key]) is not bool:

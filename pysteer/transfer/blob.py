@@ -9,6 +9,7 @@ channel on top of that. ``ImportLedger`` is B's fencing: a migration id is impor
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import threading
@@ -88,8 +89,14 @@ def seal(blob: MigrationBlob, key: bytes) -> bytes:
 
 
 def open_sealed(data: bytes, key: bytes, *, expect_id: bytes | None = None) -> MigrationBlob:
-    """Authenticate, decrypt and validate a sealed blob (for ``expect_id``, if given)."""
+    """Authenticate, decrypt and validate a sealed blob (for ``expect_id``, if given).
+
+    Any problem is a BlobError, never another exception: the agent answers it to its peer.
+    """
     aead = _check_key(key)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise BlobError(f"a sealed blob is bytes, not {type(data).__name__}")
+    data = bytes(data)
     if len(data) < _HEADER.size + 16:
         raise BlobError("sealed blob too short")
     header = data[: _HEADER.size]
@@ -104,9 +111,17 @@ def open_sealed(data: bytes, key: bytes, *, expect_id: bytes | None = None) -> M
         plain = aead.decrypt(nonce, data[_HEADER.size :], header)
     except InvalidTag:
         raise BlobError("sealed blob failed authentication (tampered, or another key)") from None
+    return decode_plain(plain, mid)
+
+
+def decode_plain(plain: bytes, mid: bytes) -> MigrationBlob:
+    """The blob in an authenticated plaintext, checked field by field; BlobError if bad.
+
+    Split from ``open_sealed`` so that what passes the AEAD is tested by itself too.
+    """
     try:
-        wire = msgpack.unpackb(plain, raw=False)
-    except (ValueError, msgpack.UnpackException):
+        wire = msgpack.unpackb(plain, raw=False, max_ext_len=0)  # the blob has no ext types
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException):
         raise BlobError("sealed blob holds no valid msgpack") from None
     return _decode(wire, mid)
 
@@ -117,20 +132,26 @@ def _decode(wire: Any, mid: bytes) -> MigrationBlob:
     expected = {"v", "id", "flow", "tcp", "tls", "app", "out", "t"}
     if set(wire) != expected:
         raise BlobError(f"blob fields must be exactly {', '.join(sorted(expected))}")
-    if wire["v"] != BLOB_VERSION or wire["id"] != mid:
+    if type(wire["v"]) is not int or wire["v"] != BLOB_VERSION or wire["id"] != mid:
         raise BlobError("blob version or id does not match its envelope")
+    if not isinstance(wire["flow"], str):
+        raise BlobError("blob flow must be a string")
     try:
-        flow = Flow.parse(str(wire["flow"]))
+        flow = Flow.parse(wire["flow"])
         tcp = TcpState.from_wire(wire["tcp"])
         if wire["tls"] is not None:
             decode_state(wire["tls"])  # validated now, restored by the agent
     except (FlowSyntaxError, StateFormatError, TlsStateError) as exc:
         raise BlobError(f"invalid blob: {exc}") from None
-    if not isinstance(wire["t"], float | int):
-        raise BlobError("blob time must be a number")
+    try:
+        t = float(wire["t"]) if type(wire["t"]) in (float, int) else math.nan
+    except OverflowError:
+        t = math.nan
+    if not math.isfinite(t):  # NaN passes any staleness test written as `age > limit`
+        raise BlobError("blob time must be a finite number")
     if not isinstance(wire["out"], bytes):
         raise BlobError("blob output must be bytes")
-    return MigrationBlob(mid, flow, tcp, wire["tls"], wire["app"], wire["out"], float(wire["t"]))
+    return MigrationBlob(mid, flow, tcp, wire["tls"], wire["app"], wire["out"], t)
 
 
 class ImportLedger:

@@ -1,0 +1,343 @@
+"""Bad input that used to reach a traceback: each now gets its module's documented error.
+
+One test per hole that was found: the control line decoder, the daemon's per-client loop,
+flows, agent frames, sealed blobs, and the TCP and TLS state decoders.
+"""
+
+import asyncio
+import json
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from helpers.blobs import SECRET, blob
+
+from pysteer.agent.frames import FrameError, encode_frame, read_frame
+from pysteer.steer.control import MAX_DEPTH, LineReader, RequestError, decode_request
+from pysteer.steer.daemon import Daemon
+from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.tcp import StateFormatError, TcpState
+from pysteer.tls.state import TlsStateError, decode_state
+from pysteer.transfer import BlobError, open_sealed, seal
+from pysteer.transfer import blob as blob_module
+
+KEY = os.urandom(32)
+HUGE = "9" * 5000  # over Python's 4300-digit limit for int(str)
+GOOD = "10.0.0.2:51000-10.0.0.100:443"
+
+
+def nested(depth: int) -> Any:
+    value: Any = 0
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+DEEP = "deep-placeholder"  # packb stops at 512 levels: put deeper msgpack in its place
+DEEP_MSGPACK = b"\x91" * 1020 + b"\x00"  # [[...[0]...]]: msgpack stops at 1024, repr ~1000
+
+
+def packb(value: Any) -> bytes:
+    """msgpack of ``value``, with DEEP (the string) replaced by DEEP_MSGPACK."""
+    return msgpack.packb(value, use_bin_type=True).replace(msgpack.packb(DEEP), DEEP_MSGPACK)
+
+
+# --- flows -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"10.0.0.2:{HUGE}-10.0.0.100:443", "expected SRC:PORT-DST:PORT"),
+        (f"10.0.0.2:51000-10.0.0.100:{HUGE}", "expected SRC:PORT-DST:PORT"),
+        ("10.0.0.2:\u0665\u0661-10.0.0.100:443", "expected SRC:PORT-DST:PORT"),  # Arabic 51
+        ("10.0.0.2:000443-10.0.0.100:443", "expected SRC:PORT-DST:PORT"),
+    ],
+    ids=["huge-sport", "huge-dport", "unicode-digits", "six-digits"],
+)
+def test_flow_ports_are_five_ascii_digits(text: str, message: str) -> None:
+    with pytest.raises(FlowSyntaxError, match=message) as info:
+        Flow.parse(text)
+    assert len(str(info.value)) < 300  # the bad text is quoted, but cut short
+
+
+@pytest.mark.parametrize("value", [None, 5, b"10.0.0.2:1-10.0.0.3:2", ["x"]])
+def test_flow_parse_only_takes_strings(value: Any) -> None:
+    with pytest.raises(FlowSyntaxError, match="a flow is a string"):
+        Flow.parse(value)
+
+
+# --- control lines -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"cmd": "stats", "x": "\xff\xfe"}\n', "must be UTF-8"),
+        (b"[" * 100_000 + b"\n", f"nests at most {MAX_DEPTH} levels"),
+        (b'{"a":' * 100_000 + b"\n", f"nests at most {MAX_DEPTH} levels"),
+        (b'{"cmd": "stats", "port": ' + HUGE.encode() + b"}\n", "at most 20 digits"),
+        (b'{"cmd": "stats", "t": 1e999}\n', "finite"),
+        (b'{"cmd": "stats", "t": NaN}\n', "finite, not NaN"),
+        (b'["stats"]\n', "must be a JSON object, not list"),
+        (b'"stats"\n', "must be a JSON object, not str"),
+        (b"{cmd: stats}\n", "one JSON object per line"),
+        (b"\n", "one JSON object per line"),
+    ],
+    ids=[
+        "utf8",
+        "deep-array",
+        "deep-object",
+        "huge-int",
+        "inf",
+        "nan",
+        "list",
+        "str",
+        "not-json",
+        "empty",
+    ],
+)
+def test_decode_request_refuses(line: bytes, message: str) -> None:
+    with pytest.raises(RequestError, match=message) as info:
+        decode_request(line)
+    assert len(str(info.value)) < 200  # never quotes the line back
+
+
+def test_decode_request_accepts_requests() -> None:
+    assert decode_request(b'{"cmd": "stats"}\n') == {"cmd": "stats"}
+    line = json.dumps({"cmd": "to", "flow": GOOD, "host": "b", "n": 2**63, "x": [[{}]]})
+    assert decode_request(line.encode())["n"] == 2**63
+    # Brackets inside strings are text, not nesting.
+    assert decode_request(b'{"cmd": "' + b"[" * 1000 + b'"}')["cmd"] == "[" * 1000
+    assert decode_request(json.dumps({"a": nested(MAX_DEPTH - 1)}).encode())["a"]
+    assert decode_request('{"cmd": "stats"}') == {"cmd": "stats"}  # text works too
+    with pytest.raises(RequestError, match="must be UTF-8"):
+        decode_request('{"cmd": "\udc80"}')  # a lone surrogate is no UTF-8
+
+
+def test_request_error_is_a_control_error() -> None:
+    from pysteer.steer.control import ControlError  # noqa: PLC0415
+
+    assert issubclass(RequestError, ControlError)
+
+
+@pytest.fixture
+def daemon_conn(caplog: pytest.LogCaptureFixture) -> Iterator[socket.socket]:
+    """A client socket served by a real ``Daemon._client`` thread.
+
+    The daemon has no steerer (that needs BPF): any command reaching the flow table fails
+    inside ``handle``, which is exactly the unexpected error the loop must survive.
+    """
+    caplog.set_level(logging.INFO, logger="pysteer.steer")
+    ours, theirs = socket.socketpair()
+    daemon = Daemon(None, Path("/nonexistent"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=daemon._client, args=(theirs,), daemon=True)
+    thread.start()
+    ours.settimeout(10)
+    yield ours
+    ours.close()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def ask(sock: socket.socket, line: bytes) -> dict[str, Any]:
+    sock.sendall(line)
+    return json.loads(LineReader(sock).line())
+
+
+def test_daemon_client_answers_bad_lines_and_keeps_serving(
+    daemon_conn: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = [
+        (b'{"cmd": "flows\xff"}\n', "must be UTF-8"),
+        (b"[" * 100_000 + b"\n", "nests at most"),
+        (
+            json.dumps({"cmd": "park", "flow": f"10.0.0.2:{HUGE}-10.0.0.3:80"}).encode() + b"\n",
+            "flow",  # refused by the daemon's field check or by Flow.parse: both name it
+        ),
+        (b'{"cmd": "park", "flow": "x", "n": ' + HUGE.encode() + b"}\n", "at most 20 digits"),
+        (b"[1]\n", "must be a JSON object"),
+        (b'{"cmd": "nope"}\n', "unknown command 'nope'"),
+    ]
+    for line, message in bad:
+        answer = ask(daemon_conn, line)
+        assert answer["ok"] is False
+        assert message in answer["error"]
+    # An unexpected failure inside handle (here: no steerer) is answered and logged.
+    answer = ask(daemon_conn, b'{"cmd": "stats"}\n')
+    assert answer == {"ok": False, "error": "internal error (AttributeError), see the daemon's log"}
+    assert "control request failed" in caplog.text
+    answer = ask(daemon_conn, b'{"cmd": "nope"}\n')  # the thread still serves
+    assert answer["error"] == "unknown command 'nope'"
+
+
+# --- agent frames ------------------------------------------------------------------------------
+def stalled(data: bytes) -> asyncio.StreamReader:
+    """A reader holding ``data`` whose peer then neither sends nor hangs up."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    return reader
+
+
+@pytest.mark.parametrize("cut", [1, 3, 4, 10], ids=["head-1", "head-3", "head-4", "body"])
+def test_truncated_frame_times_out(cut: int) -> None:
+    frame = encode_frame({"op": "prepare", "blob": b"x" * 100})
+
+    async def go() -> float:
+        start = time.monotonic()
+        with pytest.raises(FrameError, match="part of a frame"):
+            await asyncio.wait_for(read_frame(stalled(frame[:cut]), timeout=0.2), 5)
+        return time.monotonic() - start
+
+    assert 0.15 < asyncio.run(go()) < 3
+
+
+def test_idle_wait_for_a_frame_is_unbounded() -> None:
+    async def go() -> None:
+        reader = stalled(b"")
+        with pytest.raises(TimeoutError):  # ours: read_frame itself never gives up here
+            await asyncio.wait_for(read_frame(reader, timeout=0.05), 0.5)
+
+    asyncio.run(go())
+
+
+def test_default_frame_timeout_is_finite() -> None:
+    """The agent calls ``read_frame(reader)``: its default must bound a stalled frame."""
+    import inspect  # noqa: PLC0415
+
+    default = inspect.signature(read_frame).parameters["timeout"].default
+    assert 0 < default <= 120
+
+
+def body_frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (msgpack.packb({"op": nested(100)}), "nests at most"),
+        (packb({"op": DEEP}), "nests at most"),
+        (msgpack.packb({"op": list(range((1 << 20) + 1))}), "invalid msgpack"),
+        (msgpack.packb({"op": {str(i): 0 for i in range((1 << 20) + 1)}}), "invalid msgpack"),
+        (b"\x81\xa2op\xd6\xff\x00\x00\x00\x01", "invalid msgpack"),  # an ext type (timestamp)
+        (b"\x81\xa2op\xdd\xff\xff\xff\xff", "invalid msgpack"),  # an array of 2**32-1
+        (b"\x81\x01\x02", "invalid msgpack"),  # an int key
+    ],
+    ids=["deep-100", "deep-1020", "long-array", "big-map", "ext", "array-header", "int-key"],
+)
+def test_bad_frame_bodies(body: bytes, message: str) -> None:
+    async def go() -> None:
+        reader = asyncio.StreamReader()
+        reader.feed_data(body_frame(body))
+        reader.feed_eof()
+        await read_frame(reader)
+
+    with pytest.raises(FrameError, match=message):
+        asyncio.run(go())
+
+
+# --- sealed blobs ------------------------------------------------------------------------------
+def seal_wire(wire: Any, mid: bytes) -> bytes:
+    """Seal any plaintext map under the real key: it passes the AEAD and reaches decoding."""
+    plain = packb(wire)
+    nonce = os.urandom(12)
+    header = blob_module._HEADER.pack(b"PSMB", 1, mid, nonce)
+    return header + ChaCha20Poly1305(KEY).encrypt(nonce, plain, header)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("flow", f"10.0.0.2:{HUGE}-10.0.0.100:443", "invalid blob: malformed flow"),
+        ("flow", 12, "flow must be a string"),
+        ("t", math.nan, "finite"),
+        ("t", math.inf, "finite"),
+        ("t", -math.inf, "finite"),
+        ("t", True, "finite"),
+        ("t", "now", "finite"),
+        ("v", True, "version or id"),
+        ("v", 1.0, "version or id"),
+        ("tcp", {"v": DEEP}, "invalid blob: tcp state: unknown state version a list"),
+        ("tls", {"v": DEEP}, "invalid blob: tls state: unknown state version a list"),
+    ],
+)
+def test_bad_blob_fields(field: str, value: Any, message: str) -> None:
+    b = blob()
+    wire = b.to_wire() | {field: value}
+    with pytest.raises(BlobError, match=message) as info:
+        open_sealed(seal_wire(wire, b.id), KEY, expect_id=b.id)
+    assert SECRET.hex() not in str(info.value) and HUGE not in str(info.value)
+
+
+@pytest.mark.parametrize("data", ["PSMB" * 20, None, 12, [b"PSMB"]])
+def test_sealed_blob_must_be_bytes(data: Any) -> None:
+    with pytest.raises(BlobError, match="a sealed blob is bytes"):
+        open_sealed(data, KEY)
+
+
+def test_blob_round_trip_still_works() -> None:
+    b = blob()
+    assert open_sealed(bytearray(seal(b, KEY)), KEY, expect_id=b.id) == b
+
+
+# --- TCP and TLS state -------------------------------------------------------------------------
+def tcp_wire(**changes: Any) -> dict[str, Any]:
+    return blob().tcp.to_wire() | changes
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (tcp_wire(family=10**5000), "'family' must be 4 or 6, not a huge integer"),
+        (tcp_wire(send_seq=10**5000), "'send_seq' = a huge integer is out of range"),
+        (tcp_wire(v=10**5000), "unknown state version a huge integer"),
+        (tcp_wire(v=nested(1000)), "unknown state version a list"),
+        (tcp_wire(v=True), "unknown state version True"),
+        (tcp_wire(v=1.0), "unknown state version 1.0"),
+        (tcp_wire(state=nested(1000)), "unknown TCP state a list"),
+        (tcp_wire(state=SECRET), f"unknown TCP state {len(SECRET)} bytes"),
+        (tcp_wire(peer=["10.0.0.2", 10**5000]), "invalid port a huge integer"),
+        (tcp_wire(peer=[nested(1000), 1]), "invalid address a list"),
+        (tcp_wire(peer=[167772162, 51000]), "invalid address 167772162"),
+        (tcp_wire(peer=[bytes([10, 0, 0, 2]), 51000]), "invalid address 4 bytes"),
+        (tcp_wire() | {10**5000: 1}, "unexpected field(s): a huge integer"),
+        (tcp_wire(options={10**5000: 1}), "unexpected option(s): a huge integer"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_tcp_state_errors_are_state_format_errors(wire: dict, message: str) -> None:
+    with pytest.raises(StateFormatError) as info:
+        TcpState.from_wire(wire)
+    assert message in str(info.value)
+    assert "SECRET" not in str(info.value)
+
+
+def tls_wire(**changes: Any) -> dict[str, Any]:
+    return dict(blob().tls or {}) | changes
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (tls_wire(v=10**5000), "unknown state version a huge integer"),
+        (tls_wire(v=nested(1000)), "unknown state version a list"),
+        (tls_wire(v=True), "unknown state version True"),
+        (tls_wire(suite=10**5000), "unknown cipher suite a huge integer"),
+        (tls_wire(suite=nested(1000)), "unknown cipher suite a list"),
+        (tls_wire(version=nested(1000)), "does not belong to version a list"),
+        (tls_wire(version=SECRET), f"does not belong to version {len(SECRET)} bytes"),
+        (tls_wire() | {10**5000: 1}, "unexpected field(s): a huge integer"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_tls_state_errors_are_tls_state_errors(wire: dict, message: str) -> None:
+    with pytest.raises(TlsStateError) as info:
+        decode_state(wire)
+    assert message in str(info.value)
+    assert SECRET.hex() not in str(info.value)
