@@ -82,14 +82,26 @@ class Stream:
 
 
 def ask_remote(address: tuple[str, int], context: ssl.SSLContext, node: str, cmd: str, *,
-               timeout: float = 10.0, **args: Any) -> dict[str, Any]:  # fmt: skip
+               timeout: float = 10.0, netns: str | None = None,
+               **args: Any) -> dict[str, Any]:  # fmt: skip
     """The same request to a node's agent over its mutual-TLS peer listener (another
-    machine). ``context`` carries a cluster certificate; the agent checks it is a node's."""
+    machine). ``context`` carries a cluster certificate; the agent checks it is a node's.
+
+    ``netns``: open the connection inside that network namespace (the node's, on this
+    machine), so that its packets never go out of the caller's own namespace."""
     where = f"agent {node} at {address[0]}:{address[1]}"
+    if netns is not None:
+        where += f" in namespace {netns}"
     request = encode_frame({"op": "control", "request": {"cmd": cmd, **args}})
     try:
+        if netns is None:
+            raw = socket.create_connection(address, timeout=timeout)
+        else:
+            from pysteer.netns import call_in  # noqa: PLC0415 - only a lab's file names one
+
+            raw = call_in(netns, socket.create_connection, address, timeout)  # stays there
         with (
-            socket.create_connection(address, timeout=timeout) as raw,
+            raw,
             context.wrap_socket(raw, server_hostname=node) as sock,
         ):
             sock.sendall(request)

@@ -22,8 +22,22 @@
     control = "10.0.2.2:7701"          # the agent's mTLS listener
     cert = "certs/a.pem"
     key = "certs/a.key"
+    remote = true                      # or: netns = "lab-a" (optional, not both)
+    drain_to = "b"                     # optional: on SIGTERM, drain to b before stopping
+    drain_timeout = 60                 # optional: seconds that drain may take (default 60)
 
 Relative paths are relative to the file. Every problem is reported with its TOML path.
+
+Where the CLI may send TCP to a node whose local control socket is missing (its agent is
+down, or runs elsewhere) is part of the file, because a wrong guess sends a TLS handshake
+out of the default route to a network that is not ours:
+
+- ``remote = true``: the node is another machine; reach its mutual-TLS listener from here.
+- ``netns = "NAME"``: the node is the network namespace NAME on this machine (a lab); the
+  CLI connects from inside it, so no packet leaves the CLI's own namespace.
+- neither: only the local socket; a missing one means the agent is down, and nothing is sent.
+
+``[steer]`` takes the same two keys.
 """
 
 from __future__ import annotations
@@ -35,6 +49,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pysteer.netns import netns_path
 
 ENV = "PYSTEER_CONFIG"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -50,6 +66,10 @@ class NodeConfig:
     control: tuple[str, int]
     cert: Path
     key: Path
+    netns: str | None = None  # the network namespace it lives in, on this machine
+    remote: bool = False  # another machine: TCP to it from the CLI's own namespace is fine
+    drain_to: str | None = None  # where its agent drains to on SIGTERM
+    drain_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -116,14 +136,40 @@ def _node(name: str, table: Any, base: Path, where: str) -> NodeConfig:
         raise ConfigError(f"{where}: invalid node name {name!r}")
     if not isinstance(table, dict):
         raise ConfigError(f"[{where}] must be a table")
-    unknown = sorted(set(table) - {"control", "cert", "key", "name"})
+    keys = {"control", "cert", "key", "name", "netns", "remote", "drain_to", "drain_timeout"}
+    unknown = sorted(set(table) - keys)
     if unknown:
         raise ConfigError(f"[{where}] has unknown key(s): {', '.join(unknown)}")
+    netns = None
+    if "netns" in table:
+        netns = _str(table, "netns", where)
+        try:
+            netns_path(netns)
+        except ValueError:
+            raise ConfigError(f"{where}.netns: invalid namespace name {netns!r}") from None
+    remote = table.get("remote", False)
+    if not isinstance(remote, bool):
+        raise ConfigError(f"{where}.remote must be true or false")
+    if netns is not None and remote:
+        raise ConfigError(
+            f"[{where}] has both netns and remote: a node is a namespace here or another "
+            "machine, not both"
+        )
+    drain_to = _str(table, "drain_to", where) if "drain_to" in table else None
+    if drain_to == name:
+        raise ConfigError(f"{where}.drain_to: a node cannot drain to itself")
+    timeout = table.get("drain_timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ConfigError(f"{where}.drain_timeout must be a number of seconds in (0, 3600]")
     return NodeConfig(
         name=name,
         control=_endpoint(_str(table, "control", where), f"{where}.control"),
         cert=_path(base, table, "cert", where),
         key=_path(base, table, "key", where),
+        netns=netns,
+        remote=remote,
+        drain_to=drain_to,
+        drain_timeout=float(timeout),
     )
 
 
@@ -178,6 +224,9 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
     nodes = {name: _node(name, t, base, f"nodes.{name}") for name, t in nodes_table.items()}
     if steer.name in nodes:
         raise ConfigError(f"the steering node {steer.name!r} is also listed under [nodes]")
+    for node in nodes.values():
+        if node.drain_to is not None and node.drain_to not in nodes:
+            raise ConfigError(f"nodes.{node.name}.drain_to: unknown node {node.drain_to!r}")
     name = cluster.get("name", "default")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise ConfigError(f"cluster.name must match {NAME_RE.pattern}, not {name!r}")

@@ -160,7 +160,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             plan = load(args.variant)
         except PlanError as exc:
             raise UsageError(str(exc)) from None
-        path = write_plan_cluster(plan, args.variant, args.dir.resolve(), force=args.force)
+        # One machine per node: the CLI reaches the others' agents over mutual TLS.
+        path = write_plan_cluster(plan, args.variant, args.dir.resolve(), force=args.force,
+                                  remote=True)  # fmt: skip
         print(f"cluster file: {path} (copy the directory to every machine)")
         return 0
     lab = _lab_for(args.prefix)

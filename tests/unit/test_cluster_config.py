@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 from pysteer.cluster import ConfigError, load_config
+from pysteer.lab.cluster import write_plan_cluster
+from pysteer.lab.plan import load as load_plan
 
 GOOD = """
 [cluster]
@@ -101,3 +103,51 @@ def test_mistakes_name_their_key(tmp_path: Path, change: tuple[str, str], messag
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_where_a_node_is(tmp_path: Path) -> None:
+    """``netns`` and ``remote`` say where TCP to a node may go; neither is the default."""
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.node("a").netns is None and not cfg.node("a").remote
+    assert cfg.steer.netns is None and not cfg.steer.remote
+    text = GOOD.replace('key = "certs/a.key"', 'key = "certs/a.key"\nnetns = "lab-a"')
+    text = text.replace('key = "certs/b.key"', 'key = "certs/b.key"\nremote = true')
+    text = text.replace('key = "certs/lb.key"', 'key = "certs/lb.key"\nnetns = "lab-steer"')
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.node("a").netns, cfg.node("a").remote) == ("lab-a", False)
+    assert (cfg.node("b").netns, cfg.node("b").remote) == (None, True)
+    assert cfg.steer.netns == "lab-steer"
+
+
+@pytest.mark.parametrize(
+    ("extra", "node", "message"),
+    [
+        ('netns = ""', "a", "nodes.a.netns must be a non-empty string"),
+        ("netns = 7", "a", "nodes.a.netns must be a non-empty string"),
+        ('netns = "x/y"', "a", "nodes.a.netns: invalid namespace name 'x/y'"),
+        ('netns = ".."', "b", "nodes.b.netns: invalid namespace name '..'"),
+        ('remote = "yes"', "b", "nodes.b.remote must be true or false"),
+        ("remote = 1", "lb", "steer.remote must be true or false"),
+        ('netns = "lab-a"\nremote = true', "a", "[nodes.a] has both netns and remote"),
+        ('netns = "s"\nremote = true', "lb", "[steer] has both netns and remote"),
+    ],
+)
+def test_bad_netns_or_remote(tmp_path: Path, extra: str, node: str, message: str) -> None:
+    text = GOOD.replace(f'key = "certs/{node}.key"', f'key = "certs/{node}.key"\n{extra}', 1)
+    assert text != GOOD
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("variant", ["lab", "vm"])
+def test_plan_cluster_says_where_each_node_is(tmp_path: Path, variant: str) -> None:
+    """The lab's file names each node's namespace; the VMs' file marks every node remote."""
+    plan = load_plan(variant)
+    cfg = load_config(write_plan_cluster(plan, "tq", tmp_path, remote=variant == "vm"))
+    for node in (cfg.steer, *cfg.nodes.values()):
+        if variant == "vm":
+            assert node.remote and node.netns is None, node
+        else:
+            assert not node.remote and node.netns == f"tq-{node.name}", node
+    assert sorted(cfg.nodes) == sorted(plan.hosts) and cfg.steer.name == plan.steer
