@@ -69,19 +69,27 @@ class SteerCollector(Collector):
     def collect(self) -> Iterator[Any]:
         st = self.steerer
         stats = st.stats()
-        parked = list(st.counters.values())
-        for name, value, help_ in (
-            ("parked_packets", stats.get("parked", 0), "Packets parked (held for a move)"),
-            ("replayed_packets", sum(c.replayed for c in parked), "Parked packets replayed"),
-            ("park_dropped_packets", sum(c.dropped for c in parked),
-             "Parked packets dropped over the bound"),
-            ("redirected_packets", stats.get("redirected", 0), "Packets redirected to a host"),
-            ("seen_packets", stats.get("seen", 0), "Packets the program saw"),
-            ("new_diverted_connections", stats.get("new_diverted", 0),
+        for name, key, help_ in (
+            ("parked_packets", "parked", "Packets parked (held for a move)"),
+            ("replayed_packets", "replayed", "Parked packets replayed"),
+            ("park_dropped_packets", "park_dropped", "Parked packets dropped over the bound"),
+            ("redirected_packets", "redirected", "Packets redirected to a host"),
+            ("seen_packets", "seen", "Packets the program saw"),
+            ("new_diverted_connections", "new_diverted",
              "New connections sent to a drain's target"),
+            ("divert_failed_connections", "divert_failed",
+             "New connections not diverted because the flow table was full"),
+            ("table_full_errors", "table_full", "Changes refused because the flow table was full"),
+            ("closed_flows", "closed_fin", "Entries removed at a connection's last ACK"),
+            ("reset_flows", "closed_rst", "Entries removed at a connection's RST"),
+            ("stale_syn_flows", "stale_syn", "Entries replaced by a new SYN on their 4-tuple"),
+            ("agent_closed_flows", "closed_by_agents", "Entries removed at an agent's notice"),
+            ("idle_flows", "gc_idle", "Entries removed after the idle timeout"),
+            ("stale_flows", "gc_stale", "Entries removed by an agent's sync"),
+            ("expired_leases", "lease_expired", "Parks rolled back when their lease ran out"),
         ):  # fmt: skip
             family = CounterMetricFamily(f"pysteer_steer_{name}", help_)
-            family.add_metric([], value)
+            family.add_metric([], stats.get(key, 0))
             yield family
         by_action: dict[str, int] = {}
         for _flow, view in st.items():
@@ -92,6 +100,9 @@ class SteerCollector(Collector):
         for action, count in sorted(by_action.items()):
             flows.add_metric([action], count)
         yield flows
+        capacity = GaugeMetricFamily("pysteer_steer_flow_capacity", "Size of the flow table")
+        capacity.add_metric([], st.max_flows)
+        yield capacity
 
 
 class JsonFormatter(logging.Formatter):

@@ -18,6 +18,11 @@ BPF_TABLE_PINNED("array", u32, struct host_entry, hosts, MAX_HOSTS, PIN_DIR "/ho
 BPF_TABLE_PINNED("percpu_array", u32, u64, stats, STAT_MAX, PIN_DIR "/stats");
 /* service address -> host id: new connections to it go to that host (see divert). */
 BPF_TABLE_PINNED("hash", struct service_key, u32, new_flows, MAX_SERVICES, PIN_DIR "/new_flows");
+/* migration token -> how it ended (userspace only): the commit point's record, so that a
+ * source or target that lost an answer, or restarted, learns the outcome. LRU: old
+ * outcomes make room for new ones. */
+BPF_TABLE_PINNED("lru_hash", u64, struct decision, decisions, MAX_DECISIONS,
+		 PIN_DIR "/decisions");
 BPF_PERF_OUTPUT(parked);
 
 #endif

@@ -56,15 +56,60 @@ static __always_inline void *parse_flow(void *data, void *data_end, struct flow_
 	return NULL;
 }
 
-/* Whether the TCP segment after `ip` (as parse_flow returned it) opens a connection: SYN
- * without ACK. */
-static __always_inline int is_syn(void *ip, void *data_end, __u8 family)
+/* The TCP header after `ip` (as parse_flow returned it), or NULL. */
+static __always_inline struct tcphdr *tcp_of(void *ip, void *data_end, __u8 family)
 {
 	struct tcphdr *tcp = family == 4 ? (void *)((struct iphdr *)ip + 1)
 					 : (void *)((struct ipv6hdr *)ip + 1);
 	if ((void *)(tcp + 1) > data_end)
+		return NULL;
+	return tcp;
+}
+
+/* What connection tracking needs of one segment. */
+struct tcp_seg {
+	__u32 seq;
+	__u32 ack_seq;
+	__u32 end; /* seq + payload + SYN + FIN: the sequence number after this segment */
+	__u8 syn;
+	__u8 ack;
+	__u8 fin;
+	__u8 rst;
+};
+
+/* Fill `seg` from the TCP header after `ip`; `len` is the whole frame's length (the IP
+ * length field of a GSO packet is not reliable). Returns 0 if there is no TCP header. */
+static __always_inline int parse_seg(void *ip, void *data_end, __u8 family, __u32 len,
+				     struct tcp_seg *seg)
+{
+	struct tcphdr *tcp = tcp_of(ip, data_end, family);
+	if (!tcp)
 		return 0;
-	return tcp->syn && !tcp->ack;
+	__u32 headers = sizeof(struct ethhdr) + tcp->doff * 4 +
+			(family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr));
+	__u32 payload = len > headers ? len - headers : 0;
+	seg->seq = bpf_ntohl(tcp->seq);
+	seg->ack_seq = bpf_ntohl(tcp->ack_seq);
+	seg->syn = tcp->syn;
+	seg->ack = tcp->ack;
+	seg->fin = tcp->fin;
+	seg->rst = tcp->rst;
+	seg->end = seg->seq + payload + seg->syn + seg->fin;
+	return 1;
+}
+
+/* The key of the flow a service -> client packet belongs to (keys are client -> service). */
+static __always_inline void reverse_key(struct flow_key *key)
+{
+	__be16 port = key->sport;
+	key->sport = key->dport;
+	key->dport = port;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		__be32 addr = key->saddr[i];
+		key->saddr[i] = key->daddr[i];
+		key->daddr[i] = addr;
+	}
 }
 
 /* Forward like a router: decrement TTL (fixing the IPv4 checksum) or the hop limit.

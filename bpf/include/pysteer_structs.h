@@ -20,20 +20,40 @@ enum flow_action_kind {
 	ACTION_PASS = 0, /* normal routing */
 	ACTION_PARK = 1, /* hand every packet to userspace, in order, and drop it here */
 	ACTION_TO = 2,   /* redirect to host `host` */
+	ACTION_NONE = 3, /* prev_action only: the flow had no entry before it was parked */
 };
 
-/* What to do with a flow: written by userspace only. */
+/* What to do with a flow: written by userspace (the programs insert TO(host) for a
+ * diverted SYN, and delete an entry whose connection ended). The programs read only
+ * `action` and `host`; the rest is the daemon's migration bookkeeping, kept in the pinned
+ * map so that it survives a daemon restart. */
 struct flow_action {
 	__u32 action;
 	__u32 host;
+	__u32 prev_action; /* PARK: what a rollback restores (ACTION_NONE: no entry) */
+	__u32 prev_host;
+	__u64 token;       /* the migration that parked (PARK) or moved (TO) the flow; 0: none */
+	__u64 lease_ns;    /* PARK: CLOCK_MONOTONIC deadline of the migration; 0: none */
 };
 
-/* A flow's counters: written by the programs only (userspace never writes them back,
- * so a park sequence number can never be rewound by a read-modify-write). */
+/* Per-direction flags in flow_stats (0: client -> service, 1: service -> client). */
+#define F_NXT 1 /* nxt is known */
+#define F_FIN 2 /* a FIN was seen; fin_end holds the sequence number after it */
+#define F_SYN 4 /* direction 0 only: a SYN was seen; syn_seq holds its sequence number */
+
+/* A flow's counters and connection tracking: written by the programs only (userspace
+ * never writes them back, so a park sequence number can never be rewound by a
+ * read-modify-write). Tracking is what lets an entry go when its connection ends. */
 struct flow_stats {
-	__u64 park_seq;      /* packets parked so far: each carries its number */
-	__u64 packets[3];    /* per action */
+	__u64 park_seq;   /* packets parked so far: each carries its number */
+	__u64 packets[3]; /* per action */
 	__u64 bytes[3];
+	__u64 last_ns;    /* bpf_ktime_get_ns() of the last packet either way (idle timeout) */
+	__u32 syn_seq;    /* the client's SYN sequence number (F_SYN) */
+	__u32 fin_end[2]; /* per direction: the sequence number after its FIN (F_FIN) */
+	__u32 nxt[2];     /* per direction: the highest sequence number sent so far (F_NXT) */
+	__u8 flags[2];    /* per direction: F_* */
+	__u8 pad[2];
 };
 
 /* Where TO(host) sends a packet: out of `ifindex` with these MACs. */
@@ -42,6 +62,7 @@ struct host_entry {
 	__u8 dmac[6];
 	__u8 smac[6];
 	__u32 mtu; /* the link's MTU: XDP hands larger (GSO) packets to the tc fallback */
+	char name[16]; /* the host's name, so a restarted daemon keeps every host's id */
 };
 
 /* A service address (a VIP): new connections to it can be sent to one host (a drain). */
@@ -49,6 +70,18 @@ struct service_key {
 	__u8 family; /* 4 or 6 */
 	__u8 pad[3];
 	__be32 addr[4];
+};
+
+/* How a migration ended, by its token (see the decisions map). */
+enum decision_outcome {
+	DECISION_COMMITTED = 1, /* the target claimed the flow: it serves it */
+	DECISION_ABORTED = 2,   /* rolled back: the source keeps it */
+};
+
+struct decision {
+	__u32 outcome;
+	__u32 host; /* the host that serves the flow after it */
+	__u64 at_ns; /* CLOCK_MONOTONIC time of the decision */
 };
 
 /* What a parked packet carries to userspace ahead of its bytes. */
@@ -71,6 +104,11 @@ enum stat_index {
 	STAT_GUARD_DROPPED,  /* guard: a frozen flow's packet dropped on a host */
 	STAT_XDP_FALLBACK,   /* XDP passed a packet too large to redirect up to tc */
 	STAT_NEW_DIVERTED,   /* a new connection's SYN sent to the host its service is diverted to */
+	STAT_DIVERT_FAILED,  /* a SYN that should have been diverted was not: the table is full */
+	STAT_CLOSED_FIN,     /* entries removed at the last ACK after both FINs */
+	STAT_CLOSED_RST,     /* entries removed at a RST */
+	STAT_STALE_SYN,      /* entries of an ended connection replaced by a new SYN on its 4-tuple */
+	STAT_STATS_FULL,     /* a flow's counters could not be created: no room */
 	STAT_MAX,
 };
 
@@ -79,5 +117,6 @@ enum stat_index {
 #endif
 #define MAX_HOSTS 64
 #define MAX_SERVICES 64
+#define MAX_DECISIONS 65536
 
 #endif

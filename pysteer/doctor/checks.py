@@ -28,7 +28,7 @@ from pyroute2 import netns as pr_netns
 from pysteer import netns
 from pysteer.bpfload import BpfBuildError, compile_file, load_func
 from pysteer.paths import bpf_dir
-from pysteer.steer.pins import BPFFS, is_bpffs
+from pysteer.steer.pins import BPFFS, NR_BPF, is_bpffs
 from pysteer.tcp import constants as tc
 
 Status = Literal["ok", "warn", "fail"]
@@ -43,8 +43,6 @@ _CAP_NAMES = {
     CAP_SYS_ADMIN: "CAP_SYS_ADMIN",
     CAP_BPF: "CAP_BPF",
 }
-# bpf(2) syscall numbers; the syscall has no libc wrapper.
-_NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
 ETH_P_PYSTEER_PROBE = 0x88B5  # IEEE local experimental ethertype
 
@@ -132,7 +130,7 @@ class _MapCreateAttr(ctypes.Structure):
 @_guard("bpf-syscall", ROOT_HINT)
 def bpf_syscall(machine: str | None = None) -> Check:
     machine = machine or platform.machine()
-    nr = _NR_BPF.get(machine)
+    nr = NR_BPF.get(machine)
     if nr is None:
         return Check(
             "bpf-syscall",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,15 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--host", action="append", default=[], metavar="NAME=IFNAME,MAC",
                      help="a redirect target, or NAME=ADDRESS (its link address: the link "
                           "and MAC are looked up); repeat for each host")  # fmt: skip
-    run.add_argument("--max-flows", type=int, help="flow table size (default 65536)")
+    run.add_argument("--max-flows", type=int,
+                     help="flow table size (default 65536; a pinned table keeps its size, "
+                          "and a different value is refused)")  # fmt: skip
+    run.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
+                     help="remove an entry whose flow has been idle this long and that no "
+                          "agent claims (default: %(default)g)")  # fmt: skip
+    run.add_argument("--gc-interval", type=float, default=5.0, metavar="SECONDS",
+                     help="how often expired entries and leases are collected "
+                          "(default: %(default)g)")  # fmt: skip
     run.add_argument("--max-parked", type=int, default=8192, help="parked packets per flow")
     run.add_argument(
         "--listen",
@@ -55,13 +64,36 @@ def add_parser(sub: Any) -> None:
         _common(p)
         p.set_defaults(func=cmd_show, what=name)
     for name, help_ in (("park", "hold FLOW's packets"), ("pass", "route FLOW normally"),
-                        ("to", "replay FLOW's parked packets to HOST, then redirect")):  # fmt: skip
+                        ("to", "replay FLOW's parked packets to HOST, then redirect"),
+                        ("forget", "remove FLOW's entry (its packets are routed normally)"),
+                        ):  # fmt: skip
         p = cmds.add_parser(name, help=help_)
         _common(p)
         p.add_argument("flow", metavar="FLOW")
         if name == "to":
             p.add_argument("host", metavar="HOST")
         p.set_defaults(func=cmd_change, what=name)
+    gc = cmds.add_parser(
+        "gc",
+        help="remove entries whose connections ended (idle, unclaimed), now",
+        description="Collect the flow table now, as the daemon does every --gc-interval: "
+        "entries idle longer than the idle timeout that no agent claims, and parks whose "
+        "migration's lease ran out (rolled back). --dry-run lists them and changes nothing.",
+    )
+    _common(gc)
+    gc.add_argument("--dry-run", action="store_true", help="list, do not remove")
+    gc.set_defaults(func=cmd_gc)
+    destroy = cmds.add_parser(
+        "destroy",
+        help="remove an instance's pinned maps and programs (drops every steered flow)",
+        description="For a steering node being retired, or maps of another pysteer version: "
+        "detach nothing that a running daemon owns (it refuses while one runs), remove the "
+        "pinned maps under /sys/fs/bpf/pysteer/NAME. Steered flows go back to normal routing.",
+    )
+    destroy.add_argument("--name", default="default", help="daemon instance (default: %(default)s)")
+    destroy.add_argument("--ifname", help="also detach pysteer's programs from this interface")
+    destroy.add_argument("--netns", help="network namespace of --ifname")
+    destroy.set_defaults(func=cmd_destroy)
     div = cmds.add_parser("divert", help="send new connections to ADDRESS to HOST (a drain)")
     _common(div)
     div.add_argument("address", metavar="ADDRESS", help="a service address (VIP)")
@@ -83,7 +115,7 @@ def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
         raise UsageError(str(exc)) from None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per option
     from pysteer.steer.daemon import DaemonError, run  # noqa: PLC0415 - needs BCC
 
     hosts = []
@@ -100,6 +132,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not name or not ifname:
             raise UsageError(f"--host {spec!r}: expected NAME=IFNAME,MAC or NAME=ADDRESS")
         hosts.append((name, ifname, mac))
+    if not (math.isfinite(args.idle_timeout) and 0 < args.idle_timeout <= 7 * 86400):
+        raise UsageError("--idle-timeout must be in (0, 604800] seconds")
+    if not (math.isfinite(args.gc_interval) and 0.05 <= args.gc_interval <= 3600):
+        raise UsageError("--gc-interval must be in [0.05, 3600] seconds")
+    if args.max_flows is not None and not 1 <= args.max_flows <= 1 << 24:
+        raise UsageError(f"--max-flows must be 1..{1 << 24}")
     listen = tls = None
     if args.listen:
         host, _, port = args.listen.rpartition(":")
@@ -120,7 +158,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return run(args.name, args.ifname, hosts, namespace=args.netns, mode=args.mode,
                    max_flows=args.max_flows, max_parked=args.max_parked, listen=listen,
-                   tls=tls, metrics=metrics, log_json=args.log_json)  # fmt: skip
+                   tls=tls, metrics=metrics, log_json=args.log_json,
+                   idle_timeout=args.idle_timeout, gc_interval=args.gc_interval)  # fmt: skip
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
 
@@ -142,8 +181,60 @@ def cmd_show(args: argparse.Namespace) -> int:
         for address, host in answer["diversions"].items():
             print(f"{address:<40} -> {host}")
     else:
-        for key, value in answer["stats"].items():
-            print(f"{key:<16} {value}")
+        stats = answer["stats"]
+        for key, value in stats.items():
+            print(f"{key:<18} {value}")
+        if stats.get("table_full") or stats.get("divert_failed"):
+            print(f"WARNING: the flow table ({stats.get('capacity')} entries) was full: "
+                  f"{stats.get('table_full', 0)} change(s) refused, "
+                  f"{stats.get('divert_failed', 0)} new connection(s) not diverted")  # fmt: skip
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    answer = _ask(args, "gc", dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for r in answer["removed"]:
+        where = f" -> {r['host']}" if r["host"] else ""
+        print(f"{r['flow']:<48} {r['action']}{where} ({r['reason']})")
+    print(f"{verb} {len(answer['removed'])} entr{'y' if len(answer['removed']) == 1 else 'ies'}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    import fcntl  # noqa: PLC0415
+
+    from pysteer.steer import pins  # noqa: PLC0415
+    from pysteer.steer.daemon import lock_path  # noqa: PLC0415
+
+    try:
+        pins.pin_dir(args.name)  # validates the name
+    except pins.PinError as exc:
+        raise UsageError(str(exc)) from None
+    path = lock_path(args.name)
+    if path.exists():
+        with open(path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UsageError(f"a steering daemon runs instance {args.name!r}: "
+                                 "stop it first") from None  # fmt: skip
+    if args.ifname:
+        from pysteer.netns import call_in  # noqa: PLC0415
+        from pysteer.steer.loader import detach  # noqa: PLC0415
+
+        if args.netns:
+            call_in(args.netns, detach, args.ifname, "xdp-native")
+            call_in(args.netns, detach, args.ifname, "xdp-generic")
+        else:
+            detach(args.ifname, "xdp-native")
+            detach(args.ifname, "xdp-generic")
+    pins.remove(args.name)
+    path.unlink(missing_ok=True)
+    print(f"steering instance {args.name!r}: pinned maps removed")
     return 0
 
 
@@ -173,6 +264,8 @@ def cmd_change(args: argparse.Namespace) -> int:
         print(json.dumps(answer))
     elif args.what == "to":
         print(f"{flow} -> {args.host} ({answer['replayed']} parked packets replayed)")
+    elif args.what == "forget":
+        print(f"{flow}: forgotten (its packets are routed normally)")
     else:
         print(f"{flow}: {args.what}")
     return 0

@@ -17,15 +17,19 @@ import signal
 import socket
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+from pysteer.bpfload import BpfBuildError
 from pysteer.metrics import setup_logging
 from pysteer.netns import call_in
-from pysteer.steer.control import RUN_DIR, LineReader, socket_path
+from pysteer.steer.control import RUN_DIR, LineReader, RequestError, decode_request, socket_path
 from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.steer.loader import AttachError
 from pysteer.steer.maps import Action
-from pysteer.steer.steerer import Steerer, SteerError
+from pysteer.steer.pins import PinError
+from pysteer.steer.steerer import HostSpec, Refusal, Steerer, SteerError, resolve
 
 log = logging.getLogger("pysteer.steer")
 
@@ -34,8 +38,12 @@ class DaemonError(RuntimeError):
     """The daemon cannot start; the message says why."""
 
 
+_ACTIONS = (Action.PASS, Action.PARK, Action.TO)
+
+
 def _flow_row(flow: Flow, value: Any, hosts: dict[int, str], park: Any) -> dict[str, Any]:
     action = Action(value.action)
+    now = time.monotonic_ns()
     return {
         "parked": park.parked,
         "replayed": park.replayed,
@@ -44,10 +52,33 @@ def _flow_row(flow: Flow, value: Any, hosts: dict[int, str], park: Any) -> dict[
         "flow": str(flow),
         "action": action.name,
         "host": hosts.get(value.host) if action == Action.TO else None,
-        "packets": {a.name.lower(): value.packets[a] for a in Action},
-        "bytes": {a.name.lower(): value.bytes[a] for a in Action},
+        "packets": {a.name.lower(): value.packets[a] for a in _ACTIONS},
+        "bytes": {a.name.lower(): value.bytes[a] for a in _ACTIONS},
         "park_seq": value.park_seq,
+        "migration": f"{value.token:016x}" if value.token else None,
+        "lease_s": round((value.lease_ns - now) / 1e9, 3) if value.lease_ns else None,
+        "idle_s": round((now - value.last_ns) / 1e9, 3) if value.last_ns else None,
+        "fin": {"client": value.fins[0], "service": value.fins[1]},
     }
+
+
+def _text(req: dict[str, Any], key: str) -> str:
+    value = req.get(key)
+    if not isinstance(value, str) or not value:
+        raise RequestError(f"{key} must be a non-empty string")
+    if len(value) > 200:
+        raise RequestError(f"{key} is {len(value)} characters long: at most 200")
+    return value
+
+
+def _token(req: dict[str, Any], *, optional: bool = False) -> int:
+    """A migration's token: a 64-bit integer (0 only where the request may have none)."""
+    value = req.get("token", 0 if optional else None)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+        raise RequestError("token must be an integer in [0, 2**64)")
+    if not value and not optional:
+        raise RequestError("token must not be 0")
+    return value
 
 
 class Daemon:
@@ -55,20 +86,34 @@ class Daemon:
         self.steerer, self.path = steerer, path
         self._stop = threading.Event()
         self._tls_server: socket.socket | None = None
+        self._server: socket.socket | None = None
+        self._syncs: dict[str, tuple[int, set[Flow]]] = {}  # host -> (next part, flows so far)
+        self._sync_lock = threading.Lock()
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - dispatch
         cmd = req.get("cmd")
         try:
             if cmd in ("flows", "hosts", "stats"):
                 return {"ok": True, cmd: self._show(cmd)}
-            if cmd in ("park", "to", "pass", "forget"):
+            if cmd in ("park", "to", "pass", "forget", "claim", "revert", "decision"):
                 return {"ok": True} | self._change(cmd, req)
             if cmd == "divert":
                 return self._divert(req)
             if cmd == "diversions":
                 return {"ok": True, "diversions": self.steerer.diversions()}
-            return {"ok": False, "error": f"unknown command {cmd!r}"}
-        except (SteerError, FlowSyntaxError) as exc:
+            if cmd == "hello":
+                return {"ok": True, "boot": self.steerer.boot, "name": self.steerer.name,
+                        "usage": self.steerer.table_usage()}  # fmt: skip
+            if cmd in ("sync", "closed"):
+                return {"ok": True, "boot": self.steerer.boot} | self._report(cmd, req)
+            if cmd == "gc":
+                dry = req.get("dry_run", False) is True
+                found = self.steerer.gc(dry_run=dry)
+                return {"ok": True, "dry_run": dry, "removed": [r.to_json() for r in found]}
+            return {"ok": False, "error": f"unknown command {str(cmd)[:40]!r}"}
+        except Refusal as exc:
+            return {"ok": False, "error": str(exc), "code": exc.code}
+        except (SteerError, FlowSyntaxError, RequestError) as exc:
             return {"ok": False, "error": str(exc)}
 
     def _show(self, what: str) -> Any:
@@ -79,65 +124,131 @@ class Daemon:
         if what == "hosts":
             return [{"name": h.name, "ifname": h.ifname, "mac": h.mac.hex(":"), "id": h.id}
                     for h in st.hosts.values()]  # fmt: skip
-        parked = st.counters.values()
-        return st.stats() | {
-            "replayed": sum(c.replayed for c in parked),
-            "park_dropped": sum(c.dropped for c in parked),
-            "park_lost": sum(c.lost for c in parked),
-        }
+        return st.stats() | st.table_usage()
 
     def _divert(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
             address = ipaddress.ip_address(str(req.get("address")))
         except ValueError:
-            return {"ok": False, "error": f"divert: not an address: {req.get('address')!r}"}
+            return {
+                "ok": False,
+                "error": f"divert: not an address: {str(req.get('address'))[:60]!r}",
+            }
         host = req.get("host")
         self.steerer.divert(address, None if host is None else str(host))
         return {"ok": True, "diversions": self.steerer.diversions()}
 
-    def _change(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+    def _change(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         st = self.steerer
-        flow = Flow.parse(str(req.get("flow", "")))
+        flow = Flow.parse(_text(req, "flow"))
         if cmd == "park":
-            action, host = st.park(flow)
+            lease = req.get("lease")
+            if lease is not None and not (isinstance(lease, int | float) and 0 < lease <= 3600):
+                raise RequestError("lease must be a number of seconds in (0, 3600]")
+            owner = req.get("owner")
+            action, host = st.park(flow, token=_token(req, optional=True), lease=lease,
+                                   owner=str(owner)[:64] if owner else None)  # fmt: skip
             return {"was": action.name if action is not None else None, "host": host}
-        elif cmd == "to":
-            return {"replayed": st.to(flow, str(req.get("host")))}
-        elif cmd == "pass":
+        if cmd == "to":
+            return {"replayed": st.to(flow, _text(req, "host"))}
+        if cmd == "pass":
             if st.get(flow) is None:
                 raise SteerError(f"flow {flow} is not in the table")
             host = req.get("host")
             return {"replayed": st.pass_(flow, replay_to=None if host is None else str(host))}
-        else:
-            st.forget(flow)
+        if cmd == "claim":
+            return {"replayed": st.claim(flow, _text(req, "host"), _token(req))}
+        if cmd == "revert":
+            host, hold = req.get("host"), req.get("hold", False)
+            if not isinstance(hold, bool):
+                raise RequestError("hold must be true or false")
+            replay_to = str(host) if host is not None else None
+            replayed, where = st.revert(flow, _token(req), hold=hold, replay_to=replay_to)
+            return {"replayed": replayed, "host": where}
+        if cmd == "decision":
+            return st.decision(flow, _token(req))
+        st.forget(flow)
+        log.info("forgot %s (asked by %s)", flow, req.get("owner") or "an operator")
         return {}
 
+    def _report(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+        """An agent's report: the connections it closed, or (in parts) all it serves."""
+        host = _text(req, "host")
+        raw = req.get("flows")
+        if not isinstance(raw, list) or not all(isinstance(f, str) for f in raw):
+            raise RequestError(f"{cmd}: flows must be a list of FLOW strings")
+        flows = [Flow.parse(f) for f in raw]
+        if cmd == "closed":
+            return {"removed": self.steerer.closed(host, flows)}
+        interval = req.get("interval", 30)
+        if not isinstance(interval, int | float) or not 0 < interval <= 3600:
+            raise RequestError("sync: interval must be a number of seconds in (0, 3600]")
+        part, done = req.get("part", 0), req.get("done", True)
+        if not isinstance(part, int) or not isinstance(done, bool):
+            raise RequestError("sync: part must be an integer and done a boolean")
+        with self._sync_lock:
+            pending = self._syncs.get(host)
+            if part == 0 or pending is None or pending[0] != part:
+                pending = (0, set())
+            served = pending[1] | set(flows)
+            if not done:  # a large host sends its flows in parts; the last one decides
+                self._syncs[host] = (part + 1, served)
+                return {"part": part}
+            self._syncs.pop(host, None)
+        return self.steerer.sync(host, served, float(interval))
+
     def _client(self, conn: socket.socket) -> None:
-        """Answer requests, one per line, until the client hangs up (agents keep it open)."""
+        """Answer requests, one per line, until the client hangs up (agents keep it open).
+
+        Every line gets an answer: a bad one its error, and an unexpected failure is logged
+        and answered too, so no request can end this thread while its client still talks.
+        """
         with conn:
             reader = LineReader(conn)
-            while (data := reader.line()).endswith(b"\n"):
+            while True:
                 try:
-                    req = json.loads(data)
-                    answer = self.handle(req) if isinstance(req, dict) else {"ok": False}
-                except json.JSONDecodeError:
-                    answer = {"ok": False, "error": "requests are one JSON object per line"}
+                    data = reader.line()
+                except OSError as exc:  # a TLS client breaking its protocol, for one
+                    log.warning("control connection lost: %s", exc)
+                    return
+                if not data.endswith(b"\n"):
+                    return
                 try:
-                    conn.sendall(json.dumps(answer).encode() + b"\n")
+                    out = json.dumps(self.handle(decode_request(data)))
+                except RequestError as exc:
+                    out = json.dumps({"ok": False, "error": str(exc)})
+                except Exception as exc:
+                    log.exception("control request failed")
+                    error = f"internal error ({type(exc).__name__}), see the daemon's log"
+                    out = json.dumps({"ok": False, "error": error})
+                try:
+                    conn.sendall(out.encode() + b"\n")
                 except OSError:
                     return
 
+    def bind(self) -> None:
+        """Create the control socket (mode 0600) now, so it exists once "control at" is
+        logged: clients wait for that line."""
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            server.bind(str(self.path))
+        except OSError:
+            server.close()
+            raise
+        finally:
+            os.umask(old)
+        server.listen()
+        server.settimeout(0.2)
+        self._server = server
+
     def serve(self) -> None:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            old = os.umask(0o177)
-            try:
-                server.bind(str(self.path))  # mode 0600
-            finally:
-                os.umask(old)
-            server.listen()
-            server.settimeout(0.2)
+        if self._server is None:
+            self.bind()
+        assert self._server is not None  # noqa: S101
+        with self._server as server:
             while not self._stop.is_set():
                 try:
                     conn, _ = server.accept()
@@ -187,6 +298,14 @@ class Daemon:
     def stop(self, *_: object) -> None:
         self._stop.set()
 
+    def collect(self, interval: float) -> None:
+        """The collector: leases, idle entries, leftovers, every ``interval`` seconds."""
+        while not self._stop.wait(interval):
+            try:
+                self.steerer.gc()
+            except Exception:  # never let the collector die; say why
+                log.exception("flow collector failed; retrying in %g s", interval)
+
 
 def run(
     name: str,
@@ -201,54 +320,114 @@ def run(
     tls: ssl.SSLContext | None = None,
     metrics: tuple[str, int] | None = None,
     log_json: bool = False,
+    idle_timeout: float = 300.0,
+    gc_interval: float = 5.0,
 ) -> int:
-    """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned."""
+    """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned.
+
+    Everything is checked before anything running is touched: a daemon that cannot start
+    (a wrong host, interface, MAC, or flow table size) leaves the attached programs and
+    the pinned maps as they were, so steering never stops because a start failed.
+    """
     setup_logging(log_json)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    lock = open(RUN_DIR / f"steer-{name}.lock", "w")  # noqa: SIM115 - held for our lifetime
+    lock = open(lock_path(name), "a+")  # noqa: SIM115 - held for our lifetime
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        lock.close()
         raise DaemonError(
             f"another steering daemon already runs instance {name!r} "
             f"(pin path /sys/fs/bpf/pysteer/{name})"
         ) from None
-    steerer = Steerer(name, ifname, namespace=namespace, mode=mode, max_flows=max_flows,
-                      max_per_flow=max_parked)  # fmt: skip
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    try:
+        return _serve(name, ifname, hosts, namespace=namespace, mode=mode, max_flows=max_flows,
+                      max_parked=max_parked, listen=listen, tls=tls, metrics=metrics,
+                      idle_timeout=idle_timeout, gc_interval=gc_interval)  # fmt: skip
+    finally:
+        lock.close()
+
+
+def lock_path(name: str) -> Path:
+    """The daemon's lock; it holds the daemon's pid (``pysteer lab down`` reads it)."""
+    return RUN_DIR / f"steer-{name}.lock"
+
+
+def _serve(
+    name: str,
+    ifname: str,
+    hosts: list[tuple[str, str, str]],
+    *,
+    namespace: str | None,
+    mode: str,
+    max_flows: int | None,
+    max_parked: int,
+    listen: tuple[str, int] | None,
+    tls: ssl.SSLContext | None,
+    metrics: tuple[str, int] | None,
+    idle_timeout: float,
+    gc_interval: float,
+) -> int:
+    specs = []
     for host, where, given_mac in hosts:
         host_if, mac = where, given_mac
         if not given_mac:  # NAME=ADDRESS: find its link and MAC
             try:
-                host_if, mac = steerer.resolve(where)
+                host_if, mac = resolve(where, namespace)
             except SteerError as exc:
-                steerer.close(detach=True)
                 raise DaemonError(f"--host {host}: {exc}") from None
-        steerer.add_host(host, host_if, mac)
+        specs.append(HostSpec(host, host_if, mac))
+    try:
+        steerer = Steerer(name, ifname, namespace=namespace, mode=mode, max_flows=max_flows,
+                          max_per_flow=max_parked, hosts=specs,
+                          idle_timeout=idle_timeout)  # fmt: skip
+    except (SteerError, AttachError, PinError, BpfBuildError, OSError) as exc:
+        raise DaemonError(f"{exc}; nothing running was changed") from None
     daemon = Daemon(steerer, socket_path(name))
-    if listen is not None:
-        if tls is None:
-            raise DaemonError("a TCP control listener needs mutual TLS (certificate, key, CA)")
-        daemon.listen_tls(listen, tls, namespace)
-    if metrics is not None:
-        from prometheus_client import CollectorRegistry  # noqa: PLC0415
-
-        from pysteer.metrics import SteerCollector, serve  # noqa: PLC0415
-
-        registry = CollectorRegistry()
-        registry.register(SteerCollector(steerer))
-        try:
-            if namespace:
-                call_in(namespace, serve, registry, metrics)
-            else:
-                serve(registry, metrics)
-        except OSError as exc:
-            raise DaemonError(f"cannot serve metrics on {metrics[0]}:{metrics[1]}: {exc}") from None
+    try:
+        daemon.bind()
+        if listen is not None:
+            if tls is None:
+                raise DaemonError("a TCP control listener needs mutual TLS (certificate, key, CA)")
+            daemon.listen_tls(listen, tls, namespace)
+        if metrics is not None:
+            _serve_metrics(steerer, metrics, namespace)
+    except OSError as exc:
+        steerer.close()
+        raise DaemonError(f"cannot serve control at {daemon.path}: {exc.strerror or exc}") from None
+    except BaseException:
+        steerer.close()
+        raise
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
-    log.info("steering %s (%s) as %r; control at %s", ifname, steerer.mode, name, daemon.path)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload: never die of it
+    collector = threading.Thread(target=daemon.collect, args=(gc_interval,), daemon=True)
+    collector.start()
+    log.info("steering %s (%s) as %r, %d/%d flows in the table, idle timeout %g s; "
+             "control at %s", ifname, steerer.mode, name, len(steerer.table),
+             steerer.max_flows, idle_timeout, daemon.path)  # fmt: skip
     try:
         daemon.serve()
     finally:
         steerer.close()
-        lock.close()
     return 0
+
+
+def _serve_metrics(steerer: Steerer, metrics: tuple[str, int], namespace: str | None) -> None:
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from pysteer.metrics import SteerCollector, serve  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    registry.register(SteerCollector(steerer))
+    try:
+        if namespace:
+            call_in(namespace, serve, registry, metrics)
+        else:
+            serve(registry, metrics)
+    except OSError as exc:
+        raise DaemonError(f"cannot serve metrics on {metrics[0]}:{metrics[1]}: {exc}") from None

@@ -97,6 +97,22 @@ def attach(ifname: str, mode: str, fd: int, name: str) -> None:
             raise AttachError(f"attaching {name} ({mode}) to {ifname}: {exc}") from None
 
 
+TC_EGRESS = "ffff:fff3"
+
+
+def attach_egress(ifname: str, fd: int, name: str) -> None:
+    """Attach tc program ``fd`` on ``ifname``'s egress (clsact), replacing pysteer's."""
+    with IPRoute() as ipr:
+        idx = _index(ipr, ifname)
+        try:
+            with contextlib.suppress(NetlinkError):  # already there
+                ipr.tc("add", "clsact", idx)
+            ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name,
+                   parent=TC_EGRESS, classid=1, direct_action=True, prio=1)  # fmt: skip
+        except NetlinkError as exc:
+            raise AttachError(f"attaching {name} (tc egress) to {ifname}: {exc}") from None
+
+
 def detach(ifname: str, mode: str) -> None:
     """Remove what ``attach`` put on ``ifname``: the clsact programs, and XDP if any."""
     with IPRoute() as ipr, contextlib.suppress(NetlinkError):
@@ -105,8 +121,9 @@ def detach(ifname: str, mode: str) -> None:
         detach_xdp(ifname, mode)
 
 
-def load_steer(pin: Path, mode: str, max_flows: int | None = None) -> tuple[Any, Any, Any]:
-    """The compiled steering module, its tc program, and its XDP program (None in tc mode).
+def load_steer(pin: Path, mode: str, max_flows: int | None = None) -> tuple[Any, Any, Any, Any]:
+    """The compiled steering module, its tc program, its XDP program (None in tc mode),
+    and its egress program (connection tracking of the service's side).
 
     In the XDP modes the tc program is attached too, as the fallback for packets XDP
     passes up (larger than the target's MTU), so no offload has to be turned off."""
@@ -115,7 +132,8 @@ def load_steer(pin: Path, mode: str, max_flows: int | None = None) -> tuple[Any,
     bpf = compile_program("steer.c", pin, max_flows)
     tc = load_func(bpf, "steer_tc", BPF.SCHED_CLS)
     xdp = None if mode == "tc" else load_func(bpf, "steer_xdp", BPF.XDP)
-    return bpf, tc, xdp
+    egress = load_func(bpf, "steer_egress", BPF.SCHED_CLS)
+    return bpf, tc, xdp, egress
 
 
 def load_guard(pin: Path) -> tuple[Any, Any]:

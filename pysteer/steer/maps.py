@@ -16,6 +16,15 @@ class Action(enum.IntEnum):
     PASS = 0
     PARK = 1
     TO = 2
+    NONE = 3  # prev_action only: the flow had no entry before it was parked
+
+
+class Decision(enum.IntEnum):
+    COMMITTED = 1
+    ABORTED = 2
+
+
+F_NXT, F_FIN, F_SYN = 1, 2, 4  # flow_stats.flags, per direction
 
 
 class Stat(enum.IntEnum):
@@ -29,6 +38,11 @@ class Stat(enum.IntEnum):
     GUARD_DROPPED = 7
     XDP_FALLBACK = 8
     NEW_DIVERTED = 9
+    DIVERT_FAILED = 10
+    CLOSED_FIN = 11
+    CLOSED_RST = 12
+    STALE_SYN = 13
+    STATS_FULL = 14
 
 
 class FlowKey(ctypes.Structure):
@@ -44,7 +58,14 @@ class FlowKey(ctypes.Structure):
 
 
 class FlowAction(ctypes.Structure):
-    _fields_ = (("action", ctypes.c_uint32), ("host", ctypes.c_uint32))
+    _fields_ = (
+        ("action", ctypes.c_uint32),
+        ("host", ctypes.c_uint32),
+        ("prev_action", ctypes.c_uint32),
+        ("prev_host", ctypes.c_uint32),
+        ("token", ctypes.c_uint64),
+        ("lease_ns", ctypes.c_uint64),
+    )
 
 
 class FlowStats(ctypes.Structure):
@@ -52,6 +73,12 @@ class FlowStats(ctypes.Structure):
         ("park_seq", ctypes.c_uint64),
         ("packets", ctypes.c_uint64 * 3),
         ("bytes", ctypes.c_uint64 * 3),
+        ("last_ns", ctypes.c_uint64),
+        ("syn_seq", ctypes.c_uint32),
+        ("fin_end", ctypes.c_uint32 * 2),
+        ("nxt", ctypes.c_uint32 * 2),
+        ("flags", ctypes.c_uint8 * 2),
+        ("pad", ctypes.c_uint8 * 2),
     )
 
 
@@ -61,7 +88,13 @@ class HostEntry(ctypes.Structure):
         ("dmac", ctypes.c_uint8 * 6),
         ("smac", ctypes.c_uint8 * 6),
         ("mtu", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
     )
+
+
+class DecisionEntry(ctypes.Structure):
+    _fields_ = (("outcome", ctypes.c_uint32), ("host", ctypes.c_uint32),
+                ("at_ns", ctypes.c_uint64))  # fmt: skip
 
 
 class ParkMeta(ctypes.Structure):

@@ -1,10 +1,21 @@
-"""The steering node's controller: flow table, hosts, parking and loss-free replay.
+"""The steering node's controller: flow table, hosts, parking, replay, and flow lifecycle.
 
 ``Steerer`` owns the compiled programs and their pinned maps. PARK makes the BPF program
 hand each of the flow's packets to userspace (perf buffer, numbered per flow) and drop
 it; a poller thread queues them in order, within bounds. TO(host) replays the queue to
 the host first and only then switches the flow to in-kernel redirect, then replays any
 packet parked in between, so none is lost and none overtakes the replay.
+
+It is also the commit point of a migration. The source parks the flow with the
+migration's token and a lease; the target *claims* it (replay, then TO(target)) only if
+it is still parked by that token, and the source *reverts* it (replay, then what it was
+before) on the same condition. Exactly one of the two can win, and the outcome is kept
+in the pinned ``decisions`` map, so a side that lost an answer, or restarted, learns it.
+A lease that runs out (its source died) is reverted here.
+
+Entries end with their connections: the programs delete them at the last ACK or a RST,
+agents report the connections they close and list those they serve (``sync``), and
+``gc`` removes entries idle longer than ``idle_timeout`` that no agent claims.
 """
 
 from __future__ import annotations
@@ -12,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import logging
+import os
 import socket
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,25 +38,49 @@ from pyroute2 import IPRoute
 from pysteer import netns
 from pysteer.steer import loader, pins
 from pysteer.steer.flow import Flow
-from pysteer.steer.flowtable import FlowTable, FlowTableError, FlowView
+from pysteer.steer.flowtable import FlowTable, FlowTableError, FlowTableFull, FlowView
 from pysteer.steer.maps import (
     MAX_HOSTS,
     Action,
+    Decision,
+    DecisionEntry,
+    FlowAction,
+    FlowKey,
+    FlowStats,
     HostEntry,
     ParkMeta,
+    ServiceKey,
     Stat,
     flow_key,
     key_service,
+    mac_bytes,
     service_key,
 )
 from pysteer.steer.packet import PacketError, forward
 from pysteer.steer.pins import pin_dir
 
 T = TypeVar("T")
+log = logging.getLogger("pysteer.steer")
+
+DEFAULT_MAX_FLOWS = 65536
+MAX_SERVICES = 64
+MAX_DECISIONS = 65536
+CLAIM_GRACE = 2.0  # seconds: an entry changed or seen this recently is never removed by sync
+START_HOLD = 10.0  # seconds after start before idle entries go (agents re-claim theirs)
 
 
 class SteerError(RuntimeError):
     """A steering request that cannot be carried out; the message says why."""
+
+
+class Refusal(SteerError):
+    """A conditional change that does not apply; ``code`` says why, for the caller's logic:
+    ``committed`` / ``aborted`` (the migration is decided), ``conflict`` (another migration
+    or an operator holds the flow), ``absent`` (not parked by this migration)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -55,6 +92,15 @@ class Host:
     mac: bytes  # the host's MAC on the link
     our_mac: bytes  # the steering node's MAC on that link
     mtu: int
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A redirect target as the operator gives it: reached on ``ifname`` at ``mac``."""
+
+    name: str
+    ifname: str
+    mac: str | bytes
 
 
 @dataclass
@@ -73,6 +119,83 @@ class _Queue:
     next_replay: int = 0
 
 
+@dataclass(frozen=True)
+class Removal:
+    """An entry gc removed (or would remove, on a dry run), and why."""
+
+    flow: Flow
+    action: str
+    host: str | None
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"flow": str(self.flow), "action": self.action, "host": self.host,
+                "reason": self.reason}  # fmt: skip
+
+
+# --- pinned maps: what this version expects ----------------------------------------------
+_BPF_HASH, _BPF_ARRAY, _BPF_PERCPU_ARRAY, _BPF_LRU_HASH = 1, 2, 6, 9
+
+
+def expected_layout(max_flows: int) -> dict[str, pins.MapInfo]:
+    key, size = ctypes.sizeof(FlowKey), ctypes.sizeof
+    return {
+        "flows": pins.MapInfo(_BPF_HASH, key, size(FlowAction), max_flows),
+        "flow_stats": pins.MapInfo(_BPF_HASH, key, size(FlowStats), max_flows),
+        "hosts": pins.MapInfo(_BPF_ARRAY, 4, size(HostEntry), MAX_HOSTS),
+        "stats": pins.MapInfo(_BPF_PERCPU_ARRAY, 4, 8, len(Stat)),
+        "new_flows": pins.MapInfo(_BPF_HASH, size(ServiceKey), 4, MAX_SERVICES),
+        "decisions": pins.MapInfo(_BPF_LRU_HASH, 8, size(DecisionEntry), MAX_DECISIONS),
+    }
+
+
+def check_pins(name: str, max_flows: int | None) -> int:
+    """The flow table size to use with instance ``name``'s pinned maps, or a SteerError.
+
+    A table that is pinned keeps its size: ``max_flows`` must then be None or equal. Maps
+    of another layout (another pysteer version) are refused, never silently reused.
+    """
+    if max_flows is not None and not 1 <= max_flows <= 1 << 24:
+        raise SteerError(f"--max-flows must be 1..{1 << 24}, not {max_flows}")
+    try:
+        pinned = pins.pinned_maps(name)
+    except OSError as exc:
+        raise SteerError(f"cannot read the maps pinned for {name!r}: {exc}") from None
+    if not pinned:
+        return max_flows or DEFAULT_MAX_FLOWS
+    where = pins.PIN_ROOT / name
+    size = pinned["flows"].max_entries if "flows" in pinned else None
+    if max_flows is not None and size is not None and size != max_flows:
+        raise SteerError(
+            f"the flow table pinned at {where} holds {size} flows, and --max-flows {max_flows} "
+            f"differs: run without --max-flows to keep it, or remove it first with "
+            f"`pysteer steer destroy --name {name}` (every steered flow is dropped)"
+        )
+    want = expected_layout(size or max_flows or DEFAULT_MAX_FLOWS)
+    for map_name, expect in want.items():
+        have = pinned.get(map_name)
+        if have != expect:
+            found = (
+                "absent"
+                if have is None
+                else (
+                    f"key {have.key_size} B, value {have.value_size} B, {have.max_entries} entries"
+                )
+            )
+            raise SteerError(
+                f"the maps pinned at {where} have another layout ({map_name}: {found}; "
+                f"this version needs key {expect.key_size} B, value {expect.value_size} B, "
+                f"{expect.max_entries} entries): they were made by another pysteer version. "
+                f"Remove them with `pysteer steer destroy --name {name}` (every steered flow "
+                "is dropped) and start again"
+            )  # fmt: skip
+    return want["flows"].max_entries
+
+
+def _now_ns() -> int:
+    return time.monotonic_ns()  # the clock of bpf_ktime_get_ns()
+
+
 class Steerer:
     def __init__(
         self,
@@ -84,43 +207,107 @@ class Steerer:
         max_per_flow: int = 8192,
         max_total_bytes: int = 256 << 20,
         max_flows: int | None = None,
+        hosts: Iterable[HostSpec] = (),
+        idle_timeout: float = 300.0,
     ) -> None:
+        """Check everything first (interface, hosts, pinned maps, programs), then write the
+        hosts and attach: a steerer that fails to start leaves what runs untouched."""
         self.name, self.ifname, self.namespace = name, ifname, namespace
-        self.pin = pin_dir(name)
+        self.idle_timeout = idle_timeout
         self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
         # Native XDP only where the driver has it: auto tries a scratch program first.
         if (mode == "auto" and self.mode == "xdp-native"
                 and not self._in_ns(loader.native_xdp_supported, ifname)):  # fmt: skip
             self.mode = "tc"
-        self.bpf, tc_fn, xdp_fn = loader.load_steer(self.pin, self.mode, max_flows)
-        self._tc_fd = tc_fn.fd
-        self._xdp_fd = xdp_fn.fd if xdp_fn is not None else None
+        self._own_macs = self._in_ns(_link_macs)
+        specs = [self._resolve_host(spec) for spec in hosts]
+        if len({h.name for h in specs}) != len(specs):
+            raise SteerError("a host is given twice")
+        self.max_flows = check_pins(name, max_flows)
+        self.pin = pin_dir(name)
+        self.bpf, tc_fn, xdp_fn, egress_fn = loader.load_steer(self.pin, self.mode, self.max_flows)
         self.table = FlowTable(self.bpf[b"flows"], self.bpf[b"flow_stats"])
         self.host_table = self.bpf[b"hosts"]
         self.stats_table = self.bpf[b"stats"]
+        self.decisions = self.bpf[b"decisions"]
         self.hosts: dict[str, Host] = {}
+        self._packet_sockets: dict[str, socket.socket] = {}
         self.max_per_flow, self.max_total_bytes = max_per_flow, max_total_bytes
         self._queues: dict[bytes, _Queue] = defaultdict(_Queue)
         self.counters: dict[bytes, ParkCounters] = defaultdict(ParkCounters)
         self._total_bytes = 0
         self._lock = threading.RLock()
         self._arrived = threading.Condition(self._lock)
-        self._control = threading.Lock()  # one park/to/pass at a time
+        self._control = threading.RLock()  # one change of the table at a time
+        self.started = time.monotonic()
+        self.boot = os.urandom(8).hex()  # agents see a restart as a new boot id
+        self.events: dict[str, int] = defaultdict(int)  # userspace counters (metrics, stats)
+        self._touched: dict[Flow, float] = {}  # flow -> when the control plane last set it
+        self._claims: dict[Flow, tuple[str, float]] = {}  # flow -> (host, valid until)
+        self._first_seen: dict[Flow, float] = {}  # entries that never saw a packet
+        self._routes: dict[str, tuple[float, str | None]] = {}  # dst -> (when, default host)
+        self._divert_failed_seen = self._stat(Stat.DIVERT_FAILED)
+        self._resume_parked()
+        for host in specs:
+            self._install_host(host)
         self.bpf[b"parked"].open_perf_buffer(self._on_parked, page_cnt=1024)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"steer:{name}", daemon=True)
         self._poller.start()
-        self._in_ns(loader.attach, ifname, "tc", self._tc_fd, "pysteer_steer")
-        if self._xdp_fd is not None:  # XDP first, tc as its fallback
-            self._in_ns(loader.attach, ifname, self.mode, self._xdp_fd, "pysteer_steer")
-        self._packet_sockets: dict[str, socket.socket] = {}
+        self._in_ns(loader.attach, ifname, "tc", tc_fn.fd, "pysteer_steer")
+        self._in_ns(loader.attach_egress, ifname, egress_fn.fd, "pysteer_track")
+        if xdp_fn is not None:  # XDP first, tc as its fallback
+            self._in_ns(loader.attach, ifname, self.mode, xdp_fn.fd, "pysteer_steer")
 
     def _in_ns(self, fn: Callable[..., T], *args: Any) -> T:
         return netns.call_in(self.namespace, fn, *args) if self.namespace else fn(*args)
 
+    def _resume_parked(self) -> None:
+        """After a restart, parked packets numbered before now died with the old daemon
+        (the client retransmits them): replay starts from the kernel's current number."""
+        for flow, view in self.table:
+            if view.action == Action.PARK:
+                self._queues[bytes(flow_key(flow))].next_replay = view.park_seq
+
     # --- hosts ------------------------------------------------------------------------------
     def items_by_host(self) -> dict[int, str]:
         return {h.id: h.name for h in self.hosts.values()}
+
+    def _resolve_host(self, spec: HostSpec) -> Host:
+        """Look the host's link up (in the namespace) and check its MAC; nothing written."""
+        if not spec.name or len(spec.name.encode()) > 15:
+            raise SteerError(f"host name {spec.name!r} must be 1..15 bytes")
+        try:
+            raw_mac = spec.mac if isinstance(spec.mac, bytes) else mac_bytes(spec.mac)
+        except ValueError:
+            raise SteerError(f"host {spec.name!r}: not a MAC address: {spec.mac!r}") from None
+        if len(raw_mac) != 6:
+            raise SteerError(f"host {spec.name!r}: not a MAC address: {spec.mac!r}")
+
+        def lookup() -> tuple[int, bytes, int]:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=spec.ifname)
+                if not found:
+                    raise SteerError(f"no interface {spec.ifname!r} for host {spec.name!r}")
+                link = ipr.get_links(found[0])[0]
+                ours = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
+                return found[0], ours, link.get_attr("IFLA_MTU")
+
+        ifindex, ours, mtu = self._in_ns(lookup)
+        mine = self._own_macs.get(raw_mac)
+        if mine is not None:
+            raise SteerError(
+                f"host {spec.name!r}: {raw_mac.hex(':')} is the steering node's own MAC (of "
+                f"{mine}), not the host's: every packet sent there would be lost"
+            )
+        return Host(-1, spec.name, spec.ifname, ifindex, raw_mac, ours, mtu)
+
+    def _pinned_host_ids(self) -> dict[str, int]:
+        ids = {}
+        for index, entry in self.host_table.items():
+            if entry.name:
+                ids[entry.name.decode(errors="replace")] = index.value
+        return ids
 
     def add_host(self, name: str, ifname: str, mac: str | bytes) -> Host:
         """Make ``name`` a redirect target: reached on ``ifname`` at MAC ``mac``."""
@@ -128,61 +315,58 @@ class Steerer:
             raise SteerError(f"host {name!r} is already configured")
         if len(self.hosts) >= MAX_HOSTS:
             raise SteerError(f"at most {MAX_HOSTS} hosts")
+        return self._install_host(self._resolve_host(HostSpec(name, ifname, mac)))
 
-        def lookup() -> tuple[int, bytes, int]:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=ifname)
-                if not found:
-                    raise SteerError(f"no interface {ifname!r} for host {name!r}")
-                link = ipr.get_links(found[0])[0]
-                ours = bytes.fromhex(link.get_attr("IFLA_ADDRESS").replace(":", ""))
-                return found[0], ours, link.get_attr("IFLA_MTU")
-
-        ifindex, ours, mtu = self._in_ns(lookup)
-        raw_mac = mac if isinstance(mac, bytes) else bytes.fromhex(mac.replace(":", ""))
-        host = Host(len(self.hosts), name, ifname, ifindex, raw_mac, ours, mtu)
-        entry = HostEntry(ifindex=ifindex, mtu=mtu)
+    def _install_host(self, host: Host) -> Host:
+        """Write ``host`` into the pinned table under the id it had before (flows point at
+        ids: a restarted daemon with its hosts in another order must not move them)."""
+        pinned = self._pinned_host_ids()
+        taken = {h.id for h in self.hosts.values()} | {
+            i for n, i in pinned.items() if n not in self.hosts and n != host.name
+        }
+        host.id = pinned.get(host.name, next(i for i in range(MAX_HOSTS) if i not in taken))
+        entry = HostEntry(ifindex=host.ifindex, mtu=host.mtu, name=host.name.encode())
         ctypes.memmove(entry.dmac, host.mac, 6)
         ctypes.memmove(entry.smac, host.our_mac, 6)
         self.host_table[ctypes.c_uint32(host.id)] = entry
-        self.hosts[name] = host
+        self.hosts[host.name] = host
         sock = self._in_ns(socket.socket, socket.AF_PACKET, socket.SOCK_RAW)
-        sock.bind((ifname, 0))
-        self._packet_sockets[name] = sock
+        sock.bind((host.ifname, 0))
+        self._packet_sockets[host.name] = sock
         return host
 
     def resolve(self, address: str, timeout: float = 3.0) -> tuple[str, str]:
-        """The interface and MAC address that reach ``address`` (a host's link address):
-        what ``add_host`` needs, found from the routing and neighbour tables."""
-
-        def lookup() -> tuple[str, str]:
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            with IPRoute() as ipr:
-                try:
-                    route = ipr.route("get", dst=address)[0]
-                except Exception as exc:
-                    raise SteerError(f"no route to host address {address}: {exc}") from None
-                if route.get_attr("RTA_GATEWAY"):
-                    raise SteerError(f"{address} is not on a link of the steering node")
-                ifname = ipr.get_links(route.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME")
-                with socket.socket(family, socket.SOCK_DGRAM) as probe:
-                    probe.sendto(b"", (address, 9))  # makes the kernel resolve its MAC
-                deadline = time.monotonic() + timeout
-                while time.monotonic() < deadline:
-                    for n in ipr.get_neighbours(dst=address):
-                        if n.get_attr("NDA_LLADDR") and n["state"] not in (0x20, 0x01):
-                            return ifname, n.get_attr("NDA_LLADDR")  # not FAILED/INCOMPLETE
-                    time.sleep(0.05)
-            raise SteerError(f"{address} does not answer ARP/ND on {ifname}")
-
-        return self._in_ns(lookup)
+        return resolve(address, self.namespace, timeout)
 
     def _host(self, name: str) -> Host:
         try:
             return self.hosts[name]
-        except KeyError:
+        except (KeyError, TypeError):
             known = ", ".join(self.hosts) or "none"
             raise SteerError(f"unknown host {name!r} (known: {known})") from None
+
+    def _host_name(self, host_id: int) -> str:
+        return self.items_by_host().get(host_id, f"#{host_id}")
+
+    def default_host(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+        """The host the steering node's routing sends ``address`` to (no entry needed)."""
+        key = str(address)
+        now = time.monotonic()
+        cached = self._routes.get(key)
+        if cached is not None and now - cached[0] < 5.0:
+            return cached[1]
+
+        def lookup() -> int | None:
+            with IPRoute() as ipr:
+                try:
+                    return ipr.route("get", dst=key)[0].get_attr("RTA_OIF")
+                except Exception:
+                    return None
+
+        oif = self._in_ns(lookup)
+        name = next((h.name for h in self.hosts.values() if h.ifindex == oif), None)
+        self._routes[key] = (now, name)
+        return name
 
     # --- new connections ---------------------------------------------------------------------
     def divert(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address,
@@ -209,25 +393,52 @@ class Steerer:
     def get(self, flow: Flow) -> FlowView | None:
         return self.table.get(flow)
 
-    def _set(self, flow: Flow, action: Action, host: int = 0) -> None:
+    def _set(self, flow: Flow, action: Action, host: int = 0, **extra: Any) -> None:
         try:
-            self.table.set(flow, action, host)
+            self.table.set(flow, action, host, **extra)
+        except FlowTableFull as exc:
+            self.events["table_full"] += 1
+            log.error("%s (%d entries): a migration of this flow fails; see `pysteer steer "
+                      "gc` and --max-flows", exc, self.table.capacity)  # fmt: skip
+            raise SteerError(str(exc)) from None
         except FlowTableError as exc:
             raise SteerError(str(exc)) from None
+        self._touched[flow] = time.monotonic()
 
-    def park(self, flow: Flow) -> tuple[Action | None, str | None]:
-        """Hold every packet of ``flow`` from now on, in order, until ``to`` or ``pass_``.
+    def park(self, flow: Flow, *, token: int = 0, lease: float | None = None,
+             owner: str | None = None) -> tuple[Action | None, str | None]:  # fmt: skip
+        """Hold every packet of ``flow`` from now on, in order, until it is unparked.
 
+        ``token`` names the migration that parks it (0: an operator), ``lease`` the seconds
+        after which, if neither ``claim`` nor ``revert`` came, the flow is rolled back.
         Returns what the flow did before (action and host), so a rollback can restore it.
         """
         with self._control:
             before = self.get(flow)
-            self._set(flow, Action.PARK)
+            prev = (Action.NONE, 0) if before is None else (before.action, before.host)
+            if before is not None and before.action == Action.PARK:
+                if before.token == token:  # the same migration again (or an operator's re-park)
+                    return self._was(before.prev_action, before.prev_host)
+                if not before.token:
+                    raise Refusal("conflict", f"flow {flow} is parked by an operator")
+                if before.lease_ns > _now_ns():
+                    raise Refusal("conflict", f"flow {flow} is being moved by migration "
+                                  f"{before.token:016x}")  # fmt: skip
+                # That migration's lease ran out: it has lost, and this park takes over.
+                self._decide(before.token, Decision.ABORTED, before.prev_host)
+                prev = (before.prev_action, before.prev_host)
+            lease_ns = _now_ns() + int(lease * 1e9) if lease else 0
+            self._set(flow, Action.PARK, token=token, prev=prev, lease_ns=lease_ns)
+        if token:
+            log.debug("parked %s for %s (migration %016x)", flow, owner or "?", token)
         if before is None:
             return None, None
-        action = Action(before.action)
-        host = self.items_by_host().get(before.host) if action == Action.TO else None
-        return action, host
+        return self._was(before.action, before.host)
+
+    def _was(self, action: Action, host: int) -> tuple[Action | None, str | None]:
+        if action == Action.NONE:
+            return None, None
+        return action, self._host_name(host) if action == Action.TO else None
 
     def to(self, flow: Flow, host: str, *, timeout: float = 2.0) -> int:
         """Send ``flow`` to ``host``: replay its parked packets, then redirect in the kernel.
@@ -235,7 +446,8 @@ class Steerer:
         Returns how many parked packets were replayed.
         """
         target = self._host(host)
-        return self._unpark(flow, Action.TO, target, target, timeout)
+        with self._control:
+            return self._unpark(flow, Action.TO, target, target, timeout)
 
     def pass_(self, flow: Flow, *, replay_to: str | None = None, timeout: float = 2.0) -> int:
         """Back to normal routing (the default host).
@@ -244,26 +456,135 @@ class Steerer:
         or dropped without it. Returns how many were replayed.
         """
         target = self._host(replay_to) if replay_to is not None else None
-        return self._unpark(flow, Action.PASS, None, target, timeout)
+        with self._control:
+            return self._unpark(flow, Action.PASS, None, target, timeout)
+
+    def claim(self, flow: Flow, host: str, token: int, *, timeout: float = 2.0) -> int:
+        """The commit point: ``host`` (the target) takes ``flow`` if it is still parked by
+        migration ``token``: replay, TO(host), decision committed. Idempotent; a Refusal
+        otherwise (its code: ``aborted``, or ``absent``). Returns the packets replayed."""
+        target = self._host(host)
+        with self._control:
+            decided = self._decision(token)
+            if decided is not None:
+                if decided[0] == Decision.COMMITTED and decided[1] == target.id:
+                    return 0  # claimed before: the answer was lost
+                raise Refusal("aborted", f"migration {token:016x} of {flow} was rolled back")
+            cur = self.get(flow)
+            if cur is not None and cur.action == Action.PARK and cur.token == token and token:
+                replayed = self._unpark(flow, Action.TO, target, target, timeout, token=token)
+                self._decide(token, Decision.COMMITTED, target.id)
+                log.info("%s: claimed by %s (migration %016x, %d replayed)", flow, host,
+                         token, replayed)  # fmt: skip
+                return replayed
+            if (cur is not None and cur.action == Action.TO and cur.token == token and token
+                    and cur.host == target.id):  # fmt: skip
+                return 0  # claimed before, and its decision since forgotten
+            raise Refusal("absent", f"flow {flow} is not parked by migration {token:016x}")
+
+    def revert(self, flow: Flow, token: int, *, replay_to: str | None = None,
+               hold: bool = False, timeout: float = 2.0,
+               why: str = "rolled back") -> tuple[int, str | None]:  # fmt: skip
+        """A migration's rollback: if ``flow`` is still parked by ``token``, decide it
+        aborted (the target's claim now fails) and, unless ``hold``, replay its packets to
+        where it went before and restore that. ``hold`` lets the source resume its socket
+        before its packets come back. Idempotent; a Refusal with code ``committed`` if the
+        target claimed it. Returns the packets replayed and the host the flow now goes to."""
+        with self._control:
+            decided = self._decision(token)
+            cur = self.get(flow)
+            ours = cur is not None and cur.action == Action.PARK and cur.token == token
+            if decided is not None and decided[0] == Decision.COMMITTED:
+                raise Refusal("committed", f"migration {token:016x} of {flow} committed: "
+                              f"{self._host_name(decided[1])} serves it")  # fmt: skip
+            if cur is not None and cur.action == Action.TO and cur.token == token and token:
+                raise Refusal("committed", f"migration {token:016x} of {flow} committed: "
+                              f"{self._host_name(cur.host)} serves it")  # fmt: skip
+            if decided is None and token:  # from now on a claim fails
+                self._decide(token, Decision.ABORTED, 0)
+            if ours and token and not hold:
+                return self._restore(flow, cur, replay_to, timeout, why)
+            return 0, None
+
+    def _restore(self, flow: Flow, cur: FlowView, replay_to: str | None, timeout: float,
+                 why: str) -> tuple[int, str | None]:  # fmt: skip
+        """Unpark ``flow`` to what it did before ``cur``'s park (under the control lock)."""
+        prev = cur.prev_action
+        if prev == Action.TO and self.items_by_host().get(cur.prev_host) is not None:
+            target: Host | None = self._host(self._host_name(cur.prev_host))
+            replayed = self._unpark(flow, Action.TO, target, target, timeout)
+        else:
+            name = replay_to if replay_to in self.hosts else self.default_host(flow.dst)
+            target = self.hosts.get(name) if name else None
+            final = Action.PASS if prev == Action.PASS else Action.NONE
+            replayed = self._unpark(flow, final, None, target, timeout)
+        if cur.token:
+            self._decide(cur.token, Decision.ABORTED, target.id if target else 0)
+        where = target.name if target else None
+        log.info("%s: %s (migration %016x) to %s, %d replayed", flow, why, cur.token,
+                 where or "its route", replayed)  # fmt: skip
+        return replayed, where
+
+    def decision(self, flow: Flow, token: int) -> dict[str, Any]:
+        """What became of migration ``token`` of ``flow``: committed (and where), aborted,
+        pending (still parked by it), or unknown."""
+        with self._control:
+            decided = self._decision(token)
+            if decided is not None:
+                outcome = "committed" if decided[0] == Decision.COMMITTED else "aborted"
+                return {"decision": outcome, "host": self.items_by_host().get(decided[1])}
+            cur = self.get(flow)
+            if cur is not None and cur.token == token and token:
+                if cur.action == Action.PARK:
+                    return {"decision": "pending", "host": None}
+                if cur.action == Action.TO:
+                    return {"decision": "committed", "host": self._host_name(cur.host)}
+            return {"decision": "unknown", "host": None}
+
+    def _decide(self, token: int, outcome: Decision, host: int) -> None:
+        self.decisions[ctypes.c_uint64(token)] = DecisionEntry(outcome, host, _now_ns())
+
+    def _decision(self, token: int) -> tuple[Decision, int] | None:
+        if not token:
+            return None
+        try:
+            d = self.decisions[ctypes.c_uint64(token)]
+        except KeyError:
+            return None
+        return Decision(d.outcome), d.host
 
     def _unpark(self, flow: Flow, action: Action, host: Host | None, replay_to: Host | None,
-                timeout: float) -> int:  # fmt: skip
-        """Switch ``flow`` to ``action``; if it was parked, replay (or drop) what was parked
-        before the switch and what arrived during it, so nothing overtakes the replay."""
-        with self._control:
-            current = self.get(flow)
-            parked = current is not None and current.action == Action.PARK
-            replayed = 0
-            if parked and replay_to is not None:
-                replayed += self._replay(flow, replay_to, current.park_seq, timeout)
-            self._set(flow, action, host.id if host is not None else 0)
-            if parked:
-                final = self.get(flow)
-                assert final is not None  # noqa: S101
-                if replay_to is not None:
-                    replayed += self._replay(flow, replay_to, final.park_seq, timeout)
-                self._skip_queue(flow, final.park_seq)
-            return replayed
+                timeout: float, *, token: int = 0) -> int:  # fmt: skip
+        """Switch ``flow`` to ``action`` (NONE: remove it); if it was parked, replay (or
+        drop) what was parked before the switch and what arrived during it, so nothing
+        overtakes the replay. Called with the control lock held."""
+        current = self.get(flow)
+        parked = current is not None and current.action == Action.PARK
+        replayed = 0
+        if parked and replay_to is not None:
+            replayed += self._replay(flow, replay_to, current.park_seq, timeout)
+        if action == Action.NONE:
+            if current is not None:
+                with contextlib.suppress(FlowTableError):
+                    self.table.delete(flow, stats=False)  # the counters hold the final number
+        else:
+            self._set(flow, action, host.id if host is not None else 0, token=token)
+        if parked:
+            final = self.table.get(flow) if action != Action.NONE else None
+            upto = final.park_seq if final is not None else self._park_seq(flow)
+            if replay_to is not None:
+                replayed += self._replay(flow, replay_to, upto, timeout)
+            self._skip_queue(flow, upto)
+        if action == Action.NONE:
+            self.table.delete_stats(flow)
+            self._drop_state(flow)
+        return replayed
+
+    def _park_seq(self, flow: Flow) -> int:
+        try:
+            return int(self.bpf[b"flow_stats"][flow_key(flow)].park_seq)
+        except KeyError:
+            return self._queues[bytes(flow_key(flow))].next_replay
 
     def forget(self, flow: Flow) -> None:
         with self._control:
@@ -271,7 +592,7 @@ class Steerer:
                 self.table.delete(flow)
             except FlowTableError as exc:
                 raise SteerError(str(exc)) from None
-            self._drop_queue(flow)
+            self._drop_state(flow)
 
     def items(self) -> list[tuple[Flow, FlowView]]:
         return list(self.table)
@@ -279,14 +600,172 @@ class Steerer:
     def park_counters(self, flow: Flow) -> ParkCounters:
         return self.counters.get(bytes(flow_key(flow)), ParkCounters())
 
+    def _stat(self, stat: Stat) -> int:
+        return sum(self.stats_table[ctypes.c_uint32(stat)])
+
     def stats(self) -> dict[str, int]:
         out = {}
         for stat in Stat:
             if stat == Stat.GUARD_DROPPED:
                 continue
-            values = self.stats_table[ctypes.c_uint32(stat)]
-            out[stat.name.lower()] = sum(values)
+            out[stat.name.lower()] = self._stat(stat)
+        for event in ("replayed", "park_dropped", "park_lost", "table_full", "gc_idle",
+                      "gc_stale", "closed_by_agents", "lease_expired", "reconciled"):  # fmt: skip
+            out[event] = self.events[event]
         return out
+
+    def table_usage(self) -> dict[str, int]:
+        return {"flows": len(self.table), "capacity": self.table.capacity}
+
+    # --- lifecycle: what agents report, and the collector ------------------------------------
+    def closed(self, host: str, flows: Iterable[Flow]) -> int:
+        """``host``'s agent closed these connections: their entries go, unless parked (a
+        migration owns those) or steered to another host. Returns how many went."""
+        target = self._host(host)
+        removed = 0
+        with self._control:
+            for flow in flows:
+                cur = self.get(flow)
+                if cur is None or cur.action == Action.PARK:
+                    continue
+                if cur.action == Action.TO and cur.host != target.id:
+                    continue
+                with contextlib.suppress(FlowTableError):
+                    self.table.delete(flow)
+                    removed += 1
+                self._drop_state(flow)
+        self.events["closed_by_agents"] += removed
+        return removed
+
+    def sync(self, host: str, served: Iterable[Flow], interval: float) -> dict[str, Any]:
+        """Reconcile the table with what ``host``'s agent really serves.
+
+        A flow it serves that is steered elsewhere (or routed elsewhere, with no entry) is
+        steered to it; an entry TO(host) for a flow it does not serve, untouched and quiet
+        for ``CLAIM_GRACE`` s, is stale and goes. Parked flows are left to their
+        migration (and its lease). Its flows are claimed for 3 intervals: gc keeps them.
+        """
+        target = self._host(host)
+        now = time.monotonic()
+        served = set(served)
+        until = now + 3 * max(interval, 1.0)
+        steered, removed = [], []
+        with self._control:
+            for flow in served:
+                self._claims[flow] = (host, until)
+                cur = self.get(flow)
+                if cur is not None and cur.action == Action.PARK:
+                    continue
+                if cur is not None and cur.action == Action.TO and cur.host == target.id:
+                    continue
+                routed = cur is None or cur.action == Action.PASS
+                if routed and self.default_host(flow.dst) == host:
+                    continue
+                try:
+                    self._set(flow, Action.TO, target.id)
+                except SteerError as exc:
+                    log.error("sync from %s: cannot steer %s to it: %s", host, flow, exc)
+                    continue
+                steered.append(str(flow))
+                log.warning("sync: %s serves %s, which went %s: steered to %s", host, flow,
+                            _describe(cur, self._host_name), host)  # fmt: skip
+            quiet_ns = _now_ns() - int(CLAIM_GRACE * 1e9)
+            for flow, view in self.table:
+                if view.action != Action.TO or view.host != target.id or flow in served:
+                    continue
+                if now - self._touched.get(flow, 0.0) < CLAIM_GRACE or view.last_ns > quiet_ns:
+                    continue
+                with contextlib.suppress(FlowTableError):
+                    self.table.delete(flow)
+                self._drop_state(flow)
+                removed.append(str(flow))
+                log.warning("sync: %s does not serve %s: stale entry removed", host, flow)
+        self.events["reconciled"] += len(steered)
+        self.events["gc_stale"] += len(removed)
+        return {"steered": steered, "removed": removed}
+
+    def gc(self, *, dry_run: bool = False) -> list[Removal]:  # noqa: PLR0912 - one pass
+        """Collect what has outlived its connection or its migration: entries idle longer
+        than ``idle_timeout`` that no agent claims, counters without an entry, and (not on
+        a dry run) parks whose lease ran out, which are rolled back."""
+        now, now_ns = time.monotonic(), _now_ns()
+        idle_ns = int(self.idle_timeout * 1e9)
+        hold = now - self.started < min(START_HOLD, self.idle_timeout)
+        names = self.items_by_host()
+        found: list[Removal] = []
+        with self._control:
+            entries = self.items()
+            present = {flow for flow, _ in entries}
+            for flow, view in entries:
+                host = names.get(view.host) if view.action == Action.TO else None
+                if view.action == Action.PARK:
+                    if view.token and view.lease_ns and view.lease_ns < now_ns:
+                        found.append(Removal(flow, "PARK", None, "lease expired"))
+                        if not dry_run:
+                            self.events["lease_expired"] += 1
+                            self._restore(flow, view, None, 2.0, "lease expired: rolled back")
+                    continue
+                claim = self._claims.get(flow)
+                if claim is not None and claim[1] > now:
+                    continue
+                if hold or now - self._touched.get(flow, 0.0) < self.idle_timeout:
+                    continue
+                last = view.last_ns
+                if not last:  # never saw a packet: idle since we first saw it
+                    first = self._first_seen.setdefault(flow, now)
+                    idle = now - first >= self.idle_timeout
+                else:
+                    idle = now_ns - last >= idle_ns
+                if not idle:
+                    continue
+                found.append(Removal(flow, view.action.name, host, "idle"))
+                if not dry_run:
+                    with contextlib.suppress(FlowTableError):
+                        self.table.delete(flow)
+                    self._drop_state(flow)
+                    self.events["gc_idle"] += 1
+            for flow in self.table.orphan_stats():
+                if not dry_run:
+                    self.table.delete_stats(flow)
+            if not dry_run:
+                self._forget_memory(present)
+        failed = self._stat(Stat.DIVERT_FAILED)
+        if failed > self._divert_failed_seen:
+            log.error("%d new connection(s) could not be diverted (flow table full, %d "
+                      "entries): they went to their default host",
+                      failed - self._divert_failed_seen, self.table.capacity)  # fmt: skip
+            self._divert_failed_seen = failed
+        if found and not dry_run:
+            log.info("gc: removed %d entr%s (%s)", len(found), "y" if len(found) == 1 else "ies",
+                     ", ".join(sorted({r.reason for r in found})))  # fmt: skip
+        return found
+
+    def _forget_memory(self, present: set[Flow]) -> None:
+        """Drop what this process keeps for flows no longer in the table (bounded memory)."""
+        now = time.monotonic()
+        for d in (self._touched, self._first_seen):
+            for flow in [f for f in d if f not in present]:
+                del d[flow]
+        for flow in [f for f, (_, until) in self._claims.items() if until < now]:
+            del self._claims[flow]
+        keys = {bytes(flow_key(f)) for f in present}
+        with self._arrived:
+            for key in [k for k in self.counters if k not in keys]:
+                del self.counters[key]
+            for key in [k for k in self._queues if k not in keys]:
+                self._total_bytes -= self._queues.pop(key).bytes
+        for key in [k for k, (t, _) in self._routes.items() if now - t > 60]:
+            del self._routes[key]
+
+    def _drop_state(self, flow: Flow) -> None:
+        self._touched.pop(flow, None)
+        self._claims.pop(flow, None)
+        self._first_seen.pop(flow, None)
+        key = bytes(flow_key(flow))
+        with self._arrived:
+            queue = self._queues.pop(key, _Queue())
+            self._total_bytes -= queue.bytes
+            self.counters.pop(key, None)
 
     # --- parking ------------------------------------------------------------------------------
     def _poll(self) -> None:
@@ -301,9 +780,11 @@ class Steerer:
             queue, counters = self._queues[key], self.counters[key]
             if meta.seq < queue.next_replay:  # arrived after its flow was unparked
                 counters.dropped += 1
+                self.events["park_dropped"] += 1
             elif (len(queue.packets) >= self.max_per_flow
                     or self._total_bytes + len(frame) > self.max_total_bytes):  # fmt: skip
                 counters.dropped += 1
+                self.events["park_dropped"] += 1
                 queue.dropped.add(meta.seq)
             else:
                 queue.packets[meta.seq] = frame
@@ -329,6 +810,7 @@ class Steerer:
                 if seq not in queue.packets:
                     if not self._arrived.wait(max(0.0, deadline - time.monotonic())):
                         counters.lost += upto - queue.next_replay
+                        self.events["park_lost"] += upto - queue.next_replay
                         queue.next_replay = upto
                         break
                     continue
@@ -340,9 +822,11 @@ class Steerer:
                     for out in forward(frame, host.mac, host.our_mac, host.mtu):
                         sock.send(out)
                     counters.replayed += 1
+                    self.events["replayed"] += 1
                     sent += 1
                 except (PacketError, OSError):
                     counters.dropped += 1
+                    self.events["park_dropped"] += 1
         return sent
 
     def _skip_queue(self, flow: Flow, upto: int) -> None:
@@ -356,19 +840,13 @@ class Steerer:
             queue.dropped = {s for s in queue.dropped if s >= upto}
             queue.next_replay = max(queue.next_replay, upto)
 
-    def _drop_queue(self, flow: Flow) -> None:
-        key = bytes(flow_key(flow))
-        with self._arrived:
-            queue = self._queues.pop(key, _Queue())
-            self._total_bytes -= queue.bytes
-
     def destroy(self) -> None:
         """Detach, and remove the pinned maps: every flow of this instance is forgotten."""
         self.close(detach=True)
         pins.remove(self.pin.name)
 
     def close(self, *, detach: bool = False) -> None:
-        """Stop the poller. The pinned maps and (unless ``detach``) the program stay."""
+        """Stop the poller. The pinned maps and (unless ``detach``) the programs stay."""
         self._stop.set()
         self._poller.join(2)
         for sock in self._packet_sockets.values():
@@ -376,3 +854,54 @@ class Steerer:
         if detach:
             self._in_ns(loader.detach, self.ifname, self.mode)
         self.bpf.cleanup()
+
+
+def resolve(address: str, namespace: str | None = None, timeout: float = 3.0) -> tuple[str, str]:
+    """The interface and MAC address that reach ``address`` (a host's link address): what
+    ``add_host`` needs, found from the routing and neighbour tables (in ``namespace``)."""
+
+    def lookup() -> tuple[str, str]:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with IPRoute() as ipr:
+            try:
+                route = ipr.route("get", dst=address)[0]
+            except Exception as exc:
+                raise SteerError(f"no route to host address {address}: {exc}") from None
+            if route.get_attr("RTA_GATEWAY"):
+                raise SteerError(f"{address} is not on a link of the steering node")
+            ifname = ipr.get_links(route.get_attr("RTA_OIF"))[0].get_attr("IFLA_IFNAME")
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.sendto(b"", (address, 9))  # makes the kernel resolve its MAC
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for n in ipr.get_neighbours(dst=address):
+                    if n.get_attr("NDA_LLADDR") and n["state"] not in (0x20, 0x01):
+                        return ifname, n.get_attr("NDA_LLADDR")  # not FAILED/INCOMPLETE
+                time.sleep(0.05)
+        raise SteerError(f"{address} does not answer ARP/ND on {ifname}")
+
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise SteerError(f"not an IP address: {address!r}") from None
+    return netns.call_in(namespace, lookup) if namespace else lookup()
+
+
+def _describe(view: FlowView | None, name: Callable[[int], str]) -> str:
+    if view is None:
+        return "by its route"
+    if view.action == Action.TO:
+        return f"to {name(view.host)}"
+    return view.action.name
+
+
+def _link_macs() -> dict[bytes, str]:
+    """Every MAC of this namespace's interfaces (a host MAC must not be one of them)."""
+    out = {}
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            mac = link.get_attr("IFLA_ADDRESS")
+            name = link.get_attr("IFLA_IFNAME")
+            if mac and mac != "00:00:00:00:00:00" and len(mac) == 17:
+                out[bytes.fromhex(mac.replace(":", ""))] = name
+    return out
