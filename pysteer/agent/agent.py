@@ -3,9 +3,19 @@
 Three doors, one asyncio loop:
 - the app's listeners on the VIP (``pysteer.app.runtime``);
 - the peer listener on the node's control address: mutual TLS, cluster CA only, msgpack
-  frames (``hello``, ``prepare``, ``commit``, ``abort``, ``outcome``);
+  frames (``hello``, ``prepare``, ``commit``, ``abort``, ``outcome``, ``control``);
 - the local control socket, mode 0600, JSON lines for the CLI (``flows``, ``status``,
-  ``migrate``, ``cordon``, ``uncordon``, ``migrations``).
+  ``migrate``, ``drain``, ``cordon``, ``uncordon``, ``undrain``, ``migrations``,
+  ``resolve``).
+
+Beside them it keeps the steering node true to what it serves: it reports the
+connections it closes (their entries go) and, on start, after the steering daemon
+restarts and every ``sync_interval``, lists every flow it serves (``sync``).
+
+Signals: SIGTERM (and SIGINT) drain to the node's ``drain_to`` (cluster file), bounded by
+``drain_timeout``, then close what is left with a close_notify and a FIN, and log both
+counts. SIGHUP reloads the certificates and keys named by the cluster file; it never
+stops the agent.
 """
 
 from __future__ import annotations
@@ -28,16 +38,17 @@ from typing import Any
 from pysteer import tcp
 from pysteer.agent.drain import Drain, DrainError
 from pysteer.agent.frames import FrameError, read_frame, write_frame
+from pysteer.agent.ledger import Ledger, LedgerError
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
-from pysteer.agent.migrate import Migration
-from pysteer.app.runtime import Exported, Runtime, Service
-from pysteer.cluster.config import ClusterConfig
+from pysteer.agent.migrate import Migration, token_of
+from pysteer.app.runtime import AdoptError, Connection, Exported, Runtime, Service
+from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.metrics import AgentMetrics, setup_logging
 from pysteer.metrics import serve as serve_metrics
 from pysteer.steer.control import client_context, server_context
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tls import ServerConfig
-from pysteer.transfer.blob import KEY_LEN, BlobError, ImportLedger, MigrationBlob, open_sealed
+from pysteer.transfer.blob import KEY_LEN, BlobError, MigrationBlob, open_sealed
 
 log = logging.getLogger("pysteer.agent")
 
@@ -45,7 +56,13 @@ LINKS = 16  # mTLS links per peer (and to the steering node): migrations in flig
 MAX_BLOB_AGE = 60.0  # seconds: an older blob is stale (and a replay, whatever the ledger says)
 RUN_DIR = Path("/run/pysteer")
 # What the CLI may ask over the peer listener (a drain streams: run it on the source node).
-REMOTE_COMMANDS = ("flows", "status", "migrate", "migrations", "cordon", "uncordon", "undrain")
+REMOTE_COMMANDS = ("flows", "status", "migrate", "migrations", "resolve", "cordon", "uncordon",
+                   "undrain")  # fmt: skip
+HEARTBEAT = 1.0  # seconds between hellos to the steering node (a restart shows as a new boot)
+CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
+SYNC_PART = 8000  # flows per sync request (a request line is at most 1 MiB)
+CLOSED_BATCH = 2000
+MAX_CLOSED = 100_000  # close notices kept while the steering node is unreachable
 
 
 class AgentError(RuntimeError):
@@ -79,8 +96,13 @@ def _service_tls(svc: Any) -> ServerConfig | None:
 
 @dataclass
 class _Prepared:
+    """An import restored frozen here and fully checked (its connection built, not served)."""
+
     sock: socket.socket
     blob: MigrationBlob
+    conn: Connection
+    source: str
+    since: float
 
 
 _handshakes: set[asyncio.Task] = set()
@@ -108,6 +130,7 @@ class Agent:
         *,
         fault: str | None = None,
         metrics: tuple[str, int] | None = None,
+        sync_interval: float = 30.0,
     ) -> None:
         self.config = config
         self.name = node
@@ -116,36 +139,78 @@ class Agent:
         self.cluster_key = read_cluster_key(config.cluster_key)
         services = [Service(s.port, s.app, _service_tls(s)) for s in config.services.values()]
         self.runtime = Runtime(services, [str(v) for v in config.vips])
-        self.ledger = ImportLedger()
+        self.runtime.on_close = self._on_closed
+        self.fault = fault  # test hook: PYSTEER_FAULT (see tests/integration/test_migrate_*)
+        self.runtime.fault = fault
+        self.ledger = Ledger(RUN_DIR / config.name / f"ledger-{node}.log")
         self.prepared: dict[bytes, _Prepared] = {}
-        self.in_doubt: dict[str, Exported] = {}
+        self.claiming: dict[bytes, tuple[_Prepared, asyncio.Task]] = {}
+        self.inflight: dict[str, Migration] = {}
+        self.in_doubt: dict[str, tuple[Migration, asyncio.Task]] = {}
         self.accepting = True
         self.drained_to: str | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)
         self.started = time.time()
-        self.fault = fault  # test hook: PYSTEER_FAULT (see tests/integration/test_migrate_*)
-        try:
-            self.server_tls = server_context(me.cert, me.key, config.ca)
-            client_tls = client_context(me.cert, me.key, config.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise AgentError(f"node {node}: cannot load its certificate or the CA: {exc}") from None
+        self.sync_interval = sync_interval
+        self._load_tls()
         self.peers = {
-            n: LinkPool(functools.partial(PeerLink, n, c.control, client_tls), size=LINKS)
+            n: LinkPool(functools.partial(self._peer_link, n, c.control), size=LINKS)
             for n, c in config.nodes.items() if n != node
         }  # fmt: skip
         steer = config.steer
-        self.steer = LinkPool(
-            functools.partial(SteerLink, steer.name, steer.control, client_tls), size=LINKS
-        )
+        self.steer = LinkPool(functools.partial(self._steer_link, steer.name, steer.control),
+                              size=LINKS)  # fmt: skip
         self._moving: set[Flow] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self._closed: deque[str] = deque(maxlen=MAX_CLOSED)
+        self._closed_event = asyncio.Event()
         self._stop = asyncio.Event()
+        self._stop_signal: str | None = None
+        self.steer_boot: str | None = None
         self.control_path = control_path(config.name, node)
         self.metrics: AgentMetrics | None = None
         if metrics is not None:
             self.metrics = AgentMetrics(node, lambda: len(self.runtime.connections))
             self._metrics_listen = metrics
 
+    # --- TLS (reloaded on SIGHUP) ------------------------------------------------------------
+    def _load_tls(self, config: ClusterConfig | None = None) -> None:
+        config = config or self.config
+        me = config.node(self.name)
+        try:
+            server = server_context(me.cert, me.key, config.ca)
+            client = client_context(me.cert, me.key, config.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise AgentError(
+                f"node {self.name}: cannot load its certificate or the CA: {exc}"
+            ) from None
+        self.server_tls, self.client_tls = server, client
+
+    def _peer_link(self, name: str, address: tuple[str, int]) -> PeerLink:
+        return PeerLink(name, address, self.client_tls)
+
+    def _steer_link(self, name: str, address: tuple[str, int]) -> SteerLink:
+        return SteerLink(name, address, self.client_tls)
+
+    def reload(self) -> None:
+        """SIGHUP: read the cluster file again and load its certificates and keys. Links
+        opened from now on use them; nothing is closed. A bad file keeps the old ones."""
+        try:
+            config = load_config(self.config.path)
+            self._load_tls(config)
+        except (ConfigError, AgentError) as exc:
+            log.error("reload refused, keeping the current certificates: %s", exc)
+            return
+        log.info("reloaded the certificates of %s and the CA from %s", self.name,
+                 self.config.path)  # fmt: skip
+
     # --- lifecycle -------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     async def serve(self) -> None:
         try:
             await self.runtime.start()
@@ -154,7 +219,8 @@ class Agent:
         host, port = self.me.control
         loop = asyncio.get_running_loop()
         try:
-            peer_server = await loop.create_server(lambda: _Held(self._peer_tls), host, port)
+            peer_server = await loop.create_server(lambda: _Held(self._peer_tls), host, port,
+                                                   reuse_address=True)  # fmt: skip
         except OSError as exc:
             raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         if self.metrics is not None:
@@ -171,20 +237,78 @@ class Agent:
         finally:
             os.umask(old)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
+            loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._spawn(self._reconcile())
+        self._spawn(self._notify_closed())
         log.info("agent %s: serving %s on %s; peers at %s:%d; control at %s", self.name,
                  sorted(self.runtime.services), ", ".join(self.runtime.addresses), host, port,
                  self.control_path)  # fmt: skip
         try:
             await self._stop.wait()
+            await self._shutdown(peer_server)
         finally:
             peer_server.close()
             control_server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.control_path.unlink()
-            for prepared in self.prepared.values():
-                tcp.release(prepared.sock)
-            await self.runtime.close()
+            for prepared in list(self.prepared.values()):
+                tcp.discard(prepared.sock)
+            self.ledger.close()
+
+    def _on_stop_signal(self, name: str) -> None:
+        if self._stop_signal is None:
+            log.info("%s: stopping", name)
+        self._stop_signal = name
+        self._stop.set()
+
+    async def _shutdown(self, peer_server: asyncio.AbstractServer) -> None:
+        """Drain to ``drain_to`` if the cluster file names one, then end what is left."""
+        moved = 0
+        target = self.me.drain_to
+        if target and self.runtime.connections:
+            moved = await self._drain_before_stop(target)
+        peer_server.close()
+        await self._finish_migrations()
+        for mid, (_migration, task) in list(self.in_doubt.items()):
+            task.cancel()
+            log.error(
+                "stopping with migration %s in-doubt: its frozen socket closes "
+                "silently, and the connection is lost unless the target has it",
+                mid[:12],
+            )
+        for _prepared, task in list(self.claiming.values()):
+            task.cancel()
+        ended = await self.runtime.close()
+        log.info("agent %s stopped: %d connection(s) moved%s, %d ended (close_notify + FIN)",
+                 self.name, moved, f" to {target}" if target else "", ended)  # fmt: skip
+
+    async def _drain_before_stop(self, target: str) -> int:
+        timeout = self.me.drain_timeout
+        stop = asyncio.Event()
+
+        async def quiet(_counts: dict[str, Any]) -> None:
+            return None
+
+        drain = Drain(self, target, 32, 5.0, stop=stop, progress=quiet)
+        try:
+            await drain.start()
+        except DrainError as exc:
+            log.error("stopping: cannot drain to %s (%s); ending the connections", target, exc)
+            return 0
+        log.info("stopping: draining %d connection(s) to %s (at most %g s)",
+                 len(self.runtime.connections), target, timeout)  # fmt: skip
+        task = self._spawn(drain.run())
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            stop.set()  # the batch in flight finishes: no migration is cut in half
+        summary = await task
+        return int(summary["moved"])
+
+    async def _finish_migrations(self) -> None:
+        running = [t for t in self._tasks if not t.done() and t.get_name().startswith("mig:")]
+        if running:
+            await asyncio.wait(running, timeout=30)
 
     # --- peers (mTLS) ----------------------------------------------------------------------
     async def _peer_tls(self, transport: asyncio.Transport) -> None:
@@ -219,17 +343,26 @@ class Agent:
         try:
             while True:
                 request = await read_frame(reader)
-                answer = await self._peer_op(who, request, mine)
+                try:
+                    answer = await self._peer_op(who, request, mine)
+                except Exception as exc:  # never a dead link for one bad request
+                    log.exception("peer request from %s failed", who)
+                    answer = {"ok": False, "error": f"internal error ({type(exc).__name__})"}
                 await write_frame(writer, answer)
-        except (FrameError, OSError):
-            pass
+        except (FrameError, OSError) as exc:
+            if isinstance(exc, FrameError) and "hung up" not in str(exc):
+                log.warning("peer link from %s dropped: %s", who, exc)
         finally:
             for mid in mine & set(self.prepared):  # A is gone before its commit: abort
                 self._abort(mid, f"connection from {who} lost")
             writer.close()
 
-    async def _peer_op(self, who: str, req: dict[str, Any], mine: set[bytes]) -> dict[str, Any]:
+    async def _peer_op(  # noqa: PLR0911 - dispatch
+        self, who: str, req: dict[str, Any], mine: set[bytes]
+    ) -> dict[str, Any]:
         op = req.get("op")
+        if not isinstance(op, str):
+            return {"ok": False, "error": "op must be a string"}
         if op == "control":  # the CLI from another machine, with a cluster certificate
             return await self._remote_control(who, req.get("request"))
         if op == "hello":
@@ -237,13 +370,15 @@ class Agent:
                     "services": sorted(self.runtime.services)}  # fmt: skip
         mid = req.get("id")
         if not isinstance(mid, bytes) or len(mid) != 16:
-            return {"ok": False, "error": f"{op!r} needs a 16-byte migration id"}
+            return {"ok": False, "error": f"{op[:40]!r} needs a 16-byte migration id"}
         if op == "prepare":
             return await self._prepare(who, mid, req.get("blob"), mine)
-        handler = {"commit": self._commit, "abort": self._abort_op, "outcome": self._outcome}
-        if op not in handler:
-            return {"ok": False, "error": f"unknown op {op!r}"}
-        return handler[op](who, mid)
+        if op == "commit":
+            return await self._commit(who, mid)
+        handler = {"abort": self._abort_op, "outcome": self._outcome}.get(op)
+        if handler is None:
+            return {"ok": False, "error": f"unknown op {op[:40]!r}"}
+        return handler(who, mid)
 
     async def _remote_control(self, who: str, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict) or request.get("cmd") not in REMOTE_COMMANDS:
@@ -253,8 +388,8 @@ class Agent:
 
     def _abort_op(self, who: str, mid: bytes) -> dict[str, Any]:
         entry = self.prepared.get(mid)
-        if entry is None and self.ledger.outcome(mid) == "committed":
-            return {"ok": False, "error": "already committed"}
+        if entry is None and self.ledger.outcome(mid) in ("committed", "claiming"):
+            return {"ok": False, "error": "already committed", "code": "committed"}
         if entry is not None:
             self._abort(mid, f"aborted by {who}")
         return {"ok": True}
@@ -262,7 +397,9 @@ class Agent:
     def _outcome(self, _who: str, mid: bytes) -> dict[str, Any]:
         return {"ok": True, "outcome": self.ledger.outcome(mid)}
 
-    async def _prepare(self, who: str, mid: bytes, data: Any, mine: set[bytes]) -> dict[str, Any]:
+    async def _prepare(  # noqa: PLR0911 - each refusal says why
+        self, who: str, mid: bytes, data: Any, mine: set[bytes]
+    ) -> dict[str, Any]:
         short = mid.hex()[:12]
         if not self.accepting:
             return {"ok": False, "error": "not accepting imports (cordoned)"}
@@ -273,7 +410,7 @@ class Agent:
             if abs(time.time() - blob.t) > MAX_BLOB_AGE:
                 raise BlobError(f"stale blob ({time.time() - blob.t:.0f} s old)")
             self.ledger.claim(mid)
-        except BlobError as exc:
+        except (BlobError, LedgerError) as exc:
             log.warning("import %s from %s refused: %s", short, who, exc)
             self._count_import("refused")
             return {"ok": False, "error": str(exc)}
@@ -290,31 +427,82 @@ class Agent:
             self.ledger.decide(mid, "aborted")
             log.warning("import %s from %s: restore failed: %s", short, who, exc)
             return {"ok": False, "error": f"restore failed on {self.name}: {exc}"}
-        self.prepared[mid] = _Prepared(sock, blob)
+        exported = Exported(sock, blob.tcp, blob.tls, blob.app, blob.out, blob.flow.dport, {})
+        try:  # everything commit would need, checked now (the commit must not fail on it)
+            conn = self.runtime.build(sock, exported)
+        except AdoptError as exc:
+            tcp.discard(sock)
+            self.ledger.decide(mid, "aborted")
+            self._count_import("refused")
+            log.warning("import %s of %s from %s refused: %s", short, blob.flow, who, exc)
+            return {"ok": False, "error": f"{self.name} cannot continue the connection: {exc}"}
+        self.prepared[mid] = _Prepared(sock, blob, conn, who, time.time())
         mine.add(mid)
         if self.fault == "prepared:exit":
             os._exit(71)  # test hook: die holding a frozen socket, before answering
         return {"ok": True}
 
-    def _commit(self, _who: str, mid: bytes) -> dict[str, Any]:
+    async def _commit(self, who: str, mid: bytes) -> dict[str, Any]:
+        """Thaw, claim the flow at the steering node (the commit point), serve it."""
+        if self.fault == "commit:exit":
+            os._exit(72)  # test hook: die between prepare and commit, holding the socket
         entry = self.prepared.pop(mid, None)
         if entry is None:
+            if mid in self.claiming:  # a retried commit: the first one's outcome
+                return await self._wait_claim(mid)
             outcome = self.ledger.outcome(mid)
             if outcome == "committed":
-                return {"ok": True}
-            return {"ok": False, "error": f"nothing prepared for this id ({outcome or 'unknown'})"}
-        blob = entry.blob
+                return {"ok": True, "replayed": 0}
+            return {"ok": False, "error": f"nothing prepared for this id ({outcome or 'unknown'})",
+                    "code": "aborted" if outcome == "aborted" else "absent"}  # fmt: skip
+        elicit = _failing_elicit if self.fault == "thaw:fail" else None
         try:
-            tcp.thaw(entry.sock, blob.tcp)
-        except tcp.RepairError as exc:
+            tcp.thaw(entry.sock, entry.blob.tcp, elicit=elicit)
+        except (tcp.RepairError, OSError) as exc:  # frozen again by thaw: silent
             self._abort_entry(mid, entry, f"thaw failed: {exc}")
-            return {"ok": False, "error": f"thaw failed on {self.name}: {exc}"}
-        self.ledger.decide(mid, "committed")
-        self._count_import("committed")
-        exported = Exported(entry.sock, blob.tcp, blob.tls, blob.app, blob.out, blob.flow.dport, {})
-        self.runtime.adopt_socket(entry.sock, exported)
-        log.info("import %s: %s now served here", mid.hex()[:12], blob.flow)
-        return {"ok": True}
+            return {"ok": False, "error": f"thaw failed on {self.name}: {exc}", "code": "aborted"}
+        self.ledger.decide(mid, "claiming")
+        task = self._spawn(self._claim(mid, entry))
+        self.claiming[mid] = (entry, task)
+        return await self._wait_claim(mid)
+
+    async def _wait_claim(self, mid: bytes) -> dict[str, Any]:
+        _entry, task = self.claiming.get(mid) or (None, None)
+        if task is None:
+            return {"ok": False, "error": "no claim in progress", "code": "absent"}
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), CLAIM_PATIENCE)
+        except TimeoutError:
+            return {"ok": False, "code": "pending",
+                    "error": "the steering node has not answered the claim yet"}  # fmt: skip
+
+    async def _claim(self, mid: bytes, entry: _Prepared) -> dict[str, Any]:
+        """Ask the steering node for the flow until it says yes or no (never give up on
+        silence: it may have said yes). Yes: serve. No: discard the socket silently."""
+        flow, short = entry.blob.flow, mid.hex()[:12]
+        delay = 0.05
+        try:
+            while True:
+                try:
+                    answer = await self.steer.call(2.0, cmd="claim", flow=str(flow),
+                                                   host=self.name, token=token_of(mid))  # fmt: skip
+                    break
+                except Refused as exc:
+                    self._abort_entry(mid, entry, f"the steering node refused the claim: {exc}")
+                    return {"ok": False, "error": f"steering node: {exc}", "code": "aborted"}
+                except LinkError as exc:
+                    if delay >= 1.0:
+                        log.warning("import %s of %s: claim unanswered (%s); asking again",
+                                    short, flow, exc)  # fmt: skip
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            self.runtime.serve_built(entry.conn)
+            self.ledger.decide(mid, "committed")
+            self._count_import("committed")
+            log.info("import %s: %s now served here", short, flow)
+            return {"ok": True, "replayed": int(answer.get("replayed", 0))}
+        finally:
+            self.claiming.pop(mid, None)
 
     def _abort(self, mid: bytes, why: str) -> None:
         entry = self.prepared.pop(mid, None)
@@ -322,8 +510,7 @@ class Agent:
             self._abort_entry(mid, entry, why)
 
     def _abort_entry(self, mid: bytes, entry: _Prepared, why: str) -> None:
-        with contextlib.suppress(tcp.RepairError, OSError):
-            tcp.release(entry.sock)
+        tcp.discard(entry.sock)  # repair mode first: no FIN, no RST, whatever its state
         self.ledger.decide(mid, "aborted")
         self._count_import("aborted")
         log.warning("import %s of %s aborted: %s", mid.hex()[:12], entry.blob.flow, why)
@@ -331,6 +518,80 @@ class Agent:
     def _count_import(self, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.imported(outcome)
+
+    # --- keeping the steering node true ------------------------------------------------------
+    def _on_closed(self, conn: Connection) -> None:
+        if conn.flow is not None:
+            self._closed.append(str(conn.flow))
+            self._closed_event.set()
+
+    async def _notify_closed(self) -> None:
+        """Tell the steering node which connections ended here, in batches: their entries
+        go at once (the programs also see most closes; this covers the rest)."""
+        while True:
+            await self._closed_event.wait()
+            self._closed_event.clear()
+            await asyncio.sleep(0.2)  # gather a batch
+            while self._closed:
+                batch = [
+                    self._closed.popleft() for _ in range(min(CLOSED_BATCH, len(self._closed)))
+                ]
+                try:
+                    await self.steer.call(5.0, cmd="closed", host=self.name, flows=batch)
+                except Refused as exc:
+                    log.warning("steering node refused %d close notice(s): %s", len(batch), exc)
+                except LinkError:
+                    self._closed.extendleft(reversed(batch))  # kept (bounded) for later
+                    await asyncio.sleep(1.0)
+                    self._closed_event.set()
+                    break
+
+    def served_flows(self) -> list[str]:
+        """Every flow this node serves or is taking over (imports prepared or claiming)."""
+        flows = [str(c.flow) for c in self.runtime.connections.values() if c.flow]
+        flows += [str(p.blob.flow) for p in self.prepared.values()]
+        flows += [str(p.blob.flow) for p, _ in self.claiming.values()]
+        return flows
+
+    async def sync(self) -> dict[str, Any]:
+        """List every flow served here to the steering node (in parts); it steers to us what
+        we serve and drops stale entries that point at us."""
+        flows = self.served_flows()
+        parts = [flows[i : i + SYNC_PART] for i in range(0, len(flows), SYNC_PART)] or [[]]
+        answer: dict[str, Any] = {}
+        for i, part in enumerate(parts):
+            answer = await self.steer.call(10.0, cmd="sync", host=self.name, flows=part,
+                                           interval=self.sync_interval, part=i,
+                                           done=i == len(parts) - 1)  # fmt: skip
+        return answer
+
+    async def _reconcile(self) -> None:
+        """Hello every second; a full sync on start, when the steering daemon restarted
+        (a new boot id), after it was unreachable, and every ``sync_interval``."""
+        loop = asyncio.get_running_loop()
+        next_full, failing = 0.0, False
+        while True:
+            try:
+                hello = await self.steer.call(2.0, cmd="hello")
+                boot = hello.get("boot")
+                restarted = self.steer_boot is not None and boot != self.steer_boot
+                if restarted or failing or loop.time() >= next_full:
+                    result = await self.sync()
+                    next_full = loop.time() + self.sync_interval
+                    fixed = len(result.get("steered", [])) + len(result.get("removed", []))
+                    if restarted or failing or fixed:
+                        log.info("reconciled with the steering node%s: %d flow(s) served here, "
+                                 "%d steered to us, %d stale entr(ies) removed",
+                                 " (it restarted)" if restarted else "",
+                                 len(self.served_flows()), len(result.get("steered", [])),
+                                 len(result.get("removed", [])))  # fmt: skip
+                self.steer_boot, failing = boot, False
+                await asyncio.sleep(HEARTBEAT)
+            except (LinkError, Refused) as exc:
+                if not failing:
+                    log.warning("steering node unreachable: %s", exc)
+                failing = True
+                await asyncio.sleep(HEARTBEAT)
 
     # --- local control (unix socket, 0600) ---------------------------------------------------
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -340,7 +601,7 @@ class Agent:
                     req = json.loads(line)
                     if not isinstance(req, dict):
                         raise ValueError
-                except ValueError:
+                except (ValueError, RecursionError):
                     answer = {"ok": False, "error": "requests are one JSON object per line"}
                 else:
                     if req.get("cmd") == "drain":
@@ -354,15 +615,27 @@ class Agent:
         finally:
             writer.close()
 
-    async def _control_op(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - dispatch
+    async def _control_op(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._dispatch(req)
+        except Exception as exc:  # a bug must answer, not kill the control connection
+            log.exception("control request %.40r failed", req.get("cmd"))
+            return {"ok": False, "error": f"internal error ({type(exc).__name__}); see the log"}
+
+    async def _dispatch(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - dispatch
         cmd = req.get("cmd")
+        if not isinstance(cmd, str):
+            return {"ok": False, "error": "cmd must be a string"}
         if cmd == "flows":
             flows = [c.describe() | {"node": self.name} for c in self.runtime.connections.values()]
             return {"ok": True, "flows": flows}
         if cmd == "status":
             return {"ok": True, "status": await self.status()}
         if cmd == "migrations":
-            return {"ok": True, "migrations": list(self.history)}
+            return {"ok": True, "migrations": self.migrations(),
+                    "recent": list(self.history)[-50:]}  # fmt: skip
+        if cmd == "resolve":
+            return self._resolve(req)
         if cmd == "undrain":
             return await self._undrain()
         if cmd in ("cordon", "uncordon"):
@@ -370,22 +643,72 @@ class Agent:
             return {"ok": True, "accepting": self.accepting}
         if cmd == "migrate":
             return await self._migrate(req)
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+        return {"ok": False, "error": f"unknown command {cmd[:40]!r}"}
+
+    def migrations(self) -> list[dict[str, Any]]:
+        """In-flight and in-doubt migrations of this node, as source or as target."""
+        now = time.time()
+        out = [m.describe() for m in self.inflight.values()]
+        out += [m.describe() | {"state": "in-doubt"} for m, _ in self.in_doubt.values()]
+        for mid, p in self.prepared.items():
+            out.append({"id": mid.hex(), "flow": str(p.blob.flow), "from": p.source,
+                        "to": self.name, "role": "target", "state": "prepared",
+                        "age_s": round(now - p.since, 3), "error": None})  # fmt: skip
+        for mid, (p, _task) in self.claiming.items():
+            out.append({"id": mid.hex(), "flow": str(p.blob.flow), "from": p.source,
+                        "to": self.name, "role": "target", "state": "claiming",
+                        "age_s": round(now - p.since, 3), "error": None})  # fmt: skip
+        return out
+
+    def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
+        """The operator decides an in-doubt migration: keep the flow on its ``source`` or
+        its ``target``. Each node applies the decision to its own side."""
+        mid, keep = req.get("id"), req.get("keep")
+        if keep not in ("source", "target"):
+            return {"ok": False, "error": "keep must be 'source' or 'target'"}
+        if not isinstance(mid, str) or not mid:
+            return {"ok": False, "error": "id must be a migration id (hex)"}
+        for key, (migration, task) in list(self.in_doubt.items()):
+            if key.startswith(mid):
+                task.cancel()
+                del self.in_doubt[key]
+                report = migration.force(keep).to_json()
+                self.history.append(report)
+                return {"ok": True, "resolved": report["id"], "outcome": report["outcome"]}
+        for raw, (entry, task) in list(self.claiming.items()):
+            if raw.hex().startswith(mid):
+                task.cancel()
+                self.claiming.pop(raw, None)
+                if keep == "target":
+                    self.runtime.serve_built(entry.conn)
+                    self.ledger.decide(raw, "committed")
+                    outcome = "moved"
+                else:
+                    self._abort_entry(raw, entry, "resolved by the operator: the source keeps it")
+                    outcome = "rolled-back"
+                log.warning("import %s of %s resolved by the operator: %s", raw.hex()[:12],
+                            entry.blob.flow, outcome)  # fmt: skip
+                return {"ok": True, "resolved": raw.hex(), "outcome": outcome}
+        return {"ok": False, "error": f"no in-doubt migration {mid[:40]!r} on {self.name}",
+                "code": "absent"}  # fmt: skip
 
     async def _migrate(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - checks
         try:
             flow = Flow.parse(str(req.get("flow", "")))
         except FlowSyntaxError as exc:
             return {"ok": False, "error": str(exc)}
-        target = str(req.get("to", ""))
+        target = req.get("to")
         timeout = req.get("timeout_s", 5.0)
-        if not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+        if not isinstance(target, str):
+            return {"ok": False, "error": "to must be a node name"}
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+                or not 0 < timeout <= 600:  # fmt: skip
             return {"ok": False, "error": "timeout must be a number of seconds in (0, 600]"}
         if target == self.name:
             return {"ok": False, "error": f"flow {flow} is already on {target}"}
         if target not in self.peers:
             known = ", ".join(sorted(self.config.nodes))
-            return {"ok": False, "error": f"unknown node {target!r} (nodes: {known})"}
+            return {"ok": False, "error": f"unknown node {target[:40]!r} (nodes: {known})"}
         if self.runtime.find(flow) is None:
             return {"ok": False, "error": f"flow {flow} is not served on {self.name}"}
         if flow in self._moving:
@@ -398,16 +721,38 @@ class Agent:
         return await self.run_migration(Migration(self, flow, target, timeout, checked=checked))
 
     async def run_migration(self, migration: Migration) -> dict[str, Any]:
+        """Run it as its own task: a caller that goes away (a CLI, a drain cut short) must
+        never cancel a migration halfway."""
         self._moving.add(migration.flow)
+        self.inflight[migration.report.id] = migration
+        task = self._spawn(migration.run())
+        task.set_name(f"mig:{migration.report.id[:12]}")
         try:
-            report = await migration.run()
+            report = await asyncio.shield(task)
         finally:
             self._moving.discard(migration.flow)
+            self.inflight.pop(migration.report.id, None)
         result = report.to_json()
         self.history.append(result)
         if self.metrics is not None:
             self.metrics.migration(result)
         return result
+
+    def hold_in_doubt(self, migration: Migration, why: str) -> None:
+        """A migration whose outcome is unknown: its socket stays frozen, and a task asks
+        until it knows (``pysteer migrations resolve`` can decide for it)."""
+        key = migration.report.id
+        log.error("migration %s of %s is in-doubt (%s); asking again until it is known",
+                  key[:12], migration.flow, why)  # fmt: skip
+
+        async def settle() -> None:
+            report = await migration.settle()
+            self.in_doubt.pop(key, None)
+            self.history.append(report.to_json())
+            log.warning("in-doubt migration %s of %s resolved: %s", key[:12], migration.flow,
+                        report.outcome)  # fmt: skip
+
+        self.in_doubt[key] = (migration, self._spawn(settle()))
 
     async def _drain(self, req: dict[str, Any], reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:  # fmt: skip
@@ -423,13 +768,15 @@ class Agent:
 
         target, batch, timeout = req.get("to"), req.get("batch", 32), req.get("timeout_s", 5.0)
         error = None
-        if target not in self.peers:
-            error = f"cannot drain {self.name} to {target!r}" + (
+        if not isinstance(target, str) or target not in self.peers:
+            shown = target[:40] if isinstance(target, str) else target
+            error = f"cannot drain {self.name} to {shown!r}" + (
                 " (itself)" if target == self.name else f" (nodes: {', '.join(self.peers)})"
             )
-        elif not isinstance(batch, int) or not 1 <= batch <= 4096:
+        elif isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
             error = "batch must be 1..4096"
-        elif not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+                or not 0 < timeout <= 600:  # fmt: skip
             error = "timeout must be a number of seconds in (0, 600]"
         stop = asyncio.Event()
         if error:
@@ -453,6 +800,8 @@ class Agent:
             summary = await drain.run()
         finally:
             watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher  # gone before the control loop reads again
         log.info("drain %s -> %s%s: %d moved, %d rolled back, %d failed, %d still here",
                  self.name, target, " (interrupted)" if summary["interrupted"] else "",
                  summary["moved"], summary["rolled_back"], summary["failed"],
@@ -489,6 +838,8 @@ class Agent:
             "control": f"{self.me.control[0]}:{self.me.control[1]}",
             "connections": len(self.runtime.connections),
             "prepared": len(self.prepared),
+            "claiming": len(self.claiming),
+            "inflight": len(self.inflight),
             "in_doubt": sorted(self.in_doubt),
             "migrations": {
                 o: sum(1 for m in self.history if m["outcome"] == o)
@@ -497,10 +848,16 @@ class Agent:
         }
 
 
+def _failing_elicit(_state: tcp.TcpState) -> None:
+    """PYSTEER_FAULT=thaw:fail: the first ACK's injection fails after repair mode is left."""
+    raise OSError(5, "injected fault: the first ACK could not be sent")
+
+
 def run(config: ClusterConfig, node: str, *, metrics: tuple[str, int] | None = None,
-        log_json: bool = False) -> int:  # fmt: skip
+        log_json: bool = False, sync_interval: float = 30.0) -> int:  # fmt: skip
     """``pysteer agent run``: serve until SIGTERM."""
     setup_logging(log_json)
-    agent = Agent(config, node, fault=os.environ.get("PYSTEER_FAULT"), metrics=metrics)
+    agent = Agent(config, node, fault=os.environ.get("PYSTEER_FAULT"), metrics=metrics,
+                  sync_interval=sync_interval)  # fmt: skip
     asyncio.run(agent.serve())
     return 0

@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import math
+import re
 import signal
 import ssl
 import sys
@@ -25,7 +26,7 @@ from pysteer.errors import UsageError
 from pysteer.steer.flow import Flow, FlowSyntaxError
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any) -> None:  # noqa: PLR0915 - one parser per command
     agent = sub.add_parser(
         "agent",
         help="the per-host agent: run it, or cordon/uncordon a node",
@@ -39,6 +40,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--metrics", metavar="HOST:PORT",
                      help="serve Prometheus metrics at http://HOST:PORT/metrics")  # fmt: skip
     run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    run.add_argument("--sync-interval", type=float, default=30.0, metavar="SECONDS",
+                     help="how often to list every flow served here to the steering node, "
+                          "which steers them here and drops stale entries (default: "
+                          "%(default)g; also on start and when the steering daemon "
+                          "restarts)")  # fmt: skip
     run.set_defaults(func=cmd_run)
     for name, help_ in (("cordon", "refuse imports (migrations to the node)"),
                         ("uncordon", "accept imports again")):  # fmt: skip
@@ -92,6 +98,35 @@ def add_parser(sub: Any) -> None:
     flows.add_argument("--json", action="store_true", help="machine-readable output")
     flows.set_defaults(func=cmd_flows)
 
+    mig_list = sub.add_parser(
+        "migrations",
+        help="in-flight and in-doubt migrations; resolve one by hand",
+        description="List the migrations each node has in flight (as source or target) and "
+        "those in-doubt: the outcome is unknown because neither the steering node nor the "
+        "target could be asked. In-doubt migrations are asked again until known; `pysteer "
+        "migrations resolve ID --keep source|target` decides one when that cannot happen "
+        "(the steering node is gone for good). Keep the flow where you know it is served.",
+    )
+    _config(mig_list)
+    mig_list.add_argument("--node", help="only this node")
+    mig_list.add_argument("--json", action="store_true", help="machine-readable output")
+    mig_list.set_defaults(func=cmd_migrations)
+    mig_actions = mig_list.add_subparsers(dest="migrations_action", metavar="ACTION")
+    resolve = mig_actions.add_parser(
+        "resolve",
+        help="decide an in-doubt migration",
+        description="Decide migration ID (its id or a prefix, from `pysteer migrations`) on "
+        "every node that holds it: --keep source resumes it on its source and discards the "
+        "target's copy; --keep target releases the source's frozen socket and serves it on "
+        "the target.",
+    )
+    _config(resolve)
+    resolve.add_argument("id", metavar="ID")
+    resolve.add_argument("--keep", required=True, choices=("source", "target"),
+                         help="which node keeps the connection")  # fmt: skip
+    resolve.add_argument("--json", action="store_true", help="machine-readable output")
+    resolve.set_defaults(func=cmd_resolve)
+
     status = sub.add_parser("status", help="nodes, steering daemon and certificate expiry")
     _config(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -117,14 +152,22 @@ def _path(cfg: ClusterConfig, node: str) -> Path:
 
 def _ask(cfg: ClusterConfig, node: str, cmd: str, **args: Any) -> dict[str, Any]:
     """Ask ``node``'s agent: on its local socket if it runs here, else over mutual TLS with
-    a cluster certificate this machine holds (a node's certificate and key)."""
+    a cluster certificate this machine holds (a node's certificate and key).
+
+    TCP goes only where the cluster file says it stays ours: from inside the node's
+    namespace (``netns``), or from here to a node marked ``remote``. A guess would send a
+    TLS handshake out of the default route, to a network that is not ours."""
     path = _path(cfg, node)
     if path.exists():
         return ask(path, cmd, **args)
+    conf = cfg.node(node)
+    if conf.netns is None and not conf.remote:
+        raise AgentDown(f"no agent at {path}; not asked over TCP, since the cluster file "
+                        f"gives {node} neither netns nor remote = true")  # fmt: skip
     context = _identity(cfg)
     if context is None:
         raise AgentDown(f"no agent at {path}, and no node key readable here to reach it")
-    return ask_remote(cfg.node(node).control, context, node, cmd, **args)
+    return ask_remote(conf.control, context, node, cmd, netns=conf.netns, **args)
 
 
 def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:
@@ -158,8 +201,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         metrics = parse_listen(args.metrics) if args.metrics else None
     except ValueError as exc:
         raise UsageError(f"--metrics: {exc}") from None
+    if not (math.isfinite(args.sync_interval) and 1 <= args.sync_interval <= 3600):
+        raise UsageError("--sync-interval must be in [1, 3600] seconds")
     try:
-        return run(cfg, node, metrics=metrics, log_json=args.log_json)
+        return run(cfg, node, metrics=metrics, log_json=args.log_json,
+                   sync_interval=args.sync_interval)  # fmt: skip
     except AgentError as exc:
         raise UsageError(str(exc)) from None
 
@@ -374,6 +420,61 @@ def cmd_flows(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrations(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    nodes = [_node(cfg, args.node)] if args.node else sorted(cfg.nodes)
+    rows, down = [], []
+    for node in nodes:
+        try:
+            rows += [m | {"node": node} for m in _ask(cfg, node, "migrations")["migrations"]]
+        except (AgentDown, AgentRefused):
+            down.append(node)
+    if args.json:
+        print(json.dumps({"migrations": rows, "down": down}, indent=2))
+        return 0
+    table = [("NODE", "ID", "FLOW", "FROM", "TO", "ROLE", "STATE", "AGE")]
+    for m in rows:
+        table.append((m["node"], m["id"][:12], m["flow"], m["from"], m["to"], m["role"],
+                      m["state"], _age(m["age_s"])))  # fmt: skip
+    if len(table) == 1:
+        print("no migration in flight or in-doubt")
+    else:
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for r in table:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for node in down:
+        print(f"({node}: down)")
+    return 0
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if not re.fullmatch(r"[0-9a-f]{4,32}", args.id):
+        raise UsageError(f"{args.id!r} is not a migration id (hex, as `pysteer migrations` "
+                         "shows it)")  # fmt: skip
+    done, down = [], []
+    for node in sorted(cfg.nodes):
+        try:
+            answer = _ask(cfg, node, "resolve", id=args.id, keep=args.keep)
+        except AgentRefused:
+            continue  # not held there
+        except AgentDown:
+            down.append(node)
+            continue
+        done.append({"node": node, "id": answer["resolved"], "outcome": answer["outcome"]})
+    if args.json:
+        print(json.dumps({"resolved": done, "down": down}, indent=2))
+    for d in done:
+        if not args.json:
+            print(f"{d['node']}: migration {d['id'][:12]}: {d['outcome']}")
+    for node in down:
+        print(f"({node}: down, not asked)", file=sys.stderr)
+    if not done:
+        print(f"no node holds an in-doubt migration {args.id}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _expiry(path: Path) -> dict[str, Any]:
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -412,9 +513,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = "accepting" if st["accepting"] else "cordoned"
         print(f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
               f"{state}, control {st['control']}")  # fmt: skip
+        if st.get("in_doubt"):
+            print(f"    IN-DOUBT migration(s): {', '.join(m[:12] for m in st['in_doubt'])} "
+                  "(see `pysteer migrations`)")  # fmt: skip
     where = f"{cfg.steer.control[0]}:{cfg.steer.control[1]}"
     if steer["reachable"]:
-        print(f"  steering {cfg.steer.name} at {where}: up (asked via {steer['via']})")
+        stats = steer.get("stats") or {}
+        print(
+            f"  steering {cfg.steer.name} at {where}: up (asked via {steer['via']}), "
+            f"{stats.get('flows', '?')}/{stats.get('capacity', '?')} flows in the table"
+        )
+        if stats.get("table_full") or stats.get("divert_failed"):
+            print(f"    FLOW TABLE FULL: {stats.get('table_full', 0)} change(s) refused, "
+                  f"{stats.get('divert_failed', 0)} new connection(s) not diverted; see "
+                  "`pysteer steer gc` and --max-flows")  # fmt: skip
     else:
         print(f"  steering {cfg.steer.name} at {where}: UNREACHABLE ({steer['error']})")
     for name, c in certs.items():

@@ -15,13 +15,20 @@ from typing import Any
 
 from pysteer.agent.frames import FrameError, read_frame, write_frame
 
+LINE_LIMIT = 2 << 20  # the steering daemon's answers (a sync's lists) fit in one read
+
 
 class LinkError(ConnectionError):
     """The other side is unreachable, refused us, or did not answer in time."""
 
 
 class Refused(RuntimeError):
-    """The other side answered, and said no (its reason is the message)."""
+    """The other side answered, and said no (its reason is the message; ``code``, when it
+    gives one, is for the caller's logic: e.g. ``committed``, ``aborted``, ``pending``)."""
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class _Link:
@@ -48,7 +55,9 @@ class _Link:
             return
         try:
             self._reader, self._writer = await asyncio.wait_for(
-                asyncio.open_connection(*self.address, ssl=self.context, server_hostname=self.name),
+                asyncio.open_connection(
+                    *self.address, ssl=self.context, server_hostname=self.name, limit=LINE_LIMIT
+                ),
                 timeout,
             )
         except TimeoutError:
@@ -83,7 +92,9 @@ class _Link:
                 self.close()
                 raise LinkError(f"{self.where}: connection lost ({exc})") from None
         if not answer.get("ok"):
-            raise Refused(f"{self.name}: {answer.get('error', 'refused')}")
+            code = answer.get("code")
+            raise Refused(f"{self.name}: {answer.get('error', 'refused')}",
+                          code if isinstance(code, str) else None)  # fmt: skip
         return answer
 
     async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:

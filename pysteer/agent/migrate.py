@@ -1,10 +1,18 @@
-"""Moving one connection from this agent (A) to a peer (B), with rollback.
+"""Moving one connection from this agent (A) to a peer (B), with rollback and recovery.
 
-The sequence (docs/how-it-works.md): hello to B, PARK at the steering node, freeze
-and dump (runtime.export), seal, ``prepare`` on B (restored, still frozen), **commit**,
-TO(B) with replay, release here. Before the commit point every failure rolls back: A
-thaws its own socket and the steering node replays the parked packets to A. After it, A
-never resumes unless B says it aborted (then B has certainly not served the flow).
+The sequence (docs/how-it-works.md): hello to B, PARK at the steering node (with the
+migration's token and a lease), freeze and dump (runtime.export), seal, ``prepare`` on B
+(restored and checked, still frozen), ``commit``: B thaws the socket and *claims* the flow
+at the steering node, which replays the parked packets to B and redirects the flow only
+if it is still parked by this migration. That claim is the commit point; A then releases
+its frozen socket.
+
+A rolls back by *reverting* at the steering node on the same condition: it records the
+migration as aborted (so B's claim can no longer win), resumes its socket, and the
+steering node replays the parked packets to A. Exactly one of the two wins, so a lost
+answer never leaves the flow served twice: A asks the steering node (or B) what was
+decided, and if neither answers, the migration is in-doubt and a background task keeps
+asking, with a bounded back-off, until it knows. An in-doubt socket stays frozen here.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,11 +36,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pysteer.agent")
 
-AFTER_COMMIT = 5.0  # seconds allowed to finish a committed move (steering, outcome)
+AFTER_COMMIT = 5.0  # seconds allowed to learn a commit's outcome before it is in-doubt
+LEASE_MARGIN = AFTER_COMMIT + 2.0  # the park's lease: the timeout plus this
+RETRY_MAX = 5.0  # the in-doubt resolver's longest wait between questions
 
 
-class MigrationError(RuntimeError):
-    """A migration that could not start: nothing was frozen or changed."""
+def token_of(mid: bytes) -> int:
+    """The steering node's name for a migration: 64 bits of its id (never 0)."""
+    return int.from_bytes(mid[:8], "big") or 1
 
 
 @dataclass
@@ -42,7 +54,7 @@ class Report:
     flow: str
     source: str
     target: str
-    outcome: str = "failed"  # moved | rolled-back | failed | in-doubt | moved-unsteered
+    outcome: str = "failed"  # moved | rolled-back | failed | in-doubt | lost
     error: str | None = None
     freeze_ms: float | None = None
     replayed: int | None = None
@@ -58,6 +70,10 @@ class Report:
         }  # fmt: skip
 
 
+class _Unreachable(Exception):
+    """Neither the steering node nor B could say what was decided (yet)."""
+
+
 class Migration:
     """One move of ``flow`` to ``target``; ``run`` never raises once it has started."""
 
@@ -67,15 +83,26 @@ class Migration:
         self.agent, self.flow, self.target, self.timeout = agent, flow, target, timeout
         self.checked = checked
         self.mid = new_migration_id()
+        self.token = token_of(self.mid)
         self.report = Report(self.mid.hex(), str(flow), agent.name, target)
         self.tl = self.report.timeline
         self.peer: LinkPool = agent.peers[target]
         self.steer: LinkPool = agent.steer
+        self.state = "starting"
+        self.started = time.time()
+        self.exported: Exported | None = None
+        self.commit_sent = False  # from then on B may claim: a rollback must win at steering
         self._deadline = 0.0
-        self._was: tuple[str | None, str | None] = (None, None)
 
     def _left(self) -> float:
         return max(self._deadline - asyncio.get_running_loop().time(), 0.0)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``pysteer migrations``: where it stands (no secrets)."""
+        return {"id": self.report.id, "flow": self.report.flow, "from": self.report.source,
+                "to": self.target, "role": "source", "state": self.state,
+                "age_s": round(time.time() - self.started, 3),
+                "error": self.report.error}  # fmt: skip
 
     async def run(self) -> Report:
         self._deadline = asyncio.get_running_loop().time() + self.timeout
@@ -84,12 +111,20 @@ class Migration:
             await self._run()
         except _Stop as stop:
             self.report.outcome, self.report.error = stop.outcome, stop.reason
+        except Exception as exc:  # a bug must not leave the flow frozen or parked
+            log.exception("migration %s of %s failed unexpectedly", self.report.id[:12], self.flow)
+            self.report.outcome, self.report.error = "failed", f"internal error: {exc!r:.200}"
+            await self._recover_from_bug()
+        self.state = self.report.outcome
+        self._log()
+        return self.report
+
+    def _log(self) -> None:
         r = self.report
         level = logging.INFO if r.outcome == "moved" else logging.WARNING
         log.log(level, "migration %s %s -> %s: %s%s%s", r.id[:12], r.flow, r.target, r.outcome,
                 f", freeze {r.freeze_ms:.3f} ms" if r.freeze_ms is not None else "",
                 f" ({r.error})" if r.error else "")  # fmt: skip
-        return r
 
     async def _run(self) -> None:
         agent, flow = self.agent, self.flow
@@ -111,39 +146,42 @@ class Migration:
         await self._park()
         try:
             exported = await agent.runtime.export(conn.id)
-        except (tcp.RepairError, OSError) as exc:
-            await self._unpark()
+        except Exception as exc:  # not frozen (a failed export thaws itself): give it back
+            await self._unpark_live()
             raise _Stop("rolled-back", f"freeze failed here: {exc}") from None
+        self.exported = exported
+        self.state = "frozen"
         self.tl.step("frozen", tcp_state=exported.tcp.state.name,
                      tls=bool(exported.tls), pending=len(exported.pending))  # fmt: skip
         try:
             sealed = seal(MigrationBlob(self.mid, flow, exported.tcp, exported.tls, exported.app,
                                         exported.pending), agent.cluster_key)  # fmt: skip
         except BlobError as exc:
-            await self._rollback(exported)
-            raise _Stop("rolled-back", str(exc)) from None
+            await self._rollback(str(exc))
         self.report.blob_bytes = len(sealed)
         self.tl.step("sealed", bytes=len(sealed))
         try:
             await self.peer.call(self._left(), op="prepare", id=self.mid, blob=sealed)
         except (LinkError, Refused) as exc:
             await self._abort_on_peer()
-            await self._rollback(exported)
-            raise _Stop("rolled-back", f"node {self.target}: {exc}") from None
+            await self._rollback(f"node {self.target}: {exc}")
+        self.state = "prepared"
         self.tl.step("prepared")
-        await self._commit(exported)
+        await self._commit()
 
     async def _park(self) -> None:
         self.tl.step("park")
         try:
-            answer = await self.steer.call(self._left(), cmd="park", flow=str(self.flow))
+            answer = await self.steer.call(self._left(), cmd="park", flow=str(self.flow),
+                                           token=self.token, owner=self.agent.name,
+                                           lease=round(self.timeout + LEASE_MARGIN, 3))  # fmt: skip
         except Refused as exc:
             raise _Stop("failed", f"steering node refused: {exc}; nothing was frozen") from None
         except LinkError as exc:
-            await self._unpark_after_failed_park()
+            await self._unpark_live()  # it may have parked without our hearing
             raise _Stop("failed", f"steering node: {exc}; nothing was frozen") from None
-        self._was = (answer.get("was"), answer.get("host"))
-        self.tl.step("parked")
+        self.state = "parked"
+        self.tl.step("parked", was=answer.get("was"))
 
     async def _hello(self) -> None:
         try:
@@ -155,110 +193,175 @@ class Migration:
         if self.flow.dport not in hello.get("services", []):
             raise _Stop("failed", f"node {self.target} does not serve port {self.flow.dport}")
 
-    async def _commit(self, exported: Exported) -> None:
-        # The commit point: from here A resumes only if B certainly aborted.
+    async def _commit(self) -> None:
+        """Ask B to take the flow; B's claim at the steering node is the commit point."""
+        self.state = "committing"
+        self.commit_sent = True
         self.tl.step("commit")
         try:
-            await self.peer.call(max(self._left(), AFTER_COMMIT), op="commit", id=self.mid)
-        except Refused as exc:  # B answered: it did not commit, and never will
-            await self._rollback(exported)
-            raise _Stop("rolled-back", f"node {self.target} did not commit: {exc}") from None
+            answer = await self.peer.call(max(self._left(), AFTER_COMMIT), op="commit",
+                                          id=self.mid)  # fmt: skip
+        except Refused as exc:
+            if exc.code == "pending":  # B waits on the steering node: ask who won
+                await self._resolve(f"{self.target} has not heard from the steering node")
+            # B did not and will not claim it (its refusal, or the revert below, sees to it)
+            await self._rollback(f"node {self.target} did not commit: {exc}")
         except LinkError as exc:
-            outcome = await self._ask_outcome()
-            if outcome != "committed":
-                if outcome == "aborted":
-                    await self._rollback(exported)
-                    raise _Stop(
-                        "rolled-back", f"commit lost ({exc}); {self.target} aborted"
-                    ) from None
-                self.agent.in_doubt[self.mid.hex()] = exported
-                raise _Stop("in-doubt", f"commit sent, no answer from {self.target} ({exc}); "
-                            "the socket stays frozen here") from None  # fmt: skip
-        self.tl.step("committed")
-        try:
-            answer = await self._steer_retry("to", host=self.target)
-            self.report.replayed = int(answer.get("replayed", 0))
-            self.tl.step("steered", replayed=self.report.replayed)
-        except (LinkError, Refused) as exc:
-            self.report.outcome = "moved-unsteered"
-            self.report.error = f"{self.target} serves the flow, but steering failed: {exc}"
-        tcp.release(exported.sock)
-        self.tl.step("released")
-        self.report.freeze_ms = self.tl.span("park", "steered")
-        if self.report.outcome != "moved-unsteered":
-            self.report.outcome = "moved"
+            await self._resolve(f"commit sent, no answer from {self.target} ({exc})")
+        else:
+            self._moved(int(answer.get("replayed", 0)))
 
-    async def _steer_retry(self, cmd: str, **args: Any) -> dict[str, Any]:
+    def _moved(self, replayed: int | None, how: str | None = None) -> None:
+        """B serves the flow: close our frozen socket silently."""
+        assert self.exported is not None  # noqa: S101
+        self.tl.step("committed" if how is None else "resolved", replayed=replayed,
+                     **({"how": how} if how else {}))  # fmt: skip
+        tcp.release(self.exported.sock)
+        self.tl.step("released")
+        self.report.replayed = replayed
+        self.report.freeze_ms = self.tl.span("park", "committed" if how is None else "resolved")
+        raise _Stop("moved", None)
+
+    async def _resolve(self, why: str) -> None:
+        """After a lost or undecided commit: learn the outcome, or decide it (revert) while
+        the flow is still ours to take back. Raises _Stop with the outcome."""
+        self.tl.step("resolving", why=why)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + AFTER_COMMIT
+        delay = 0.05
+        while True:
+            try:
+                await self._decide(why)
+            except _Unreachable as exc:
+                if loop.time() + delay > end:
+                    self.agent.hold_in_doubt(self, f"{why}; {exc}")
+                    raise _Stop("in-doubt", f"{why}; {exc}; the socket stays frozen here "
+                                "and the outcome is asked again until known") from None  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def _decide(self, why: str) -> None:
+        """One attempt at learning or making the decision; _Stop if done, else _Unreachable."""
+        try:
+            answer = await self.steer.call(2.0, cmd="decision", flow=str(self.flow),
+                                           token=self.token)  # fmt: skip
+        except (LinkError, Refused) as exc:
+            outcome = await self._ask_target()
+            if outcome == "committed":
+                self._moved(None, "the target committed")
+            if outcome == "aborted":  # its claim was refused: the steering node decided so
+                await self._rollback(f"{why}; {self.target} aborted", decided=True)
+            raise _Unreachable(f"steering node: {exc}") from None
+        decision = answer.get("decision")
+        if decision == "committed":
+            self._moved(None, f"the steering node: {answer.get('host')} claimed it")
+        await self._rollback(why, decided=decision == "aborted")
+
+    async def _ask_target(self) -> str | None:
+        with contextlib.suppress(LinkError, Refused):
+            answer = await self.peer.call(1.0, op="outcome", id=self.mid)
+            return answer.get("outcome")
+        return None
+
+    async def _rollback(self, why: str, *, decided: bool = False) -> None:
+        """Take the flow back: decide (revert, held), resume the socket, then unpark to
+        here. If the target claimed it first, it is moved instead. Raises _Stop."""
+        assert self.exported is not None  # noqa: S101
+        if self.commit_sent and not decided:  # before the commit, B cannot claim it
+            try:
+                await self.steer.call(2.0, cmd="revert", flow=str(self.flow), token=self.token,
+                                      hold=True)  # fmt: skip
+            except Refused as exc:
+                if exc.code == "committed":
+                    self._moved(None, "the target claimed it first")
+                raise _Unreachable(f"steering node refused the rollback: {exc}") from None
+            except LinkError as exc:
+                raise _Unreachable(f"steering node: {exc}") from None
+        self.tl.step("decided", outcome="aborted")
+        try:
+            self.agent.runtime.resume(self.exported)
+        except tcp.RepairError as exc:
+            log.error("rollback of %s: cannot thaw the socket: %s", self.flow, exc)
+            tcp.discard(self.exported.sock)
+            self.tl.step("lost")
+            await self._unpark_live()
+            raise _Stop("lost", f"{why}; and the socket could not be thawed: {exc}") from None
+        self.tl.step("resumed")
+        await self._unpark_live()
+        raise _Stop("rolled-back", why)
+
+    async def _unpark_live(self) -> None:
+        """Give the parked flow back to this node (revert, replaying what was parked). If
+        the steering node cannot be reached, the park's lease does the same later."""
         loop = asyncio.get_running_loop()
         end = loop.time() + AFTER_COMMIT
         while True:
             try:
-                return await self.steer.call(max(end - loop.time(), 0.5), cmd=cmd,
-                                                   flow=str(self.flow), **args)  # fmt: skip
-            except LinkError:
+                await self.steer.call(2.0, cmd="revert", flow=str(self.flow), token=self.token,
+                                      host=self.agent.name)  # fmt: skip
+                self.tl.step("unparked")
+                return
+            except Refused as exc:
+                log.error("rollback of %s: steering node: %s", self.flow, exc)
+                self.tl.step("unpark-failed", error=str(exc))
+                return
+            except LinkError as exc:
                 if loop.time() > end:
-                    raise
+                    log.error("rollback of %s: steering node unreachable (%s); the park's "
+                              "lease will give it back", self.flow, exc)  # fmt: skip
+                    self.tl.step("unpark-failed", error=str(exc))
+                    return
                 await asyncio.sleep(0.1)
-
-    async def _ask_outcome(self) -> str | None:
-        """After a lost commit answer: what did B do? Asks over a fresh connection."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + AFTER_COMMIT
-        while loop.time() < end:
-            try:
-                answer = await self.peer.call(1.0, op="outcome", id=self.mid)
-            except (LinkError, Refused):
-                await asyncio.sleep(0.1)
-                continue
-            outcome = answer.get("outcome")
-            if outcome == "prepared":  # B has not seen the commit: stop it there
-                try:
-                    await self.peer.call(1.0, op="abort", id=self.mid)
-                    return "aborted"
-                except Refused:
-                    continue  # it committed in between: ask again
-                except LinkError:
-                    await asyncio.sleep(0.1)
-                    continue
-            return outcome
-        return None
 
     async def _abort_on_peer(self) -> None:
         """Best effort; B also aborts whatever its connection from A left prepared."""
         with contextlib.suppress(LinkError, Refused):
             await self.peer.call(1.0, op="abort", id=self.mid)
 
-    async def _rollback(self, exported: Exported) -> None:
-        try:
-            self.agent.runtime.resume(exported)
-        except tcp.RepairError as exc:
-            log.error("rollback of %s: cannot thaw the socket: %s", self.flow, exc)
-        self.tl.step("resumed")
-        await self._unpark()
+    async def _recover_from_bug(self) -> None:
+        """After an unexpected error: never leave the flow frozen or parked here."""
+        with contextlib.suppress(_Stop, _Unreachable, Exception):
+            if self.exported is not None and self.state in ("frozen", "prepared"):
+                await self._rollback("internal error")
+            elif self.state == "parked":
+                await self._unpark_live()
 
-    async def _unpark(self) -> None:
-        """Give the flow back to this node, replaying what was parked meanwhile."""
-        was, host = self._was
-        try:
-            if was == "TO" and host:
-                await self._steer_retry("to", host=host)
-            else:
-                await self._steer_retry("pass", host=self.agent.name)
-            self.tl.step("unparked")
-        except (LinkError, Refused) as exc:
-            log.error("rollback of %s: steering node: %s", self.flow, exc)
-            self.tl.step("unpark-failed")
+    # --- in-doubt: asked again until known ---------------------------------------------------
+    async def settle(self) -> Report:
+        """Keep asking, with a bounded back-off, until the outcome is known; then finish
+        (release or resume) and return the final report."""
+        delay = 0.2
+        while True:
+            try:
+                await self._decide("in-doubt")
+            except _Unreachable:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+                continue
+            except _Stop as stop:
+                self.report.outcome, self.report.error = stop.outcome, stop.reason
+                self.state = stop.outcome
+                self._log()
+                return self.report
 
-    async def _unpark_after_failed_park(self) -> None:
-        """A park request without an answer may still have parked: undo it if we can.
-
-        The flow is served here, so redirecting it here is right whatever it did before.
-        """
-        with contextlib.suppress(LinkError, Refused):
-            await self.steer.call(1.0, cmd="to", flow=str(self.flow), host=self.agent.name)
+    def force(self, keep: str) -> Report:
+        """The operator's decision for an in-doubt migration: ``keep`` the flow on the
+        ``source`` (resume here) or the ``target`` (release here)."""
+        assert self.exported is not None  # noqa: S101
+        if keep == "target":
+            tcp.release(self.exported.sock)
+            self.tl.step("released", how="operator")
+            outcome, error = "moved", "resolved by the operator: the target keeps it"
+        else:
+            self.agent.runtime.resume(self.exported)
+            self.tl.step("resumed", how="operator")
+            outcome, error = "rolled-back", "resolved by the operator: the source keeps it"
+        self.report.outcome, self.report.error, self.state = outcome, error, outcome
+        self._log()
+        return self.report
 
 
 class _Stop(Exception):
-    def __init__(self, outcome: str, reason: str) -> None:
+    def __init__(self, outcome: str, reason: str | None) -> None:
         super().__init__(reason)
         self.outcome, self.reason = outcome, reason

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import socket
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pysteer import tcp
-from pysteer.app.handlers import Handler, load_handler
+from pysteer.app.handlers import Handler, HandlerError, load_handler
 from pysteer.steer.flow import Flow
 from pysteer.tls import (
     ConnectionClosed,
@@ -28,8 +29,10 @@ from pysteer.tls import (
     KeyUpdated,
     ServerConfig,
     TlsServerConnection,
+    TlsStateError,
 )
 
+log = logging.getLogger("pysteer.app")
 _ids = itertools.count(1)
 LOW_WATER = 256 * 1024  # refill the output from the handler's pull() below this
 PULL_CHUNK = 64 * 1024
@@ -61,6 +64,7 @@ class Connection:
     closed: bool = False
     flow: Flow | None = None
     key_updates: int = 0  # the peer's TLS 1.3 KeyUpdates since the connection came here
+    ending: bool = False  # the peer closed (e.g. in records that came with a move): finish
 
     def __post_init__(self) -> None:
         with contextlib.suppress(OSError):
@@ -84,9 +88,28 @@ class Connection:
         }
 
 
+class AdoptError(ValueError):
+    """A moved connection this runtime cannot continue (another app, snapshot version or
+    TLS setting here); the message says why and never shows the connection's data."""
+
+
+class ExportError(RuntimeError):
+    """A connection could not be exported after its socket was frozen: it was thawed again
+    and carries on here; the message says why."""
+
+
+def versioned_snapshot(service: Service, handler: Handler) -> dict[str, Any]:
+    """The handler's snapshot with what a target must agree on: the app and its version
+    (``SNAPSHOT_VERSION`` on the handler class, 1 if absent)."""
+    return {"app": service.app, "v": getattr(type(handler), "SNAPSHOT_VERSION", 1),
+            "state": handler.snapshot()}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Exported:
-    """A connection that left: its frozen socket stays here until ``release``/``resume``."""
+    """A connection that left: its frozen socket stays here until ``release``/``resume``.
+
+    ``app`` is a versioned snapshot (see ``versioned_snapshot``)."""
 
     sock: socket.socket
     tcp: tcp.TcpState
@@ -129,6 +152,7 @@ class Runtime:
         self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task] = []
         self.on_close: Callable[[Connection], None] | None = None
+        self.fault: str | None = None  # test hook: "export:fail" fails an export after dump
 
     # --- serving ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -225,7 +249,7 @@ class Runtime:
 
     async def _serve(self, conn: Connection) -> None:
         loop = asyncio.get_running_loop()
-        alive = True
+        alive = not conn.ending
         try:
             await self._flush(conn)
             while alive:
@@ -246,13 +270,35 @@ class Runtime:
                 await self._flush(conn)
         except (ConnectionError, OSError):
             pass
+        except Exception as exc:  # the app (or its TLS) failed: say so, end it cleanly
+            log.error("connection %s (%s): %s failed: %s: %.200s; closing it", conn.id,
+                      conn.flow, conn.service.app, type(exc).__name__, exc)  # fmt: skip
+            self._say_goodbye(conn, failed=True)
         self._finish(conn)
+
+    def _say_goodbye(self, conn: Connection, *, failed: bool) -> None:
+        """A last word before the FIN: close_notify, or a fatal alert when ``failed``; sent
+        as far as the socket takes it without waiting."""
+        if conn.tls is not None:
+            with contextlib.suppress(Exception):
+                conn.tls.fail() if failed else conn.tls.close()
+                conn.out += conn.tls.data_to_send()
+        with contextlib.suppress(OSError):
+            conn.sock.setblocking(False)
+            if conn.out:
+                del conn.out[: conn.sock.send(conn.out)]
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
 
     def _finish(self, conn: Connection) -> None:
         if conn.closed:
             return
         conn.closed = True
-        conn.handler.on_close()
+        try:
+            conn.handler.on_close()
+        except Exception as exc:
+            log.error("connection %s (%s): %s on_close failed: %s", conn.id, conn.flow,
+                      conn.service.app, type(exc).__name__)  # fmt: skip
         self._forget(conn)
         conn.sock.close()
         if self.on_close:
@@ -291,40 +337,110 @@ class Runtime:
         except tcp.RepairError:
             self._run(conn)  # nothing was frozen: carry on here
             raise
-        tls_state = conn.tls.export_state() if conn.tls else None
+        try:
+            if self.fault == "export:fail":
+                raise RuntimeError("injected fault after the dump")
+            tls_state = conn.tls.export_state() if conn.tls else None
+            app = versioned_snapshot(conn.service, conn.handler)
+        except Exception as exc:  # frozen, but not exportable: thaw it and carry on here
+            try:
+                tcp.resume(conn.sock)
+            except tcp.RepairError:
+                log.error("connection %s (%s): cannot thaw after a failed export; closing "
+                          "it silently", conn_id, conn.flow)  # fmt: skip
+                tcp.discard(conn.sock)
+                self._finish(conn)
+                raise ExportError(f"connection {conn_id}: export failed and the socket could "
+                                  "not be thawed: the connection is lost") from None  # fmt: skip
+            self._run(conn)
+            raise ExportError(f"connection {conn_id}: export failed ({type(exc).__name__}); it "
+                              "carries on here") from None  # fmt: skip
         self._forget(conn)
-        return Exported(conn.sock, state, tls_state, conn.handler.snapshot(), bytes(conn.out),
-                        conn.service.port, meta)  # fmt: skip
+        return Exported(conn.sock, state, tls_state, app, bytes(conn.out), conn.service.port, meta)
 
     def resume(self, exported: Exported) -> Connection:
         """Roll back: thaw the frozen socket and serve the connection here again."""
         tcp.resume(exported.sock)
         return self.adopt_socket(exported.sock, exported)
 
-    def adopt_socket(self, sock: socket.socket, exported: Exported) -> Connection:
-        service = self.services[exported.service_port]
-        handler = load_handler(service.app)()
-        handler.restore(exported.app)
-        tls = TlsServerConnection.from_state(exported.tls) if exported.tls else None
+    def build(self, sock: socket.socket, exported: Exported) -> Connection:
+        """A connection to continue here, fully checked but not yet served: the handler
+        restored from its snapshot, the TLS layer from its state, and records that came
+        before the move processed. Everything that can refuse it does so here (AdoptError),
+        so a migration's target finds out before its commit point, not after."""
+        service = self.services.get(exported.service_port)
+        if service is None:
+            raise AdoptError(f"port {exported.service_port} is not served here")
+        app = exported.app
+        if not isinstance(app, dict) or set(app) != {"app", "v", "state"}:
+            raise AdoptError("the app snapshot carries no app name and version")
+        if app["app"] != service.app:
+            raise AdoptError(f"port {service.port} runs {service.app!r} here, not "
+                             f"{str(app['app'])[:60]!r}")  # fmt: skip
+        try:
+            handler = load_handler(service.app)()
+        except HandlerError as exc:
+            raise AdoptError(str(exc)) from None
+        version = getattr(type(handler), "SNAPSHOT_VERSION", 1)
+        if app["v"] != version:
+            raise AdoptError(f"{service.app} snapshot version {str(app['v'])[:20]}: this node "
+                             f"reads version {version}")  # fmt: skip
+        try:
+            handler.restore(app["state"])
+        except HandlerError as exc:
+            raise AdoptError(f"{service.app} refused the snapshot: {exc}") from None
+        except Exception as exc:
+            raise AdoptError(f"{service.app} refused the snapshot ({type(exc).__name__})") from None
+        if (exported.tls is not None) != (service.tls is not None):
+            raise AdoptError(f"port {service.port} is {'TLS' if service.tls else 'plain TCP'} "
+                             "here, and the connection is not")  # fmt: skip
+        try:
+            tls = TlsServerConnection.from_state(exported.tls) if exported.tls else None
+        except TlsStateError as exc:
+            raise AdoptError(f"TLS state: {exc}") from None
         conn = Connection(next(_ids), sock, service, handler, tls)
         conn.out += exported.pending
         if tls is not None:
             # Records completed before the move but not yet processed go first.
-            self._feed(conn, b"")
+            try:
+                conn.ending = not self._feed(conn, b"")
+            except Exception as exc:
+                raise AdoptError(f"records that came with the connection: "
+                                 f"{type(exc).__name__}") from None  # fmt: skip
+        return conn
+
+    def serve_built(self, conn: Connection) -> Connection:
+        """Serve a connection from ``build`` (its socket now live)."""
         self._run(conn)
         return conn
+
+    def adopt_socket(self, sock: socket.socket, exported: Exported) -> Connection:
+        return self.serve_built(self.build(sock, exported))
 
     def adopt(self, exported: Exported) -> Connection:
         """Continue a connection exported elsewhere: restore its socket here and serve it."""
         sock = tcp.restore(exported.tcp)
-        return self.adopt_socket(sock, exported)
+        try:
+            return self.adopt_socket(sock, exported)
+        except AdoptError:
+            tcp.discard(sock)
+            raise
 
-    async def close(self) -> None:
+    async def close(self) -> int:
+        """Stop serving: every connection gets a close_notify (TLS) and a FIN. Returns how
+        many connections were ended."""
         for task in self._tasks:
             task.cancel()
         for listener in self._listeners:
             listener.close()
+        ended = 0
         for conn in list(self.connections.values()):
             if conn.task:
                 conn.task.cancel()
-            self._finish(conn)
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await conn.task
+            if not conn.closed:
+                self._say_goodbye(conn, failed=False)
+                self._finish(conn)
+                ended += 1
+        return ended

@@ -236,6 +236,7 @@ class Lab:
         for name in present:
             _kill_all(name)
             pr_netns.remove(name)  # its veth ends go with it
+        remove_instance(self.prefix)
         self.state_file.unlink(missing_ok=True)
         return present
 
@@ -383,6 +384,55 @@ def _interfaces(ipr: IPRoute) -> dict[str, dict[str, Any]]:
         if name is not None:
             out[name]["addresses"].append(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}")
     return out
+
+
+def remove_instance(name: str, grace: float = 2.0) -> list[str]:
+    """Remove what a lab's cluster leaves outside its namespaces (the cluster and the
+    steering instance are named after the lab): the steering daemon (it runs in the root
+    namespace; its pid is in its lock), its pinned maps, its lock and socket, and the
+    agents' run directory (sockets, ledgers). A lab rebuilt with the same name starts
+    clean. Returns what it removed."""
+    from pysteer.steer import pins  # noqa: PLC0415 - only when a lab goes down
+
+    run = Path("/run/pysteer")
+    removed = []
+    lock = run / f"steer-{name}.lock"
+    if _locked(lock):  # the daemon still runs: its pid is in the lock
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(lock.read_text().strip() or 0)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                if pid <= 0 or not _locked(lock):
+                    break
+                _signal(pid, sig)
+                deadline = time.monotonic() + grace
+                while _locked(lock) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            removed.append(f"steering daemon {pid}")
+    if (pins.PIN_ROOT / name).is_dir():
+        pins.remove(name)
+        removed.append(str(pins.PIN_ROOT / name))
+    for path in (lock, run / f"steer-{name}.sock"):
+        if path.exists() or path.is_symlink():
+            path.unlink()
+            removed.append(str(path))
+    cluster = run / name
+    if cluster.is_dir() and not cluster.is_symlink():
+        for entry in cluster.iterdir():
+            entry.unlink()
+        cluster.rmdir()
+        removed.append(str(cluster))
+    return removed
+
+
+def _locked(path: Path) -> bool:
+    try:
+        with path.open() as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def _kill_all(name: str, grace: float = 2.0) -> None:

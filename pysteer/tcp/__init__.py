@@ -14,7 +14,7 @@ from pysteer.tcp.errors import (
     UnsupportedSocketError,
 )
 from pysteer.tcp.info import TcpInfo, TcpStateCode, tcp_info
-from pysteer.tcp.repair import dump, release, restore, resume, thaw
+from pysteer.tcp.repair import discard, dump, release, restore, resume, thaw
 from pysteer.tcp.state import RepairWindow, SocketOptions, TcpState
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "TcpState",
     "TcpStateCode",
     "UnsupportedSocketError",
+    "discard",
     "dump",
     "release",
     "restore",

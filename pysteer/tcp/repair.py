@@ -317,6 +317,23 @@ def release(sock: socket.socket) -> None:
     sock.close()
 
 
+def discard(sock: socket.socket) -> None:
+    """Close ``sock`` without a FIN or RST, frozen or not: repair mode first, then close.
+
+    For a connection that must vanish silently from this host because another serves it
+    (an aborted import, a failed thaw); never raises."""
+    with suppress(OSError):
+        _setint(sock, socket.IPPROTO_TCP, k.TCP_REPAIR, k.TCP_REPAIR_ON)
+    sock.close()
+
+
+def _reuse(sock: socket.socket) -> None:
+    # Leaving repair mode resets SO_REUSEADDR; without it, the TIME_WAIT this socket
+    # leaves behind when it closes blocks a listener on the same address for 60 s.
+    with suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
 def resume(sock: socket.socket) -> None:
     """Thaw a dumped socket in place, for a rollback: it carries on as if never frozen."""
     name = _name_of(sock)
@@ -327,6 +344,7 @@ def resume(sock: socket.socket) -> None:
         _repair(sock, name, k.TCP_REPAIR_OFF)  # sends a window probe: the peer re-syncs
     except OSError as exc:
         raise _step(name, "leaving repair mode", exc) from None
+    _reuse(sock)
 
 
 # --- restore -------------------------------------------------------------------------------
@@ -346,18 +364,11 @@ def restore(state: TcpState, *, frozen: bool = False) -> socket.socket:
         if not frozen:
             thaw(sock, state)
     except BaseException as exc:
-        _discard(sock)
+        discard(sock)  # whatever point the restore had reached
         if isinstance(exc, OSError) and not isinstance(exc, RepairError):
             raise _step(name, "restore", exc) from None
         raise
     return sock
-
-
-def _discard(sock: socket.socket) -> None:
-    """Close without a FIN or RST, whatever point the restore had reached."""
-    with suppress(OSError):
-        _setint(sock, socket.IPPROTO_TCP, k.TCP_REPAIR, k.TCP_REPAIR_ON)
-    sock.close()
 
 
 def _send_chunked(sock: socket.socket, data: bytes) -> None:
@@ -382,7 +393,9 @@ def _rebuild(sock: socket.socket, state: TcpState, name: Name) -> None:
     """Restore in the order the kernel enforces (docs/how-it-works.md)."""
     if state.family == 6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(state.options.v6only))
-    _repair(sock, name, k.TCP_REPAIR_ON)  # before bind: binds next to a listener
+    # Repair mode before bind: it forces reuse, so the socket binds next to a listener
+    # (SO_REUSEADDR would weaken that to plain reuse; thaw sets it afterwards).
+    _repair(sock, name, k.TCP_REPAIR_ON)
     try:
         sock.bind(state.local)
     except OSError as exc:
@@ -405,12 +418,25 @@ def _rebuild(sock: socket.socket, state: TcpState, name: Name) -> None:
         _write_options(sock, state)
 
 
-def thaw(sock: socket.socket, state: TcpState) -> None:
-    """Leave repair mode on a restored socket and make it announce itself to the peer."""
+def thaw(
+    sock: socket.socket, state: TcpState, *, elicit: Callable[[TcpState], None] | None = None
+) -> None:
+    """Leave repair mode on a restored socket and make it announce itself to the peer.
+
+    If the announcement (an injected segment; ``elicit`` replaces it in fault tests)
+    fails, the socket is frozen again before the error is raised: whoever discards it
+    then sends nothing, as if the thaw had never begun.
+    """
     name = _name_of(sock)
     _repair(sock, name, k.TCP_REPAIR_OFF)  # sends one window probe
-    with _doing(name, "sending the first ACK"):
-        _elicit_ack(state)
+    _reuse(sock)
+    try:
+        with _doing(name, "sending the first ACK"):
+            (elicit or _elicit_ack)(state)
+    except BaseException:
+        with suppress(OSError):
+            _setint(sock, socket.IPPROTO_TCP, k.TCP_REPAIR, k.TCP_REPAIR_ON)
+        raise
 
 
 def _connect(sock: socket.socket, state: TcpState, name: Name) -> None:

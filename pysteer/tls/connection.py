@@ -31,7 +31,7 @@ from pysteer.tls.suites import TLS13
 
 # Alert levels and descriptions (RFC 8446 §6)
 WARNING, FATAL = 1, 2
-CLOSE_NOTIFY, HANDSHAKE_FAILURE, NO_RENEGOTIATION = 0, 40, 100
+CLOSE_NOTIFY, HANDSHAKE_FAILURE, INTERNAL_ERROR, NO_RENEGOTIATION = 0, 40, 80, 100
 # Handshake message types after the handshake
 CLIENT_HELLO, KEY_UPDATE = 1, 24
 MAX_CIPHERTEXT = {TLS13: (1 << 14) + 256, "TLSv1.2": (1 << 14) + 2048}
@@ -255,6 +255,13 @@ class TlsServerConnection:
         if self.phase == "open" and not self.close_sent:
             self._send_alert(WARNING, CLOSE_NOTIFY)
             self.close_sent = True
+
+    def fail(self) -> None:
+        """End the connection on our side's error: a fatal internal_error alert, so the peer
+        learns it was not a clean close (what a server owes a client when its app fails)."""
+        if self.phase == "open":
+            self._send_alert(FATAL, INTERNAL_ERROR)
+        self.phase = "closed"
 
     def _fatal(self, description: int, events: list[Event]) -> None:
         self._send_alert(FATAL, description)
