@@ -1,7 +1,8 @@
 """Unmodified clients in the lab, and what they noticed: streams, counters, RSTs.
 
 ``Session`` drives an interactive client program (s_client, gnutls-cli, a line client)
-over its stdin and stdout, timestamping what it prints. ``check_ticker_stream`` checks the
+over its stdin and stdout, timestamping what it prints; ``LineClient`` is the same kind of
+client inside this process, on one asyncio loop. ``check_ticker_stream`` checks the
 ticker app's output byte for byte. ``RstCapture`` records every RST on a link, and
 ``netstat`` reads the TCP counters of the calling thread's namespace. The tests and
 ``scripts/demo`` use them alike.
@@ -9,18 +10,26 @@ ticker app's output byte for byte. ``RstCapture`` records every RST on a link, a
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import itertools
 import os
 import re
 import signal
 import socket
+import ssl as ssl_module
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pysteer.lab.topology import Lab
+
+T = TypeVar("T")
 
 
 def netstat(section: str = "Tcp") -> dict[str, int]:
@@ -183,49 +192,135 @@ def check_ticker_stream(text: str, sent: list[bytes]) -> int:
     return len(ticks)
 
 
-class LineClient(threading.Thread):
-    """A client in this process on a socket from the lab (plain or Python ssl): a line every
-    ``interval``, every byte it gets kept with arrival times. Same checks as a Session."""
+class _ClientLoop:
+    """The asyncio loop that owns every ``LineClient``'s connection, in one daemon thread.
 
-    def __init__(self, sock: socket.socket, interval: float = 0.2) -> None:
-        super().__init__(daemon=True)
+    OpenSSL must not see a read and a write of one connection from two threads at once,
+    and a socket timeout in the middle of an SSL write leaves a half-written record: so
+    each connection is only ever touched by this loop, and callers hand work in through
+    ``run``. One loop for all clients keeps a test's 200 connections on one thread.
+    """
+
+    _lock = threading.Lock()
+    _loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def get(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="lab-clients", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+    @classmethod
+    def run(cls, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, cls.get())
+
+
+class LineClient:
+    """A client in this process on a socket from the lab (plain, or TLS with ``ssl=``): a
+    line every ``interval``, every byte it gets kept with arrival times. Same checks as a
+    Session.
+
+    The socket is handed over to an asyncio loop thread (``_ClientLoop``) that alone does
+    its I/O; TLS runs there on asyncio's memory BIOs, so no ``ssl.SSLSocket`` exists. The
+    handshake is done when the constructor returns, like ``wrap_socket``'s. Read ``sock``
+    only for its addresses, and end the connection with ``close``, not ``sock.close()``.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        interval: float = 0.2,
+        *,
+        ssl: ssl_module.SSLContext | None = None,
+        server_hostname: str | None = None,
+        timeout: float = 60,
+    ) -> None:
+        if isinstance(sock, ssl_module.SSLSocket):
+            raise TypeError("LineClient takes the plain socket and ssl=context, not an SSLSocket")
         self.sock, self.out, self.sent = sock, bytearray(), []
         self.arrivals: list[float] = []
         self.interval = interval
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        sock.settimeout(interval)
+        self._task: concurrent.futures.Future[None] | None = None
+        self._streams = _ClientLoop.run(self._connect(ssl, server_hostname, timeout)).result(
+            timeout + 5
+        )
 
-    def run(self) -> None:
+    async def _connect(
+        self, ctx: ssl_module.SSLContext | None, server_hostname: str | None, timeout: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(
+            sock=self.sock,
+            ssl=ctx,
+            server_hostname=server_hostname if ctx else None,
+            ssl_handshake_timeout=timeout if ctx else None,
+            limit=1 << 20,
+        )
+
+    def start(self) -> None:
+        """Start sending lines and reading what comes back."""
+        self._task = _ClientLoop.run(self._run())
+
+    async def _run(self) -> None:
+        """The old blocking loop, on the loop: a line when due, else wait for data."""
+        reader, writer = self._streams
+        reading: asyncio.Future[bytes] | None = None
+        next_send = 0.0
         try:
-            next_send = 0.0
             while not self.stop.is_set() or f"echo {len(self.sent)} ".encode() not in self.out:
                 now = time.monotonic()
                 if not self.stop.is_set() and now >= next_send:
                     line = b"l-%d\n" % (len(self.sent) + 1)
-                    self.sock.sendall(line)
+                    writer.write(line)
                     self.sent.append(line)
+                    await writer.drain()
                     next_send = now + self.interval
-                try:
-                    chunk = self.sock.recv(65536)
-                except TimeoutError:
+                # A pending read is kept across waits, never cancelled mid-way: no byte lost.
+                reading = reading or asyncio.ensure_future(reader.read(65536))
+                wait = self.interval if self.stop.is_set() else next_send - time.monotonic()
+                if not (await asyncio.wait({reading}, timeout=max(wait, 0)))[0]:
                     continue
+                chunk, reading = reading.result(), None
                 if not chunk:
                     raise EOFError("server closed")
                 self.out += chunk
                 self.arrivals.append(time.monotonic())
         except BaseException as exc:  # kept for the check
             self.error = exc
+            raise
+        finally:
+            if reading is not None:
+                reading.cancel()  # the connection stays open, unread, until ``close``
 
     def finish(self, timeout: float = 30) -> str:
         """Stop sending, wait for the last echo; the stream's text."""
         self.stop.set()
-        self.join(timeout)
-        if self.is_alive():
-            raise StreamError("the last echo never came")
-        if self.error is not None:
-            raise StreamError(f"the client failed: {self.error!r}")
+        if self._task is None:
+            raise StreamError("the client was never started")
+        try:
+            self._task.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self._task.cancel()
+            raise StreamError("the last echo never came") from None
+        except BaseException as exc:
+            raise StreamError(f"the client failed: {exc!r}") from exc
         return self.out.decode(errors="replace")
+
+    def close(self) -> None:
+        """Close the connection (in the loop that owns it)."""
+
+        async def close() -> None:
+            writer = self._streams[1]
+            writer.close()
+            with contextlib.suppress(OSError, ssl_module.SSLError):
+                await asyncio.wait_for(writer.wait_closed(), 5)
+
+        with contextlib.suppress(TimeoutError):
+            _ClientLoop.run(close()).result(10)
 
     def largest_gap(self, start: float, end: float) -> float:
         times = [t for t in self.arrivals if start <= t <= end]

@@ -8,11 +8,13 @@ the steering daemon and each host's agent on it.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,19 @@ def write_plan_cluster(
     *,
     services: dict[int, tuple[str, bool]] | None = None,
     force: bool = False,
+    remote: bool = False,
 ) -> Path:
-    """The same for any machines laid out by ``plan`` (the Vagrant VMs): cluster ``name``."""
+    """The same for any machines laid out by ``plan`` (the Vagrant VMs): cluster ``name``.
+
+    Each node is marked with its namespace in lab ``name`` (``netns``), so the CLI run in
+    the root namespace never sends lab traffic out of it; with ``remote`` (one machine per
+    node) it is marked ``remote = true`` instead, so the CLI reaches it over TCP."""
     services = DEFAULT_SERVICES if services is None else services
+    lab = None if remote else Lab(prefix=name, plan=plan)
+
+    def where(node: str) -> str:
+        return "remote = true" if lab is None else f'netns = "{lab.netns(node)}"'
+
     steer_addr = plan.link(plan.hosts[0]).steer_end.v4.ip  # the steering node's side of link a
     nodes = {plan.steer: [str(steer_addr)]}
     nodes |= {h: [str(plan.address(h, 4)), str(plan.address(h, 6))] for h in plan.hosts}
@@ -82,6 +94,7 @@ def write_plan_cluster(
         f'control = "{_endpoint(steer_addr, STEER_PORT)}"',
         f'cert = "{plan.steer}.pem"',
         f'key = "{plan.steer}.key"',
+        where(plan.steer),
         "",
     ]
     for host in plan.hosts:
@@ -90,6 +103,7 @@ def write_plan_cluster(
             f'control = "{_endpoint(plan.address(host, 4), AGENT_PORT)}"',
             f'cert = "{host}.pem"',
             f'key = "{host}.key"',
+            where(host),
             "",
         ]
     path = directory / "cluster.toml"
@@ -133,16 +147,42 @@ class LabCluster:
         self.logs: dict[str, Path] = {}
 
     # --- daemons ------------------------------------------------------------------------
+    @staticmethod
+    def _tied_to_this_process() -> Callable[[], None]:
+        """A ``preexec_fn`` that makes the kernel SIGKILL the daemon when we die.
+
+        A test or benchmark that crashes (one segfaulted) never runs ``close``: its daemons
+        used to run on for good. PR_SET_PDEATHSIG survives the exec of ``ip netns exec``
+        and of its target, but fires when the *thread* that forked exits: start daemons
+        from a thread that lives as long as the cluster (the main thread). SIGKILL, not
+        SIGTERM: nobody is left to wait for an orderly stop, and it cannot be ignored.
+        """
+        pr_set_pdeathsig = 1  # prctl(2)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
+        parent = os.getpid()
+
+        def tie() -> None:  # in the child, between fork and exec: no imports, no locks
+            if prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+            if os.getppid() != parent:  # we died before the tie was made
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return tie
+
     def _start(self, name: str, popen: Any, env: dict[str, str] | None = None) -> None:
         log = self.dir / f"{name}.log"
         self.logs[name] = log
         start = log.stat().st_size if log.exists() else 0
         out = log.open("a")
-        proc = popen(stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = popen(stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
+                     preexec_fn=self._tied_to_this_process())  # fmt: skip
         out.close()
         deadline = time.monotonic() + 60
         while "control at" not in log.read_text()[start:]:
             if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()  # a daemon that never said it was up is not left behind
+                proc.wait()
                 raise RuntimeError(f"{name} did not start:\n{log.read_text()}")
             time.sleep(0.05)
         self.procs[name] = proc

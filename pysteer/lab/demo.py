@@ -121,6 +121,7 @@ class Demo:
         self.s_text, self.s_sent = s_client.finish(), s_client.sent
         after = counters(lab)
         self.counts = {k: after[k] - before[k] for k in after}
+        plain.close()  # after the capture: its kernel may RST a tick that crosses the close
         # RSTs towards a client would be noticed; a client's own RST at its close (curl's,
         # answering the server's close_notify that crossed its close) is not.
         vip = f"{self.lab.plan.vip(4)}."

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark live migration in the namespace lab: freeze window and what the client sees.
 
-A TLS client (Python ssl) in the client namespace sends a line every millisecond to the
-ticker app and timestamps every echo it gets back. Baseline: the same run with no
-migration. Then ``--moves`` migrations A -> B -> A ..., asked of the agents directly (no
-CLI start-up in the measurement), one every ``--every`` seconds.
+A TLS client (Python ssl, on an asyncio loop) in the client namespace sends a line every
+millisecond to the ticker app and timestamps every echo it gets back. Baseline: the same
+run with no migration. Then ``--moves`` migrations A -> B -> A ..., asked of the agents
+directly (no CLI start-up in the measurement), one every ``--every`` seconds.
 
 Reported (JSON, and a summary on stdout):
 - freeze window per migration (park sent -> replay done, from the agent's timeline),
@@ -20,6 +20,7 @@ Run as root: scripts/bench/migrate.py [--moves 50] [--out results/bench/migrate.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import json
 import socket
@@ -28,8 +29,9 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pysteer.agent.control import ask
 from pysteer.lab import Lab
@@ -37,6 +39,7 @@ from pysteer.lab.cluster import LabCluster, control_path_for
 from pysteer.lab.plan import load
 from pysteer.lab.pytest_plugin import unique_prefix
 
+T = TypeVar("T")
 WINDOW = 0.05  # seconds of client traffic examined around each migration
 
 
@@ -53,45 +56,80 @@ def counters(lab: Lab) -> dict[str, int]:
     return lab.call("client", read)
 
 
+class _Echoes(asyncio.Protocol):
+    """Timestamps every echo line as the loop reads it (data_received, no stream hop)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.lost: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if lines := data.count(b"\n"):
+            self.client.arrivals += [time.monotonic()] * lines
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
 class Client:
-    """Lines out every ``interval``; the arrival time of every echo line kept."""
+    """Lines out every ``interval``; the arrival time of every echo line kept.
+
+    A private asyncio loop in one thread owns the TLS connection: OpenSSL must never see a
+    read and a write of one connection from two threads at once (that once crashed this
+    benchmark and once gave the client a bad record MAC).
+    """
 
     def __init__(self, lab: Lab, ca: Path, interval: float = 0.001) -> None:
         vip = str(lab.plan.vip(4))
         raw = lab.call("client", socket.create_connection, (vip, 443))
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ctx = ssl.create_default_context(cafile=str(ca))
-        self.sock = ctx.wrap_socket(raw, server_hostname="vip")
-        self.local = self.sock.getsockname()
+        self.local = raw.getsockname()
         self.flow = f"{self.local[0]}:{self.local[1]}-{vip}:443"
         self.arrivals: list[float] = []
         self.interval = interval
         self.sent = 0
-        self._stop = threading.Event()
-        self.threads = [threading.Thread(target=f, daemon=True) for f in (self._read, self._write)]
-        for t in self.threads:
-            t.start()
+        self._stopping = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        ctx = ssl.create_default_context(cafile=str(ca))
+        self._call(self._open(raw, ctx))
 
-    def _write(self) -> None:
-        while not self._stop.is_set():
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _open(self, raw: socket.socket, ctx: ssl.SSLContext) -> None:
+        self._transport, self._echoes = await self._loop.create_connection(
+            lambda: _Echoes(self), sock=raw, ssl=ctx, server_hostname="vip"
+        )
+        self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while not self._stopping and not self._transport.is_closing():
             self.sent += 1
-            self.sock.sendall(b"%d\n" % self.sent)
-            time.sleep(self.interval)
+            self._transport.write(b"%d\n" % self.sent)
+            await asyncio.sleep(self.interval)
 
-    def _read(self) -> None:
-        buf = b""
-        while chunk := self.sock.recv(65536):
-            now = time.monotonic()
-            buf += chunk
-            lines = buf.count(b"\n")
-            buf = buf[buf.rfind(b"\n") + 1 :]
-            self.arrivals += [now] * lines
+    async def _stop(self) -> None:
+        self._stopping = True
+        await self._writer
+        if self._echoes.lost.done():
+            raise RuntimeError(f"the client lost its connection: {self._echoes.lost.result()!r}")
+        await asyncio.sleep(0.2)  # the last echoes
+        self._transport.close()  # close_notify, then the socket
+        try:
+            await asyncio.wait_for(asyncio.shield(self._echoes.lost), 5)
+        except TimeoutError:
+            self._transport.abort()
 
     def stop(self) -> None:
-        self._stop.set()
-        self.threads[1].join()
-        time.sleep(0.2)
-        self.sock.close()
+        try:
+            self._call(self._stop())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+            self._loop.close()
 
 
 def largest_gap(arrivals: list[float], start: float, end: float) -> float:

@@ -13,6 +13,7 @@ import queue
 import random
 import selectors
 import socket
+import ssl
 import threading
 import time
 
@@ -140,11 +141,17 @@ class EchoServer(threading.Thread):
 
 
 class Client:
-    """Writes a seeded random stream in a given pattern and reads the echo back."""
+    """Writes a seeded random stream in a given pattern and reads the echo back.
+
+    A writer and a reader thread share the socket: fine for plain TCP (the kernel allows a
+    send and a recv at once), never for TLS (OpenSSL does not), so an SSLSocket is refused.
+    """
 
     def __init__(
         self, sock: socket.socket, pattern: str, total: int | None = None, seed: int = 1
     ) -> None:
+        if isinstance(sock, ssl.SSLSocket):
+            raise TypeError("Client shares its socket between two threads: plain TCP only")
         self.sock = sock
         self.total = total
         self.pattern = pattern

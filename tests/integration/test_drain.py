@@ -2,7 +2,7 @@
 an interrupted drain leaves every flow on exactly one host.
 
 Clients: 200 active TLS connections (s_client and gnutls-cli processes, and Python ssl
-connections in threads) on the ticker, and 300 idle keep-alive TLS connections on the
+connections on one asyncio loop) on the ticker, and 300 idle keep-alive TLS connections on the
 http app, which answer a request byte-exact after the drain.
 """
 
@@ -51,7 +51,7 @@ class Clients:
         self.threads = []
         for _ in range(ACTIVE_THREADS):
             raw = lab.call("client", socket.create_connection, (vip, 443))
-            self.threads.append(LineClient(ctx.wrap_socket(raw, server_hostname="vip")))
+            self.threads.append(LineClient(raw, ssl=ctx, server_hostname="vip"))
         self.idle = []
         for _ in range(IDLE):
             raw = lab.call("client", socket.create_connection, (vip, 8443))
@@ -155,6 +155,8 @@ def test_drain_moves_everything_and_new_connections_go_to_b(cluster: Cluster) ->
     local = fresh.getsockname()
     assert cluster.owner(f"{local[0]}:{local[1]}-{cluster.lab.plan.vip(4)}:7000") == "a"
     fresh.close()
+    for t in clients.threads:
+        t.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
@@ -167,7 +169,7 @@ def test_interrupted_drain(cluster: Cluster, sig: int) -> None:
     threads = []
     for _ in range(120):
         raw = lab.call("client", socket.create_connection, (vip, 443))
-        threads.append(LineClient(ctx.wrap_socket(raw, server_hostname="vip")))
+        threads.append(LineClient(raw, ssl=ctx, server_hostname="vip"))
     for t in threads:
         t.start()
     ours = {f"{t.sock.getsockname()[0]}:{t.sock.getsockname()[1]}-{vip}:443" for t in threads}
@@ -197,7 +199,7 @@ def test_interrupted_drain(cluster: Cluster, sig: int) -> None:
         t.stop.set()
     for t in threads:
         check_ticker_stream(t.finish(), t.sent)
-        t.sock.close()
+        t.close()
     # Back to a for the next case.
     assert cluster.cli("undrain", "a").returncode == 0
 

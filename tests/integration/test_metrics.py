@@ -49,7 +49,7 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
     vip = str(cluster.lab.plan.vip(4))
     ctx = ssl.create_default_context(cafile=str(cluster.dir / "ca.pem"))
     raw = cluster.lab.call("client", socket.create_connection, (vip, 443))
-    client = LineClient(ctx.wrap_socket(raw, server_hostname="vip"), interval=0.05)
+    client = LineClient(raw, interval=0.05, ssl=ctx, server_hostname="vip")
     client.start()
     local = client.sock.getsockname()
     flow = f"{local[0]}:{local[1]}-{vip}:443"
@@ -84,7 +84,7 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
     assert steer['pysteer_steer_flows{action="TO"}'] == 1  # our flow, back on a by TO(a)
 
     check_ticker_stream(client.finish(), client.sent)
-    client.sock.close()
+    client.close()
     for name in ("a", "b", "steer"):
         for line in cluster.log(name).splitlines():
             entry = json.loads(line)  # every line is one JSON object
