@@ -74,6 +74,9 @@ class SteerCollector(Collector):
             ("replayed_packets", "replayed", "Parked packets replayed"),
             ("park_dropped_packets", "park_dropped", "Parked packets dropped over the bound"),
             ("redirected_packets", "redirected", "Packets redirected to a host"),
+            ("redirect_failed_packets", "redirect_failed",
+             "Packets redirected by XDP that the kernel lost (refused or dropped by the "
+             "target link's driver)"),
             ("seen_packets", "seen", "Packets the program saw"),
             ("new_diverted_connections", "new_diverted",
              "New connections sent to a drain's target"),

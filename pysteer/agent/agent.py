@@ -446,6 +446,8 @@ class Agent:
         """Thaw, claim the flow at the steering node (the commit point), serve it."""
         if self.fault == "commit:exit":
             os._exit(72)  # test hook: die between prepare and commit, holding the socket
+        if self.fault == "commit:stall":
+            await asyncio.sleep(3)  # test hook: a slow commit (time to break something)
         entry = self.prepared.pop(mid, None)
         if entry is None:
             if mid in self.claiming:  # a retried commit: the first one's outcome

@@ -37,7 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pysteer.agent")
 
 AFTER_COMMIT = 5.0  # seconds allowed to learn a commit's outcome before it is in-doubt
-LEASE_MARGIN = AFTER_COMMIT + 2.0  # the park's lease: the timeout plus this
+# The park's lease: the timeout plus this. If the source dies, its parked flow goes back
+# when the lease ends; a live migration that outlasts it loses its claim (B's claim is
+# refused, A resumes): the timeout bounds the move either way.
+LEASE_MARGIN = 2.0
 RETRY_MAX = 5.0  # the in-doubt resolver's longest wait between questions
 
 

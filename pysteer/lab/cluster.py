@@ -136,12 +136,24 @@ def agent_argv(config: Path, node: str) -> list[str]:
 class LabCluster:
     """The cluster's daemons on a lab: start, stop and kill them; their logs in ``dir``."""
 
-    def __init__(self, lab: Lab, directory: Path, *, extra: list[str] | None = None) -> None:
-        """``extra``: options for every daemon (``--log-json``, for instance)."""
+    def __init__(
+        self,
+        lab: Lab,
+        directory: Path,
+        *,
+        extra: list[str] | None = None,
+        steer_args: list[str] | None = None,
+        agent_args: list[str] | None = None,
+        services: dict[int, tuple[str, bool]] | None = None,
+    ) -> None:
+        """``extra``: options for every daemon (``--log-json``, for instance);
+        ``steer_args``, ``agent_args``: for the steering daemon, for each agent."""
         self.lab = lab
         self.dir = directory
-        self.config = write_cluster(lab, directory)
+        self.config = write_cluster(lab, directory, services=services)
         self.extra = list(extra or [])
+        self.steer_args = list(steer_args or [])
+        self.agent_args = list(agent_args or [])
         self.metrics: dict[str, tuple[str, int]] = {}  # node -> its metrics listener
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.logs: dict[str, Path] = {}
@@ -197,14 +209,20 @@ class LabCluster:
             return [*self.extra, "--metrics", f"127.0.0.1:{self.metrics[node][1]}"]
         return self.extra
 
-    def start_steer(self) -> None:
-        argv = steer_argv(self.lab, self.config) + self._extra(self.lab.plan.steer)
+    def start_steer(self, *args: str) -> None:
+        """``args``: more options for this start only (on top of ``steer_args``)."""
+        argv = [*steer_argv(self.lab, self.config), *self._extra(self.lab.plan.steer),
+                *self.steer_args, *args]  # fmt: skip
         self._start("steer", lambda **kw: subprocess.Popen(argv, **kw))
 
-    def start_agent(self, node: str, fault: str | None = None) -> None:
-        env = dict(os.environ, PYSTEER_FAULT=fault) if fault else None
-        argv = agent_argv(self.config, node) + self._extra(node)
-        self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), env)
+    def start_agent(self, node: str, fault: str | None = None, *, config: Path | None = None,
+                    env: dict[str, str] | None = None) -> None:  # fmt: skip
+        """``fault``: PYSTEER_FAULT (a test hook); ``config``: another cluster file for this
+        node only; ``env``: more environment variables."""
+        extra_env = dict(env or {}) | ({"PYSTEER_FAULT": fault} if fault else {})
+        full_env = dict(os.environ, **extra_env) if extra_env else None
+        argv = [*agent_argv(config or self.config, node), *self._extra(node), *self.agent_args]
+        self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), full_env)
 
     def start(self) -> LabCluster:
         self.start_steer()

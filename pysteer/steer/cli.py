@@ -224,14 +224,17 @@ def cmd_destroy(args: argparse.Namespace) -> int:
                                  "stop it first") from None  # fmt: skip
     if args.ifname:
         from pysteer.netns import call_in  # noqa: PLC0415
-        from pysteer.steer.loader import detach  # noqa: PLC0415
+        from pysteer.steer.loader import detach, detach_pass_hosts  # noqa: PLC0415
 
+        pin = pins.PIN_ROOT / args.name  # the hosts' links lose pysteer_pass (native XDP)
         if args.netns:
             call_in(args.netns, detach, args.ifname, "xdp-native")
             call_in(args.netns, detach, args.ifname, "xdp-generic")
+            call_in(args.netns, detach_pass_hosts, pin)
         else:
             detach(args.ifname, "xdp-native")
             detach(args.ifname, "xdp-generic")
+            detach_pass_hosts(pin)
     pins.remove(args.name)
     path.unlink(missing_ok=True)
     print(f"steering instance {args.name!r}: pinned maps removed")

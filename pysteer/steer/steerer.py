@@ -254,6 +254,15 @@ class Steerer:
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"steer:{name}", daemon=True)
         self._poller.start()
+        from pysteer.steer import xdp_selftest  # noqa: PLC0415
+
+        # Native XDP only where a frame redirected to each host's link leaves it (auto falls
+        # back to tc); the watch counts the redirected packets the kernel loses.
+        self.mode, self._xdp_watch = self._in_ns(
+            xdp_selftest.start, ifname, self.mode, mode, list(self.hosts.values()))  # fmt: skip
+        self._redirect_failed_seen = 0
+        if self.mode == "tc":
+            xdp_fn = None
         self._in_ns(loader.attach, ifname, "tc", tc_fn.fd, "pysteer_steer")
         self._in_ns(loader.attach_egress, ifname, egress_fn.fd, "pysteer_track")
         if xdp_fn is not None:  # XDP first, tc as its fallback
@@ -333,6 +342,11 @@ class Steerer:
         sock = self._in_ns(socket.socket, socket.AF_PACKET, socket.SOCK_RAW)
         sock.bind((host.ifname, 0))
         self._packet_sockets[host.name] = sock
+        if self.mode != "tc":  # XDP: a native link gets an XDP program; the watch counts losses
+            from pysteer.steer import xdp_selftest  # noqa: PLC0415
+
+            watch = getattr(self, "_xdp_watch", None)  # None while __init__ runs: start() does it
+            self._in_ns(xdp_selftest.add_host, self.ifname, self.mode, host, watch)
         return host
 
     def resolve(self, address: str, timeout: float = 3.0) -> tuple[str, str]:
@@ -612,6 +626,7 @@ class Steerer:
         for event in ("replayed", "park_dropped", "park_lost", "table_full", "gc_idle",
                       "gc_stale", "closed_by_agents", "lease_expired", "reconciled"):  # fmt: skip
             out[event] = self.events[event]
+        out["redirect_failed"] = self._xdp_watch.failed() if self._xdp_watch else 0
         return out
 
     def table_usage(self) -> dict[str, int]:
@@ -711,9 +726,9 @@ class Steerer:
                 if hold or now - self._touched.get(flow, 0.0) < self.idle_timeout:
                     continue
                 last = view.last_ns
-                if not last:  # never saw a packet: idle since we first saw it
-                    first = self._first_seen.setdefault(flow, now)
-                    idle = now - first >= self.idle_timeout
+                if not last:  # never saw a packet: idle since it was set, or first seen
+                    since = self._touched.get(flow) or self._first_seen.setdefault(flow, now)
+                    idle = now - since >= self.idle_timeout
                 else:
                     idle = now_ns - last >= idle_ns
                 if not idle:
@@ -735,6 +750,13 @@ class Steerer:
                       "entries): they went to their default host",
                       failed - self._divert_failed_seen, self.table.capacity)  # fmt: skip
             self._divert_failed_seen = failed
+        lost = self._xdp_watch.failed() if self._xdp_watch else 0
+        if lost > self._redirect_failed_seen:
+            log.error("%d packet(s) redirected by XDP were lost (so far, by link: %s): a link "
+                      "sends redirected frames only when it runs an XDP program (a veth: when "
+                      "its peer runs one, or has GRO on); or use --mode tc",
+                      lost - self._redirect_failed_seen, self._xdp_watch.summary())  # fmt: skip
+            self._redirect_failed_seen = lost
         if found and not dry_run:
             log.info("gc: removed %d entr%s (%s)", len(found), "y" if len(found) == 1 else "ies",
                      ", ".join(sorted({r.reason for r in found})))  # fmt: skip
@@ -853,6 +875,11 @@ class Steerer:
             sock.close()
         if detach:
             self._in_ns(loader.detach, self.ifname, self.mode)
+            for host in self.hosts.values() if self.mode == "xdp-native" else ():
+                self._in_ns(loader.detach_pass, host.ifname)
+        if getattr(self, "_xdp_watch", None) is not None:
+            self._xdp_watch.close()
+            self._xdp_watch = None
         self.bpf.cleanup()
 
 

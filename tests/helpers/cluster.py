@@ -59,6 +59,21 @@ class Cluster(LabCluster):
         report["exit"] = out.returncode
         return report
 
+    def steer(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``pysteer steer ARGS`` against this cluster's steering daemon."""
+        return subprocess.run([*PYSTEER, "steer", *args, "--name", self.lab.prefix],
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+    def steer_rows(self) -> dict[str, dict[str, Any]]:
+        out = self.steer("flows", "--json")
+        assert out.returncode == 0, out.stderr
+        return {r["flow"]: r for r in json.loads(out.stdout)}
+
+    def steer_stats(self) -> dict[str, Any]:
+        out = self.steer("stats", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
     def steer_row(self, flow: str) -> dict[str, Any] | None:
         out = subprocess.run([*PYSTEER, "steer", "flows", "--json", "--name", self.lab.prefix],
                              capture_output=True, text=True, check=True)  # fmt: skip
@@ -72,13 +87,20 @@ class Cluster(LabCluster):
 
 
 @contextlib.contextmanager
-def running_cluster(directory: Path, *, extra: list[str] | None = None,
-                    metrics_port: int | None = None) -> Iterator[Cluster]:  # fmt: skip
+def running_cluster(
+    directory: Path,
+    *,
+    extra: list[str] | None = None,
+    metrics_port: int | None = None,
+    steer_args: list[str] | None = None,
+    agent_args: list[str] | None = None,
+    services: dict[int, tuple[str, bool]] | None = None,
+) -> Iterator[Cluster]:
     """A lab with the steering daemon and both agents running; all removed afterwards."""
     require_root()
     lab = Lab(prefix=unique_prefix(), plan=load()).up()
-    cluster = Cluster(lab, directory)
-    cluster.extra = list(extra or [])
+    cluster = Cluster(lab, directory, extra=extra, steer_args=steer_args, agent_args=agent_args,
+                      services=services)  # fmt: skip
     if metrics_port is not None:
         cluster.serve_metrics(metrics_port)
     try:

@@ -3,16 +3,15 @@
 import contextlib
 import json
 import os
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 from helpers.migration import listen
+from helpers.steerd import PYSTEER, DaemonProc, cli
 
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
@@ -20,42 +19,6 @@ from pysteer.steer import pins
 from pysteer.steer.pins import PIN_ROOT
 
 PORT = 8100
-PYSTEER = [sys.executable, "-m", "pysteer"]
-
-
-class DaemonProc:
-    def __init__(self, lab: Lab, name: str, *extra: str) -> None:
-        self.lab, self.name = lab, name
-        self.argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client",
-                     "--netns", lab.netns("steer"), "--mode", "tc",
-                     "--host", f"a=to-a,{lab.mac('a', 'to-steer')}",
-                     "--host", f"b=to-b,{lab.mac('b', 'to-steer')}", *extra]  # fmt: skip
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)  # fmt: skip
-        line = self.proc.stdout.readline()
-        assert "control at" in line, self.proc.stderr.read()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.proc.stdout.close()
-        self.proc.stderr.close()
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-            self.proc.stdout.close()
-            self.proc.stderr.close()
-
-
-def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PYSTEER, "steer", *args, "--name", name], capture_output=True,
-                          text=True, check=False, timeout=30)  # fmt: skip
 
 
 @pytest.fixture

@@ -1,0 +1,71 @@
+"""A steering daemon on a lab (``pysteer steer run`` in the root namespace, steering the
+steering node's namespace), and its CLI: what the steering tests drive."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pysteer.lab import Lab
+
+PYSTEER = [sys.executable, "-m", "pysteer"]
+
+
+class DaemonProc:
+    def __init__(self, lab: Lab, name: str, *extra: str) -> None:
+        self.lab, self.name = lab, name
+        self.argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client",
+                     "--netns", lab.netns("steer"), "--mode", "tc",
+                     "--host", f"a=to-a,{lab.mac('a', 'to-steer')}",
+                     "--host", f"b=to-b,{lab.mac('b', 'to-steer')}", *extra]  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+        self.log_path = Path(tempfile.mkdtemp(prefix="pysteer-steerd-")) / "steer.log"
+
+    def start(self, *more: str) -> None:
+        """Start it (with ``more`` options this time) and wait until it serves."""
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("a") as out:
+            self.proc = subprocess.Popen([*self.argv, *more], stdout=out,
+                                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while "control at" not in self.log()[start:]:
+            assert self.proc.poll() is None, self.log()[start:]
+            assert time.monotonic() < deadline, "the steering daemon did not start"
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return cli(self.name, *args)
+
+    def rows(self) -> list[dict[str, Any]]:
+        out = self.cli("flows", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    def stats(self) -> dict[str, Any]:
+        out = self.cli("stats", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+
+def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PYSTEER, "steer", *args, "--name", name], capture_output=True,
+                          text=True, check=False, timeout=30)  # fmt: skip

@@ -1,0 +1,187 @@
+"""The steering table through agents' eyes: moved and diverted connections leave no entry
+once they end, a small table keeps working through many moves, agents keep their live
+flows (idle or not) and the table true (sync), and a restarted agent serves at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from helpers.cluster import Cluster, running_cluster
+from helpers.fleet import Fleet
+
+from pysteer.agent.control import Stream, ask
+from pysteer.lab.cluster import DEFAULT_SERVICES, control_path_for
+
+ECHO = 7007
+SERVICES = DEFAULT_SERVICES | {ECHO: ("echo", False)}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(tmp_path_factory.mktemp("cluster"), services=SERVICES,
+                         steer_args=["--gc-interval", "0.3", "--idle-timeout", "3"],
+                         agent_args=["--sync-interval", "1"]) as c:  # fmt: skip
+        yield c
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def rows(cluster: Cluster) -> dict[str, dict]:
+    return cluster.steer_rows()
+
+
+def steer_stats(cluster: Cluster) -> dict:
+    return cluster.steer_stats()
+
+
+def drain(cluster: Cluster, source: str, target: str) -> dict:
+    stream = Stream(control_path_for(cluster, source), "drain", to=target, batch=64,
+                    timeout_s=10)  # fmt: skip
+    try:
+        while "progress" in (answer := stream.next()):
+            pass
+    finally:
+        stream.close()
+    return answer["drain"]
+
+
+def undrain(cluster: Cluster, node: str) -> None:
+    assert ask(control_path_for(cluster, node), "undrain")["ok"]
+
+
+def test_two_thousand_moved_connections_leave_no_entry(cluster: Cluster) -> None:
+    """2,000 connections each moved once (a drain), then half closed cleanly and half
+    reset: not one entry is left, at once, and none of them was collected as idle."""
+    fleet = Fleet(cluster.lab, ECHO, 2000)
+    try:
+        before = steer_stats(cluster)
+        summary = drain(cluster, "a", "b")
+        assert (summary["moved"], summary["remaining"]) == (2000, []), summary
+        table = rows(cluster)
+        assert {r["flow"] for r in table.values()} >= {c.flow for c in fleet.conns}
+        assert {r["host"] for r in table.values()} == {"b"}
+        fleet.close(list(range(1000)), how="fin")
+        fleet.close(list(range(1000, 2000)), how="rst")
+        wait_until(lambda: not rows(cluster), 5, "every entry to go")
+        after = steer_stats(cluster)
+        assert after["gc_idle"] == before["gc_idle"]
+        ended = sum(after[k] - before[k] for k in ("closed_fin", "closed_rst",
+                                                  "closed_by_agents"))  # fmt: skip
+        assert ended >= 2000, after
+        assert after["table_full"] == 0
+    finally:
+        fleet.shutdown()
+        undrain(cluster, "a")
+
+
+def test_a_small_table_keeps_working_through_many_moves(tmp_path: Path) -> None:
+    """A table bounded at 64 entries and 1,000 short connections, each moved to b and
+    closed, one after the other: every move works, and the table never fills."""
+    with running_cluster(tmp_path, services=SERVICES,
+                         steer_args=["--max-flows", "64"]) as cluster:  # fmt: skip
+        vip = str(cluster.lab.plan.vip(4))
+        path = control_path_for(cluster, "a")
+        for i in range(1000):
+            sock = cluster.lab.call("client", socket.create_connection, (vip, ECHO), 5)
+            local = sock.getsockname()
+            flow = f"{local[0]}:{local[1]}-{vip}:{ECHO}"
+            deadline = time.monotonic() + 5
+            while True:  # the agent lists it once it has accepted it
+                answer = ask(path, "migrate", flow=flow, to="b", timeout_s=5, timeout=30)
+                report = answer["migration"]
+                if report["outcome"] == "moved" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            assert report["outcome"] == "moved", (i, report)
+            sock.sendall(b"move %d\n" % i)
+            assert sock.recv(100) == b"move %d\n" % i
+            sock.close()
+        wait_until(lambda: not rows(cluster), 5, "the table to empty")
+        stats = steer_stats(cluster)
+        assert (stats["table_full"], stats["capacity"]) == (0, 64), stats
+
+
+def test_a_diverted_syn_leaves_no_entry_once_closed(cluster: Cluster) -> None:
+    """During a drain the steering node enters new connections as TO(b) from their SYN;
+    the entry goes with the connection."""
+    summary = drain(cluster, "a", "b")  # nothing to move: the diversion stays
+    assert summary["moved"] == 0
+    try:
+        before = steer_stats(cluster)["new_diverted"]
+        vip = str(cluster.lab.plan.vip(4))
+        sock = cluster.lab.call("client", socket.create_connection, (vip, ECHO), 5)
+        local = sock.getsockname()
+        flow = f"{local[0]}:{local[1]}-{vip}:{ECHO}"
+        sock.sendall(b"hello b\n")
+        assert sock.recv(100) == b"hello b\n"
+        assert rows(cluster)[flow]["host"] == "b"
+        assert steer_stats(cluster)["new_diverted"] == before + 1
+        assert cluster.owner(flow) == "b"
+        sock.close()
+        wait_until(lambda: flow not in rows(cluster), 3, "the diverted entry to go")
+    finally:
+        undrain(cluster, "a")
+
+
+def test_agents_keep_idle_flows_and_the_table_true(cluster: Cluster) -> None:
+    """An idle connection moved to b outlives the 3 s idle timeout (b claims it in its
+    syncs); an entry that points at b for a flow b does not serve is removed; a flow b
+    serves whose entry was lost is steered to b again."""
+    vip = str(cluster.lab.plan.vip(4))
+    path = control_path_for(cluster, "a")
+    sock = cluster.lab.call("client", socket.create_connection, (vip, ECHO), 5)
+    local = sock.getsockname()
+    flow = f"{local[0]}:{local[1]}-{vip}:{ECHO}"
+    sock.sendall(b"one\n")
+    assert sock.recv(100) == b"one\n"
+    report = ask(path, "migrate", flow=flow, to="b", timeout_s=5)["migration"]
+    assert report["outcome"] == "moved", report
+    stale = f"{local[0]}:1-{vip}:{ECHO}"
+    assert cluster.steer("to", stale, "b").returncode == 0
+    time.sleep(5)  # idle, longer than the idle timeout
+    table = rows(cluster)
+    assert table[flow]["host"] == "b" and stale not in table
+    sock.sendall(b"two\n")  # the idle connection still works, on b
+    assert sock.recv(100) == b"two\n"
+    assert cluster.steer("forget", flow).returncode == 0
+    wait_until(lambda: rows(cluster).get(flow, {}).get("host") == "b", 4, "b's sync")
+    assert "steered to b" in cluster.log("steer") or "serves" in cluster.log("steer")
+    sock.sendall(b"three\n")
+    assert sock.recv(100) == b"three\n"
+    assert steer_stats(cluster)["reconciled"] >= 1
+    sock.close()
+
+
+def test_a_restarted_agent_serves_the_vip_at_once(cluster: Cluster) -> None:
+    """Connections restored on b end in TIME_WAIT when b stops: the next agent on b must
+    still bind the VIP (restored sockets keep SO_REUSEADDR)."""
+    vip = str(cluster.lab.plan.vip(4))
+    path = control_path_for(cluster, "a")
+    socks = []
+    for _ in range(3):
+        sock = cluster.lab.call("client", socket.create_connection, (vip, ECHO), 5)
+        local = sock.getsockname()
+        flow = f"{local[0]}:{local[1]}-{vip}:{ECHO}"
+        sock.sendall(b"x\n")
+        assert sock.recv(10) == b"x\n"
+        assert ask(path, "migrate", flow=flow, to="b", timeout_s=5)["migration"]["outcome"] == \
+            "moved"  # fmt: skip
+        socks.append(sock)
+    assert cluster.stop("b", signal.SIGTERM) == 0  # b ends them: its side goes TIME_WAIT
+    for sock in socks:
+        assert sock.recv(10) == b""  # a FIN, not a reset
+        sock.close()
+    assert "3 ended" in cluster.log("b")
+    cluster.start_agent("b")  # raises if it cannot serve the VIP
+    assert "Address already in use" not in cluster.log("b")
