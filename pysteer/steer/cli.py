@@ -31,7 +31,9 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--ifname", required=True, help="the client-facing interface")
     run.add_argument("--netns", help="network namespace of the interfaces")
     run.add_argument("--mode", choices=MODES, default="auto",
-                     help="auto: tc on veth, native XDP elsewhere")  # fmt: skip
+                     help="auto: tc on veth; elsewhere native XDP if the driver runs it and a "
+                          "self-test shows redirected frames leave every host's link, tc "
+                          "otherwise (the reason is logged)")  # fmt: skip
     run.add_argument("--host", action="append", default=[], metavar="NAME=IFNAME,MAC",
                      help="a redirect target, or NAME=ADDRESS (its link address: the link "
                           "and MAC are looked up); repeat for each host")  # fmt: skip
@@ -188,6 +190,9 @@ def cmd_show(args: argparse.Namespace) -> int:
             print(f"WARNING: the flow table ({stats.get('capacity')} entries) was full: "
                   f"{stats.get('table_full', 0)} change(s) refused, "
                   f"{stats.get('divert_failed', 0)} new connection(s) not diverted")  # fmt: skip
+        if stats.get("redirect_failed"):
+            print(f"WARNING: {stats['redirect_failed']} redirected packet(s) were lost by a "
+                  "host link's driver (see the daemon's log, and docs/tuning.md)")  # fmt: skip
     return 0
 
 
