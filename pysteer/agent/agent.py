@@ -598,7 +598,15 @@ class Agent:
     # --- local control (unix socket, 0600) ---------------------------------------------------
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # over the reader's limit: say so, then hang up
+                    writer.write(b'{"ok": false, "error": "a request is at most 64 KiB"}\n')
+                    await writer.drain()
+                    break
+                if not line:
+                    break
                 try:
                     req = json.loads(line)
                     if not isinstance(req, dict):

@@ -208,7 +208,11 @@ class Migration:
             if exc.code == "pending":  # B waits on the steering node: ask who won
                 await self._resolve(f"{self.target} has not heard from the steering node")
             # B did not and will not claim it (its refusal, or the revert below, sees to it)
-            await self._rollback(f"node {self.target} did not commit: {exc}")
+            why = f"node {self.target} did not commit: {exc}"
+            try:
+                await self._rollback(why)
+            except _Unreachable as unreachable:
+                await self._resolve(f"{why}; {unreachable}")
         except LinkError as exc:
             await self._resolve(f"commit sent, no answer from {self.target} ({exc})")
         else:

@@ -665,39 +665,64 @@ class Steerer:
         served = set(served)
         until = now + 3 * max(interval, 1.0)
         steered, removed = [], []
-        with self._control:
-            for flow in served:
-                self._claims[flow] = (host, until)
+        # Reads need no lock; each change takes it and checks again (the migrations' park,
+        # claim and revert must never wait behind a sync of a large table).
+        for flow in served:
+            self._claims[flow] = (host, until)
+            if not self._misrouted(flow, host, target):
+                continue
+            with self._control:
                 cur = self.get(flow)
-                if cur is not None and cur.action == Action.PARK:
-                    continue
-                if cur is not None and cur.action == Action.TO and cur.host == target.id:
-                    continue
-                routed = cur is None or cur.action == Action.PASS
-                if routed and self.default_host(flow.dst) == host:
+                if not self._misrouted(flow, host, target):
                     continue
                 try:
                     self._set(flow, Action.TO, target.id)
                 except SteerError as exc:
                     log.error("sync from %s: cannot steer %s to it: %s", host, flow, exc)
                     continue
-                steered.append(str(flow))
-                log.warning("sync: %s serves %s, which went %s: steered to %s", host, flow,
-                            _describe(cur, self._host_name), host)  # fmt: skip
-            quiet_ns = _now_ns() - int(CLAIM_GRACE * 1e9)
-            for flow, view in self.table:
-                if view.action != Action.TO or view.host != target.id or flow in served:
-                    continue
-                if now - self._touched.get(flow, 0.0) < CLAIM_GRACE or view.last_ns > quiet_ns:
-                    continue
-                with contextlib.suppress(FlowTableError):
-                    self.table.delete(flow)
-                self._drop_state(flow)
+            steered.append(str(flow))
+            log.warning("sync: %s serves %s, which went %s: steered to %s", host, flow,
+                        _describe(cur, self._host_name), host)  # fmt: skip
+        quiet_ns = _now_ns() - int(CLAIM_GRACE * 1e9)
+        for flow, view in self.items():
+            if view.action != Action.TO or view.host != target.id or flow in served:
+                continue
+            if now - self._touched.get(flow, 0.0) < CLAIM_GRACE or view.last_ns > quiet_ns:
+                continue
+            if self._remove_if_unchanged(flow, view):
                 removed.append(str(flow))
                 log.warning("sync: %s does not serve %s: stale entry removed", host, flow)
         self.events["reconciled"] += len(steered)
         self.events["gc_stale"] += len(removed)
         return {"steered": steered, "removed": removed}
+
+    def _misrouted(self, flow: Flow, host: str, target: Host) -> bool:
+        """Whether ``flow``, served by ``host``, would go elsewhere (parked ones belong to
+        their migration, and are never touched here)."""
+        cur = self.get(flow)
+        if cur is not None and cur.action == Action.PARK:
+            return False
+        if cur is not None and cur.action == Action.TO and cur.host == target.id:
+            return False
+        routed = cur is None or cur.action == Action.PASS
+        return not (routed and self.default_host(flow.dst) == host)
+
+    def _remove_if_unchanged(self, flow: Flow, seen: FlowView) -> bool:
+        """Delete ``flow`` if its entry is still the one ``seen`` (same action, host, token,
+        and no packet since): a decision made without the lock is checked under it."""
+        with self._control:
+            cur = self.get(flow)
+            if cur is None or (cur.action, cur.host, cur.token, cur.last_ns) != (
+                seen.action,
+                seen.host,
+                seen.token,
+                seen.last_ns,
+            ):
+                return False
+            with contextlib.suppress(FlowTableError):
+                self.table.delete(flow)
+            self._drop_state(flow)
+            return True
 
     def gc(self, *, dry_run: bool = False) -> list[Removal]:  # noqa: PLR0912 - one pass
         """Collect what has outlived its connection or its migration: entries idle longer
@@ -708,42 +733,37 @@ class Steerer:
         hold = now - self.started < min(START_HOLD, self.idle_timeout)
         names = self.items_by_host()
         found: list[Removal] = []
-        with self._control:
-            entries = self.items()
-            present = {flow for flow, _ in entries}
-            for flow, view in entries:
-                host = names.get(view.host) if view.action == Action.TO else None
-                if view.action == Action.PARK:
-                    if view.token and view.lease_ns and view.lease_ns < now_ns:
-                        found.append(Removal(flow, "PARK", None, "lease expired"))
-                        if not dry_run:
-                            self.events["lease_expired"] += 1
-                            self._restore(flow, view, None, 2.0, "lease expired: rolled back")
-                    continue
-                claim = self._claims.get(flow)
-                if claim is not None and claim[1] > now:
-                    continue
-                if hold or now - self._touched.get(flow, 0.0) < self.idle_timeout:
-                    continue
-                last = view.last_ns
-                if not last:  # never saw a packet: idle since it was set, or first seen
-                    since = self._touched.get(flow) or self._first_seen.setdefault(flow, now)
-                    idle = now - since >= self.idle_timeout
-                else:
-                    idle = now_ns - last >= idle_ns
-                if not idle:
-                    continue
+        entries = self.items()  # a snapshot, read without the lock; changes re-check it
+        present = {flow for flow, _ in entries}
+        for flow, view in entries:
+            host = names.get(view.host) if view.action == Action.TO else None
+            if view.action == Action.PARK:
+                if view.token and view.lease_ns and view.lease_ns < now_ns:
+                    found.append(Removal(flow, "PARK", None, "lease expired"))
+                    if not dry_run:
+                        self._expire(flow, view)
+                continue
+            claim = self._claims.get(flow)
+            if claim is not None and claim[1] > now:
+                continue
+            if hold or now - self._touched.get(flow, 0.0) < self.idle_timeout:
+                continue
+            last = view.last_ns
+            if not last:  # never saw a packet: idle since it was set, or first seen
+                since = self._touched.get(flow) or self._first_seen.setdefault(flow, now)
+                idle = now - since >= self.idle_timeout
+            else:
+                idle = now_ns - last >= idle_ns
+            if not idle:
+                continue
+            if dry_run or self._remove_if_unchanged(flow, view):
                 found.append(Removal(flow, view.action.name, host, "idle"))
-                if not dry_run:
-                    with contextlib.suppress(FlowTableError):
-                        self.table.delete(flow)
-                    self._drop_state(flow)
-                    self.events["gc_idle"] += 1
+                self.events["gc_idle"] += 0 if dry_run else 1
+        if not dry_run:
             for flow in self.table.orphan_stats():
-                if not dry_run:
+                if flow not in present:
                     self.table.delete_stats(flow)
-            if not dry_run:
-                self._forget_memory(present)
+            self._forget_memory(present)
         failed = self._stat(Stat.DIVERT_FAILED)
         if failed > self._divert_failed_seen:
             log.error("%d new connection(s) could not be diverted (flow table full, %d "
@@ -761,6 +781,17 @@ class Steerer:
             log.info("gc: removed %d entr%s (%s)", len(found), "y" if len(found) == 1 else "ies",
                      ", ".join(sorted({r.reason for r in found})))  # fmt: skip
         return found
+
+    def _expire(self, flow: Flow, seen: FlowView) -> None:
+        """A park whose lease ran out: its migration lost; roll it back (if still so)."""
+        with self._control:
+            cur = self.get(flow)
+            if cur is None or cur.action != Action.PARK or cur.token != seen.token:
+                return
+            if cur.lease_ns >= _now_ns():
+                return
+            self.events["lease_expired"] += 1
+            self._restore(flow, cur, None, 2.0, "lease expired: rolled back")
 
     def _forget_memory(self, present: set[Flow]) -> None:
         """Drop what this process keeps for flows no longer in the table (bounded memory)."""

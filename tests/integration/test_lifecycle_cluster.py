@@ -110,6 +110,14 @@ def test_a_small_table_keeps_working_through_many_moves(tmp_path: Path) -> None:
         wait_until(lambda: not rows(cluster), 5, "the table to empty")
         stats = steer_stats(cluster)
         assert (stats["table_full"], stats["capacity"]) == (0, 64), stats
+        # Now fill it for real: the operator sees it in `pysteer status`.
+        for port in range(1, 65):
+            assert cluster.steer("park", f"10.77.1.2:{port}-{vip}:{ECHO}").returncode == 0
+        full = cluster.steer("park", f"10.77.1.2:65-{vip}:{ECHO}")
+        assert full.returncode == 2 and "flow table is full" in full.stderr
+        status = cluster.cli("status")
+        assert "64/64 flows in the table" in status.stdout, status.stdout
+        assert "FLOW TABLE FULL: 1 change(s) refused" in status.stdout, status.stdout
 
 
 def test_a_diverted_syn_leaves_no_entry_once_closed(cluster: Cluster) -> None:

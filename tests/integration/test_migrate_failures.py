@@ -28,6 +28,7 @@ from helpers.blobs import blob
 from helpers.cluster import HELPERS, Cluster, Session, check_ticker_stream, running_cluster
 from helpers.migration import RstCapture
 
+from pysteer.agent.control import Stream
 from pysteer.certs import CertificateAuthority
 from pysteer.lab.cluster import AGENT_PORT
 from pysteer.transfer import new_migration_id, seal
@@ -364,3 +365,66 @@ def test_cli_reaches_a_remote_agent_over_mtls(cluster: Cluster, client: Client) 
         hidden.rename(sock)
     assert "remote migrate from a" in cluster.log("b")  # b -> a was asked over mTLS
     client.check_served_by("a")
+
+
+# --- bad requests to an agent: an answer, never a traceback ---------------------------------
+def _local(cluster: Cluster, node: str, line: bytes) -> dict:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(f"/run/pysteer/{cluster.lab.prefix}/agent-{node}.sock")
+        sock.sendall(line + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            assert chunk, "the agent hung up"
+            data += chunk
+    return json.loads(data)
+
+
+def test_bad_requests_to_an_agent(cluster: Cluster) -> None:
+    """Requests of the wrong shape, on the local socket and over mutual TLS, each get a
+    clear refusal; the agent keeps serving, and its log holds no traceback. A drain leaves
+    none either (its stop watcher is awaited before the next request is read)."""
+    local = [
+        (b'{"cmd": "drain", "to": ["b"]}', "cannot drain a to ['b']"),
+        (b'{"cmd": "drain", "to": "b", "batch": true}', "batch must be 1..4096"),
+        (b'{"cmd": ["flows"]}', "cmd must be a string"),
+        (b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:443", "to": ["b"]}',
+         "to must be a node name"),
+        (b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:' + b"9" * 5000 + b'"}',
+         "malformed flow"),
+        (b'{"cmd": "resolve", "id": ["x"], "keep": "source"}', "id must be a migration id"),
+        (b"[" * 100000, "a request is at most 64 KiB"),
+        (b"[" * 5000, "requests are one JSON object per line"),
+        (b"\xff\xfe", "requests are one JSON object per line"),
+    ]  # fmt: skip
+    for line, message in local:
+        answer = _local(cluster, "a", line)
+        assert answer["ok"] is False and message in answer["error"], (line[:60], answer)
+    d = cluster.dir
+    sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
+    with sock:
+        for request, message in [
+            ({"op": [1]}, "op must be a string"),
+            ({"op": {"x": 1}}, "op must be a string"),
+            ({"op": "control", "request": {"cmd": "drain", "to": ["b"]}}, "remote commands"),
+            ({"op": "control", "request": ["flows"]}, "remote commands"),
+            ({"op": "commit", "id": "not bytes"}, "needs a 16-byte migration id"),
+            ({"op": "nonsense", "id": bytes(16)}, "unknown op 'nonsense'"),
+        ]:
+            answer = ask(sock, request)
+            assert answer["ok"] is False and message in answer["error"], (request, answer)
+        assert ask(sock, {"op": "hello"})["node"] == "b"  # the same link still serves
+    stream = Stream(Path(f"/run/pysteer/{cluster.lab.prefix}/agent-a.sock"), "drain", to="b",
+                    batch=8, timeout_s=5)  # fmt: skip
+    try:
+        while "progress" in stream.next():
+            pass
+    finally:
+        stream.close()
+    assert _local(cluster, "a", b'{"cmd": "undrain"}')["ok"]
+    time.sleep(0.3)
+    for node in ("a", "b"):
+        log = cluster.log(node)
+        assert "Traceback" not in log and "readuntil" not in log, log[-3000:]
+    assert _local(cluster, "a", b'{"cmd": "flows"}')["ok"]
