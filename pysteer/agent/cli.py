@@ -412,12 +412,17 @@ def cmd_flows(args: argparse.Namespace) -> int:
         kind = f"TLS {f['tls']['version']} {f['tls']['suite']}" if f["tls"] else "TCP"
         rows.append((f["node"], f["flow"], kind, _age(f["age"]), str(f["bytes_in"]),
                      str(f["bytes_out"]), f["app"]))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(rows)
     for node in down:
         print(f"({node}: down)")
     return 0
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_migrations(args: argparse.Namespace) -> int:
@@ -439,9 +444,7 @@ def cmd_migrations(args: argparse.Namespace) -> int:
     if len(table) == 1:
         print("no migration in flight or in-doubt")
     else:
-        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        for r in table:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        _print_table(table)
     for node in down:
         print(f"({node}: down)")
     return 0

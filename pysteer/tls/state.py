@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pysteer.redact import name as _name
+from pysteer.redact import show as _show
 from pysteer.tls.events import HandshakeComplete
 from pysteer.tls.record import Protection
 from pysteer.tls.secret import Secret
@@ -75,28 +77,6 @@ def encode_state(
 
 def _fail(reason: str) -> TlsStateError:
     return TlsStateError(f"tls state: {reason}")
-
-
-def _show(value: Any) -> str:
-    """A bad value for an error message: short scalars as repr, anything else by its type.
-
-    Never bytes (they may be keys), never a huge int (``str`` refuses over 4300 digits)
-    and never a container (its repr recurses, and a deep one raises RecursionError).
-    """
-    if value is None or isinstance(value, bool | float):
-        return repr(value)
-    if isinstance(value, int):
-        return repr(value) if value.bit_length() <= 64 else "a huge integer"
-    if isinstance(value, str):
-        return repr(value) if len(value) <= 64 else f"{value[:64]!r}..."
-    if isinstance(value, bytes | bytearray):
-        return f"{len(value)} bytes"
-    return f"a {type(value).__name__}"
-
-
-def _name(key: Any) -> str:
-    """A map key for an error message: a string as itself, anything else as ``_show`` has it."""
-    return key if isinstance(key, str) and len(key) <= 64 else _show(key)
 
 
 def _bytes(

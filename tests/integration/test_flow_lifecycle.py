@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from helpers.migration import listen
 from helpers.steerd import PYSTEER, DaemonProc
+from helpers.waiting import wait_until
 
 from pysteer import tcp
 from pysteer.lab import Lab
@@ -38,13 +39,6 @@ def steerd(lab: Lab) -> Iterator[DaemonProc]:
     yield d
     d.stop()
     pins.remove(d.name)
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def client_on(lab: Lab, port: int) -> socket.socket:

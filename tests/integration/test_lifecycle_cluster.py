@@ -8,12 +8,13 @@ from __future__ import annotations
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers.cluster import Cluster, running_cluster
 from helpers.fleet import Fleet
+from helpers.waiting import wait_until
 
 from pysteer.agent.control import Stream, ask
 from pysteer.lab.cluster import DEFAULT_SERVICES, control_path_for
@@ -28,13 +29,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                          steer_args=["--gc-interval", "0.3", "--idle-timeout", "3"],
                          agent_args=["--sync-interval", "1"]) as c:  # fmt: skip
         yield c
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def rows(cluster: Cluster) -> dict[str, dict]:

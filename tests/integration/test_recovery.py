@@ -13,12 +13,13 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers.cluster import PYSTEER, Cluster, Session, check_ticker_stream, running_cluster
 from helpers.fleet import Fleet
+from helpers.waiting import wait_until
 
 from pysteer.agent.control import ask
 from pysteer.lab.cluster import control_path_for
@@ -32,13 +33,6 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     with running_cluster(tmp_path, steer_args=["--gc-interval", "0.3"],
                          agent_args=["--sync-interval", "2"]) as c:  # fmt: skip
         yield c
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def served(cluster: Cluster) -> dict[str, str]:
