@@ -59,6 +59,7 @@ RUN_DIR = Path("/run/pysteer")
 REMOTE_COMMANDS = ("flows", "status", "migrate", "migrations", "resolve", "cordon", "uncordon",
                    "undrain")  # fmt: skip
 HEARTBEAT = 1.0  # seconds between hellos to the steering node (a restart shows as a new boot)
+FREEZE_SLOTS = 8  # flows this agent's migrations hold frozen at once (see Migration._run)
 CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
 SYNC_PART = 8000  # flows per sync request (a request line is at most 1 MiB)
 CLOSED_BATCH = 2000
@@ -161,6 +162,7 @@ class Agent:
         self.steer = LinkPool(functools.partial(self._steer_link, steer.name, steer.control),
                               size=LINKS)  # fmt: skip
         self._moving: set[Flow] = set()
+        self.freeze_slots = asyncio.Semaphore(FREEZE_SLOTS)
         self._tasks: set[asyncio.Task] = set()
         self._closed: deque[str] = deque(maxlen=MAX_CLOSED)
         self._closed_event = asyncio.Event()

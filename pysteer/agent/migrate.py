@@ -130,7 +130,7 @@ class Migration:
                 f" ({r.error})" if r.error else "")  # fmt: skip
 
     async def _run(self) -> None:
-        agent, flow = self.agent, self.flow
+        agent = self.agent
         if self.checked:
             try:  # B's answer to prepare still decides; this only opens the link
                 await self.peer.connect(self._left())
@@ -143,6 +143,15 @@ class Migration:
         except LinkError as exc:
             raise _Stop("failed", f"steering node: {exc}; nothing was frozen") from None
         self.tl.step("peer-ready")
+        # Only a few flows are frozen at once: in a drain the rest of the batch waits here,
+        # unfrozen, so no flow's freeze spans the whole batch's work (on 2 cores a freeze
+        # that long outlasts a client's retransmission timer).
+        async with agent.freeze_slots:
+            await self._moving()
+
+    async def _moving(self) -> None:
+        """Park, freeze, prepare, commit: the part of the move inside the freeze window."""
+        agent, flow = self.agent, self.flow
         conn = agent.runtime.find(flow)
         if conn is None:
             raise _Stop("failed", f"flow {flow} closed before it could move")

@@ -52,6 +52,7 @@ from pysteer.steer.maps import (
     ServiceKey,
     Stat,
     flow_key,
+    key_flow,
     key_service,
     mac_bytes,
     service_key,
@@ -67,6 +68,10 @@ MAX_SERVICES = 64
 MAX_DECISIONS = 65536
 CLAIM_GRACE = 2.0  # seconds: an entry changed or seen this recently is never removed by sync
 START_HOLD = 10.0  # seconds after start before idle entries go (agents re-claim theirs)
+# Seconds a replay waits for a packet the kernel numbered but userspace has not received
+# yet (normally well under a millisecond): after it, the packet counts as lost (the client
+# retransmits it). The wait holds the table's lock, so it is kept short.
+REPLAY_WAIT = 1.0
 
 
 class SteerError(RuntimeError):
@@ -246,6 +251,7 @@ class Steerer:
         self._claims: dict[Flow, tuple[str, float]] = {}  # flow -> (host, valid until)
         self._first_seen: dict[Flow, float] = {}  # entries that never saw a packet
         self._routes: dict[str, tuple[float, str | None]] = {}  # dst -> (when, default host)
+        self._routes_lock = threading.Lock()
         self._divert_failed_seen = self._stat(Stat.DIVERT_FAILED)
         self._resume_parked()
         for host in specs:
@@ -379,7 +385,8 @@ class Steerer:
 
         oif = self._in_ns(lookup)
         name = next((h.name for h in self.hosts.values() if h.ifindex == oif), None)
-        self._routes[key] = (now, name)
+        with self._routes_lock:
+            self._routes[key] = (now, name)
         return name
 
     # --- new connections ---------------------------------------------------------------------
@@ -454,7 +461,7 @@ class Steerer:
             return None, None
         return action, self._host_name(host) if action == Action.TO else None
 
-    def to(self, flow: Flow, host: str, *, timeout: float = 2.0) -> int:
+    def to(self, flow: Flow, host: str, *, timeout: float = REPLAY_WAIT) -> int:
         """Send ``flow`` to ``host``: replay its parked packets, then redirect in the kernel.
 
         Returns how many parked packets were replayed.
@@ -463,7 +470,9 @@ class Steerer:
         with self._control:
             return self._unpark(flow, Action.TO, target, target, timeout)
 
-    def pass_(self, flow: Flow, *, replay_to: str | None = None, timeout: float = 2.0) -> int:
+    def pass_(
+        self, flow: Flow, *, replay_to: str | None = None, timeout: float = REPLAY_WAIT
+    ) -> int:
         """Back to normal routing (the default host).
 
         A parked flow's packets are replayed to ``replay_to`` (the host it is routed to),
@@ -473,7 +482,7 @@ class Steerer:
         with self._control:
             return self._unpark(flow, Action.PASS, None, target, timeout)
 
-    def claim(self, flow: Flow, host: str, token: int, *, timeout: float = 2.0) -> int:
+    def claim(self, flow: Flow, host: str, token: int, *, timeout: float = REPLAY_WAIT) -> int:
         """The commit point: ``host`` (the target) takes ``flow`` if it is still parked by
         migration ``token``: replay, TO(host), decision committed. Idempotent; a Refusal
         otherwise (its code: ``aborted``, or ``absent``). Returns the packets replayed."""
@@ -497,7 +506,7 @@ class Steerer:
             raise Refusal("absent", f"flow {flow} is not parked by migration {token:016x}")
 
     def revert(self, flow: Flow, token: int, *, replay_to: str | None = None,
-               hold: bool = False, timeout: float = 2.0,
+               hold: bool = False, timeout: float = REPLAY_WAIT,
                why: str = "rolled back") -> tuple[int, str | None]:  # fmt: skip
         """A migration's rollback: if ``flow`` is still parked by ``token``, decide it
         aborted (the target's claim now fails) and, unless ``hold``, replay its packets to
@@ -791,24 +800,40 @@ class Steerer:
             if cur.lease_ns >= _now_ns():
                 return
             self.events["lease_expired"] += 1
-            self._restore(flow, cur, None, 2.0, "lease expired: rolled back")
+            self._restore(flow, cur, None, REPLAY_WAIT, "lease expired: rolled back")
 
     def _forget_memory(self, present: set[Flow]) -> None:
-        """Drop what this process keeps for flows no longer in the table (bounded memory)."""
+        """Drop what this process keeps for flows no longer in the table (bounded memory).
+
+        ``present`` is a snapshot taken without the lock: a flow parked since then is not
+        in it, yet its queue holds packets a claim is about to replay. So nothing goes
+        unless, under the lock, the flow is confirmed absent now (an entry is only ever
+        made under the lock, and only a parked entry queues packets)."""
         now = time.monotonic()
-        for d in (self._touched, self._first_seen):
-            for flow in [f for f in d if f not in present]:
-                del d[flow]
-        for flow in [f for f, (_, until) in self._claims.items() if until < now]:
-            del self._claims[flow]
+        for flow, (_, until) in list(self._claims.items()):
+            if until < now:
+                self._claims.pop(flow, None)
+        with self._routes_lock:
+            for key, (t, _) in list(self._routes.items()):
+                if now - t > 60:
+                    self._routes.pop(key, None)
         keys = {bytes(flow_key(f)) for f in present}
-        with self._arrived:
-            for key in [k for k in self.counters if k not in keys]:
-                del self.counters[key]
-            for key in [k for k in self._queues if k not in keys]:
-                self._total_bytes -= self._queues.pop(key).bytes
-        for key in [k for k, (t, _) in self._routes.items() if now - t > 60]:
-            del self._routes[key]
+        with self._control:
+            flows = {f for d in (self._touched, self._first_seen) for f in list(d)}
+            for flow in flows - present:
+                if self.table.get(flow) is None:
+                    self._touched.pop(flow, None)
+                    self._first_seen.pop(flow, None)
+            with self._arrived:
+                candidates = {k for k in (*self.counters, *self._queues) if k not in keys}
+            for key in candidates:
+                if self.table.get(key_flow(FlowKey.from_buffer_copy(key))) is not None:
+                    continue
+                with self._arrived:
+                    self.counters.pop(key, None)
+                    queue = self._queues.pop(key, None)
+                    if queue is not None:
+                        self._total_bytes -= queue.bytes
 
     def _drop_state(self, flow: Flow) -> None:
         self._touched.pop(flow, None)
