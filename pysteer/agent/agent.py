@@ -551,11 +551,11 @@ class Agent:
                     break
 
     def served_flows(self) -> list[str]:
-        """Every flow this node serves or is taking over (imports prepared or claiming)."""
-        flows = [str(c.flow) for c in self.runtime.connections.values() if c.flow]
-        flows += [str(p.blob.flow) for p in self.prepared.values()]
-        flows += [str(p.blob.flow) for p, _ in self.claiming.values()]
-        return flows
+        """Every flow this node serves. Not its imports in progress: a sync steers what it
+        lists to this node, and an import is this node's only once its claim succeeds (a
+        sync that listed a claiming import once steered a flow here after the steering node
+        had given it back to its source)."""
+        return [str(c.flow) for c in self.runtime.connections.values() if c.flow]
 
     async def sync(self) -> dict[str, Any]:
         """List every flow served here to the steering node (in parts); it steers to us what
