@@ -15,22 +15,57 @@ Users load their own as ``module:Class``.
 ``TICKS = False``. A handler whose output can be large also has ``pull(limit) -> bytes``:
 the runtime asks for more only as the socket drains, so the output owed to the peer
 (which travels in a migration) stays small.
+
+``restore`` checks every field's type and range and raises ``HandlerError`` (the runtime
+refuses the move at prepare time): a snapshot comes from another host, and one bad value
+must not hang or exhaust the daemon that continues the connection.
 """
 
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from typing import Any, Protocol, runtime_checkable
 
 MAX_LINE = 64 * 1024
 MAX_REQUEST_HEAD = 16 * 1024
 MAX_BODY = 1 << 31
+MAX_COUNTER = (1 << 64) - 1  # counters travel as msgpack integers
+MIN_INTERVAL, MAX_INTERVAL = 0.001, 86400.0  # ticker seconds: on_tick's loop stays short
+MAX_QUEUE = 1024  # queued http responses (head and body each count): then 503 and close
+MAX_HEAD = 1024  # one queued response head (ours are under 200 bytes)
+MAX_CLOSING_BUFFER = 1 << 20  # unread bytes after a close: ignored, but bounded
 PATTERN = bytes((i * 7 + 3) % 251 for i in range(65536))
 
 
 class HandlerError(ValueError):
     """A handler cannot be loaded or restored; the message says which and why."""
+
+
+def _fields(snapshot: Any, app: str, keys: set[str]) -> dict[str, Any]:
+    """The snapshot as a map with exactly ``keys``."""
+    if not isinstance(snapshot, dict) or set(snapshot) != keys:
+        raise HandlerError(f"malformed {app} snapshot: not a map of {', '.join(sorted(keys))}")
+    return snapshot
+
+
+def _int(value: Any, app: str, name: str, lo: int = 0, hi: int = MAX_COUNTER) -> int:
+    if type(value) is not int or not lo <= value <= hi:  # bool is no integer here
+        raise HandlerError(f"malformed {app} snapshot: {name} must be an integer in {lo}..{hi}")
+    return value
+
+
+def _bytes(value: Any, app: str, name: str, limit: int) -> bytes:
+    if not isinstance(value, bytes) or len(value) > limit:
+        raise HandlerError(f"malformed {app} snapshot: {name} must be at most {limit} bytes")
+    return value
+
+
+def _seconds(value: Any, what: str, lo: float, hi: float) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) or not lo <= value <= hi:
+        raise HandlerError(f"{what} must be a number of seconds in [{lo}, {hi}]")
+    return float(value)
 
 
 @runtime_checkable
@@ -70,8 +105,7 @@ class Ticker:
     """``tick N`` every ``interval`` seconds; each client line comes back as ``echo N line``."""
 
     def __init__(self, interval: float = 0.1, clock: Any = time.monotonic) -> None:
-        if interval <= 0:
-            raise HandlerError("ticker interval must be positive")
+        interval = _seconds(interval, "ticker interval", MIN_INTERVAL, MAX_INTERVAL)
         self.interval, self.clock = interval, clock
         self.ticks = 0
         self.echoes = 0
@@ -106,18 +140,19 @@ class Ticker:
 
     def snapshot(self) -> Any:
         # Clocks differ between hosts: the next tick travels as time remaining.
-        remaining = max(0.0, self.next_tick - self.clock())
+        remaining = min(self.interval, max(0.0, self.next_tick - self.clock()))
         return {"ticks": self.ticks, "echoes": self.echoes, "partial": self.partial,
                 "interval": self.interval, "next_in": remaining}  # fmt: skip
 
     def restore(self, snapshot: Any) -> None:
-        try:
-            self.ticks, self.echoes = int(snapshot["ticks"]), int(snapshot["echoes"])
-            self.partial = bytes(snapshot["partial"])
-            self.interval = float(snapshot["interval"])
-            self.next_tick = self.clock() + float(snapshot["next_in"])
-        except (KeyError, TypeError, ValueError):
-            raise HandlerError("malformed ticker snapshot") from None
+        s = _fields(snapshot, "ticker", {"ticks", "echoes", "partial", "interval", "next_in"})
+        ticks, echoes = _int(s["ticks"], "ticker", "ticks"), _int(s["echoes"], "ticker", "echoes")
+        partial = _bytes(s["partial"], "ticker", "partial", MAX_LINE)
+        what = "malformed ticker snapshot: "
+        interval = _seconds(s["interval"], what + "interval", MIN_INTERVAL, MAX_INTERVAL)
+        next_in = _seconds(s["next_in"], what + "next_in", 0.0, MAX_INTERVAL)
+        self.ticks, self.echoes, self.partial, self.interval = ticks, echoes, partial, interval
+        self.next_tick = self.clock() + min(next_in, interval)  # never more than one interval
 
 
 def http_body(n: int, offset: int = 0) -> bytes:
@@ -149,11 +184,17 @@ class Http:
             return b""
         self.buffer += data
         while b"\r\n\r\n" in self.buffer and not self.closing:
+            if len(self.queue) >= MAX_QUEUE - 2:  # a client that sends and never reads
+                self.closing = True
+                self.queue.append(["raw", _head(503, 0, close=True)])
+                break
             head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
             self._respond(head)
-        if len(self.buffer) > MAX_REQUEST_HEAD:
+        if len(self.buffer) > MAX_REQUEST_HEAD and not self.closing:
             self.closing = True
             self.queue.append(["raw", _head(431, 0, close=True)])
+        if self.closing:
+            self.buffer = b""  # never read again
         return b""  # the responses come out through pull()
 
     def pull(self, limit: int) -> bytes:
@@ -204,24 +245,35 @@ class Http:
                 "queue": self.queue}  # fmt: skip
 
     def restore(self, snapshot: Any) -> None:
-        try:
-            self.buffer = bytes(snapshot["buffer"])
-            self.requests = int(snapshot["requests"])
-            self.closing = bool(snapshot["closing"])
-            queue = [list(item) for item in snapshot["queue"]]
-            for item in queue:
-                ok = (item[0] == "raw" and len(item) == 2 and isinstance(item[1], bytes)) or (
-                    item[0] == "body" and len(item) == 3
-                    and all(isinstance(v, int) and v >= 0 for v in item[1:]))  # fmt: skip
-                if not ok:
-                    raise ValueError
-            self.queue = queue
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise HandlerError("malformed http snapshot") from None
+        s = _fields(snapshot, "http", {"buffer", "requests", "closing", "queue"})
+        closing = s["closing"]
+        if type(closing) is not bool:
+            raise HandlerError("malformed http snapshot: closing must be a boolean")
+        # Older versions kept unread bytes after a close; they are never read: accept, drop.
+        limit = MAX_CLOSING_BUFFER if closing else MAX_REQUEST_HEAD
+        buffer = _bytes(s["buffer"], "http", "buffer", limit)
+        requests = _int(s["requests"], "http", "requests")
+        queue = s["queue"]
+        if not isinstance(queue, list | tuple) or len(queue) > MAX_QUEUE:
+            raise HandlerError(f"malformed http snapshot: queue must be a list of at most "
+                               f"{MAX_QUEUE} items")  # fmt: skip
+        self.buffer, self.requests, self.closing = b"" if closing else buffer, requests, closing
+        self.queue = [_queued(item) for item in queue]
+
+
+def _queued(item: Any) -> list[Any]:
+    """One queued response part, checked: ["raw", head] or ["body", offset, remaining]."""
+    if isinstance(item, list | tuple) and len(item) == 2 and item[0] == "raw":
+        return ["raw", _bytes(item[1], "http", "a queued head", MAX_HEAD)]
+    if isinstance(item, list | tuple) and len(item) == 3 and item[0] == "body":
+        offset = _int(item[1], "http", "a body offset", 0, MAX_BODY - 1)
+        remaining = _int(item[2], "http", "a body's remaining length", 1, MAX_BODY - offset)
+        return ["body", offset, remaining]
+    raise HandlerError("malformed http snapshot: a queue item is neither raw nor body")
 
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-            431: b"Request Header Fields Too Large"}  # fmt: skip
+            431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}  # fmt: skip
 
 
 def _head(status: int, length: int, *, close: bool) -> bytes:

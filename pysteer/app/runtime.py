@@ -28,6 +28,7 @@ from pysteer.tls import (
     HandshakeComplete,
     KeyUpdated,
     ServerConfig,
+    TlsEnded,
     TlsServerConnection,
     TlsStateError,
 )
@@ -109,13 +110,14 @@ def versioned_snapshot(service: Service, handler: Handler) -> dict[str, Any]:
 class Exported:
     """A connection that left: its frozen socket stays here until ``release``/``resume``.
 
-    ``app`` is a versioned snapshot (see ``versioned_snapshot``)."""
+    ``app`` is a versioned snapshot (see ``versioned_snapshot``). ``tls`` holds traffic
+    secrets, ``pending`` and ``app`` the connection's data: none of them is in the repr."""
 
     sock: socket.socket
     tcp: tcp.TcpState
-    tls: dict[str, Any] | None
-    app: Any
-    pending: bytes
+    tls: dict[str, Any] | None = field(repr=False)
+    app: Any = field(repr=False)
+    pending: bytes = field(repr=False)
     service_port: int
     meta: dict[str, Any]
 
@@ -270,6 +272,9 @@ class Runtime:
                 await self._flush(conn)
         except (ConnectionError, OSError):
             pass
+        except TlsEnded as exc:  # TLS could not go on (sequence numbers ran out); not a bug
+            log.warning("connection %s (%s): %s; closing it", conn.id, conn.flow, exc)
+            self._say_goodbye(conn, failed=True)  # the layer queued its fatal alert already
         except Exception as exc:  # the app (or its TLS) failed: say so, end it cleanly
             log.error("connection %s (%s): %s failed: %s: %.200s; closing it", conn.id,
                       conn.flow, conn.service.app, type(exc).__name__, exc)  # fmt: skip

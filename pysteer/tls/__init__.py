@@ -6,7 +6,7 @@ elsewhere (docs/how-it-works.md).
 """
 
 from pysteer.tls.config import ServerConfig, TlsConfigError
-from pysteer.tls.connection import TlsError, TlsServerConnection
+from pysteer.tls.connection import TlsEnded, TlsError, TlsServerConnection
 from pysteer.tls.events import (
     Alert,
     ConnectionClosed,
@@ -33,6 +33,7 @@ __all__ = [
     "Secret",
     "ServerConfig",
     "TlsConfigError",
+    "TlsEnded",
     "TlsError",
     "TlsServerConnection",
     "TlsStateError",

@@ -9,6 +9,7 @@ own record layer carries the connection, so its whole state is a small dict
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
 from pysteer.tls import record as rec
@@ -26,20 +27,33 @@ from pysteer.tls.handshake import HandshakeError, HandshakeResult, OpenSSLHandsh
 from pysteer.tls.keys import key_block12
 from pysteer.tls.record import Protection, RecordError
 from pysteer.tls.secret import Secret
-from pysteer.tls.state import TlsStateError, decode_state, encode_state
+from pysteer.tls.state import MAX_HS_BUFFER, TlsStateError, decode_state, encode_state
 from pysteer.tls.suites import TLS13
 
 # Alert levels and descriptions (RFC 8446 §6)
 WARNING, FATAL = 1, 2
-CLOSE_NOTIFY, HANDSHAKE_FAILURE, INTERNAL_ERROR, NO_RENEGOTIATION = 0, 40, 80, 100
+CLOSE_NOTIFY, HANDSHAKE_FAILURE, ILLEGAL_PARAMETER = 0, 40, 47
+INTERNAL_ERROR, NO_RENEGOTIATION = 80, 100
 # Handshake message types after the handshake
 CLIENT_HELLO, KEY_UPDATE = 1, 24
 MAX_CIPHERTEXT = {TLS13: (1 << 14) + 256, "TLSv1.2": (1 << 14) + 2048}
+#: The peer's post-handshake messages (TLS 1.3 KeyUpdates, TLS 1.2 renegotiation
+#: ClientHellos): at most POST_HANDSHAKE_BURST in any POST_HANDSHAKE_WINDOW records it
+#: sends, so each costs a rekey (or an alert) per 32 records on average, never per byte.
+#: The count starts afresh after a move. OpenSSL allows 32 KeyUpdates in a row. A KeyUpdate
+#: that follows our own request is the peer's answer and is not counted.
+POST_HANDSHAKE_BURST, POST_HANDSHAKE_WINDOW = 32, 1024
 _HEADER = struct.Struct("!BHH")
 
 
 class TlsError(Exception):
     """Misuse of a connection: sending after close, exporting mid-handshake, ..."""
+
+
+class TlsEnded(TlsError):
+    """``send`` (or ``key_update``) could not go on and ended the connection: its sequence
+    numbers ran out. A fatal alert is queued when one still fits: send ``data_to_send()``,
+    then close the socket."""
 
 
 class TlsServerConnection:
@@ -58,6 +72,10 @@ class TlsServerConnection:
         self.info: HandshakeComplete | None = None
         self.rekey_after: int | None = None  # records per write key; None: the AEAD limit / 2
         self._written = 0
+        self._owe_key_update = False  # the peer asked for one; requests that come together
+        self._records_in = 0  # records opened here (not exported: a budget, not state)
+        self._post_hs: deque[int] = deque(maxlen=POST_HANDSHAKE_BURST)  # their record numbers
+        self._asked = False  # we requested a KeyUpdate and the peer has not sent one since
 
     def __repr__(self) -> str:
         suite = self.info.suite if self.info else "-"
@@ -156,11 +174,18 @@ class TlsServerConnection:
                 if self._read.suite.version == TLS13 and header[0] != rec.APPLICATION_DATA:
                     raise RecordError(rec.UNEXPECTED_MESSAGE, f"plaintext record type {header[0]}")
                 ctype, data = self._read.open(header, body)
+                self._records_in += 1
                 self._dispatch(ctype, data, events)
+            if self._owe_key_update and self.phase == "open" and not self.close_sent:
+                self._send_key_update(request_peer=False)  # one answer for all requests
         except RecordError as exc:
             self._fatal(exc.alert, events)
 
     def _dispatch(self, ctype: int, data: bytes, events: list[Event]) -> None:
+        assert self._read is not None  # noqa: S101
+        if self._hs_buf and ctype != rec.HANDSHAKE and self._read.suite.version == TLS13:
+            # RFC 8446 §5.1: no other record between the fragments of a handshake message.
+            raise RecordError(rec.UNEXPECTED_MESSAGE, "record inside a handshake message")
         if ctype == rec.APPLICATION_DATA:
             if self.close_received:
                 raise RecordError(rec.UNEXPECTED_MESSAGE, "data after close_notify")
@@ -189,84 +214,145 @@ class TlsServerConnection:
             events.append(ConnectionClosed(clean=False))
 
     def _post_handshake(self, data: bytes, events: list[Event]) -> None:
+        if not data:  # RFC 8446 §5.1, RFC 5246 §6.2.1: never a zero-length fragment
+            raise RecordError(rec.UNEXPECTED_MESSAGE, "empty handshake record")
         buf = self._hs_buf + data
         while len(buf) >= 4:
             msg_type, length = buf[0], int.from_bytes(buf[1:4], "big")
+            self._check_header(msg_type, length)  # before buffering any of its body
             if len(buf) < 4 + length:
                 break
             body, buf = buf[4 : 4 + length], buf[4 + length :]
+            if msg_type == KEY_UPDATE and buf:
+                # RFC 8446 §5.1: a key change must end its record (one KeyUpdate per record).
+                raise RecordError(rec.UNEXPECTED_MESSAGE, "data after a KeyUpdate")
             self._handshake_message(msg_type, body, events)
         self._hs_buf = buf
 
+    def _check_header(self, msg_type: int, length: int) -> None:
+        """Refuse a post-handshake message from its 4-byte header: only a KeyUpdate (TLS
+        1.3) or a ClientHello to refuse (TLS 1.2) may come, and what waits for the rest of
+        a message stays under MAX_HS_BUFFER, the most an exported state may carry."""
+        assert self._read is not None  # noqa: S101
+        if self._read.suite.version == TLS13:
+            if msg_type != KEY_UPDATE:
+                raise RecordError(rec.UNEXPECTED_MESSAGE, f"handshake message {msg_type}")
+            if length != 1:
+                raise RecordError(rec.DECODE_ERROR, "malformed KeyUpdate")
+        elif msg_type != CLIENT_HELLO:
+            raise RecordError(rec.UNEXPECTED_MESSAGE, f"handshake message {msg_type}")
+        elif 4 + length > MAX_HS_BUFFER:  # as OpenSSL: excessive message size
+            raise RecordError(ILLEGAL_PARAMETER, "handshake message too long")
+
     def _handshake_message(self, msg_type: int, body: bytes, events: list[Event]) -> None:
         assert self._read is not None  # noqa: S101
-        tls13 = self._read.suite.version == TLS13
-        if tls13 and msg_type == KEY_UPDATE:
-            if len(body) != 1 or body[0] not in (0, 1):
+        post = self._post_hs
+        if msg_type == KEY_UPDATE and self._asked:
+            self._asked = False  # the answer to our request: not the peer's to count
+        elif len(post) == post.maxlen and self._records_in - post[0] < POST_HANDSHAKE_WINDOW:
+            raise RecordError(rec.UNEXPECTED_MESSAGE, "too many post-handshake messages")
+        else:
+            post.append(self._records_in)
+        if msg_type == KEY_UPDATE:
+            if body[0] not in (0, 1):
                 raise RecordError(rec.DECODE_ERROR, "malformed KeyUpdate")
             self._read = self._read.updated()
-            answered = body[0] == 1 and not self.close_sent
-            if answered:
-                self._send_key_update(request_peer=False)
+            # RFC 8446 §4.6.3: requests that arrive while we are silent get one answer.
+            answered = body[0] == 1 and not self.close_sent and not self._owe_key_update
+            self._owe_key_update = self._owe_key_update or answered
             events.append(KeyUpdated(answered=answered))
-        elif not tls13 and msg_type == CLIENT_HELLO:
-            self._send_alert(WARNING, NO_RENEGOTIATION)  # renegotiation cannot follow a move
+        else:  # a TLS 1.2 ClientHello: renegotiation cannot follow a move
+            self._send_alert(WARNING, NO_RENEGOTIATION)
             events.append(Alert(WARNING, NO_RENEGOTIATION, sent=True))
-        else:
-            raise RecordError(rec.UNEXPECTED_MESSAGE, f"handshake message {msg_type}")
 
     # --- bytes out -------------------------------------------------------------------------
-    def _seal(self, ctype: int, data: bytes) -> None:
-        assert self._write is not None  # noqa: S101
-        limit = self.rekey_after or self._write.suite.record_limit // 2
-        if self._written >= limit and self._write.suite.version == TLS13 and ctype != rec.HANDSHAKE:
-            self._send_key_update(request_peer=False)
-        self._tx += self._write.seal(ctype, data)
+    def _seal(self, ctype: int, data: bytes, *, final: bool = False) -> bool:
+        """Queue one record. The last sequence number of each key is kept for a ``final``
+        record (the alert that ends the connection); False if even that one is gone.
+        Raises RecordError(internal_error) when a non-final record no longer fits."""
+        write = self._write
+        assert write is not None  # noqa: S101
+        if final:
+            if write.remaining < 1:
+                return False
+        else:
+            if write.suite.version == TLS13 and ctype != rec.HANDSHAKE:
+                limit = self.rekey_after or write.suite.record_limit // 2
+                if self._owe_key_update or self._written >= limit or write.remaining <= 2:
+                    self._send_key_update(request_peer=False)  # also rekeys before a wrap
+                    write = self._write
+                    assert write is not None  # noqa: S101
+            if write.remaining < 2:
+                raise RecordError(INTERNAL_ERROR, "sequence numbers exhausted")
+        self._tx += write.seal(ctype, data)
         self._written += 1
+        return True
+
+    def _ended(self, exc: RecordError) -> TlsEnded:
+        """Close after our own sending failed; the error for the caller to raise."""
+        self._end(exc.alert)
+        return TlsEnded(f"TLS cannot go on: {exc}")
 
     def send(self, data: bytes) -> None:
-        """Queue application data, cut into records of at most 2^14 bytes."""
+        """Queue application data, cut into records of at most 2^14 bytes. Raises
+        ``TlsEnded`` (the connection is then closed) when the sequence numbers run out."""
         if self.phase != "open" or self.close_sent:
             raise TlsError(
                 f"cannot send: connection is {self.phase}"
                 + (", close_notify sent" if self.close_sent else "")
             )
         view = memoryview(data)
-        for pos in range(0, len(view), rec.MAX_PLAINTEXT):
-            self._seal(rec.APPLICATION_DATA, bytes(view[pos : pos + rec.MAX_PLAINTEXT]))
+        try:
+            for pos in range(0, len(view), rec.MAX_PLAINTEXT):
+                self._seal(rec.APPLICATION_DATA, bytes(view[pos : pos + rec.MAX_PLAINTEXT]))
+        except RecordError as exc:
+            raise self._ended(exc) from None
 
-    def _send_alert(self, level: int, description: int) -> None:
-        self._seal(rec.ALERT, bytes((level, description)))
+    def _send_alert(self, level: int, description: int, *, final: bool = False) -> bool:
+        return self._seal(rec.ALERT, bytes((level, description)), final=final)
 
     def _send_key_update(self, *, request_peer: bool) -> None:
         assert self._write is not None  # noqa: S101
-        self._tx += self._write.seal(rec.HANDSHAKE, bytes((KEY_UPDATE, 0, 0, 1, int(request_peer))))
+        self._seal(rec.HANDSHAKE, bytes((KEY_UPDATE, 0, 0, 1, int(request_peer))))
         self._write = self._write.updated()
         self._written = 0
+        self._owe_key_update = False  # ours answers the peer's request too
 
     def key_update(self, *, request_peer: bool = True) -> None:
-        """Switch to the next write key (TLS 1.3); ask the peer to do the same if requested."""
-        if self.phase != "open" or self._write is None or self._write.suite.version != TLS13:
+        """Switch to the next write key (TLS 1.3); ask the peer to do the same if requested.
+        Raises ``TlsEnded`` like ``send`` when no sequence number is left for it."""
+        if (self.phase != "open" or self.close_sent or self._write is None
+                or self._write.suite.version != TLS13):  # fmt: skip
             raise TlsError("KeyUpdate needs an open TLS 1.3 connection")
-        self._send_key_update(request_peer=request_peer)
+        try:
+            self._send_key_update(request_peer=request_peer)
+        except RecordError as exc:
+            raise self._ended(exc) from None
+        self._asked = self._asked or request_peer
 
     def close(self) -> None:
         """Send close_notify. Data may still arrive until the peer's close_notify."""
         if self.phase == "open" and not self.close_sent:
-            self._send_alert(WARNING, CLOSE_NOTIFY)
+            self._send_alert(WARNING, CLOSE_NOTIFY, final=True)
             self.close_sent = True
 
     def fail(self) -> None:
         """End the connection on our side's error: a fatal internal_error alert, so the peer
         learns it was not a clean close (what a server owes a client when its app fails)."""
+        self._end(INTERNAL_ERROR)
+
+    def _end(self, description: int) -> bool:
+        """A fatal alert, if a sequence number is left for it, and the end; True if sent."""
+        sent = False
         if self.phase == "open":
-            self._send_alert(FATAL, INTERNAL_ERROR)
+            self._owe_key_update = False
+            sent = self._send_alert(FATAL, description, final=True)
         self.phase = "closed"
+        return sent
 
     def _fatal(self, description: int, events: list[Event]) -> None:
-        self._send_alert(FATAL, description)
-        self.phase = "closed"
-        events.append(Alert(FATAL, description, sent=True))
+        if self._end(description):
+            events.append(Alert(FATAL, description, sent=True))
         events.append(ConnectionClosed(clean=False))
 
     def data_to_send(self) -> bytes:

@@ -33,7 +33,8 @@ class DataReceived(Event):
 
 @dataclass(frozen=True)
 class KeyUpdated(Event):
-    """The peer's KeyUpdate was processed; ``answered`` if we sent ours in reply."""
+    """The peer's KeyUpdate was processed; ``answered`` if it made us send ours (requests
+    that arrive together get one answer, queued when ``receive_data`` returns)."""
 
     answered: bool
 

@@ -17,6 +17,10 @@ from pysteer.tls.suites import TLS13, Suite
 
 CHANGE_CIPHER_SPEC, ALERT, HANDSHAKE, APPLICATION_DATA = 20, 21, 22, 23
 MAX_PLAINTEXT = 1 << 14
+#: TLS 1.3 TLSInnerPlaintext: data, content type and padding (RFC 8446 §5.4).
+MAX_INNER_PLAINTEXT = MAX_PLAINTEXT + 1
+#: Sequence numbers never wrap (RFC 8446 §5.3, RFC 5246 §6.1): 2^64 - 1 is never used.
+SEQ_END = (1 << 64) - 1
 TAG_LEN = 16
 _HEADER = struct.Struct("!BHH")
 _SEQ = struct.Struct("!Q")
@@ -75,61 +79,70 @@ class Protection:
         nxt = next_traffic_secret(self.suite, self.secret.reveal())
         return Protection(self.suite, 0, secret=Secret(nxt))
 
-    def _nonce(self) -> bytes:
-        return (self._iv_int ^ self.seq).to_bytes(12, "big")
+    @property
+    def remaining(self) -> int:
+        """Records this key may still protect before its sequence number would wrap."""
+        return max(0, SEQ_END - self.seq)
+
+    def _nonce(self, seq: int) -> bytes:
+        return (self._iv_int ^ seq).to_bytes(12, "big")
 
     def _next(self) -> int:
+        """The sequence number for the next record, checked before any use of it."""
         seq = self.seq
-        if seq >= (1 << 64) - 1:
+        if seq >= SEQ_END:
             raise RecordError(UNEXPECTED_MESSAGE, "sequence number exhausted")
         self.seq = seq + 1
         return seq
 
     def seal(self, content_type: int, data: bytes) -> bytes:
+        seq = self._next()
         if self.suite.version == TLS13:
             inner = data + bytes((content_type,))
             header = _HEADER.pack(APPLICATION_DATA, 0x0303, len(inner) + TAG_LEN)
-            sealed = self._aead.encrypt(self._nonce(), inner, header)
-            self._next()
-            return header + sealed
-        seq = self._next()
+            return header + self._aead.encrypt(self._nonce(seq), inner, header)
         aad = _AAD12.pack(seq, content_type, 0x0303, len(data))
         if len(self._iv) == 4:  # AES-GCM: salt + explicit nonce (our sequence number)
             explicit = _SEQ.pack(seq)
             body = explicit + self._aead.encrypt(self._iv + explicit, data, aad)
         else:  # ChaCha20-Poly1305: IV xor sequence number, no explicit part
-            self.seq = seq
-            nonce = self._nonce()
-            self.seq = seq + 1
-            body = self._aead.encrypt(nonce, data, aad)
+            body = self._aead.encrypt(self._nonce(seq), data, aad)
         return _HEADER.pack(content_type, 0x0303, len(body)) + body
 
     def open(self, header: bytes, body: bytes) -> tuple[int, bytes]:
-        """Decrypt one record; returns (content type, plaintext)."""
+        """Decrypt one record; returns (content type, plaintext).
+
+        Lengths are checked before decrypting (the AEAD's expansion is fixed), so an
+        oversized record costs no decryption; the sequence number advances only on success.
+        """
+        seq = self.seq
+        if seq >= SEQ_END:
+            raise RecordError(UNEXPECTED_MESSAGE, "sequence number exhausted")
         outer_type = header[0]
+        explicit_len = 8 if self.suite.version != TLS13 and len(self._iv) == 4 else 0
+        if len(body) < explicit_len + TAG_LEN:
+            raise RecordError(BAD_RECORD_MAC, "record too short")
+        plain_len = len(body) - explicit_len - TAG_LEN
+        if self.suite.version == TLS13 and plain_len > MAX_INNER_PLAINTEXT:
+            raise RecordError(RECORD_OVERFLOW, "inner plaintext longer than 2^14 + 1 bytes")
+        if self.suite.version != TLS13 and plain_len > MAX_PLAINTEXT:
+            raise RecordError(RECORD_OVERFLOW, "plaintext longer than 2^14 bytes")
         try:
             if self.suite.version == TLS13:
-                inner = self._aead.decrypt(self._nonce(), body, header)
+                inner = self._aead.decrypt(self._nonce(seq), body, header)
                 stripped = inner.rstrip(b"\x00")
                 if not stripped:
                     raise RecordError(UNEXPECTED_MESSAGE, "record without a content type")
                 content_type, data = stripped[-1], stripped[:-1]
             else:
                 content_type = outer_type
-                if len(self._iv) == 4:
-                    if len(body) < 8 + TAG_LEN:
-                        raise RecordError(BAD_RECORD_MAC, "record too short")
-                    explicit, sealed = body[:8], body[8:]
-                    aad = _AAD12.pack(self.seq, content_type, 0x0303, len(sealed) - TAG_LEN)
-                    data = self._aead.decrypt(self._iv + explicit, sealed, aad)
+                aad = _AAD12.pack(seq, content_type, 0x0303, plain_len)
+                if explicit_len:
+                    nonce, sealed = self._iv + body[:8], body[8:]
                 else:
-                    if len(body) < TAG_LEN:
-                        raise RecordError(BAD_RECORD_MAC, "record too short")
-                    aad = _AAD12.pack(self.seq, content_type, 0x0303, len(body) - TAG_LEN)
-                    data = self._aead.decrypt(self._nonce(), body, aad)
+                    nonce, sealed = self._nonce(seq), body
+                data = self._aead.decrypt(nonce, sealed, aad)
         except InvalidTag:
             raise RecordError(BAD_RECORD_MAC, "record authentication failed") from None
-        if len(data) > MAX_PLAINTEXT:
-            raise RecordError(RECORD_OVERFLOW, "plaintext longer than 2^14 bytes")
-        self._next()
+        self.seq = seq + 1
         return content_type, data

@@ -27,6 +27,10 @@ _KEYS = {
     "written", "sni", "alpn", "resumed", "peer_chain",
 }  # fmt: skip
 _MAX_RX = 5 + (1 << 14) + 2048  # at most one partial record
+#: The most a partial post-handshake message may hold, live (the connection refuses a
+#: longer one from its header) and in an imported state: one limit, so any connection
+#: can be exported and imported.
+MAX_HS_BUFFER = 1 << 16
 
 
 class TlsStateError(ValueError):
@@ -151,7 +155,7 @@ def decode_state(d: Any) -> DecodedState:
         read=_protection(d["read"], "read", suite),
         write=_protection(d["write"], "write", suite),
         rx=_bytes(d, "rx", "", limit=_MAX_RX),
-        hs=_bytes(d, "hs", "", limit=1 << 16),
+        hs=_bytes(d, "hs", "", limit=MAX_HS_BUFFER),
         close_sent=flags["close_sent"],
         close_received=flags["close_received"],
         written=_int(d, "written", "", (1 << 64) - 1),

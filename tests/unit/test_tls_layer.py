@@ -237,8 +237,17 @@ def test_tls12_prf_matches_openssl(digest: str) -> None:
 
 
 def test_record_sequence_exhaustion() -> None:
+    """The connection ends (TlsEnded) instead of a RecordError escaping; the protection
+    itself refuses to seal or open at 2^64 - 1 (test_tls_hardening has the rest)."""
     state, _, _ = state_for("TLS_AES_128_GCM_SHA256")
     state["write"]["seq"] = (1 << 64) - 1
     conn = TlsServerConnection.from_state(state)
-    with pytest.raises(RecordError, match="sequence number exhausted"):
+    with pytest.raises(TlsError, match="sequence numbers exhausted") as info:
         conn.send(b"x")
+    assert type(info.value).__name__ == "TlsEnded"  # a TlsError: the connection is over
+    suite = BY_NAME["TLS_AES_128_GCM_SHA256"]
+    last = Protection(suite, (1 << 64) - 1, secret=Secret(bytes(32)))
+    with pytest.raises(RecordError, match="sequence number exhausted"):
+        last.seal(23, b"x")
+    with pytest.raises(RecordError, match="sequence number exhausted"):
+        last.open(b"\x17\x03\x03\x00\x11", bytes(17))
