@@ -6,6 +6,14 @@ agent still refuses a replay and still knows what it committed. The file is appe
 (one line per change) and rewritten smaller when it grows; entries older than ``keep``
 seconds go then (a blob older than 60 s is refused by age anyway).
 
+The file lives on tmpfs (``/run``): a reboot empties it, and a blob imported before the
+reboot could be replayed after it. So the ledger has an *epoch*, the time it started,
+kept in its file's first line (``epoch <time>``) and so unchanged by an agent restart: a
+blob sealed before the epoch is refused, as the ledger cannot know whether it was imported.
+With the blob's 60 s age bound, that closes the reboot window. The comparison is between
+the source's clock (the blob's time) and the target's: a source whose clock is d seconds
+behind sees its blobs refused for the first d seconds of a new ledger (the safe side).
+
 Outcomes: ``prepared`` (restored, still frozen), ``claiming`` (thawed, asking the
 steering node for the flow), ``committed`` (serving here) and ``aborted`` (discarded,
 never served). After a restart, ``prepared`` entries are ``aborted`` (a frozen socket
@@ -17,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -29,7 +38,7 @@ _AFTER_RESTART = {"prepared": "aborted", "claiming": "lost"}
 
 
 class LedgerError(ValueError):
-    """A migration id the ledger refuses (seen before); the message names it."""
+    """A migration id the ledger refuses (seen before, or sealed before its epoch)."""
 
 
 class Ledger:
@@ -37,6 +46,7 @@ class Ledger:
                  limit: int = 200_000) -> None:  # fmt: skip
         """``path``: the file (None: memory only). ``limit`` bounds the entries kept."""
         self.path, self.keep, self.limit = path, keep, limit
+        self.epoch = time.time()  # when this ledger started: refuses blobs sealed before
         self._seen: dict[bytes, tuple[str, float]] = {}  # id -> (outcome, when)
         self._lock = threading.Lock()
         self._lines = 0
@@ -47,9 +57,14 @@ class Ledger:
     def _load(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         changed = 0
+        epoch = None
         with contextlib.suppress(FileNotFoundError), path.open() as f:
             for line in f:
                 parts = line.split()
+                if len(parts) == 2 and parts[0] == "epoch" and epoch is None:
+                    with contextlib.suppress(ValueError):
+                        epoch = float(parts[1])
+                    continue
                 if len(parts) != 3 or parts[1] not in OUTCOMES:
                     continue  # a torn last line after a crash
                 try:
@@ -65,6 +80,16 @@ class Ledger:
         if changed:
             log.warning("ledger: %d import(s) were in flight when the agent stopped: "
                         "their sockets died with it", changed)  # fmt: skip
+        if epoch is not None and math.isfinite(epoch):
+            self.epoch = epoch  # a restart of the agent, not of the machine: same ledger
+            if epoch > time.time() + 1:
+                log.warning(
+                    "ledger: it started %.0f s in the future (the clock went back): "
+                    "imports sealed before then are refused",
+                    epoch - time.time(),
+                )
+        else:
+            log.info("ledger %s starts afresh: imports sealed before now are refused", path)
         self._rewrite()
 
     def _rewrite(self) -> None:
@@ -75,6 +100,7 @@ class Ledger:
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
+            f.write(f"epoch {self.epoch!r}\n")
             f.writelines(f"{m.hex()} {o} {t:.3f}\n" for m, (o, t) in self._seen.items())
         os.replace(tmp, self.path)
         if self._file is not None:
@@ -95,9 +121,16 @@ class Ledger:
         if self._lines > 2 * len(self._seen) + 1000:
             self._rewrite()
 
-    def claim(self, mid: bytes) -> None:
-        """Record ``mid`` as prepared; LedgerError if it was seen before (a replay)."""
+    def claim(self, mid: bytes, *, sealed_at: float) -> None:
+        """Record ``mid`` as prepared; LedgerError if it was seen before (a replay), or
+        sealed (``sealed_at``, the blob's time) before this ledger started: it may have
+        been imported into one lost since, at a reboot."""
         with self._lock:
+            if not sealed_at >= self.epoch:  # NaN too
+                raise LedgerError(
+                    f"migration {mid.hex()} was sealed before this node's import "
+                    "ledger started (a replay from before a reboot?)"
+                )
             if mid in self._seen:
                 raise LedgerError(f"migration {mid.hex()} was already imported (replay?)")
             self._record(mid, "prepared")

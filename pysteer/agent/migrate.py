@@ -167,7 +167,8 @@ class Migration:
                      tls=bool(exported.tls), pending=len(exported.pending))  # fmt: skip
         try:
             sealed = seal(MigrationBlob(self.mid, flow, exported.tcp, exported.tls, exported.app,
-                                        exported.pending), agent.cluster_key)  # fmt: skip
+                                        exported.pending), agent.cluster_key,
+                          source=agent.name, target=self.target)  # fmt: skip
         except BlobError as exc:
             await self._rollback(str(exc))
         self.report.blob_bytes = len(sealed)

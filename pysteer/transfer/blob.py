@@ -2,9 +2,23 @@
 
 The blob holds a connection's TCP state, its TLS keys and the app's snapshot, so it is
 never handled in the clear: ``seal`` encrypts it under the cluster key (ChaCha20-Poly1305,
-random nonce, the migration id as associated data) and ``open_sealed`` refuses anything
-tampered, of another version, or for another id. It travels inside the agents' mTLS
-channel on top of that. ``ImportLedger`` is B's fencing: a migration id is imported once.
+random nonce) and ``open_sealed`` refuses anything tampered, of another version, or for
+another id. It travels inside the agents' mTLS channel on top of that.
+
+The envelope is ``magic, version, migration id, nonce, source node, target node``, all of
+it the AEAD's associated data: the blob is bound to the one move it was sealed for. The
+target refuses a blob sealed for another node, or delivered by another node than the one
+that sealed it (the agent passes the peer its mTLS link authenticated), so a blob cannot be
+replayed to another node that holds the cluster key.
+
+Time: ``t`` is when the source sealed it, by the source's clock. The target refuses a
+blob older than ``MAX_BLOB_AGE`` (60 s) or more than ``MAX_CLOCK_SKEW`` (5 s) ahead of its
+own clock, and any ``t`` that is not a finite number (NaN would pass a test written as
+``age > limit``). The future allowance is small on purpose: it covers clocks that NTP keeps
+within a second or two, and every second of it is a second a blob lives beyond its 60 s.
+The age bound is what makes B's import ledger (``pysteer.agent.ledger``) enough against
+replays: a blob older than the ledger's memory is refused by age, and one sealed before
+the ledger started (a reboot emptied it) is refused by the ledger's epoch.
 """
 
 from __future__ import annotations
@@ -12,7 +26,6 @@ from __future__ import annotations
 import math
 import os
 import struct
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,14 +34,17 @@ import msgpack
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from pysteer.cluster.config import NAME_RE
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tcp import StateFormatError, TcpState
 from pysteer.tls.state import TlsStateError, decode_state
 
-BLOB_VERSION = 1
+BLOB_VERSION = 2  # 2: the envelope names the source and target nodes (1 bound neither)
 MAGIC = b"PSMB"  # pysteer migration blob
-_HEADER = struct.Struct("!4sB16s12s")  # magic, version, migration id, nonce
+_HEADER = struct.Struct("!4sB16s12s")  # magic, version, migration id, nonce; then the names
 KEY_LEN = 32
+MAX_BLOB_AGE = 60.0  # seconds: an older blob is stale (and may be a replay)
+MAX_CLOCK_SKEW = 5.0  # seconds a blob's time may be ahead of the target's clock
 
 
 class BlobError(ValueError):
@@ -74,8 +90,28 @@ def _check_key(key: bytes) -> ChaCha20Poly1305:
     return ChaCha20Poly1305(key)
 
 
-def seal(blob: MigrationBlob, key: bytes) -> bytes:
-    """Encrypt and authenticate ``blob`` under the cluster key."""
+def _node(name: str, role: str) -> bytes:
+    """A node name as the envelope holds it (at most 63 ASCII bytes, by the config's rule)."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise BlobError(f"the {role} must be a node name")
+    return name.encode("ascii")
+
+
+def _header(mid: bytes, nonce: bytes, source: str, target: str) -> bytes:
+    """The envelope, all of it authenticated: it binds the blob to one move."""
+    src, dst = _node(source, "source"), _node(target, "target")
+    fixed = _HEADER.pack(MAGIC, BLOB_VERSION, mid, nonce)
+    return fixed + bytes([len(src)]) + src + bytes([len(dst)]) + dst
+
+
+def _shown(name: bytes) -> str:
+    """An authenticated node name for a message; anything else is not echoed."""
+    text = name.decode("ascii", "replace")
+    return text if NAME_RE.fullmatch(text) else "an invalid node name"
+
+
+def seal(blob: MigrationBlob, key: bytes, *, source: str, target: str) -> bytes:
+    """Encrypt and authenticate ``blob`` under the cluster key, for ``source`` -> ``target``."""
     aead = _check_key(key)
     if len(blob.id) != 16:
         raise BlobError("a migration id is 16 bytes")
@@ -84,34 +120,78 @@ def seal(blob: MigrationBlob, key: bytes) -> bytes:
     except (TypeError, ValueError) as exc:
         raise BlobError(f"the blob cannot be encoded: {type(exc).__name__}") from None
     nonce = os.urandom(12)
-    header = _HEADER.pack(MAGIC, BLOB_VERSION, blob.id, nonce)
+    header = _header(blob.id, nonce, source, target)
     return header + aead.encrypt(nonce, plain, header)
 
 
-def open_sealed(data: bytes, key: bytes, *, expect_id: bytes | None = None) -> MigrationBlob:
-    """Authenticate, decrypt and validate a sealed blob (for ``expect_id``, if given).
+def open_sealed(
+    data: bytes,
+    key: bytes,
+    *,
+    source: str,
+    target: str,
+    expect_id: bytes | None = None,
+    now: float | None = None,
+) -> MigrationBlob:
+    """Authenticate, decrypt and validate a sealed blob sent by ``source`` to ``target``.
 
-    Any problem is a BlobError, never another exception: the agent answers it to its peer.
+    ``source`` is the node that delivered it (the authenticated peer), ``target`` this
+    node; ``now`` is this node's clock (a parameter for tests). Any problem is a BlobError,
+    never another exception: the agent answers it to its peer.
     """
     aead = _check_key(key)
+    src, dst = _node(source, "source"), _node(target, "target")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise BlobError(f"a sealed blob is bytes, not {type(data).__name__}")
     data = bytes(data)
     if len(data) < _HEADER.size + 16:
         raise BlobError("sealed blob too short")
-    header = data[: _HEADER.size]
-    magic, version, mid, nonce = _HEADER.unpack(header)
+    magic, version, mid, nonce = _HEADER.unpack_from(data)
     if magic != MAGIC:
         raise BlobError("not a pysteer migration blob")
+    if 0 < version < BLOB_VERSION:
+        raise BlobError(
+            f"blob version {version} is from an older pysteer, not bound to its "
+            f"nodes (this one reads only {BLOB_VERSION}): upgrade the source"
+        )
     if version != BLOB_VERSION:
         raise BlobError(f"unknown blob version {version} (this pysteer reads {BLOB_VERSION})")
     if expect_id is not None and mid != expect_id:
         raise BlobError("the blob is for another migration")
+    pos = _HEADER.size
+    names = []
+    for _ in range(2):
+        size = data[pos] if pos < len(data) else 0
+        names.append(data[pos + 1 : pos + 1 + size])
+        pos += 1 + size
+    if len(data) < pos + 16:
+        raise BlobError("sealed blob too short")
+    if not all(names):
+        raise BlobError("the blob's envelope names no source or no target")
+    header = data[:pos]
     try:
-        plain = aead.decrypt(nonce, data[_HEADER.size :], header)
+        plain = aead.decrypt(nonce, data[pos:], header)
     except InvalidTag:
         raise BlobError("sealed blob failed authentication (tampered, or another key)") from None
-    return decode_plain(plain, mid)
+    sealed_by, sealed_for = names
+    if sealed_for != dst:
+        raise BlobError(f"the blob is sealed for {_shown(sealed_for)}, not {target}")
+    if sealed_by != src:
+        raise BlobError(f"the blob was sealed by {_shown(sealed_by)} but delivered by {source}")
+    blob = decode_plain(plain, mid)
+    _check_time(blob.t, time.time() if now is None else now)
+    return blob
+
+
+def _check_time(t: float, now: float) -> None:
+    """Refuse a blob time that is not finite, older than MAX_BLOB_AGE or beyond the skew."""
+    if not math.isfinite(t):
+        raise BlobError("blob time must be a finite number")
+    if now - t > MAX_BLOB_AGE:
+        raise BlobError(f"stale blob ({now - t:.0f} s old; the limit is {MAX_BLOB_AGE:g} s)")
+    if t - now > MAX_CLOCK_SKEW:
+        raise BlobError(f"blob sealed {t - now:.0f} s in the future (beyond the "
+                        f"{MAX_CLOCK_SKEW:g} s clock skew allowed)")  # fmt: skip
 
 
 def decode_plain(plain: bytes, mid: bytes) -> MigrationBlob:
@@ -152,38 +232,3 @@ def _decode(wire: Any, mid: bytes) -> MigrationBlob:
     if not isinstance(wire["out"], bytes):
         raise BlobError("blob output must be bytes")
     return MigrationBlob(mid, flow, tcp, wire["tls"], wire["app"], wire["out"], t)
-
-
-class ImportLedger:
-    """B's fencing: each migration id is imported at most once, and its outcome kept.
-
-    Outcomes: ``prepared`` (restored, still frozen), ``committed`` (serving here) or
-    ``aborted`` (discarded, never served). A asks for the outcome when a commit's answer
-    is lost, so it resumes only when B has certainly not served the flow.
-    """
-
-    OUTCOMES = ("prepared", "committed", "aborted")
-
-    def __init__(self, limit: int = 100_000) -> None:
-        self._seen: dict[bytes, str] = {}
-        self._limit = limit
-        self._lock = threading.Lock()
-
-    def claim(self, migration_id: bytes) -> None:
-        """Record ``migration_id`` as prepared; raises BlobError if it was seen before."""
-        with self._lock:
-            if migration_id in self._seen:
-                raise BlobError(f"migration {migration_id.hex()} was already imported (replay?)")
-            if len(self._seen) >= self._limit:  # oldest first; stale blobs are refused by age
-                del self._seen[next(iter(self._seen))]
-            self._seen[migration_id] = "prepared"
-
-    def decide(self, migration_id: bytes, outcome: str) -> None:
-        if outcome not in self.OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}")
-        with self._lock:
-            self._seen[migration_id] = outcome
-
-    def outcome(self, migration_id: bytes) -> str | None:
-        with self._lock:
-            return self._seen.get(migration_id)

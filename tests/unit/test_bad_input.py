@@ -247,7 +247,7 @@ def seal_wire(wire: Any, mid: bytes) -> bytes:
     """Seal any plaintext map under the real key: it passes the AEAD and reaches decoding."""
     plain = packb(wire)
     nonce = os.urandom(12)
-    header = blob_module._HEADER.pack(b"PSMB", 1, mid, nonce)
+    header = blob_module._header(mid, nonce, "a", "b")
     return header + ChaCha20Poly1305(KEY).encrypt(nonce, plain, header)
 
 
@@ -271,19 +271,20 @@ def test_bad_blob_fields(field: str, value: Any, message: str) -> None:
     b = blob()
     wire = b.to_wire() | {field: value}
     with pytest.raises(BlobError, match=message) as info:
-        open_sealed(seal_wire(wire, b.id), KEY, expect_id=b.id)
+        open_sealed(seal_wire(wire, b.id), KEY, expect_id=b.id, source="a", target="b")
     assert SECRET.hex() not in str(info.value) and HUGE not in str(info.value)
 
 
 @pytest.mark.parametrize("data", ["PSMB" * 20, None, 12, [b"PSMB"]])
 def test_sealed_blob_must_be_bytes(data: Any) -> None:
     with pytest.raises(BlobError, match="a sealed blob is bytes"):
-        open_sealed(data, KEY)
+        open_sealed(data, KEY, source="a", target="b")
 
 
 def test_blob_round_trip_still_works() -> None:
     b = blob()
-    assert open_sealed(bytearray(seal(b, KEY)), KEY, expect_id=b.id) == b
+    sealed = seal(b, KEY, source="a", target="b")
+    assert open_sealed(bytearray(sealed), KEY, expect_id=b.id, source="a", target="b") == b
 
 
 # --- TCP and TLS state -------------------------------------------------------------------------

@@ -273,17 +273,19 @@ def tls_seeds(rng: random.Random) -> list[dict[str, Any]]:
 
 MID = bytes(range(16))
 KEY = bytes(range(32, 64))
+BOUND = {"source": "a", "target": "b", "now": 1.7e9}  # the seeds' nodes and time
 
 
 def blob_seeds(rng: random.Random) -> list[dict[str, Any]]:
     tcp, tls = tcp_seeds(), tls_seeds(rng)
     flows = ["10.77.1.2:51000-10.77.100.1:443", "[fd00::2]:5000-[fd00::1]:443"]
+    v = blob_module.BLOB_VERSION
     return [
-        {"v": 1, "id": MID, "flow": flows[0], "tcp": tcp[0], "tls": tls[0],
+        {"v": v, "id": MID, "flow": flows[0], "tcp": tcp[0], "tls": tls[0],
          "app": {"counter": 7, "lines": ["a", "b"]}, "out": b"owed", "t": 1.7e9},
-        {"v": 1, "id": MID, "flow": flows[1], "tcp": tcp[1], "tls": None, "app": None,
+        {"v": v, "id": MID, "flow": flows[1], "tcp": tcp[1], "tls": None, "app": None,
          "out": b"", "t": 1700000000},
-        {"v": 1, "id": MID, "flow": flows[0], "tcp": tcp[2], "tls": tls[2], "app": [1, 2.5],
+        {"v": v, "id": MID, "flow": flows[0], "tcp": tcp[2], "tls": tls[2], "app": [1, 2.5],
          "out": b"", "t": 1.7e9},
     ]  # fmt: skip
 
@@ -291,7 +293,7 @@ def blob_seeds(rng: random.Random) -> list[dict[str, Any]]:
 def seal_plain(plain: bytes, rng: random.Random, mid: bytes = MID) -> bytes:
     """``plain`` sealed under the real key: mutated plaintexts get past the AEAD."""
     nonce = rng.randbytes(12)
-    header = blob_module._HEADER.pack(blob_module.MAGIC, blob_module.BLOB_VERSION, mid, nonce)
+    header = blob_module._header(mid, nonce, "a", "b")
     return header + ChaCha20Poly1305(KEY).encrypt(nonce, plain, header)
 
 
@@ -323,7 +325,7 @@ def check_tls(wire: Any, case: str) -> None:
 
 
 def check_sealed(data: Any, case: str) -> None:
-    got = only(BlobError, lambda: open_sealed(data, KEY, expect_id=MID), case)
+    got = only(BlobError, lambda: open_sealed(data, KEY, expect_id=MID, **BOUND), case)
     assert got is None or (isinstance(got, MigrationBlob) and math.isfinite(got.t)), case
 
 
@@ -405,7 +407,8 @@ def test_sealed_blob_mutations() -> None:
     rng = seeded(SEED + 2)
     seeds = blob_seeds(rng)
     for seed in seeds:
-        assert open_sealed(seal_plain(msgpack.packb(seed), rng), KEY, expect_id=MID).id == MID
+        sealed = seal_plain(msgpack.packb(seed), rng)
+        assert open_sealed(sealed, KEY, expect_id=MID, **BOUND).id == MID
     # The envelope: mutated sealed bytes (header, nonce, ciphertext, tag, length).
     sealed = [seal_plain(msgpack.packb(s), rng) for s in seeds]
     for i in range(CASES):
@@ -602,6 +605,8 @@ def test_hypothesis_sealed_envelope(data: bytes) -> None:
             MID, Flow.parse(FLOW_SEEDS[0]), TcpState.from_wire(tcp_seeds()[0]), None, None
         ),
         KEY,
+        source="a",
+        target="b",
     )
     check_sealed(data, "arbitrary bytes")
     check_sealed(sealed[:29] + data, "arbitrary body after a valid header")
