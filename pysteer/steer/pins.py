@@ -1,11 +1,20 @@
-"""Where pysteer pins its BPF maps: /sys/fs/bpf/pysteer/<name>/ on a mounted bpffs."""
+"""Where pysteer pins its BPF maps: /sys/fs/bpf/pysteer/<name>/ on a mounted bpffs.
+
+bpffs's root is world-writable (mode 1777) on many systems, so a local user could make
+``pysteer`` or ``pysteer/<name>`` first and then rename or unlink the pins in it (or make
+it a symlink elsewhere). Every directory pysteer uses there must therefore be a real
+directory owned by the effective uid that nobody else can write; pysteer makes its own
+0700 and refuses any other, with the path and the fix.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +84,11 @@ def map_info(path: Path) -> MapInfo:
 
 
 def pinned_maps(name: str) -> dict[str, MapInfo]:
-    """Every map pinned by instance ``name``, by its name (empty when there are none)."""
-    path = PIN_ROOT / name
-    if not is_bpffs() or not path.is_dir():
+    """Every map pinned by instance ``name``, by its name (empty when there are none).
+
+    PinError if its directories are not safe to use: what is in them is not ours."""
+    path = _instance(name)
+    if not is_bpffs() or not _trusted(PIN_ROOT) or not _trusted(path):
         return {}
     return {p.name: map_info(p) for p in sorted(path.iterdir())}
 
@@ -105,19 +116,80 @@ def ensure_bpffs() -> None:
 
 
 def remove(name: str) -> None:
-    """Unpin every map of instance ``name`` and remove its directory (safe if absent)."""
-    path = PIN_ROOT / name
-    if path.is_dir():
-        for pinned in path.iterdir():
-            pinned.unlink()
-        path.rmdir()
+    """Unpin every map of instance ``name`` and remove its directory (safe if absent).
+
+    PinError, removing nothing, if the directory is not ours: a symlink would otherwise
+    make this unlink whatever it points to."""
+    path = _instance(name)
+    if not _trusted(PIN_ROOT) or not _trusted(path):
+        return
+    for pinned in path.iterdir():
+        pinned.unlink()  # never follows a symlink
+    path.rmdir()
 
 
 def pin_dir(name: str) -> Path:
-    """The pin directory of steering instance ``name``, created if needed."""
-    if not NAME_RE.match(name):
-        raise PinError(f"invalid steering instance name {name!r}: use [a-z0-9_-], 1-63 chars")
+    """The pin directory of steering instance ``name``, created (0700) if needed.
+
+    PinError if bpffs or a directory on the way is one another user could change."""
+    path = _instance(name)
     ensure_bpffs()
-    path = PIN_ROOT / name
-    path.mkdir(parents=True, exist_ok=True)
+    _check_mount()
+    for directory in (PIN_ROOT, path):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+        _trusted(directory)  # also when it was there already, or made by someone else
     return path
+
+
+def _instance(name: str) -> Path:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise PinError(f"invalid steering instance name {name!r}: use [a-z0-9_-], 1-63 chars")
+    return PIN_ROOT / name
+
+
+def _refuse(path: Path, why: str, fix: str) -> PinError:
+    return PinError(f"refusing the pin directory {path}: {why}. {fix}, then start again")
+
+
+def _trusted(path: Path) -> bool:
+    """Whether ``path`` exists; PinError unless it is a real directory (not a symlink)
+    owned by the effective uid, that neither its group nor others may write."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise PinError(f"cannot inspect the pin directory {path}: {exc.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise _refuse(path, f"it is a symbolic link (to {os.readlink(path)!r}), and pins "
+                            "must live in a real directory of their own",
+                      f"Remove the link (rm {path})")  # fmt: skip
+    if not stat.S_ISDIR(st.st_mode):
+        raise _refuse(path, "it is not a directory", f"Remove it (rm {path})")
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise _refuse(path, f"it belongs to uid {st.st_uid}, not to uid {euid} (this "
+                            "process): another user made it and could rename or unlink "
+                            "the pins in it",
+                      f"Check what it holds, then remove it (rm -r {path}) or, if it is "
+                      f"pysteer's own, chown {euid}:{os.getegid()} {path}")  # fmt: skip
+    if st.st_mode & 0o022:
+        mode = stat.S_IMODE(st.st_mode)
+        raise _refuse(path, f"its group or others may write it (mode {mode:04o}), so they "
+                            "could rename or unlink the pins in it",
+                      f"Check what it holds, then chmod go-w {path}")  # fmt: skip
+    return True
+
+
+def _check_mount() -> None:
+    """bpffs's root may be world-writable only if sticky (as /tmp): then nobody but its
+    owner can rename or remove the pysteer directory in it."""
+    st = os.lstat(BPFFS)
+    if st.st_uid not in (0, os.geteuid()):
+        raise PinError(f"{BPFFS} belongs to uid {st.st_uid}: mount bpffs there as root")
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        mode = stat.S_IMODE(st.st_mode)
+        raise PinError(f"{BPFFS} is writable by others without the sticky bit (mode "
+                       f"{mode:04o}), so anyone could replace pysteer's pins: "
+                       f"chmod +t {BPFFS}, then start again")  # fmt: skip
