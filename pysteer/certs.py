@@ -1,7 +1,12 @@
-"""Certificates made with ``cryptography``: a CA, and server or client certificates it signs.
+"""Certificates made with ``cryptography``: a CA, and the leaf certificates it signs.
 
-Used by the tests and the demo now, and by ``pysteer certs init`` for the cluster later.
-Keys are RSA-2048, ECDSA P-256 or Ed25519.
+Used by ``pysteer certs init`` and by the tests. Keys are RSA-2048, ECDSA P-256 or
+Ed25519. Every leaf says what it may do, so a certificate cannot serve as another kind:
+``usage`` is ``"server"`` (serverAuth only: the service certificate clients see),
+``"client"`` (clientAuth only) or ``"node"`` (both: a cluster member is a server to its
+peers and a client of them); ``"any"`` leaves the extendedKeyUsage out, as many older
+certificates do, and exists so that tests can show pysteer's links refuse it. keyUsage
+allows signatures only (key encipherment too for RSA, whose TLS 1.2 key exchange needs it).
 """
 
 from __future__ import annotations
@@ -65,6 +70,28 @@ _CA_USAGE = x509.KeyUsage(
 )
 
 
+USAGES = {
+    "server": [ExtendedKeyUsageOID.SERVER_AUTH],
+    "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+    "node": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+    "any": [],
+}
+
+
+def _leaf_usage(key) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 class CertificateAuthority:
     """A self-signed CA that issues server and client certificates."""
 
@@ -86,6 +113,19 @@ class CertificateAuthority:
         )
         self.cert_pem = self.cert.public_bytes(serialization.Encoding.PEM)
 
+    @classmethod
+    def load(cls, cert_pem: bytes, key_pem: bytes) -> CertificateAuthority:
+        """An existing CA (``certs issue`` adds or renews one node with it)."""
+        ca = cls.__new__(cls)
+        ca.cert = x509.load_pem_x509_certificate(cert_pem)
+        ca._key = serialization.load_pem_private_key(key_pem, password=None)
+        public = serialization.PublicFormat.SubjectPublicKeyInfo
+        if ca._key.public_key().public_bytes(serialization.Encoding.PEM, public) != \
+                ca.cert.public_key().public_bytes(serialization.Encoding.PEM, public):  # fmt: skip
+            raise ValueError("the CA key does not belong to the CA certificate")
+        ca.cert_pem = ca.cert.public_bytes(serialization.Encoding.PEM)
+        return ca
+
     def key_pem(self) -> bytes:
         """The CA's private key, PEM. Whoever holds it can mint cluster members."""
         return _pem_key(self._key)
@@ -96,11 +136,11 @@ class CertificateAuthority:
         *,
         names: Sequence[str] = (),
         kind: str = "ecdsa",
-        client: bool = False,
+        usage: str = "server",
         days: int = 30,
-        both: bool = False,
     ) -> Issued:
-        """A leaf certificate: DNS names and IP addresses in ``names`` go into the SAN."""
+        """A leaf certificate for ``usage`` (server, client or node): DNS names and IP
+        addresses in ``names`` go into the SAN."""
         key = _key(kind)
         now = datetime.datetime.now(datetime.UTC)
         sans: list[x509.GeneralName] = []
@@ -109,10 +149,9 @@ class CertificateAuthority:
                 sans.append(x509.IPAddress(ipaddress.ip_address(name)))
             except ValueError:
                 sans.append(x509.DNSName(name))
-        usage = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else [ExtendedKeyUsageOID.SERVER_AUTH]
-        if both:
-            usage = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-        cert = (
+        if usage not in USAGES:
+            raise ValueError(f"usage must be one of {', '.join(USAGES)}, not {usage!r}")
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(self.cert.subject)
@@ -122,8 +161,10 @@ class CertificateAuthority:
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.ExtendedKeyUsage(usage), critical=False)
-            .sign(self._key, _sign_hash(self._key))
+            .add_extension(_leaf_usage(key), critical=True)
         )
+        if USAGES[usage]:
+            builder = builder.add_extension(x509.ExtendedKeyUsage(USAGES[usage]), critical=False)
+        cert = builder.sign(self._key, _sign_hash(self._key))
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         return Issued(cert_pem=cert_pem, key_pem=_pem_key(key), chain_pem=cert_pem + self.cert_pem)

@@ -1,8 +1,23 @@
-"""``pysteer certs init``: a cluster CA, one certificate per node, and the cluster key.
+"""``pysteer certs``: the cluster's keys, made once and handed out one host at a time.
 
-Writes, in ``--dir``: ``ca.pem``, ``ca.key``, ``<node>.pem`` (leaf then CA), ``<node>.key``
-and ``cluster.key`` (32 random bytes that seal migration blobs). Private keys are 0600.
-It refuses to overwrite an existing cluster unless ``--force``.
+``certs init --dir DIR`` makes, in a directory only you can write (created 0700):
+
+- ``ca.pem``, ``ca.key``: the control-plane CA. Its key signs node identities, so it
+  stays in DIR, on the machine where you ran this (keep it offline);
+- ``NODE.pem`` (leaf then CA) and ``NODE.key`` for every ``--node``: each node's identity,
+  for its mutual-TLS links (serverAuth and clientAuth, CN and DNS name = the node);
+- ``cluster.key``: 32 random bytes that seal migration blobs;
+- ``service.pem``, ``service.key``: what clients of the VIP see. Give your own
+  (``--service-cert``/``--service-key``, e.g. from your usual CA), or let ``--service-name``
+  make one under a separate service CA (``service-ca.pem``, for labs and tests; that CA's
+  key is not kept). The control-plane CA never signs it, so clients never trust it.
+
+``certs bundle --dir DIR --node NODE --out OUT`` then writes exactly one host's files:
+the CA certificate, that node's certificate and key, and, for a host that serves the VIP,
+the cluster key and the service certificate and key (and ``cluster.toml``, if DIR has one).
+
+Keys are 0600, certificates 0644. An existing directory is used only when it is yours
+and not writable by others; every file is written fresh and renamed into place.
 """
 
 from __future__ import annotations
@@ -10,78 +25,275 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
 from pysteer.certs import KEY_KINDS, CertificateAuthority
 from pysteer.errors import UsageError
+from pysteer.safefile import PRIVATE, PUBLIC, SafeDir, UnsafeDirectory, private_dir
 
 NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+RESERVED = {"ca", "cluster", "service", "service-ca"}  # file names a node would clash with
 
 
 def add_parser(sub: Any) -> None:
-    certs = sub.add_parser("certs", help="make the cluster's CA, node certificates and key")
+    certs = sub.add_parser("certs", help="make the cluster's keys, and hand them out per host",
+                           description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     cmds = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
     init = cmds.add_parser(
         "init",
-        help="create a cluster CA, a certificate per node and the cluster key",
+        help="create the control-plane CA, a certificate per node, the cluster key and the "
+        "service certificate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    init.add_argument("--dir", type=Path, required=True, help="where to write the files")
+    init.add_argument("--dir", type=Path, required=True,
+                      help="where to write the files (created 0700; an existing one must be "
+                           "yours and not writable by others)")  # fmt: skip
     init.add_argument("--node", action="append", required=True, metavar="NAME[=NAMES]",
                       help="a node and, after '=', its DNS names and addresses, comma-separated "
-                           "(repeat for each node)")  # fmt: skip
+                           "(repeat for each node, the steering node included)")  # fmt: skip
+    init.add_argument(
+        "--service-cert",
+        type=Path,
+        metavar="PEM",
+        help="your service certificate (leaf first, then its chain)",
+    )
+    init.add_argument("--service-key", type=Path, metavar="PEM", help="its private key")
+    init.add_argument("--service-name", metavar="NAMES",
+                      help="instead: make a service certificate for these comma-separated "
+                           "names under a separate service CA (service-ca.pem)")  # fmt: skip
     init.add_argument("--kind", choices=KEY_KINDS, default="ecdsa", help="key type (ecdsa)")
     init.add_argument("--days", type=int, default=365, help="validity (default: 365)")
     init.add_argument("--force", action="store_true", help="replace an existing cluster")
     init.set_defaults(func=cmd_init)
 
+    issue = cmds.add_parser(
+        "issue",
+        help="issue (or renew) one node's certificate and key with the existing CA",
+        description="Issue a new certificate and key for NODE with the CA in DIR: to add a "
+        "node, or to rotate one node's key (then bundle it and restart that node's daemon). "
+        "Other nodes keep theirs.",
+    )
+    issue.add_argument("--dir", type=Path, required=True, help="the cluster made by certs init")
+    issue.add_argument(
+        "--node",
+        required=True,
+        metavar="NAME[=NAMES]",
+        help="the node and, after '=', its DNS names and addresses",
+    )
+    issue.add_argument("--kind", choices=KEY_KINDS, default="ecdsa", help="key type (ecdsa)")
+    issue.add_argument("--days", type=int, default=365, help="validity (default: 365)")
+    issue.set_defaults(func=cmd_issue)
 
-def _write(path: Path, data: bytes, private: bool) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
+    bundle = cmds.add_parser(
+        "bundle",
+        help="write exactly one host's files (its key, the CA certificate, the cluster key)",
+        description="Write into OUT only what NODE needs: ca.pem, NODE.pem, NODE.key and, "
+        "unless NODE is the steering node, cluster.key and the service certificate and key; "
+        "cluster.toml too when DIR has one. The CA key and other nodes' keys stay in DIR. "
+        "Copy OUT to the host (e.g. tar over ssh) into a root-only directory.",
+    )
+    bundle.add_argument("--dir", type=Path, required=True, help="the cluster made by certs init")
+    bundle.add_argument("--node", required=True, help="the host to write the files of")
+    bundle.add_argument("--out", type=Path, required=True,
+                        help="where to write them (created 0700, or yours and not writable "
+                             "by others)")  # fmt: skip
+    bundle.add_argument("--role", choices=("host", "steer"),
+                        help="host (serves the VIP) or steer; default: from DIR/cluster.toml, "
+                             "else host")  # fmt: skip
+    bundle.add_argument("--force", action="store_true", help="replace files already in OUT")
+    bundle.set_defaults(func=cmd_bundle)
+
+
+def _load_service(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
+    """The operator's service certificate chain and key, checked to belong together."""
+    try:
+        chain, key_pem = cert_path.read_bytes(), key_path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the service certificate or key: {exc}") from None
+    try:
+        leaf = x509.load_pem_x509_certificates(chain)[0]
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"the service certificate or key is not valid PEM: {exc}") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.PEM, public) != \
+            leaf.public_key().public_bytes(serialization.Encoding.PEM, public):  # fmt: skip
+        raise UsageError(f"{key_path} is not the key of {cert_path}")
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.SERVER_AUTH not in usages:
+            raise UsageError(f"{cert_path} is not a server certificate (no serverAuth)")
+    except x509.ExtensionNotFound:
+        pass
+    return chain, key_pem
 
 
 def write_cluster(
     directory: Path,
     nodes: dict[str, list[str]],
     *,
+    service_names: list[str] | None = None,
+    service: tuple[bytes, bytes] | None = None,
     kind: str = "ecdsa",
     days: int = 365,
     force: bool = False,
 ) -> None:
-    """Write the CA, one certificate and key per node, and the cluster key."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if (directory / "ca.key").exists() and not force:
-        raise UsageError(f"{directory} already holds a cluster (ca.key); --force replaces it")
-    ca = CertificateAuthority("pysteer cluster CA", kind=kind, days=days)
-    _write(directory / "ca.pem", ca.cert_pem, private=False)
-    _write(directory / "ca.key", ca.key_pem(), private=True)
-    for name, names in nodes.items():
-        # One certificate serves a node both as server (its listeners) and as client.
-        # The node name is always a DNS name of it: peers verify each other by name.
-        sans = [name, *(n for n in names if n != name)]
-        issued = ca.issue(name, names=sans, kind=kind, days=days, both=True)
-        _write(directory / f"{name}.pem", issued.chain_pem, private=False)
-        _write(directory / f"{name}.key", issued.key_pem, private=True)
-    _write(directory / "cluster.key", os.urandom(32), private=True)
+    """Write the control-plane CA, one certificate and key per node, the cluster key and,
+    if asked, the service certificate (given as ``service`` = (chain, key), or made)."""
+    for name in nodes:
+        if not NODE_RE.fullmatch(name) or name in RESERVED:
+            raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting "
+                             f"alphanumeric, not one of {', '.join(sorted(RESERVED))}")  # fmt: skip
+    try:
+        out = private_dir(directory)
+    except UnsafeDirectory as exc:
+        raise UsageError(f"refusing to write keys: {exc}") from None
+    with out:
+        if out.exists("ca.key") and not force:
+            raise UsageError(f"{directory} already holds a cluster (ca.key); --force replaces it")
+        ca = CertificateAuthority("pysteer control-plane CA", kind=kind, days=days)
+        out.write("ca.pem", ca.cert_pem, PUBLIC)
+        out.write("ca.key", ca.key_pem(), PRIVATE)
+        for name, names in nodes.items():
+            # One certificate serves a node both as server (its listeners) and as client.
+            # The node name is always a DNS name of it: peers verify each other by name.
+            sans = [name, *(n for n in names if n != name)]
+            issued = ca.issue(name, names=sans, kind=kind, days=days, usage="node")
+            out.write(f"{name}.pem", issued.chain_pem, PUBLIC)
+            out.write(f"{name}.key", issued.key_pem, PRIVATE)
+        out.write("cluster.key", os.urandom(32), PRIVATE)
+        if service_names:
+            service_ca = CertificateAuthority("pysteer service CA", kind=kind, days=days)
+            issued = service_ca.issue(service_names[0], names=service_names, kind=kind,
+                                      days=days, usage="server")  # fmt: skip
+            out.write("service-ca.pem", service_ca.cert_pem, PUBLIC)
+            service = (issued.chain_pem, issued.key_pem)
+        if service is not None:
+            out.write("service.pem", service[0], PUBLIC)
+            out.write("service.key", service[1], PRIVATE)
 
 
-def cmd_init(args: argparse.Namespace) -> int:
+def _cluster_dir(directory: Path) -> SafeDir:
+    """An existing cluster directory, checked as safely ours before any key is read."""
+    if not os.path.lexists(directory):
+        raise UsageError(f"{directory} does not exist (make it with pysteer certs init)")
+    try:
+        return private_dir(directory)
+    except UnsafeDirectory as exc:
+        raise UsageError(f"refusing to use the keys in it: {exc}") from None
+
+
+def _role_from_config(source: SafeDir, node: str) -> str | None:
+    if not source.exists("cluster.toml"):
+        return None
+    try:
+        config = tomllib.loads(source.read("cluster.toml").decode())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"cannot read {source.path / 'cluster.toml'}: {exc}") from None
+    if config.get("steer", {}).get("name") == node:
+        return "steer"
+    if node in config.get("nodes", {}):
+        return "host"
+    raise UsageError(f"{source.path / 'cluster.toml'} names no node {node!r}")
+
+
+def write_bundle(directory: Path, node: str, out_dir: Path, *, role: str | None = None,
+                 force: bool = False) -> list[str]:  # fmt: skip
+    """Copy one host's files from ``directory`` to ``out_dir``; returns their names."""
+    if not NODE_RE.fullmatch(node) or node in RESERVED:
+        raise UsageError(f"invalid node name {node!r}")
+    with _cluster_dir(directory) as source:
+        if not source.exists(f"{node}.key"):
+            raise UsageError(f"{directory} has no key for node {node!r}")
+        role = role or _role_from_config(source, node) or "host"
+        names = ["ca.pem", f"{node}.pem", f"{node}.key"]
+        if role == "host":
+            names.append("cluster.key")
+            names += [n for n in ("service.pem", "service.key") if source.exists(n)]
+        if source.exists("cluster.toml"):
+            names.append("cluster.toml")
+        files = {n: source.read(n) for n in names}
+    try:
+        out = private_dir(out_dir)
+    except UnsafeDirectory as exc:
+        raise UsageError(f"refusing to write keys: {exc}") from None
+    with out:
+        there = [n for n in names if out.exists(n)]
+        if there and not force:
+            raise UsageError(f"{out_dir} already holds {', '.join(there)}; --force replaces")
+        for name, data in files.items():
+            out.write(name, data, PRIVATE if name.endswith(".key") else PUBLIC)
+    return names
+
+
+def parse_nodes(specs: list[str]) -> dict[str, list[str]]:
     nodes: dict[str, list[str]] = {}
-    for spec in args.node:
+    for spec in specs:
         name, _, names = spec.partition("=")
-        if not NODE_RE.match(name):
-            raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting alphanumeric")
+        if not NODE_RE.fullmatch(name) or name in RESERVED:
+            raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting "
+                             f"alphanumeric, not one of {', '.join(sorted(RESERVED))}")  # fmt: skip
         if name in nodes:
             raise UsageError(f"node {name!r} given twice")
         nodes[name] = [n for n in names.split(",") if n]
+    return nodes
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    nodes = parse_nodes(args.node)
     if args.days < 1:
         raise UsageError("--days must be at least 1")
-    write_cluster(args.dir, nodes, kind=args.kind, days=args.days, force=args.force)
-    print(f"cluster in {args.dir}: CA, {len(nodes)} node certificate(s), cluster.key")
+    if bool(args.service_cert) != bool(args.service_key):
+        raise UsageError("--service-cert and --service-key go together")
+    if args.service_cert and args.service_name:
+        raise UsageError("give either your service certificate or --service-name, not both")
+    service = _load_service(args.service_cert, args.service_key) if args.service_cert else None
+    service_names = [n for n in (args.service_name or "").split(",") if n] or None
+    write_cluster(args.dir, nodes, service=service, service_names=service_names,
+                  kind=args.kind, days=args.days, force=args.force)  # fmt: skip
+    made = "service certificate" if service or service_names else "no service certificate"
+    print(f"cluster in {args.dir}: control-plane CA, {len(nodes)} node certificate(s), "
+          f"cluster.key, {made}")  # fmt: skip
+    print(f"keep {args.dir / 'ca.key'} here; give each host only its own files: "
+          f"pysteer certs bundle --dir {args.dir} --node NODE --out DIR")  # fmt: skip
+    return 0
+
+
+def issue_node(directory: Path, name: str, names: list[str], *, kind: str = "ecdsa",
+               days: int = 365) -> None:  # fmt: skip
+    """A new certificate and key for one node, from the CA kept in ``directory``."""
+    with _cluster_dir(directory) as out:
+        if not out.exists("ca.key"):
+            raise UsageError(f"{directory} has no CA key (ca.key): issue where the CA is kept")
+        try:
+            ca = CertificateAuthority.load(out.read("ca.pem"), out.read("ca.key"))
+        except (OSError, ValueError, TypeError) as exc:
+            raise UsageError(f"cannot load the CA in {directory}: {exc}") from None
+        issued = ca.issue(name, names=[name, *(n for n in names if n != name)], kind=kind,
+                          days=days, usage="node")  # fmt: skip
+        out.write(f"{name}.pem", issued.chain_pem, PUBLIC)
+        out.write(f"{name}.key", issued.key_pem, PRIVATE)
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    ((name, names),) = parse_nodes([args.node]).items()
+    if args.days < 1:
+        raise UsageError("--days must be at least 1")
+    issue_node(args.dir, name, names, kind=args.kind, days=args.days)
+    print(f"{args.dir}: new {name}.pem and {name}.key; hand them out with "
+          f"pysteer certs bundle --dir {args.dir} --node {name} --out DIR")  # fmt: skip
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    names = write_bundle(args.dir, args.node, args.out, role=args.role, force=args.force)
+    print(f"{args.out}: {' '.join(names)}")
     return 0

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The demo across the four VMs, run on the Vagrant host after `vagrant up`. It makes the
-# cluster files on the steering VM and copies them to the others, starts the steering
+# cluster's keys on the steering VM and gives each other VM only its own files, starts the steering
 # daemon and the two agents, connects `openssl s_client` from the client VM, moves its
 # connection a -> b -> a with `pysteer migrate`, drains a to b, and shows the client's
 # last lines. Everything goes through `vagrant ssh`; nothing else is needed on the host.
 set -euo pipefail
 cd "$(dirname "$0")"
-dir=/etc/pysteer
+dir=/etc/pysteer       # what each machine runs with: its own bundle
+keep=/root/pysteer-ca  # on steer: the CA key and every node's key (keep it offline)
 cfg="--config $dir/cluster.toml"
 
 on() {  # on VM COMMAND...: run COMMAND as root on VM
@@ -25,11 +26,17 @@ client_side=$(field '[l["steer"]["v4"] for l in p["links"] if l["peer"] == "clie
 a_ip=$(field '[l["peer_end"]["v4"] for l in p["links"] if l["peer"] == "a"][0].split("/")[0]')
 b_ip=$(field '[l["peer_end"]["v4"] for l in p["links"] if l["peer"] == "b"][0].split("/")[0]')
 
-echo "== cluster files, made on steer and copied to a, b and client"
-on steer "pysteer lab cluster --variant vm --dir $dir --force"
-for vm in a b client; do
-  vagrant ssh steer -c "sudo tar -C $dir -cf - ." | vagrant ssh "$vm" -c "sudo mkdir -p $dir && sudo tar -C $dir -xf -"
+echo "== cluster keys, made on steer; each machine gets only its own (certs bundle)"
+on steer "pysteer lab cluster --variant vm --dir $keep --force"
+on steer "pysteer certs bundle --dir $keep --node steer --out $dir --force"
+for vm in a b; do
+  on steer "pysteer certs bundle --dir $keep --node $vm --out /root/bundle-$vm --force"
+  vagrant ssh steer -c "sudo tar -C /root/bundle-$vm -cf - . && sudo rm -rf /root/bundle-$vm" |
+    vagrant ssh "$vm" -c "sudo install -d -m 0700 $dir && sudo tar -C $dir -xpf -"
 done
+# The client trusts the service CA only: it never sees a cluster key or the cluster's CA.
+vagrant ssh steer -c "sudo cat $keep/service-ca.pem" |
+  vagrant ssh client -c "sudo install -d $dir && sudo tee $dir/service-ca.pem >/dev/null"
 
 echo "== the steering daemon on steer, an agent on a and on b"
 on steer "ifname=\$(ip -o -4 addr show to $client_side | awk '{print \$2}');" \
@@ -44,7 +51,7 @@ on a "pysteer status $cfg"
 
 echo "== openssl s_client on the client VM, typing a line every 200 ms for a minute"
 on client "nohup timeout 60 bash -c 'while sleep 0.2; do echo hello; done |" \
-  "openssl s_client -connect $vip:443 -servername vip -CAfile $dir/ca.pem -quiet'" \
+  "openssl s_client -connect $vip:443 -servername vip -CAfile $dir/service-ca.pem -quiet'" \
   ">/tmp/s_client.out 2>&1 &"
 sleep 3
 flow=$(on a "pysteer flows $cfg --json" |

@@ -9,8 +9,8 @@
     [services.443]
     app = "ticker"                     # echo, ticker, http or module:Class
     tls = true
-    cert = "certs/vip.pem"             # what clients see (needed with tls = true)
-    key = "certs/vip.key"
+    cert = "certs/service.pem"         # what clients see (needed with tls = true)
+    key = "certs/service.key"
 
     [steer]
     name = "steer"                     # the steering daemon's node name
@@ -132,7 +132,7 @@ def _endpoint(text: str, where: str) -> tuple[str, int]:
 
 
 def _node(name: str, table: Any, base: Path, where: str) -> NodeConfig:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: invalid node name {name!r}")
     if not isinstance(table, dict):
         raise ConfigError(f"[{where}] must be a table")
@@ -228,7 +228,7 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         if node.drain_to is not None and node.drain_to not in nodes:
             raise ConfigError(f"nodes.{node.name}.drain_to: unknown node {node.drain_to!r}")
     name = cluster.get("name", "default")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"cluster.name must match {NAME_RE.pattern}, not {name!r}")
     return ClusterConfig(
         path=path,

@@ -44,12 +44,17 @@ def add_parser(sub: Any) -> None:
     cluster = cmds.add_parser(
         "cluster",
         help="write a pysteer cluster for the lab (certificates, key, cluster.toml)",
-        description="Write the CA, node and VIP certificates, the cluster key and "
-        "cluster.toml for the lab's addresses into DIR, then print the commands that start "
-        "the steering daemon and the two agents.",
+        description="Write the control-plane CA, the node certificates, the cluster key, a "
+        "service certificate under a service CA of its own (service-ca.pem: what clients "
+        "trust) and cluster.toml for the lab's addresses into DIR, then print the commands "
+        "that start the steering daemon and the two agents. DIR is created 0700; an existing "
+        "one must be root's and not writable by others.",
     )
     _prefix(cluster)
-    cluster.add_argument("--dir", type=Path, required=True, help="where to write the files")
+    cluster.add_argument("--dir", type=Path,
+                         help="where to write the files (default for a lab: "
+                              "/run/pysteer/PREFIX/cluster, removed by lab down; needed "
+                              "with --variant)")  # fmt: skip
     cluster.add_argument("--force", action="store_true", help="replace an existing cluster")
     cluster.add_argument("--variant", help="for machines laid out by this plan variant (vm) "
                          "instead of a lab; the cluster is named after it")  # fmt: skip
@@ -160,15 +165,19 @@ def cmd_cluster(args: argparse.Namespace) -> int:
             plan = load(args.variant)
         except PlanError as exc:
             raise UsageError(str(exc)) from None
+        if args.dir is None:
+            raise UsageError("--variant needs --dir (where the cluster's CA key will stay)")
         # One machine per node: the CLI reaches the others' agents over mutual TLS.
         path = write_plan_cluster(plan, args.variant, args.dir.resolve(), force=args.force,
                                   remote=True)  # fmt: skip
-        print(f"cluster file: {path} (copy the directory to every machine)")
+        print(f"cluster file: {path}; the CA key stays here: give each machine only its "
+              f"own files with pysteer certs bundle --dir {args.dir} --node NODE")  # fmt: skip
         return 0
     lab = _lab_for(args.prefix)
     if lab.status()["state"] != "up":
         raise UsageError(f"lab {args.prefix!r} is not up (pysteer lab up --prefix {args.prefix})")
-    path = write_cluster(lab, args.dir.resolve(), force=args.force)
+    directory = args.dir or Path("/run/pysteer") / lab.prefix / "cluster"
+    path = write_cluster(lab, directory.resolve(), force=args.force)
     print(f"cluster file: {path}")
     print("start the steering daemon and the agents (each runs until SIGTERM):")
     print("  " + shlex.join(["pysteer", *steer_argv(lab, path)[3:]]) + " &")

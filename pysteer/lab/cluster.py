@@ -21,8 +21,10 @@ from typing import Any
 from pysteer.certs_cli import write_cluster as write_certs
 from pysteer.lab.plan import LabPlan
 from pysteer.lab.topology import Lab
+from pysteer.safefile import PUBLIC, private_dir
 from pysteer.steer import pins
 
+SERVICE_NAME = "vip"  # the DNS name clients verify (s_client -servername vip)
 STEER_PORT = 7700
 AGENT_PORT = 7701
 # port -> (app, tls): a TLS ticker, a TLS HTTP server for downloads, a plain TCP ticker.
@@ -72,8 +74,10 @@ def write_plan_cluster(
     steer_addr = plan.link(plan.hosts[0]).steer_end.v4.ip  # the steering node's side of link a
     nodes = {plan.steer: [str(steer_addr)]}
     nodes |= {h: [str(plan.address(h, 4)), str(plan.address(h, 6))] for h in plan.hosts}
-    nodes["vip"] = [str(plan.vip(4)), str(plan.vip(6)), "localhost"]
-    write_certs(directory, nodes, force=force)
+    # Clients see a service certificate from a CA of its own (service-ca.pem), never
+    # one from the control-plane CA.
+    service = [SERVICE_NAME, str(plan.vip(4)), str(plan.vip(6)), "localhost"]
+    write_certs(directory, nodes, service_names=service, force=force)
     lines = [
         f"# Written by `pysteer lab cluster` for {name!r}",
         "[cluster]",
@@ -86,7 +90,7 @@ def write_plan_cluster(
     for port, (app, tls) in sorted(services.items()):
         lines += [f"[services.{port}]", f'app = "{app}"', f"tls = {str(tls).lower()}"]
         if tls:
-            lines += ['cert = "vip.pem"', 'key = "vip.key"']
+            lines += ['cert = "service.pem"', 'key = "service.key"']
         lines.append("")
     lines += [
         "[steer]",
@@ -106,9 +110,9 @@ def write_plan_cluster(
             where(host),
             "",
         ]
-    path = directory / "cluster.toml"
-    path.write_text("\n".join(lines))
-    return path
+    with private_dir(directory) as out:
+        out.write("cluster.toml", "\n".join(lines).encode(), PUBLIC)
+    return directory / "cluster.toml"
 
 
 def steer_argv(lab: Lab, config: Path, mode: str = "tc") -> list[str]:
@@ -157,6 +161,11 @@ class LabCluster:
         self.metrics: dict[str, tuple[str, int]] = {}  # node -> its metrics listener
         self.procs: dict[str, subprocess.Popen[str]] = {}
         self.logs: dict[str, Path] = {}
+
+    @property
+    def client_ca(self) -> Path:
+        """What the lab's clients trust for the VIP: the service CA, not the cluster's."""
+        return self.dir / "service-ca.pem"
 
     # --- daemons ------------------------------------------------------------------------
     @staticmethod

@@ -78,7 +78,7 @@ class Demo:
 
     def _scenario(self) -> None:
         lab, vip = self.lab, str(self.lab.plan.vip(4))
-        ca = str(self.dir / "ca.pem")
+        ca = str(self.cluster.client_ca)
         before = counters(lab)
         client_if = lab.plan.link(lab.plan.client).peer_end.name
         with RstCapture(lab, "client", client_if) as capture:

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -390,8 +391,8 @@ def remove_instance(name: str, grace: float = 2.0) -> list[str]:
     """Remove what a lab's cluster leaves outside its namespaces (the cluster and the
     steering instance are named after the lab): the steering daemon (it runs in the root
     namespace; its pid is in its lock), its pinned maps, its lock and socket, and the
-    agents' run directory (sockets, ledgers). A lab rebuilt with the same name starts
-    clean. Returns what it removed."""
+    agents' run directory (sockets, ledgers, and the keys ``lab cluster`` wrote there by
+    default). A lab rebuilt with the same name starts clean. Returns what it removed."""
     from pysteer.steer import pins  # noqa: PLC0415 - only when a lab goes down
 
     run = Path("/run/pysteer")
@@ -409,17 +410,18 @@ def remove_instance(name: str, grace: float = 2.0) -> list[str]:
                     time.sleep(0.02)
             removed.append(f"steering daemon {pid}")
     if (pins.PIN_ROOT / name).is_dir():
-        pins.remove(name)
+        try:
+            pins.remove(name)
+        except pins.PinError as exc:  # someone else's directory: not ours to empty
+            raise LabError(f"cannot remove the lab's pins: {exc}") from None
         removed.append(str(pins.PIN_ROOT / name))
     for path in (lock, run / f"steer-{name}.sock"):
         if path.exists() or path.is_symlink():
             path.unlink()
             removed.append(str(path))
-    cluster = run / name
+    cluster = run / name  # agents' sockets and ledgers; the lab's keys (lab cluster)
     if cluster.is_dir() and not cluster.is_symlink():
-        for entry in cluster.iterdir():
-            entry.unlink()
-        cluster.rmdir()
+        shutil.rmtree(cluster)  # never follows a symlink inside
         removed.append(str(cluster))
     return removed
 

@@ -53,7 +53,7 @@ def run(idle: int, active: int, batch: int, out: Path) -> dict[str, Any]:
     try:
         cluster.start()
         vip = str(lab.plan.vip(4))
-        ctx = ssl.create_default_context(cafile=str(directory / "ca.pem"))
+        ctx = ssl.create_default_context(cafile=str(cluster.client_ca))
         t0 = time.monotonic()
         # Blocking ssl sockets, each only ever used by this thread; the active clients'
         # connections belong to LineClient's asyncio loop.

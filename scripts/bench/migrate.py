@@ -150,7 +150,7 @@ def run(moves: int, every: float, out: Path) -> dict[str, Any]:
     cluster = LabCluster(lab, directory)
     try:
         cluster.start()
-        ca = directory / "ca.pem"
+        ca = cluster.client_ca
         # Baseline: the same traffic, no migration.
         before = counters(lab)
         client = Client(lab, ca)

@@ -26,7 +26,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         kind: ca.issue("localhost", names=["localhost", "127.0.0.1"], kind=kind)
         for kind in ("ecdsa", "rsa", "ed25519")
     }
-    client = ca.issue("client-7", kind="ecdsa", client=True)
+    client = ca.issue("client-7", kind="ecdsa", usage="client")
     (tmp / "ca.pem").write_bytes(ca.cert_pem)
     (tmp / "client.pem").write_bytes(client.cert_pem)
     (tmp / "client.key").write_bytes(client.key_pem)

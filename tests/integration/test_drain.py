@@ -38,7 +38,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 class Clients:
     def __init__(self, cluster: Cluster) -> None:
         lab, vip = cluster.lab, str(cluster.lab.plan.vip(4))
-        ca = str(cluster.dir / "ca.pem")
+        ca = str(cluster.client_ca)
         self.sessions = []
         for i in range(ACTIVE_PROCESSES):
             argv = (["openssl", "s_client", "-connect", f"{vip}:443", "-servername", "vip",
@@ -165,7 +165,7 @@ def test_interrupted_drain(cluster: Cluster, sig: int) -> None:
     cluster.cli("undrain", "a")
     cluster.cli("undrain", "b")
     lab, vip = cluster.lab, str(cluster.lab.plan.vip(4))
-    ctx = ssl.create_default_context(cafile=str(cluster.dir / "ca.pem"))
+    ctx = ssl.create_default_context(cafile=str(cluster.client_ca))
     threads = []
     for _ in range(120):
         raw = lab.call("client", socket.create_connection, (vip, 443))

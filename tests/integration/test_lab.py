@@ -4,11 +4,13 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -271,3 +273,26 @@ def test_concurrent_up_of_one_lab_builds_it_once() -> None:
         assert Lab.existing(prefix).problems() == []
     finally:
         Lab.existing(prefix).down()
+
+
+def test_cli_cluster_keys_live_where_only_root_can_create() -> None:
+    """`lab cluster` without --dir writes into /run/pysteer/PREFIX/cluster, 0700 and root's
+    (no predictable /tmp path another user could prepare), and `lab down` removes it."""
+    prefix = unique_prefix()
+    directory = Path("/run/pysteer") / prefix / "cluster"
+    try:
+        assert _cli("up", "--prefix", prefix, "--v4", "10.82.0.0/16").returncode == 0
+        out = _cli("cluster", "--prefix", prefix)
+        assert out.returncode == 0, out.stderr
+        assert f"cluster file: {directory}/cluster.toml" in out.stdout
+        st = directory.stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+        assert stat.S_IMODE((directory / "ca.key").stat().st_mode) == 0o600
+        assert (directory / "service-ca.pem").exists()
+        again = _cli("cluster", "--prefix", prefix)
+        assert again.returncode == 2 and "already holds a cluster" in again.stderr
+        assert _cli("cluster", "--variant", "vm").returncode == 2  # needs a --dir
+    finally:
+        down = _cli("down", "--prefix", prefix)
+    assert down.returncode == 0
+    assert not directory.exists() and not directory.parent.exists()

@@ -47,7 +47,7 @@ def scrape(cluster: Cluster, node: str) -> dict[str, float]:
 
 def test_metrics_match_what_happened(cluster: Cluster) -> None:
     vip = str(cluster.lab.plan.vip(4))
-    ctx = ssl.create_default_context(cafile=str(cluster.dir / "ca.pem"))
+    ctx = ssl.create_default_context(cafile=str(cluster.client_ca))
     raw = cluster.lab.call("client", socket.create_connection, (vip, 443))
     client = LineClient(raw, interval=0.05, ssl=ctx, server_hostname="vip")
     client.start()

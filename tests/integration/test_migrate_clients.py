@@ -47,7 +47,7 @@ def vip(cluster: Cluster, family: int = 4) -> str:
 def s_client(cluster: Cluster, *version: str, port: int = 443) -> list[str]:
     # Not -quiet: that would also turn off the interactive K (KeyUpdate) command.
     return ["openssl", "s_client", "-connect", f"{vip(cluster)}:{port}", "-servername", "vip",
-            "-verify_hostname", "vip", "-CAfile", str(cluster.dir / "ca.pem"),
+            "-verify_hostname", "vip", "-CAfile", str(cluster.client_ca),
             "-verify_return_error", *version]  # fmt: skip
 
 
@@ -138,14 +138,14 @@ def test_s_client_tls12(cluster: Cluster, cipher: str) -> None:
 
 
 def test_gnutls_cli(cluster: Cluster) -> None:
-    argv = ["gnutls-cli", "--x509cafile", str(cluster.dir / "ca.pem"), "--verify-hostname",
+    argv = ["gnutls-cli", "--x509cafile", str(cluster.client_ca), "--verify-hostname",
             "vip", "--logfile", "/dev/null", "-p", "443", vip(cluster)]  # fmt: skip
     ticker_session(cluster, argv, "gnutls-cli")
 
 
 def test_python_ssl(cluster: Cluster) -> None:
     argv = [sys.executable, str(HELPERS / "line_client.py"), vip(cluster), "443",
-            "--tls", str(cluster.dir / "ca.pem")]  # fmt: skip
+            "--tls", str(cluster.client_ca)]  # fmt: skip
     ticker_session(cluster, argv, "python ssl")
 
 
@@ -161,7 +161,7 @@ def test_keyupdate_after_migration(cluster: Cluster) -> None:
 
 def test_ipv6_tls(cluster: Cluster) -> None:
     argv = [sys.executable, str(HELPERS / "line_client.py"), vip(cluster, 6), "443",
-            "--tls", str(cluster.dir / "ca.pem")]  # fmt: skip
+            "--tls", str(cluster.client_ca)]  # fmt: skip
     before = {f["flow"] for f in cluster.flows()}
     with Watch(cluster) as watch:
         session = Session(cluster.lab, argv)
@@ -185,7 +185,7 @@ def test_curl_50mb(cluster: Cluster, tmp_path: Path) -> None:
     with Watch(cluster) as watch:
         curl = cluster.lab.popen("client", [
             "curl", "--silent", "--show-error", "--fail", "--http1.1", "--limit-rate", "2500K",
-            "--cacert", str(cluster.dir / "ca.pem"), "--resolve", f"vip:8443:{vip(cluster)}",
+            "--cacert", str(cluster.client_ca), "--resolve", f"vip:8443:{vip(cluster)}",
             "-o", str(target), f"https://vip:8443/bytes/{size}"],
             stderr=subprocess.PIPE, text=True)  # fmt: skip
         flow = cluster.wait_new_flow(before, 8443)["flow"]

@@ -45,7 +45,7 @@ def ticker(cluster: Cluster) -> tuple[Session, str]:
     before = {f["flow"] for f in cluster.flows()}
     session = Session(cluster.lab, ["openssl", "s_client", "-connect",
                                     f"{cluster.lab.plan.vip(4)}:443", "-servername", "vip",
-                                    "-CAfile", str(cluster.dir / "ca.pem"), "-quiet"])  # fmt: skip
+                                    "-CAfile", str(cluster.client_ca), "-quiet"])  # fmt: skip
     session.wait_for("ticker ready")
     flow = cluster.wait_new_flow(before, 443)["flow"]
     session.start_writing()
@@ -157,7 +157,7 @@ def test_an_app_that_raises_is_logged_and_its_connection_ended(cluster: Cluster)
     assert flow not in {f["flow"] for f in cluster.flows()}
 
     async def tls() -> str:
-        ctx = ssl.create_default_context(cafile=str(cluster.dir / "ca.pem"))
+        ctx = ssl.create_default_context(cafile=str(cluster.client_ca))
         reader, writer = await _open(cluster, vip, BOOM_TLS, ctx)
         writer.write(b"boom\n")
         try:
@@ -189,7 +189,7 @@ def test_sighup_reloads_and_sigterm_drains_or_ends(tmp_path: Path) -> None:
         cluster.config.write_text(text.replace("[nodes.a]\n", '[nodes.a]\ndrain_to = "b"\n'))
         cluster.stop("a")
         cluster.start_agent("a")
-        fleet = Fleet(cluster.lab, 443, 20, ca=cluster.dir / "ca.pem")
+        fleet = Fleet(cluster.lab, 443, 20, ca=cluster.client_ca)
         try:
             fleet.start_talking(0.2)
             time.sleep(0.5)

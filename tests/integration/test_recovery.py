@@ -75,7 +75,7 @@ def verdicts(fleet: Fleet) -> dict[str, set[str]]:
 
 
 def fleet_on_a(cluster: Cluster) -> Fleet:
-    fleet = Fleet(cluster.lab, 443, N, ca=cluster.dir / "ca.pem")
+    fleet = Fleet(cluster.lab, 443, N, ca=cluster.client_ca)
     fleet.start_talking(0.3)
     wait_until(lambda: len(served(cluster)) == N, 20, "every connection to be served")
     assert set(served(cluster).values()) == {"a"}
@@ -179,7 +179,7 @@ def test_target_killed_between_prepare_and_commit(cluster: Cluster) -> None:
     nothing; then the flow moves to a restarted B."""
     cluster.stop("b")
     cluster.start_agent("b", fault="commit:exit")
-    ca = str(cluster.dir / "ca.pem")
+    ca = str(cluster.client_ca)
     before = set(served(cluster))
     session = Session(cluster.lab, ["openssl", "s_client", "-connect",
                                     f"{cluster.lab.plan.vip(4)}:443", "-servername", "vip",
@@ -211,7 +211,7 @@ def ticker_session(cluster: Cluster) -> tuple[Session, str]:
     before = set(served(cluster))
     session = Session(cluster.lab, ["openssl", "s_client", "-connect",
                                     f"{cluster.lab.plan.vip(4)}:443", "-servername", "vip",
-                                    "-CAfile", str(cluster.dir / "ca.pem"), "-quiet"])  # fmt: skip
+                                    "-CAfile", str(cluster.client_ca), "-quiet"])  # fmt: skip
     session.wait_for("ticker ready")
     flow = next(iter(set(served(cluster)) - before))
     session.start_writing()
