@@ -43,9 +43,9 @@ from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLin
 from pysteer.agent.migrate import Migration, token_of
 from pysteer.app.runtime import AdoptError, Connection, Exported, Runtime, Service
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
+from pysteer.identity import IdentityError, client_context, peer_node, server_context
 from pysteer.metrics import AgentMetrics, setup_logging
 from pysteer.metrics import serve as serve_metrics
-from pysteer.steer.control import client_context, server_context
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tls import ServerConfig
 from pysteer.transfer.blob import KEY_LEN, BlobError, MigrationBlob, open_sealed
@@ -53,7 +53,6 @@ from pysteer.transfer.blob import KEY_LEN, BlobError, MigrationBlob, open_sealed
 log = logging.getLogger("pysteer.agent")
 
 LINKS = 16  # mTLS links per peer (and to the steering node): migrations in flight at once
-MAX_BLOB_AGE = 60.0  # seconds: an older blob is stale (and a replay, whatever the ledger says)
 RUN_DIR = Path("/run/pysteer")
 # What the CLI may ask over the peer listener (a drain streams: run it on the source node).
 REMOTE_COMMANDS = ("flows", "status", "migrate", "migrations", "resolve", "cordon", "uncordon",
@@ -249,6 +248,7 @@ class Agent:
         try:
             await self._stop.wait()
             await self._shutdown(peer_server)
+            await self._end_tasks()
         finally:
             peer_server.close()
             control_server.close()
@@ -257,6 +257,21 @@ class Agent:
             for prepared in list(self.prepared.values()):
                 tcp.discard(prepared.sock)
             self.ledger.close()
+
+    async def _end_tasks(self, timeout: float = 5.0) -> None:
+        """Cancel the background tasks and wait until they are gone. A cancel can be lost:
+        Python 3.11's ``wait_for`` returns the result instead of raising when its inner
+        future completes in the same turn as the cancel, and a loop around it then runs
+        on, so ``asyncio.run`` would wait for it forever (an agent once took longer than
+        15 s to stop). So cancel again until every task is done, within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._tasks and loop.time() < deadline:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.wait(list(self._tasks), timeout=0.1)
+        for task in self._tasks:
+            log.error("stopping: task %s did not end", task.get_name())
 
     def _on_stop_signal(self, name: str) -> None:
         if self._stop_signal is None:
@@ -324,6 +339,8 @@ class Agent:
                                        ssl_handshake_timeout=10)  # fmt: skip
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+            if getattr(exc, "verify_message", None):  # why the certificate was refused
+                reason = f"{reason}: {exc.verify_message}"
             log.warning("refused a peer connection from %s: %s", addr and addr[0], reason)
             transport.close()
             return
@@ -332,10 +349,10 @@ class Agent:
 
     async def _peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername")
-        cert = writer.get_extra_info("peercert") or {}
-        who = dict(x[0] for x in cert.get("subject", ())).get("commonName", "")
-        if who not in self.config.nodes:
-            log.warning("refused a peer connection from %s: %r is not a node", addr[0], who)
+        try:
+            who = peer_node(writer.get_extra_info("ssl_object"), self.config.nodes, "client")
+        except IdentityError as exc:
+            log.warning("refused a peer connection from %s: %s", addr[0], exc)
             writer.close()
             return
         sock = writer.get_extra_info("socket")
@@ -408,10 +425,10 @@ class Agent:
         if not isinstance(data, bytes):
             return {"ok": False, "error": "prepare needs a sealed blob"}
         try:
-            blob = open_sealed(data, self.cluster_key, expect_id=mid)
-            if abs(time.time() - blob.t) > MAX_BLOB_AGE:
-                raise BlobError(f"stale blob ({time.time() - blob.t:.0f} s old)")
-            self.ledger.claim(mid)
+            # Bound to this move: sealed by the peer this mTLS link authenticated, for us.
+            blob = open_sealed(data, self.cluster_key, expect_id=mid, source=who,
+                               target=self.name)  # fmt: skip
+            self.ledger.claim(mid, sealed_at=blob.t)
         except (BlobError, LedgerError) as exc:
             log.warning("import %s from %s refused: %s", short, who, exc)
             self._count_import("refused")
@@ -532,7 +549,7 @@ class Agent:
     async def _notify_closed(self) -> None:
         """Tell the steering node which connections ended here, in batches: their entries
         go at once (the programs also see most closes; this covers the rest)."""
-        while True:
+        while not self._stop.is_set():
             await self._closed_event.wait()
             self._closed_event.clear()
             await asyncio.sleep(0.2)  # gather a batch
@@ -574,7 +591,7 @@ class Agent:
         (a new boot id), after it was unreachable, and every ``sync_interval``."""
         loop = asyncio.get_running_loop()
         next_full, failing = 0.0, False
-        while True:
+        while not self._stop.is_set():
             try:
                 hello = await self.steer.call(2.0, cmd="hello")
                 boot = hello.get("boot")

@@ -171,7 +171,7 @@ def _ask(cfg: ClusterConfig, node: str, cmd: str, **args: Any) -> dict[str, Any]
 
 
 def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:
-    from pysteer.steer.control import client_context  # noqa: PLC0415
+    from pysteer.identity import client_context  # noqa: PLC0415
 
     # Prefer the node whose agent runs here; any readable node key otherwise.
     names = sorted(cfg.nodes, key=lambda n: not _path(cfg, n).exists())
@@ -193,8 +193,10 @@ def _node(cfg: ClusterConfig, name: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pysteer.agent.agent import AgentError, run  # noqa: PLC0415 - needs the TLS stack
+    from pysteer.harden import harden  # noqa: PLC0415
     from pysteer.metrics import parse_listen  # noqa: PLC0415
 
+    harden()  # before any key is read: no core dump holds one
     cfg = _load(args)
     node = _node(cfg, args.node)
     try:
@@ -481,11 +483,19 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 def _expiry(path: Path) -> dict[str, Any]:
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:  # a host holds only its own bundle (pysteer certs bundle)
+        return {"file": str(path), "here": False}
     except (OSError, ValueError) as exc:
         return {"file": str(path), "error": getattr(exc, "strerror", None) or str(exc)}
     left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
     return {"file": str(path), "expires": cert.not_valid_after_utc.isoformat(),
             "days_left": round(left.total_seconds() / 86400, 1)}  # fmt: skip
+
+
+def _shown_expiry(c: dict[str, Any]) -> str:
+    if "expires" in c:
+        return f"expires {c['expires'][:10]} ({c['days_left']} days)"
+    return "not on this host" if c.get("here") is False else f"unreadable: {c['error']}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -533,7 +543,5 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"  steering {cfg.steer.name} at {where}: UNREACHABLE ({steer['error']})")
     for name, c in certs.items():
-        shown = f"expires {c['expires'][:10]} ({c['days_left']} days)" if "expires" in c \
-            else f"unreadable: {c['error']}"  # fmt: skip
-        print(f"  certificate {name}: {shown}")
+        print(f"  certificate {name}: {_shown_expiry(c)}")
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 
 from pysteer.agent.frames import encode_frame
+from pysteer.identity import peer_node
 from pysteer.steer.control import LineReader
 
 
@@ -104,6 +105,7 @@ def ask_remote(address: tuple[str, int], context: ssl.SSLContext, node: str, cmd
             raw,
             context.wrap_socket(raw, server_hostname=node) as sock,
         ):
+            peer_node(sock, {node}, "server")
             sock.sendall(request)
             head = _read_exactly(sock, 4)
             answer = msgpack.unpackb(_read_exactly(sock, int.from_bytes(head, "big")), raw=False)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pysteer.agent.frames import FrameError, read_frame, write_frame
+from pysteer.identity import IdentityError, peer_node
 
 LINE_LIMIT = 2 << 20  # the steering daemon's answers (a sync's lists) fit in one read
 
@@ -66,6 +67,11 @@ class _Link:
             raise LinkError(f"{self.where}: TLS refused ({exc.reason or exc})") from None
         except OSError as exc:
             raise LinkError(f"{self.where}: {exc.strerror or exc}") from None
+        try:
+            peer_node(self._writer.get_extra_info("ssl_object"), {self.name}, "server")
+        except IdentityError as exc:
+            self.close()
+            raise LinkError(f"{self.where}: refused its certificate: {exc}") from None
         sock = self._writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

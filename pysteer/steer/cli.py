@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.errors import UsageError
-from pysteer.steer.control import ControlError, request, server_context, socket_path
+from pysteer.identity import server_context
+from pysteer.steer.control import ControlError, request, socket_path
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.steer.loader import MODES
 
@@ -118,8 +119,10 @@ def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per option
+    from pysteer.harden import harden  # noqa: PLC0415
     from pysteer.steer.daemon import DaemonError, run  # noqa: PLC0415 - needs BCC
 
+    harden()  # before the TLS key is read: no core dump holds it
     hosts = []
     for spec in args.host:
         name, _, rest = spec.partition("=")

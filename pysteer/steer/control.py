@@ -16,6 +16,8 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from pysteer.identity import peer_node
+
 RUN_DIR = Path("/run/pysteer")
 
 
@@ -30,23 +32,6 @@ class ControlError(RuntimeError):
 class RequestError(ControlError):
     """A control line that is not one JSON object within bounds; the message says what is
     wrong and never quotes the line, so it is safe to send back as the answer's error."""
-
-
-def server_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    """mTLS for the daemon's TCP listener: clients need a certificate from ``ca``."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cert, key)
-    ctx.load_verify_locations(ca)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.load_cert_chain(cert, key)
-    return ctx
 
 
 MAX_MESSAGE = 1 << 20
@@ -151,13 +136,15 @@ def _exchange(sock: socket.socket, cmd: str, args: dict[str, Any]) -> bytes:
 def request_remote(
     address: tuple[str, int], context: ssl.SSLContext, server_name: str, cmd: str, **args: Any
 ) -> dict[str, Any]:
-    """The same request, to a daemon's TCP listener over mutual TLS."""
+    """The same request, to a daemon's TCP listener over mutual TLS; the daemon must prove
+    it is ``server_name``."""
     where = f"{address[0]}:{address[1]}"
     try:
         with (
             socket.create_connection(address, timeout=10) as raw,
             context.wrap_socket(raw, server_hostname=server_name) as sock,
         ):
+            peer_node(sock, {server_name}, "server")
             data = _exchange(sock, cmd, args)
     except (ssl.SSLError, OSError) as exc:
         raise ControlError(f"steering daemon at {where}: {exc}") from None

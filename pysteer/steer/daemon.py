@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.bpfload import BpfBuildError
+from pysteer.identity import IdentityError, peer_node
 from pysteer.metrics import setup_logging
 from pysteer.netns import call_in
 from pysteer.steer.control import RUN_DIR, LineReader, RequestError, decode_request, socket_path
@@ -36,6 +37,103 @@ log = logging.getLogger("pysteer.steer")
 
 class DaemonError(RuntimeError):
     """The daemon cannot start; the message says why."""
+
+
+# Control connections are served by one thread each, so their number is bounded per
+# listener, and a connection beyond the bound is refused at once (never queued). The unix
+# socket and the TLS listener have a budget each: a flood of one leaves the other usable.
+MAX_LOCAL_CLIENTS = 64  # the unix socket: operators' commands, one connection per command
+MAX_REMOTE_CLIENTS = 256  # the TLS listener, handshakes included: 16 agents at 16 links each
+LOCAL_IDLE_TIMEOUT = 30.0  # a unix client's next request, whole, must arrive within this
+LINE_TIMEOUT = 30.0  # a request that has started to arrive must be complete within this
+SEND_TIMEOUT = 60.0  # a client must take each answer within this
+REFUSALS_LOG_EVERY = 10.0  # seconds between two log lines about refused connections
+KEEPALIVE = (60, 10, 6)  # TCP idle, interval, probes: a vanished agent's slot frees in ~2 min
+
+
+class _Burst:
+    """Log lines about refusals, at most ``burst`` per REFUSALS_LOG_EVERY seconds: each
+    refusal is worth a line, until a flood would fill the log; then one line says how
+    many went unlogged."""
+
+    def __init__(self, burst: int = 20) -> None:
+        self.burst, self._lock = burst, threading.Lock()
+        self._window, self._count, self._dropped = -REFUSALS_LOG_EVERY, 0, 0
+
+    def log(self, message: str, *args: object) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._window >= REFUSALS_LOG_EVERY:
+                if self._dropped:
+                    log.warning("%d more control connection(s) were refused without a log "
+                                "line", self._dropped)  # fmt: skip
+                self._window, self._count, self._dropped = now, 0, 0
+            self._count += 1
+            if self._count > self.burst:
+                self._dropped += 1
+                return
+        log.warning(message, *args)
+
+
+class _Slots:
+    """The connections one listener serves at once, at most ``limit``; the rest are refused,
+    counted, and logged at most every REFUSALS_LOG_EVERY seconds (a flood is one line)."""
+
+    def __init__(self, where: str, limit: int) -> None:
+        self.where, self.limit = where, limit
+        self.open = self.refused = 0
+        self._unlogged, self._logged = 0, -REFUSALS_LOG_EVERY
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open < self.limit:
+                self.open += 1
+                return True
+            self.refused += 1
+            self._unlogged += 1
+            now = time.monotonic()
+            if now - self._logged >= REFUSALS_LOG_EVERY:
+                log.warning("refused %d control connection(s) on %s: %d open, the most it "
+                            "serves at once", self._unlogged, self.where, self.limit)  # fmt: skip
+                self._unlogged, self._logged = 0, now
+            return False
+
+    def give(self) -> None:
+        with self._lock:
+            self.open -= 1
+
+    def busy(self) -> str:
+        return (f"steering daemon busy: {self.limit} control connections are open on "
+                f"{self.where}, the most it serves at once; try again shortly")  # fmt: skip
+
+
+class _Deadline:
+    """A connection as LineReader reads it, giving each request a deadline: ``idle``
+    seconds to arrive whole (None: the client may stay silent as long as it likes, as
+    agents do between migrations), and at most LINE_TIMEOUT once it has started."""
+
+    def __init__(self, conn: socket.socket, idle: float | None) -> None:
+        self.conn, self.idle = conn, idle
+        self.until: float | None = None
+
+    def expect(self, started: bool) -> None:
+        """The next request is awaited; ``started``: part of it has arrived already."""
+        limit = LINE_TIMEOUT if started else self.idle
+        self.until = None if limit is None else time.monotonic() + limit
+
+    def recv(self, size: int) -> bytes:
+        if self.until is None:
+            self.conn.settimeout(None)
+        else:
+            left = self.until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            self.conn.settimeout(left)
+        data = self.conn.recv(size)
+        if data and self.until is None:
+            self.until = time.monotonic() + LINE_TIMEOUT
+        return data
 
 
 _ACTIONS = (Action.PASS, Action.PARK, Action.TO)
@@ -89,6 +187,9 @@ class Daemon:
         self._server: socket.socket | None = None
         self._syncs: dict[str, tuple[int, set[Flow]]] = {}  # host -> (next part, flows so far)
         self._sync_lock = threading.Lock()
+        self._local = _Slots(f"the control socket {path}", MAX_LOCAL_CLIENTS)
+        self._remote = _Slots("the TLS listener", MAX_REMOTE_CLIENTS)
+        self._refusals = _Burst()
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - dispatch
         cmd = req.get("cmd")
@@ -124,7 +225,8 @@ class Daemon:
         if what == "hosts":
             return [{"name": h.name, "ifname": h.ifname, "mac": h.mac.hex(":"), "id": h.id}
                     for h in st.hosts.values()]  # fmt: skip
-        return st.stats() | st.table_usage()
+        refused = self._local.refused + self._remote.refused
+        return st.stats() | st.table_usage() | {"control_refused": refused}
 
     def _divert(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -197,17 +299,24 @@ class Daemon:
             self._syncs.pop(host, None)
         return self.steerer.sync(host, served, float(interval))
 
-    def _client(self, conn: socket.socket) -> None:
+    def _client(self, conn: socket.socket, idle: float | None = None) -> None:
         """Answer requests, one per line, until the client hangs up (agents keep it open).
 
         Every line gets an answer: a bad one its error, and an unexpected failure is logged
         and answered too, so no request can end this thread while its client still talks.
+        A client that takes longer than ``idle`` (None: no limit) to send a request whole,
+        or LINE_TIMEOUT to finish one it started, is hung up on: it holds a slot.
         """
         with conn:
-            reader = LineReader(conn)
+            deadline = _Deadline(conn, idle)
+            reader = LineReader(deadline)  # type: ignore[arg-type] - it needs only recv
             while True:
+                deadline.expect(started=bool(reader.buffer))
                 try:
                     data = reader.line()
+                except TimeoutError:
+                    log.info("hung up on a control client: no whole request in time")
+                    return
                 except OSError as exc:  # a TLS client breaking its protocol, for one
                     log.warning("control connection lost: %s", exc)
                     return
@@ -222,6 +331,7 @@ class Daemon:
                     error = f"internal error ({type(exc).__name__}), see the daemon's log"
                     out = json.dumps({"ok": False, "error": error})
                 try:
+                    conn.settimeout(SEND_TIMEOUT)
                     conn.sendall(out.encode() + b"\n")
                 except OSError:
                     return
@@ -254,7 +364,10 @@ class Daemon:
                     conn, _ = server.accept()
                 except TimeoutError:
                     continue
-                threading.Thread(target=self._client, args=(conn,), daemon=True).start()
+                if not self._local.take():
+                    _refuse(conn, self._local.busy())
+                    continue
+                self._spawn(self._local, self._client, conn, LOCAL_IDLE_TIMEOUT)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -278,7 +391,11 @@ class Daemon:
                     raw, _ = server.accept()
                 except TimeoutError:
                     continue
-                threading.Thread(target=self._tls_client, args=(raw, context), daemon=True).start()
+                if not self._remote.take():
+                    raw.close()  # no TLS yet to say why in: the agent sees the link refused
+                    continue
+                _keepalive(raw)
+                self._spawn(self._remote, self._tls_client, raw, context)
             server.close()
 
         threading.Thread(target=accept_loop, daemon=True).start()
@@ -288,12 +405,37 @@ class Daemon:
         try:
             conn = context.wrap_socket(raw, server_side=True)
         except (ssl.SSLError, OSError) as exc:
+            where = _peer_address(raw)
             raw.close()  # no valid client certificate: nothing is answered
-            log.warning("refused a control connection: %s", exc)
+            self._refusals.log("refused a control connection from %s: %s", where, exc)
             return
+        try:  # only the agents of the hosts this daemon steers to may use it
+            who = peer_node(conn, set(self.steerer.hosts), "client")
+        except (IdentityError, ValueError) as exc:
+            self._refusals.log("refused a control connection from %s: %s",
+                               _peer_address(conn), exc)  # fmt: skip
+            conn.close()
+            return
+        log.debug("control connection from %s (%s)", who, _peer_address(conn))
         conn.settimeout(None)  # agents keep their connection open between migrations
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._client(conn)
+
+    def _spawn(self, slots: _Slots, serve: Any, conn: socket.socket, *args: Any) -> None:
+        """Serve ``conn`` in a thread of its own, which gives its slot back when done."""
+
+        def run() -> None:
+            try:
+                serve(conn, *args)
+            finally:
+                slots.give()
+
+        try:
+            threading.Thread(target=run, daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: refuse it, keep accepting
+            slots.give()
+            conn.close()
+            log.warning("refused a control connection on %s: %s", slots.where, exc)
 
     def stop(self, *_: object) -> None:
         self._stop.set()
@@ -350,6 +492,31 @@ def run(
                       idle_timeout=idle_timeout, gc_interval=gc_interval)  # fmt: skip
     finally:
         lock.close()
+
+
+def _refuse(conn: socket.socket, error: str) -> None:
+    """Answer a connection beyond the bound with one error line, and hang up."""
+    with conn:
+        conn.setblocking(False)  # a fresh socket's buffer takes the line; never wait
+        with contextlib.suppress(OSError):
+            conn.sendall(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+
+
+def _keepalive(sock: socket.socket) -> None:
+    """Probe an idle TCP peer, so a vanished agent's connection (no FIN) ends in time."""
+    idle, interval, count = KEEPALIVE
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+def _peer_address(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername()[0])
+    except OSError:
+        return "?"
 
 
 def lock_path(name: str) -> Path:

@@ -47,7 +47,7 @@ class Client:
         self.cluster = cluster
         before = {f["flow"] for f in cluster.flows()}
         argv = [sys.executable, str(HELPERS / "line_client.py"), str(cluster.lab.plan.vip(4)),
-                "443", "--tls", str(cluster.dir / "ca.pem")]  # fmt: skip
+                "443", "--tls", str(cluster.client_ca)]  # fmt: skip
         os.environ["SSLKEYLOGFILE"] = str(keylog)
         try:
             self.session = Session(cluster.lab, argv)
@@ -218,7 +218,7 @@ def ask(sock: ssl.SSLSocket, message: dict) -> dict:
 
 def test_foreign_certificate_refused(cluster: Cluster, tmp_path: Path) -> None:
     rogue = CertificateAuthority("rogue CA")
-    issued = rogue.issue("a", names=["a"], both=True)
+    issued = rogue.issue("a", names=["a"], usage="node")
     (tmp_path / "a.pem").write_bytes(issued.chain_pem)
     (tmp_path / "a.key").write_bytes(issued.key_pem)
     with pytest.raises((ssl.SSLError, ConnectionError)):
@@ -237,7 +237,7 @@ def test_replayed_and_tampered_blobs_refused(cluster: Cluster) -> None:
     key = (cluster.dir / "cluster.key").read_bytes()
     vip = cluster.lab.plan.vip(4)
     mid = new_migration_id()
-    sealed = seal(blob(mid, flow=f"10.77.1.2:40000-{vip}:9999"), key)
+    sealed = seal(blob(mid, flow=f"10.77.1.2:40000-{vip}:9999"), key, source="a", target="b")
     d = cluster.dir
     sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
     with sock:
@@ -245,7 +245,7 @@ def test_replayed_and_tampered_blobs_refused(cluster: Cluster) -> None:
         assert first == {"ok": False, "error": "port 9999 is not served here"}
         again = ask(sock, {"op": "prepare", "id": mid, "blob": sealed})
         assert not again["ok"] and "already imported (replay?)" in again["error"]
-        tampered = bytearray(seal(blob(new_migration_id()), key))
+        tampered = bytearray(seal(blob(new_migration_id()), key, source="a", target="b"))
         tampered[-5] ^= 1
         answer = ask(sock, {"op": "prepare", "id": bytes(tampered[5:21]), "blob": bytes(tampered)})
         assert not answer["ok"] and "failed authentication" in answer["error"]
@@ -254,6 +254,26 @@ def test_replayed_and_tampered_blobs_refused(cluster: Cluster) -> None:
         assert not answer["ok"] and "another migration" in answer["error"]
     log = cluster.log("b")
     assert "already imported" in log and "failed authentication" in log
+
+
+def test_blob_for_another_node_refused(cluster: Cluster, client: Client) -> None:
+    """A blob is bound to its move: b refuses one sealed for another target (c), and one
+    delivered by a that b itself sealed; each refusal is logged, and a keeps the flow."""
+    key = (cluster.dir / "cluster.key").read_bytes()
+    for_c, by_b = new_migration_id(), new_migration_id()
+    blobs = {for_c: seal(blob(for_c, flow=client.flow), key, source="a", target="c"),
+             by_b: seal(blob(by_b, flow=client.flow), key, source="b", target="b")}  # fmt: skip
+    d = cluster.dir
+    sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
+    with sock:
+        answer = ask(sock, {"op": "prepare", "id": for_c, "blob": blobs[for_c]})
+        assert answer == {"ok": False, "error": "the blob is sealed for c, not b"}
+        answer = ask(sock, {"op": "prepare", "id": by_b, "blob": blobs[by_b]})
+        assert answer == {"ok": False, "error": "the blob was sealed by b but delivered by a"}
+    log = cluster.log("b")
+    assert f"import {for_c.hex()[:12]} from a refused: the blob is sealed for c, not b" in log
+    assert f"import {by_b.hex()[:12]} from a refused: the blob was sealed by b" in log
+    client.check_served_by("a")
 
 
 def test_control_socket_is_root_only(cluster: Cluster) -> None:

@@ -118,13 +118,15 @@ def test_full_flow_table_is_an_error(lab: Lab) -> None:
 
 
 def test_remote_control_needs_a_client_certificate(lab: Lab, tmp_path) -> None:
-    """The optional TCP listener speaks only to agents with a certificate from the CA."""
+    """The optional TCP listener speaks only to agents with a certificate from the CA
+    (identities beyond that: tests/integration/test_identity.py)."""
     from pysteer.certs import CertificateAuthority  # noqa: PLC0415
-    from pysteer.steer.control import ControlError, client_context, request_remote  # noqa: PLC0415
+    from pysteer.identity import client_context  # noqa: PLC0415
+    from pysteer.steer.control import ControlError, request_remote  # noqa: PLC0415
 
     ca, other = CertificateAuthority(), CertificateAuthority("another CA")
     node = ca.issue("steer", names=["steer", "127.0.0.1"])
-    agent, stranger = ca.issue("agent-a", client=True), other.issue("agent-x", client=True)
+    agent, stranger = ca.issue("a", usage="client"), other.issue("a", usage="client")
     files = {}
     for name, pem in (
         ("ca", ca.cert_pem),

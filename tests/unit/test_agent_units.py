@@ -1,13 +1,15 @@
 """The agent's sans-socket parts: frames, the timeline, the import ledger's outcomes."""
 
 import asyncio
+import contextlib
+import time
 
 import msgpack
 import pytest
 
 from pysteer.agent.frames import MAX_FRAME, FrameError, encode_frame, read_frame
+from pysteer.agent.ledger import Ledger, LedgerError
 from pysteer.agent.timeline import Timeline
-from pysteer.transfer import BlobError, ImportLedger
 
 
 def feed(data: bytes) -> asyncio.StreamReader:
@@ -67,16 +69,70 @@ def test_timeline_spans() -> None:
 
 
 def test_ledger_outcomes() -> None:
-    ledger = ImportLedger(limit=2)
+    ledger = Ledger(limit=2)  # memory only
     a, b, c = b"a" * 16, b"b" * 16, b"c" * 16
-    ledger.claim(a)
+    now = time.time()
+    ledger.claim(a, sealed_at=now)
     assert ledger.outcome(a) == "prepared"
-    with pytest.raises(BlobError, match="already imported"):
-        ledger.claim(a)
+    with pytest.raises(LedgerError, match="already imported"):
+        ledger.claim(a, sealed_at=now)
     ledger.decide(a, "committed")
     assert ledger.outcome(a) == "committed"
-    ledger.claim(b)
-    ledger.claim(c)  # over the limit: the oldest id is forgotten (stale blobs are refused)
+    ledger.claim(b, sealed_at=now)
+    ledger.claim(c, sealed_at=now)  # over the limit: the oldest goes (stale blobs are refused)
     assert ledger.outcome(a) is None and ledger.outcome(c) == "prepared"
     with pytest.raises(ValueError, match="unknown outcome"):
         ledger.decide(b, "maybe")
+
+
+def test_stopping_ends_a_task_that_lost_its_cancel() -> None:
+    """Python 3.11's ``wait_for`` drops a cancel that arrives in the same turn as its
+    result, so a ``while True`` loop around it runs on; ``asyncio.run`` cancels once and
+    then waits for it forever (an agent took longer than 15 s to stop). ``_end_tasks``
+    cancels until the task is gone, and gives up, loudly, after its timeout."""
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from pysteer.agent.agent import Agent  # noqa: PLC0415
+
+    async def scenario() -> tuple[bool, bool, bool]:
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future] = []
+
+        async def heartbeat() -> None:
+            while True:
+                futures.append(loop.create_future())
+                await asyncio.wait_for(futures[-1], 5)
+
+        task = loop.create_task(heartbeat())
+        await asyncio.sleep(0)
+        futures[-1].set_result(None)  # the answer and the cancel in one turn
+        task.cancel()
+        await asyncio.sleep(0.05)
+        lost = not task.done()  # the cancel was dropped: the loop runs on
+        fake = SimpleNamespace(_tasks={task})
+        task.add_done_callback(fake._tasks.discard)
+        await Agent._end_tasks(fake, timeout=2.0)
+
+        deaf = True
+
+        async def stubborn() -> None:  # ignores cancels while ``deaf``: bounded, no hang
+            while True:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    if not deaf:
+                        raise
+
+        stuck = loop.create_task(stubborn())
+        fake2 = SimpleNamespace(_tasks={stuck})
+        t0 = loop.time()
+        await Agent._end_tasks(fake2, timeout=0.3)
+        bounded = loop.time() - t0 < 1.0
+        deaf = False
+        stuck.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stuck
+        return lost, task.done(), bounded
+
+    lost, ended, bounded = asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert (lost, ended, bounded) == (True, True, True)

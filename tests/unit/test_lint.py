@@ -4,6 +4,8 @@ validates, and the Vagrant plan is the one pysteer derives."""
 import json
 import subprocess
 import sys
+import tomllib
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,3 +71,15 @@ def test_vagrant_plan_is_derived_from_plan_json() -> None:
                          capture_output=True, text=True, check=True)  # fmt: skip
     committed = json.loads((ROOT / "vagrant" / "plan-vm.json").read_text())
     assert committed == json.loads(out.stdout), "regenerate: pysteer lab plan --variant vm"
+
+
+def test_dependency_floors_are_the_tested_versions() -> None:
+    """Floors that admit versions with published advisories are a vulnerability: the
+    crypto stack's floors are the versions this suite runs on (see docs/security.md)."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    floors = dict(d.replace(" ", "").split(">=", 1) for d in deps)
+    assert floors["cryptography"] == "50" and floors["pyOpenSSL"] == "26", floors
+    for name, floor in floors.items():
+        installed = tuple(int(p) for p in version(name).split(".")[:2] if p.isdigit())
+        wanted = tuple(int(p) for p in floor.split(".")[:2])
+        assert installed >= wanted, (name, version(name), floor)

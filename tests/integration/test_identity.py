@@ -1,0 +1,166 @@
+"""Every control link checks who is calling, not only that the CA signed its certificate.
+
+A real cluster on a lab: certificates minted with the cluster's own CA but for the wrong
+purpose or the wrong name (the client-facing service certificate, one without an
+extendedKeyUsage, one for serverAuth only, one whose CN and SAN disagree, one for a name
+that is no node) are each refused by the steering daemon's mutual-TLS listener and by an
+agent's peer listener, and each refusal is logged with its reason. A node's own
+certificate gets through both, so the test can tell a refusal from a broken listener.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+from helpers.cluster import Cluster, running_cluster
+from helpers.waiting import wait_until
+
+from pysteer.certs import CertificateAuthority
+from pysteer.lab.cluster import AGENT_PORT, STEER_PORT
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(tmp_path_factory.mktemp("identity")) as c:
+        yield c
+
+
+def minted(cluster: Cluster, tmp: Path) -> dict[str, tuple[Path, Path]]:
+    """name -> (chain, key): certificates the cluster CA signs, mostly for the wrong use."""
+    d = cluster.dir
+    ca = CertificateAuthority.load((d / "ca.pem").read_bytes(), (d / "ca.key").read_bytes())
+    specs = {
+        "no-eku": ("a", ["a"], "any"),
+        "server-only": ("a", ["a"], "server"),
+        "cn-san-differ": ("a", ["b"], "node"),
+        "not-a-node": ("vip", ["vip"], "node"),
+    }
+    files = {"service": (d / "service.pem", d / "service.key"), "node": (d / "a.pem", d / "a.key")}
+    for name, (cn, sans, usage) in specs.items():
+        issued = ca.issue(cn, names=sans, usage=usage)
+        (tmp / f"{name}.pem").write_bytes(issued.chain_pem)
+        (tmp / f"{name}.key").write_bytes(issued.key_pem)
+        files[name] = (tmp / f"{name}.pem", tmp / f"{name}.key")
+    return files
+
+
+def call(cluster: Cluster, address: tuple[str, int], server: str, cert: tuple[Path, Path],
+         request: bytes) -> bytes:  # fmt: skip
+    """From host a's namespace: handshake with ``cert``, send ``request``, read the answer
+    (b"" if the server hung up; an SSLError if it refused during the handshake)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cluster.dir / "ca.pem")
+    ctx.load_cert_chain(*cert)
+
+    def go() -> bytes:
+        with socket.create_connection(address, timeout=5) as raw:
+            try:
+                with ctx.wrap_socket(raw, server_hostname=server) as tls:
+                    tls.sendall(request)
+                    return tls.recv(4096)
+            except ssl.SSLError as exc:  # TLS 1.3: the verdict comes after our Finished
+                return f"refused: {exc.reason}".encode()
+            except ConnectionError:
+                return b""
+
+    return cluster.lab.call("a", go)
+
+
+REFUSED = ["service", "no-eku", "server-only", "cn-san-differ", "not-a-node"]
+REASONS = {
+    "service": "CERTIFICATE_VERIFY_FAILED|certificate verify failed",  # another CA altogether
+    "no-eku": "no extendedKeyUsage",
+    "server-only": "unsuitable certificate purpose|not for clientAuth",  # OpenSSL sees it
+    "cn-san-differ": "'a' is not among the certificate's DNS names",
+    "not-a-node": "'vip' is not an identity allowed here",
+}
+
+
+def test_steering_daemon_checks_identity(cluster: Cluster, tmp_path: Path) -> None:
+    files = minted(cluster, tmp_path)
+    plan = cluster.lab.plan
+    address = (str(plan.link(plan.hosts[0]).steer_end.v4.ip), STEER_PORT)
+    line = json.dumps({"cmd": "hosts"}).encode() + b"\n"
+    answer = call(cluster, address, plan.steer, files["node"], line)
+    assert json.loads(answer)["ok"] is True, answer
+    for name in REFUSED:
+        before = cluster.log(plan.steer).count("refused a control connection")
+        answer = call(cluster, address, plan.steer, files[name], line)
+        assert b'"ok"' not in answer, (name, answer)
+        wait_until(
+            lambda n=before: cluster.log(plan.steer).count("refused a control connection") > n,
+            timeout=5,
+            what=f"the daemon logs refusing {name}",
+        )
+        last = cluster.log(plan.steer).rsplit("refused a control connection", 1)[1]
+        assert re.search(REASONS[name], last.splitlines()[0]), (name, last[:300])
+    # Still serving: refusals never stop the listener.
+    assert json.loads(call(cluster, address, plan.steer, files["node"], line))["ok"] is True
+
+
+def test_agent_checks_identity(cluster: Cluster, tmp_path: Path) -> None:
+    files = minted(cluster, tmp_path)
+    address = (str(cluster.lab.plan.address("b")), AGENT_PORT)
+    body = msgpack.packb({"op": "hello"})
+    hello = len(body).to_bytes(4, "big") + body
+    assert b"node" in call(cluster, address, "b", files["node"], hello)
+    for name in REFUSED:
+        before = cluster.log("b").count("refused a peer connection")
+        answer = call(cluster, address, "b", files[name], hello)
+        assert b"node" not in answer, (name, answer)
+        wait_until(lambda n=before: cluster.log("b").count("refused a peer connection") > n,
+                   timeout=5, what=f"agent b logs refusing {name}")  # fmt: skip
+        last = cluster.log("b").rsplit("refused a peer connection", 1)[1]
+        assert re.search(REASONS[name], last.splitlines()[0]), (name, last[:300])
+    assert b"node" in call(cluster, address, "b", files["node"], hello)
+
+
+def test_links_check_the_server_they_reach(cluster: Cluster, tmp_path: Path) -> None:
+    """A link refuses a server whose certificate chains to the cluster CA and carries the
+    right name but is not for serverAuth: the CLI's remote path, to a rogue listener in
+    a's namespace that presents a no-EKU certificate for "b"."""
+    from pysteer.agent.control import AgentDown, ask_remote  # noqa: PLC0415
+    from pysteer.identity import client_context  # noqa: PLC0415
+
+    d = cluster.dir
+    ca = CertificateAuthority.load((d / "ca.pem").read_bytes(), (d / "ca.key").read_bytes())
+    ctx = client_context(d / "a.pem", d / "a.key", d / "ca.pem")
+    netns = cluster.lab.netns("a")
+    for usage, error in [
+        ("any", "no extendedKeyUsage"),
+        ("client", "unsuitable certificate purpose|not for serverAuth"),
+    ]:
+        rogue = ca.issue("b", names=["b"], usage=usage)
+        (tmp_path / "rogue.pem").write_bytes(rogue.chain_pem)
+        (tmp_path / "rogue.key").write_bytes(rogue.key_pem)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(tmp_path / "rogue.pem", tmp_path / "rogue.key")
+        listener = cluster.lab.call("a", socket.create_server, ("127.0.0.1", 0))
+        served: list[bytes] = []
+
+        def serve(listener: socket.socket = listener, server_ctx: ssl.SSLContext = server_ctx,
+                  served: list[bytes] = served) -> None:  # fmt: skip
+            with listener, listener.accept()[0] as raw:
+                raw.settimeout(5)
+                try:
+                    with server_ctx.wrap_socket(raw, server_side=True) as tls:
+                        served.append(tls.recv(4096))
+                except (ssl.SSLError, OSError):
+                    pass
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        with pytest.raises(AgentDown, match=error):
+            ask_remote(listener.getsockname()[:2], ctx, "b", "status", netns=netns)
+        thread.join(10)
+        assert served in ([], [b""]), served  # no request ever went to the rogue server
