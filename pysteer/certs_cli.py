@@ -10,11 +10,14 @@
 - ``service.pem``, ``service.key``: what clients of the VIP see. Give your own
   (``--service-cert``/``--service-key``, e.g. from your usual CA), or let ``--service-name``
   make one under a separate service CA (``service-ca.pem``, for labs and tests; that CA's
-  key is not kept). The control-plane CA never signs it, so clients never trust it.
+  key is not kept). The control-plane CA never signs it: clients never need to trust
+  the CA that makes node identities.
 
 ``certs bundle --dir DIR --node NODE --out OUT`` then writes exactly one host's files:
 the CA certificate, that node's certificate and key, and, for a host that serves the VIP,
 the cluster key and the service certificate and key (and ``cluster.toml``, if DIR has one).
+
+``certs issue --dir DIR --node NODE`` adds a node, or renews one node's key, with the CA.
 
 Keys are 0600, certificates 0644. An existing directory is used only when it is yours
 and not writable by others; every file is written fresh and renamed into place.
