@@ -15,7 +15,8 @@
 
 ``certs bundle --dir DIR --node NODE --out OUT`` then writes exactly one host's files:
 the CA certificate, that node's certificate and key, and, for a host that serves the VIP,
-the cluster key and the service certificate and key (and ``cluster.toml``, if DIR has one).
+the cluster key and the service certificate and key (and ``cluster.toml``, if DIR has one:
+it also says which node is the steering node; without it, give ``--role``).
 
 ``certs issue --dir DIR --node NODE`` adds a node, or renews one node's key, with the CA.
 
@@ -26,11 +27,14 @@ and not writable by others; every file is written fresh and renamed into place.
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -41,6 +45,7 @@ from pysteer.errors import UsageError
 from pysteer.safefile import PRIVATE, PUBLIC, SafeDir, UnsafeDirectory, private_dir
 
 NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+T = TypeVar("T")
 RESERVED = {"ca", "cluster", "service", "service-ca"}  # file names a node would clash with
 
 
@@ -109,8 +114,8 @@ def add_parser(sub: Any) -> None:
                         help="where to write them (created 0700, or yours and not writable "
                              "by others)")  # fmt: skip
     bundle.add_argument("--role", choices=("host", "steer"),
-                        help="host (serves the VIP) or steer; default: from DIR/cluster.toml, "
-                             "else host")  # fmt: skip
+                        help="host (serves the VIP) or steer; default: what DIR/cluster.toml "
+                             "says (without one, --role is needed)")  # fmt: skip
     bundle.add_argument("--force", action="store_true", help="replace files already in OUT")
     bundle.set_defaults(func=cmd_bundle)
 
@@ -139,6 +144,27 @@ def _load_service(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
     return chain, key_pem
 
 
+def _clear_errors(fn: Callable[..., T]) -> Callable[..., T]:
+    """File errors as one clear line (UsageError), never a traceback: a directory that is
+    not safely ours, a missing or unreadable file, a symlink where a key should be."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except UnsafeDirectory as exc:
+            raise UsageError(f"refusing to use it for keys: {exc}") from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{where}is a symlink; pysteer never follows one "
+                                 "to a key or a certificate") from None  # fmt: skip
+            raise UsageError(f"{where}{exc.strerror or exc}") from None
+
+    return wrapper
+
+
+@_clear_errors
 def write_cluster(
     directory: Path,
     nodes: dict[str, list[str]],
@@ -151,15 +177,15 @@ def write_cluster(
 ) -> None:
     """Write the control-plane CA, one certificate and key per node, the cluster key and,
     if asked, the service certificate (given as ``service`` = (chain, key), or made)."""
-    for name in nodes:
+    for name, names in nodes.items():
+        claimed = sorted(set(names) & set(nodes) - {name})
+        if claimed:  # a certificate naming another node could be taken for it
+            raise UsageError(f"node {name!r} cannot also be named {', '.join(claimed)}: "
+                             "that is another node")  # fmt: skip
         if not NODE_RE.fullmatch(name) or name in RESERVED:
             raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting "
                              f"alphanumeric, not one of {', '.join(sorted(RESERVED))}")  # fmt: skip
-    try:
-        out = private_dir(directory)
-    except UnsafeDirectory as exc:
-        raise UsageError(f"refusing to write keys: {exc}") from None
-    with out:
+    with private_dir(directory) as out:
         if out.exists("ca.key") and not force:
             raise UsageError(f"{directory} already holds a cluster (ca.key); --force replaces it")
         ca = CertificateAuthority("pysteer control-plane CA", kind=kind, days=days)
@@ -182,24 +208,26 @@ def write_cluster(
         if service is not None:
             out.write("service.pem", service[0], PUBLIC)
             out.write("service.key", service[1], PRIVATE)
+        made = {"service-ca.pem"} if service_names else set()
+        made |= {"service.pem", "service.key"} if service is not None else set()
+        for stale in {"service-ca.pem", "service.pem", "service.key"} - made:
+            out.remove(stale)  # --force: never hand out an earlier run's service files
 
 
 def _cluster_dir(directory: Path) -> SafeDir:
     """An existing cluster directory, checked as safely ours before any key is read."""
     if not os.path.lexists(directory):
         raise UsageError(f"{directory} does not exist (make it with pysteer certs init)")
-    try:
-        return private_dir(directory)
-    except UnsafeDirectory as exc:
-        raise UsageError(f"refusing to use the keys in it: {exc}") from None
+    return private_dir(directory)
 
 
 def _role_from_config(source: SafeDir, node: str) -> str | None:
     if not source.exists("cluster.toml"):
         return None
+    text = source.read("cluster.toml")  # an OSError says which file (_clear_errors)
     try:
-        config = tomllib.loads(source.read("cluster.toml").decode())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        config = tomllib.loads(text.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"cannot read {source.path / 'cluster.toml'}: {exc}") from None
     if config.get("steer", {}).get("name") == node:
         return "steer"
@@ -208,6 +236,7 @@ def _role_from_config(source: SafeDir, node: str) -> str | None:
     raise UsageError(f"{source.path / 'cluster.toml'} names no node {node!r}")
 
 
+@_clear_errors
 def write_bundle(directory: Path, node: str, out_dir: Path, *, role: str | None = None,
                  force: bool = False) -> list[str]:  # fmt: skip
     """Copy one host's files from ``directory`` to ``out_dir``; returns their names."""
@@ -216,7 +245,10 @@ def write_bundle(directory: Path, node: str, out_dir: Path, *, role: str | None 
     with _cluster_dir(directory) as source:
         if not source.exists(f"{node}.key"):
             raise UsageError(f"{directory} has no key for node {node!r}")
-        role = role or _role_from_config(source, node) or "host"
+        role = role or _role_from_config(source, node)
+        if role is None:  # never guess: a wrong guess gives the steering node blob keys
+            raise UsageError(f"{directory} has no cluster.toml to say what {node} is: "
+                             "give --role host or --role steer")  # fmt: skip
         names = ["ca.pem", f"{node}.pem", f"{node}.key"]
         if role == "host":
             names.append("cluster.key")
@@ -224,11 +256,7 @@ def write_bundle(directory: Path, node: str, out_dir: Path, *, role: str | None 
         if source.exists("cluster.toml"):
             names.append("cluster.toml")
         files = {n: source.read(n) for n in names}
-    try:
-        out = private_dir(out_dir)
-    except UnsafeDirectory as exc:
-        raise UsageError(f"refusing to write keys: {exc}") from None
-    with out:
+    with private_dir(out_dir) as out:
         there = [n for n in names if out.exists(n)]
         if there and not force:
             raise UsageError(f"{out_dir} already holds {', '.join(there)}; --force replaces")
@@ -270,6 +298,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+@_clear_errors
 def issue_node(directory: Path, name: str, names: list[str], *, kind: str = "ecdsa",
                days: int = 365) -> None:  # fmt: skip
     """A new certificate and key for one node, from the CA kept in ``directory``."""

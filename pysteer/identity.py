@@ -5,12 +5,14 @@ issued certificates for other purposes, and a chain alone says nothing about *wh
 member is calling. So every control-plane link, on both ends, also checks that the peer's
 certificate
 
-- carries an extendedKeyUsage that allows its role here (clientAuth for a peer that
-  connected to us, serverAuth for one we connected to); a certificate without the
-  extension (valid for "any purpose" to OpenSSL) is refused;
+- is a node's: its extendedKeyUsage allows both serverAuth and clientAuth, as every
+  node certificate does (a node is a server to its peers and a client of them). So the
+  service certificate (serverAuth only), a client-only certificate, and one without the
+  extension ("any purpose" to OpenSSL) are all refused, on either end;
 - names exactly one identity: its common name, which must also be one of its DNS
   subjectAltNames (so CN and SAN cannot disagree), and no other allowed name in the SAN;
-- is one the caller allows: a node of the cluster, or the one node it meant to reach.
+- is one the caller allows: a node of the cluster and, on a link we opened, the one node
+  we meant to reach.
 
 Contexts never log keys: Python's ``create_default_context`` honours ``SSLKEYLOGFILE``,
 which would write the control links' secrets to a file, so it is not used here.
@@ -25,9 +27,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-ROLES = {"client": ExtendedKeyUsageOID.CLIENT_AUTH, "server": ExtendedKeyUsageOID.SERVER_AUTH}
-_EKU_NAMES = {ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-              ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth"}  # fmt: skip
+_EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+              ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}  # fmt: skip
 
 
 class IdentityError(ssl.SSLError):
@@ -61,16 +62,29 @@ def client_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     return ctx
 
 
-def certificate_node(cert: x509.Certificate, allowed: Collection[str], role: str) -> str:
-    """The one allowed identity ``cert`` names for ``role`` (client or server)."""
-    want = ROLES[role]
+def certificate_node(
+    cert: x509.Certificate, allowed: Collection[str], expect: str | None = None
+) -> str:
+    """The one allowed identity ``cert`` names (``expect``, if given: the node we meant
+    to reach). Any problem is an IdentityError."""
+    try:
+        return _certificate_node(cert, allowed, expect)
+    except IdentityError:
+        raise
+    except Exception as exc:  # a malformed extension: cryptography raises several kinds
+        raise IdentityError(f"certificate cannot be read ({type(exc).__name__})") from None
+
+
+def _certificate_node(cert: x509.Certificate, allowed: Collection[str], expect: str | None) -> str:
     try:
         usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     except x509.ExtensionNotFound:
         raise IdentityError("certificate has no extendedKeyUsage (any purpose)") from None
-    if want not in usages:
+    missing = [name for oid, name in _EKU_NAMES.items() if oid not in usages]
+    if missing:
         have = ", ".join(_EKU_NAMES.get(u, u.dotted_string) for u in usages) or "none"
-        raise IdentityError(f"certificate is not for {_EKU_NAMES[want]} (it allows: {have})")
+        raise IdentityError(f"certificate is not a node's: no {' or '.join(missing)} "
+                            f"(it allows: {have})")  # fmt: skip
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not isinstance(cns[0].value, str):
         raise IdentityError("certificate must have exactly one common name")
@@ -87,12 +101,17 @@ def certificate_node(cert: x509.Certificate, allowed: Collection[str], role: str
     others = sorted(set(names) & set(allowed) - {cn})
     if others:
         raise IdentityError(f"certificate {cn!r} also names {', '.join(others)}")
+    if expect is not None and cn != expect:
+        raise IdentityError(f"certificate is {cn!r}'s, not {expect!r}'s")
     return cn
 
 
-def peer_node(tls: ssl.SSLObject | ssl.SSLSocket, allowed: Collection[str], role: str) -> str:
-    """The identity of the verified peer of ``tls`` (which acted as ``role``)."""
+def peer_node(
+    tls: ssl.SSLObject | ssl.SSLSocket, allowed: Collection[str], expect: str | None = None
+) -> str:
+    """The identity of the verified peer of ``tls``: one of ``allowed`` (all the cluster's
+    names), and ``expect`` when we dialled a particular node."""
     der = tls.getpeercert(binary_form=True)
     if not der:
         raise IdentityError("the peer sent no certificate")
-    return certificate_node(x509.load_der_x509_certificate(der), allowed, role)
+    return certificate_node(x509.load_der_x509_certificate(der), allowed, expect)

@@ -4,10 +4,11 @@
 path other users can guess. Anyone who owns the directory, or may write to it, can plant
 files or symlinks there before root writes, or swap what root wrote afterwards. So:
 
-- ``private_dir`` creates the directory 0700, or accepts an existing one only when it is
-  a real directory (not a symlink), owned by the effective uid and not group- or
-  world-writable; the check is repeated on the opened descriptor, so a rename between the
-  check and the open is caught;
+- ``private_dir`` walks the path from ``/`` with ``O_NOFOLLOW`` (no symlink anywhere in
+  it is followed), creating what is missing 0700. Every ancestor must be root's or ours
+  and writable by nobody else (unless sticky and root's, like /tmp); the directory itself
+  must be ours and not group- or world-writable. Each check is made on the descriptor
+  that was opened, so nothing can be swapped between a check and its use;
 - ``SafeDir.write`` creates a fresh, randomly named temporary file with
   ``O_EXCL|O_NOFOLLOW`` relative to that descriptor, sets its mode with ``fchmod``,
   ``fsync``s it and renames it over the target atomically, then ``fsync``s the directory.
@@ -32,8 +33,7 @@ class UnsafeDirectory(PermissionError):
 
 
 def _check(st: os.stat_result, path: Path) -> None:
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeDirectory(f"{path} is a symlink; give the real directory")
+    """The key directory itself: ours, and no one else may write to it."""
     if not stat.S_ISDIR(st.st_mode):
         raise UnsafeDirectory(f"{path} exists and is not a directory")
     euid = os.geteuid()
@@ -49,19 +49,31 @@ def _check(st: os.stat_result, path: Path) -> None:
         )
 
 
-def _check_parents(path: Path) -> None:
-    """Every ancestor must be unwritable by others, or sticky (like /tmp): otherwise
-    another user could rename our directory away and put their own in its place."""
-    for parent in path.parents:
-        try:
-            st = os.stat(parent)
-        except FileNotFoundError:
-            continue
-        if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
-            raise UnsafeDirectory(
-                f"{parent} is world-writable without the sticky bit, so anyone could "
-                f"replace {path}; use a directory under a safe parent"
-            )
+def _check_parent(st: os.stat_result, path: Path, child: Path) -> None:
+    """An ancestor: whoever may rename entries in it could swap ``child`` for their own.
+    So it must be root's or ours, and writable by nobody else, unless sticky and root's
+    (like /tmp, where only an entry's owner may rename it)."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise UnsafeDirectory(
+            f"{path} is owned by uid {st.st_uid}, who could replace {child}; "
+            "use a directory whose parents are root's"
+        )
+    if st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and st.st_uid == 0):
+        raise UnsafeDirectory(
+            f"{path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}), so they "
+            f"could replace {child}; use a directory under a safe parent"
+        )
+
+
+def _open_dir(name: str, parent_fd: int | None, path: Path) -> int:
+    """One path component, never through a symlink."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, dir_fd=parent_fd)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise UnsafeDirectory(f"{path} is a symlink; give the real directory") from None
+        raise UnsafeDirectory(f"{path}: {exc.strerror}") from None
 
 
 class SafeDir:
@@ -88,9 +100,17 @@ class SafeDir:
             return False
         return True
 
+    def remove(self, name: str) -> None:
+        """Remove ``name`` (a file, or a symlink itself) if it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
     def read(self, name: str) -> bytes:
         """A regular file of this directory, never through a symlink."""
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd)
+        except OSError as exc:  # named in full: the caller's message says where
+            raise OSError(exc.errno, exc.strerror, str(self.path / name)) from None
         with os.fdopen(fd, "rb") as f:
             return f.read()
 
@@ -125,17 +145,31 @@ class SafeDir:
 def private_dir(path: Path) -> SafeDir:
     """Open ``path`` for writing keys, creating it (and missing parents) 0700 if needed.
 
-    Raises UnsafeDirectory for a directory that is not safely ours."""
+    The path is walked from ``/`` one component at a time, each opened relative to the
+    one before with ``O_NOFOLLOW``: no symlink anywhere in it is followed, every ancestor
+    is checked on the descriptor that was opened (``_check_parent``), and so is the
+    directory itself (``_check``). Raises UnsafeDirectory otherwise."""
     path = Path(os.path.abspath(path))
-    _check_parents(path)
-    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)]
-    for p in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile: checked below
-            os.mkdir(p, 0o700)
-    _check(os.lstat(path), path)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    parts = path.parts[1:]
+    if not parts:
+        raise UnsafeDirectory("/ is not a place for keys")
+    fd = _open_dir("/", None, Path("/"))
+    here = Path("/")
     try:
-        _check(os.fstat(fd), path)  # the directory we opened is the one we checked
+        for i, name in enumerate(parts):
+            _check_parent(os.fstat(fd), here, path)
+            child = here / name
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass  # made before (or meanwhile): checked like any other below
+            except OSError as exc:
+                raise UnsafeDirectory(f"cannot create {child}: {exc.strerror}") from None
+            next_fd = _open_dir(name, fd, child)
+            os.close(fd)
+            fd, here = next_fd, child
+            if i == len(parts) - 1:
+                _check(os.fstat(fd), path)
     except BaseException:
         os.close(fd)
         raise

@@ -28,15 +28,16 @@ b_ip=$(field '[l["peer_end"]["v4"] for l in p["links"] if l["peer"] == "b"][0].s
 
 echo "== cluster keys, made on steer; each machine gets only its own (certs bundle)"
 on steer "pysteer lab cluster --variant vm --dir $keep --force"
-on steer "pysteer certs bundle --dir $keep --node steer --out $dir --force"
+# A re-run starts each machine's directory afresh: nothing of an earlier run stays there.
+on steer "rm -rf $dir && pysteer certs bundle --dir $keep --node steer --out $dir"
 for vm in a b; do
   on steer "pysteer certs bundle --dir $keep --node $vm --out /root/bundle-$vm --force"
   vagrant ssh steer -c "sudo tar -C /root/bundle-$vm -cf - . && sudo rm -rf /root/bundle-$vm" |
-    vagrant ssh "$vm" -c "sudo install -d -m 0700 $dir && sudo tar -C $dir -xpf -"
+    vagrant ssh "$vm" -c "sudo rm -rf $dir && sudo install -d -m 0700 $dir && sudo tar -C $dir -xpf -"
 done
 # The client trusts the service CA only: it never sees a cluster key or the cluster's CA.
 vagrant ssh steer -c "sudo cat $keep/service-ca.pem" |
-  vagrant ssh client -c "sudo install -d $dir && sudo tee $dir/service-ca.pem >/dev/null"
+  vagrant ssh client -c "sudo rm -rf $dir && sudo install -d $dir && sudo tee $dir/service-ca.pem >/dev/null"
 
 echo "== the steering daemon on steer, an agent on a and on b"
 on steer "ifname=\$(ip -o -4 addr show to $client_side | awk '{print \$2}');" \

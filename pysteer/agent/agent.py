@@ -14,8 +14,8 @@ restarts and every ``sync_interval``, lists every flow it serves (``sync``).
 
 Signals: SIGTERM (and SIGINT) drain to the node's ``drain_to`` (cluster file), bounded by
 ``drain_timeout``, then close what is left with a close_notify and a FIN, and log both
-counts. SIGHUP reloads the certificates and keys named by the cluster file; it never
-stops the agent.
+counts. SIGHUP reloads the node's certificate and key and the CA named by the cluster
+file (not the service certificate: restart for that); it never stops the agent.
 """
 
 from __future__ import annotations
@@ -188,10 +188,10 @@ class Agent:
         self.server_tls, self.client_tls = server, client
 
     def _peer_link(self, name: str, address: tuple[str, int]) -> PeerLink:
-        return PeerLink(name, address, self.client_tls)
+        return PeerLink(name, address, self.client_tls, self.config.names())
 
     def _steer_link(self, name: str, address: tuple[str, int]) -> SteerLink:
-        return SteerLink(name, address, self.client_tls)
+        return SteerLink(name, address, self.client_tls, self.config.names())
 
     def reload(self) -> None:
         """SIGHUP: read the cluster file again and load its certificates and keys. Links
@@ -350,7 +350,7 @@ class Agent:
     async def _peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         addr = writer.get_extra_info("peername")
         try:
-            who = peer_node(writer.get_extra_info("ssl_object"), self.config.nodes, "client")
+            who = peer_node(writer.get_extra_info("ssl_object"), self.config.nodes)
         except IdentityError as exc:
             log.warning("refused a peer connection from %s: %s", addr[0], exc)
             writer.close()

@@ -167,7 +167,8 @@ def _ask(cfg: ClusterConfig, node: str, cmd: str, **args: Any) -> dict[str, Any]
     context = _identity(cfg)
     if context is None:
         raise AgentDown(f"no agent at {path}, and no node key readable here to reach it")
-    return ask_remote(conf.control, context, node, cmd, netns=conf.netns, **args)
+    return ask_remote(conf.control, context, node, cmd, netns=conf.netns, names=cfg.names(),
+                      **args)  # fmt: skip
 
 
 def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:

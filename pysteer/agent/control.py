@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from pysteer.agent.frames import encode_frame
-from pysteer.identity import peer_node
+from pysteer.identity import IdentityError, peer_node
 from pysteer.steer.control import LineReader
 
 
@@ -84,7 +85,7 @@ class Stream:
 
 def ask_remote(address: tuple[str, int], context: ssl.SSLContext, node: str, cmd: str, *,
                timeout: float = 10.0, netns: str | None = None,
-               **args: Any) -> dict[str, Any]:  # fmt: skip
+               names: Collection[str] = (), **args: Any) -> dict[str, Any]:  # fmt: skip
     """The same request to a node's agent over its mutual-TLS peer listener (another
     machine). ``context`` carries a cluster certificate; the agent checks it is a node's.
 
@@ -105,12 +106,14 @@ def ask_remote(address: tuple[str, int], context: ssl.SSLContext, node: str, cmd
             raw,
             context.wrap_socket(raw, server_hostname=node) as sock,
         ):
-            peer_node(sock, {node}, "server")
+            peer_node(sock, {node, *names}, node)
             sock.sendall(request)
             head = _read_exactly(sock, 4)
             answer = msgpack.unpackb(_read_exactly(sock, int.from_bytes(head, "big")), raw=False)
     except TimeoutError:
         raise AgentDown(f"{where} did not answer within {timeout:g} s") from None
+    except IdentityError as exc:  # an impostor, not a node that is down: say which
+        raise AgentDown(f"{where}: refused its certificate: {exc}") from None
     except (ssl.SSLError, OSError, EOFError) as exc:
         raise AgentDown(f"{where}: {exc}") from None
     if not isinstance(answer, dict) or not answer.get("ok"):

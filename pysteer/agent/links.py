@@ -10,7 +10,7 @@ import contextlib
 import json
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from pysteer.agent.frames import FrameError, read_frame, write_frame
@@ -35,8 +35,12 @@ class Refused(RuntimeError):
 class _Link:
     what = "link"
 
-    def __init__(self, name: str, address: tuple[str, int], context: ssl.SSLContext) -> None:
+    def __init__(self, name: str, address: tuple[str, int], context: ssl.SSLContext,
+                 names: Collection[str] = ()) -> None:  # fmt: skip
+        """``names``: every identity of the cluster (the peer must be ``name``, and its
+        certificate may name no other of them)."""
         self.name, self.address, self.context = name, address, context
+        self.names = {name, *names}
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -68,7 +72,7 @@ class _Link:
         except OSError as exc:
             raise LinkError(f"{self.where}: {exc.strerror or exc}") from None
         try:
-            peer_node(self._writer.get_extra_info("ssl_object"), {self.name}, "server")
+            peer_node(self._writer.get_extra_info("ssl_object"), self.names, self.name)
         except IdentityError as exc:
             self.close()
             raise LinkError(f"{self.where}: refused its certificate: {exc}") from None

@@ -92,6 +92,10 @@ class ClusterConfig:
     steer: NodeConfig
     nodes: dict[str, NodeConfig]
 
+    def names(self) -> set[str]:
+        """Every identity of the cluster: the hosts and the steering node."""
+        return {*self.nodes, self.steer.name}
+
     def node(self, name: str) -> NodeConfig:
         try:
             return self.nodes[name]

@@ -168,7 +168,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if args.dir is None:
             raise UsageError("--variant needs --dir (where the cluster's CA key will stay)")
         # One machine per node: the CLI reaches the others' agents over mutual TLS.
-        path = write_plan_cluster(plan, args.variant, args.dir.resolve(), force=args.force,
+        path = write_plan_cluster(plan, args.variant, args.dir.absolute(), force=args.force,
                                   remote=True)  # fmt: skip
         print(f"cluster file: {path}; the CA key stays here: give each machine only its "
               f"own files with pysteer certs bundle --dir {args.dir} --node NODE")  # fmt: skip
@@ -177,7 +177,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if lab.status()["state"] != "up":
         raise UsageError(f"lab {args.prefix!r} is not up (pysteer lab up --prefix {args.prefix})")
     directory = args.dir or Path("/run/pysteer") / lab.prefix / "cluster"
-    path = write_cluster(lab, directory.resolve(), force=args.force)
+    path = write_cluster(lab, directory.absolute(), force=args.force)
     print(f"cluster file: {path}")
     print("start the steering daemon and the agents (each runs until SIGTERM):")
     print("  " + shlex.join(["pysteer", *steer_argv(lab, path)[3:]]) + " &")

@@ -13,6 +13,7 @@ import math
 import re
 import socket
 import ssl
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,12 @@ def _exchange(sock: socket.socket, cmd: str, args: dict[str, Any]) -> bytes:
 
 
 def request_remote(
-    address: tuple[str, int], context: ssl.SSLContext, server_name: str, cmd: str, **args: Any
+    address: tuple[str, int],
+    context: ssl.SSLContext,
+    server_name: str,
+    cmd: str,
+    names: Collection[str] = (),
+    **args: Any,
 ) -> dict[str, Any]:
     """The same request, to a daemon's TCP listener over mutual TLS; the daemon must prove
     it is ``server_name``."""
@@ -144,7 +150,7 @@ def request_remote(
             socket.create_connection(address, timeout=10) as raw,
             context.wrap_socket(raw, server_hostname=server_name) as sock,
         ):
-            peer_node(sock, {server_name}, "server")
+            peer_node(sock, {server_name, *names}, server_name)
             data = _exchange(sock, cmd, args)
     except (ssl.SSLError, OSError) as exc:
         raise ControlError(f"steering daemon at {where}: {exc}") from None

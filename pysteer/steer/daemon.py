@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -39,11 +40,20 @@ class DaemonError(RuntimeError):
     """The daemon cannot start; the message says why."""
 
 
-# Control connections are served by one thread each, so their number is bounded per
-# listener, and a connection beyond the bound is refused at once (never queued). The unix
-# socket and the TLS listener have a budget each: a flood of one leaves the other usable.
+# Control connections are served by one thread each, so their number is bounded, and a
+# connection beyond a bound is refused at once (never queued). The unix socket and the TLS
+# listener have a budget each: a flood of one leaves the other usable. On the TLS listener,
+# a connection that has not yet proved who it is (its handshake) holds a handshake slot,
+# at most 20 per source address (an agent opens up to 16 links at once when a drain
+# starts): anyone who can reach the port can use those, so they are short, and one
+# address cannot hold them all. Only after the handshake and the identity
+# check does a connection hold a session slot, counted per host: one host cannot use up
+# another's.
 MAX_LOCAL_CLIENTS = 64  # the unix socket: operators' commands, one connection per command
-MAX_REMOTE_CLIENTS = 256  # the TLS listener, handshakes included: 16 agents at 16 links each
+MAX_HANDSHAKES = 64  # TLS handshakes in progress, all sources together
+MAX_HANDSHAKES_PER_SOURCE = 20  # ... from one address
+HANDSHAKE_TIMEOUT = 5.0  # seconds a whole handshake may take
+MAX_SESSIONS_PER_HOST = 24  # an agent keeps up to 16 links; a few more ride out reconnects
 LOCAL_IDLE_TIMEOUT = 30.0  # a unix client's next request, whole, must arrive within this
 LINE_TIMEOUT = 30.0  # a request that has started to arrive must be complete within this
 SEND_TIMEOUT = 60.0  # a client must take each answer within this
@@ -76,32 +86,43 @@ class _Burst:
 
 
 class _Slots:
-    """The connections one listener serves at once, at most ``limit``; the rest are refused,
-    counted, and logged at most every REFUSALS_LOG_EVERY seconds (a flood is one line)."""
+    """The connections served at once: at most ``limit`` in all (None: no total bound) and
+    ``per_key`` for any one key (a source address, a host). The rest are refused, counted,
+    and logged at most every REFUSALS_LOG_EVERY seconds (a flood is one line)."""
 
-    def __init__(self, where: str, limit: int) -> None:
-        self.where, self.limit = where, limit
+    def __init__(self, where: str, limit: int | None, per_key: int | None = None) -> None:
+        self.where, self.limit, self.per_key = where, limit, per_key
         self.open = self.refused = 0
+        self._by_key: dict[str, int] = {}
         self._unlogged, self._logged = 0, -REFUSALS_LOG_EVERY
         self._lock = threading.Lock()
 
-    def take(self) -> bool:
+    def take(self, key: str = "") -> bool:
         with self._lock:
-            if self.open < self.limit:
+            mine = self._by_key.get(key, 0)
+            if (self.limit is None or self.open < self.limit) and \
+                    (self.per_key is None or mine < self.per_key):  # fmt: skip
                 self.open += 1
+                self._by_key[key] = mine + 1
                 return True
             self.refused += 1
             self._unlogged += 1
             now = time.monotonic()
             if now - self._logged >= REFUSALS_LOG_EVERY:
-                log.warning("refused %d control connection(s) on %s: %d open, the most it "
-                            "serves at once", self._unlogged, self.where, self.limit)  # fmt: skip
+                log.warning("refused %d control connection(s) on %s: at most %s at once%s",
+                            self._unlogged, self.where, self.limit or "unbounded",
+                            f", {self.per_key} per peer" if self.per_key else "")  # fmt: skip
                 self._unlogged, self._logged = 0, now
             return False
 
-    def give(self) -> None:
+    def give(self, key: str = "") -> None:
         with self._lock:
             self.open -= 1
+            left = self._by_key.get(key, 1) - 1
+            if left:
+                self._by_key[key] = left
+            else:
+                self._by_key.pop(key, None)
 
     def busy(self) -> str:
         return (f"steering daemon busy: {self.limit} control connections are open on "
@@ -188,12 +209,20 @@ class Daemon:
         self._syncs: dict[str, tuple[int, set[Flow]]] = {}  # host -> (next part, flows so far)
         self._sync_lock = threading.Lock()
         self._local = _Slots(f"the control socket {path}", MAX_LOCAL_CLIENTS)
-        self._remote = _Slots("the TLS listener", MAX_REMOTE_CLIENTS)
+        self._handshakes = _Slots("the TLS listener (handshakes)", MAX_HANDSHAKES,
+                                  MAX_HANDSHAKES_PER_SOURCE)  # fmt: skip
+        self._sessions = _Slots("the TLS listener (agents)", None, MAX_SESSIONS_PER_HOST)
         self._refusals = _Burst()
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - dispatch
+    def handle(  # noqa: PLR0911 - dispatch
+        self, req: dict[str, Any], who: str | None = None
+    ) -> dict[str, Any]:
+        """Answer one request. ``who``: the host whose agent sent it over mutual TLS (None
+        on the root-only unix socket, where every command is allowed)."""
         cmd = req.get("cmd")
         try:
+            if who is not None:
+                _authorize(req, who)
             if cmd in ("flows", "hosts", "stats"):
                 return {"ok": True, cmd: self._show(cmd)}
             if cmd in ("park", "to", "pass", "forget", "claim", "revert", "decision"):
@@ -225,7 +254,7 @@ class Daemon:
         if what == "hosts":
             return [{"name": h.name, "ifname": h.ifname, "mac": h.mac.hex(":"), "id": h.id}
                     for h in st.hosts.values()]  # fmt: skip
-        refused = self._local.refused + self._remote.refused
+        refused = self._local.refused + self._handshakes.refused + self._sessions.refused
         return st.stats() | st.table_usage() | {"control_refused": refused}
 
     def _divert(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -299,8 +328,10 @@ class Daemon:
             self._syncs.pop(host, None)
         return self.steerer.sync(host, served, float(interval))
 
-    def _client(self, conn: socket.socket, idle: float | None = None) -> None:
+    def _client(self, conn: socket.socket, idle: float | None = None,
+                who: str | None = None) -> None:  # fmt: skip
         """Answer requests, one per line, until the client hangs up (agents keep it open).
+        ``who``: the host a TLS client proved to be (see ``handle``).
 
         Every line gets an answer: a bad one its error, and an unexpected failure is logged
         and answered too, so no request can end this thread while its client still talks.
@@ -323,7 +354,7 @@ class Daemon:
                 if not data.endswith(b"\n"):
                     return
                 try:
-                    out = json.dumps(self.handle(decode_request(data)))
+                    out = json.dumps(self.handle(decode_request(data), who))
                 except RequestError as exc:
                     out = json.dumps({"ok": False, "error": str(exc)})
                 except Exception as exc:
@@ -367,7 +398,7 @@ class Daemon:
                 if not self._local.take():
                     _refuse(conn, self._local.busy())
                     continue
-                self._spawn(self._local, self._client, conn, LOCAL_IDLE_TIMEOUT)
+                self._spawn(self._local_client, (conn,), self._local.give)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -388,54 +419,66 @@ class Daemon:
         def accept_loop() -> None:
             while not self._stop.is_set():
                 try:
-                    raw, _ = server.accept()
+                    raw, peer = server.accept()
                 except TimeoutError:
                     continue
-                if not self._remote.take():
+                source = str(peer[0])
+                if not self._handshakes.take(source):
                     raw.close()  # no TLS yet to say why in: the agent sees the link refused
                     continue
                 _keepalive(raw)
-                self._spawn(self._remote, self._tls_client, raw, context)
+                self._spawn(self._tls_client, (raw, context, source),
+                            functools.partial(self._handshakes.give, source))  # fmt: skip
             server.close()
 
         threading.Thread(target=accept_loop, daemon=True).start()
 
-    def _tls_client(self, raw: socket.socket, context: ssl.SSLContext) -> None:
-        raw.settimeout(10)
+    def _local_client(self, conn: socket.socket) -> None:
         try:
-            conn = context.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            where = _peer_address(raw)
-            raw.close()  # no valid client certificate: nothing is answered
-            self._refusals.log("refused a control connection from %s: %s", where, exc)
-            return
-        try:  # only the agents of the hosts this daemon steers to may use it
-            who = peer_node(conn, set(self.steerer.hosts), "client")
-        except (IdentityError, ValueError) as exc:
-            self._refusals.log("refused a control connection from %s: %s",
-                               _peer_address(conn), exc)  # fmt: skip
-            conn.close()
-            return
-        log.debug("control connection from %s (%s)", who, _peer_address(conn))
-        conn.settimeout(None)  # agents keep their connection open between migrations
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._client(conn)
+            self._client(conn, LOCAL_IDLE_TIMEOUT)
+        finally:
+            self._local.give()
 
-    def _spawn(self, slots: _Slots, serve: Any, conn: socket.socket, *args: Any) -> None:
-        """Serve ``conn`` in a thread of its own, which gives its slot back when done."""
-
-        def run() -> None:
+    def _tls_client(self, raw: socket.socket, context: ssl.SSLContext, source: str) -> None:
+        """A TLS connection: its handshake and identity check hold a handshake slot (given
+        back here, whatever happens), then its requests hold a session slot of its host."""
+        try:
+            raw.settimeout(HANDSHAKE_TIMEOUT)  # the whole handshake, not each read
             try:
-                serve(conn, *args)
-            finally:
-                slots.give()
-
-        try:
-            threading.Thread(target=run, daemon=True).start()
-        except RuntimeError as exc:  # no thread to be had: refuse it, keep accepting
-            slots.give()
+                conn = context.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                raw.close()  # no valid client certificate: nothing is answered
+                self._refusals.log("refused a control connection from %s: %s", source, exc)
+                return
+            try:  # only the agents of the hosts this daemon steers to may use it
+                who = peer_node(conn, set(self.steerer.hosts))
+            except IdentityError as exc:
+                self._refusals.log("refused a control connection from %s: %s", source, exc)
+                conn.close()
+                return
+        finally:
+            self._handshakes.give(source)
+        if not self._sessions.take(who):
             conn.close()
-            log.warning("refused a control connection on %s: %s", slots.where, exc)
+            return
+        try:
+            log.debug("control connection from %s (%s)", who, source)
+            conn.settimeout(None)  # agents keep their connection open between migrations
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._client(conn, who=who)
+        finally:
+            self._sessions.give(who)
+
+    def _spawn(self, serve: Any, args: tuple[Any, ...], release: Any) -> None:
+        """Run ``serve(*args)`` in a thread of its own; it gives its slot back when done.
+        With no thread to be had, the connection (``args[0]``) is refused, ``release``
+        gives the slot back, and the accept loop goes on."""
+        try:
+            threading.Thread(target=serve, args=args, daemon=True).start()
+        except RuntimeError as exc:
+            args[0].close()
+            release()
+            log.warning("refused a control connection: %s", exc)
 
     def stop(self, *_: object) -> None:
         self._stop.set()
@@ -512,11 +555,23 @@ def _keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
 
 
-def _peer_address(conn: socket.socket) -> str:
-    try:
-        return str(conn.getpeername()[0])
-    except OSError:
-        return "?"
+# What an agent may ask over the TLS listener, and the fields that must name the agent
+# itself: a host acts only for itself. The operator's commands (to, pass, forget, gc) need
+# the root-only unix socket on the steering node.
+AGENT_COMMANDS = {"hello": (), "stats": (), "hosts": (), "diversions": (), "decision": (),
+                  "park": ("owner",), "revert": ("host",), "claim": ("host",),
+                  "sync": ("host",), "closed": ("host",), "divert": ()}  # fmt: skip
+
+
+def _authorize(req: dict[str, Any], who: str) -> None:
+    cmd = req.get("cmd")
+    if cmd not in AGENT_COMMANDS:
+        raise RequestError(f"{str(cmd)[:40]!r} is not an agent's command: run it on the "
+                           "steering node (its control socket)")  # fmt: skip
+    for name in AGENT_COMMANDS[cmd]:
+        if name in req and req[name] is not None and req[name] != who:
+            raise RequestError(f"{cmd}: {name} must be the caller ({who}), the only host "
+                               "its certificate speaks for")  # fmt: skip
 
 
 def lock_path(name: str) -> Path:

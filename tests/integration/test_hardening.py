@@ -4,7 +4,9 @@
 - the steering daemon refuses pin directories another user could change, and a start it
   refuses leaves the pinned maps and the attached program as they were;
 - its control connections are bounded per listener: beyond the bound it refuses at once
-  (never queues), its thread count stays bounded, and the other listener still serves.
+  (never queues), its thread count stays bounded, and the other listener still serves;
+  on the TLS listener, unauthenticated connections are bounded per source address and
+  sessions per host, so neither a flood nor one host can keep the other agents out.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from pysteer.steer.pins import PIN_ROOT
 
 # The bounds the daemon is expected to keep (pysteer.steer.daemon); literal here, so the
 # test also runs against a version that has none.
-MAX_LOCAL_CLIENTS, MAX_REMOTE_CLIENTS = 64, 256
+MAX_LOCAL_CLIENTS = 64
+MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE, MAX_SESSIONS_PER_HOST = 64, 20, 24
 SLACK = 8  # threads besides the connections' that may come and go (the TLS accept loop...)
 NOBODY = 65534
 # Prefixes of a command that exec it (same pid): without CAP_SYS_PTRACE (root loses it
@@ -224,6 +227,21 @@ def answered(socks: list[socket.socket]) -> list[socket.socket]:
     return [sock for sock in socks if sock.fileno() in ready]
 
 
+def hung_up(socks: list[ssl.SSLSocket]) -> list[ssl.SSLSocket]:
+    """Those of the TLS ``socks`` the daemon has closed (a session ticket is not a close)."""
+    gone = []
+    for sock in socks:
+        sock.settimeout(0.05)
+        try:
+            if sock.recv(1) == b"":
+                gone.append(sock)
+        except (TimeoutError, ssl.SSLWantReadError):
+            pass
+        except (ssl.SSLError, OSError):
+            gone.append(sock)
+    return gone
+
+
 def connect_unix(path: Path, count: int) -> list[socket.socket]:
     socks = []
     for _ in range(count):
@@ -334,20 +352,21 @@ def test_local_control_connections_are_bounded(steering: Steering) -> None:
 
 
 def test_remote_control_connections_are_bounded(steering: Steering) -> None:
-    """44 TCP connections more than the TLS listener's bound, none starting a handshake:
-    those are closed at once, the daemon's threads stay bounded, an agent is refused while
-    the listener is full, and the unix socket still serves; once they are gone, the agent
-    is served again."""
+    """A flood of TCP connections that never start a handshake, from the client's address:
+    beyond the per-source bound they are closed at once, the daemon's threads stay
+    bounded, and the agents (other addresses) are still served, as is the unix socket.
+    (Before, 256 such connections locked every agent out for their 10 s handshakes.)"""
     extra, pid = 44, steering.pid
     base = threads(pid)
-    floods = steering.lab.call("steer", connect_tcp, steering.remote, MAX_REMOTE_CLIENTS + extra)
+    floods = steering.lab.call("client", connect_tcp, steering.remote,
+                               MAX_HANDSHAKES_PER_SOURCE + extra)  # fmt: skip
     try:
-        settle(lambda: len(answered(floods)) >= extra, 5)  # their handshakes wait 10 s
+        settle(lambda: len(answered(floods)) >= extra, 5)  # the others wait out 5 s
         facts = {
             "closed": len(answered(floods)),
-            "threads within the bound": threads(pid) <= base + MAX_REMOTE_CLIENTS + SLACK,
+            "threads within the bound": threads(pid) <= base + MAX_HANDSHAKES + SLACK,
             "unix socket serves": steering.local_ok(),
-            "agent served": steering.remote_ok(),
+            "agent served": steering.remote_ok(),  # from the steering node's own address
         }
     finally:
         close(floods)
@@ -355,9 +374,36 @@ def test_remote_control_connections_are_bounded(steering: Steering) -> None:
         "closed": extra,
         "threads within the bound": True,
         "unix socket serves": True,
-        "agent served": False,  # refused while the listener is full
+        "agent served": True,
     }
-    wait_until(steering.remote_ok, 15, "the TLS listener to serve again")
     log = steering.d.log()
-    assert 1 <= log.count("control connection(s) on the TLS listener") <= 2, log  # no flood
+    assert 1 <= log.count("control connection(s) on the TLS listener (handshakes)") <= 2, log
     assert "Traceback" not in log
+
+
+def test_one_host_cannot_use_up_the_sessions(steering: Steering, cluster_files: Path) -> None:
+    """Host a opens more authenticated sessions than a host may hold: the extra ones are
+    closed, and host b's agent is still served."""
+    here = cluster_files.parent
+    b = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    b.load_verify_locations(here / "ca.pem")
+    b.load_cert_chain(here / "b.pem", here / "b.key")
+    extra = 3
+
+    def sessions(count: int) -> list[ssl.SSLSocket]:
+        out = []
+        for _ in range(count):
+            raw = socket.create_connection(steering.remote, timeout=10)
+            out.append(steering.agent.wrap_socket(raw, server_hostname=steering.lab.plan.steer))
+        return out
+
+    held = steering.lab.call("steer", sessions, MAX_SESSIONS_PER_HOST + extra)
+    try:
+        settle(lambda: len(hung_up(held)) >= extra, 5)
+        closed = len(hung_up(held))
+        answer = steering.lab.call("steer", request_remote, steering.remote, b,
+                                   steering.lab.plan.steer, "hosts")  # fmt: skip
+    finally:
+        close(held)
+    assert (closed, [h["name"] for h in answer["hosts"]]) == (extra, ["a", "b"])
+    wait_until(steering.remote_ok, 15, "host a to be served again")

@@ -80,7 +80,7 @@ REFUSED = ["service", "no-eku", "server-only", "cn-san-differ", "not-a-node"]
 REASONS = {
     "service": "CERTIFICATE_VERIFY_FAILED|certificate verify failed",  # another CA altogether
     "no-eku": "no extendedKeyUsage",
-    "server-only": "unsuitable certificate purpose|not for clientAuth",  # OpenSSL sees it
+    "server-only": "unsuitable certificate purpose|no clientAuth",  # OpenSSL sees it
     "cn-san-differ": "'a' is not among the certificate's DNS names",
     "not-a-node": "'vip' is not an identity allowed here",
 }
@@ -127,8 +127,9 @@ def test_agent_checks_identity(cluster: Cluster, tmp_path: Path) -> None:
 
 def test_links_check_the_server_they_reach(cluster: Cluster, tmp_path: Path) -> None:
     """A link refuses a server whose certificate chains to the cluster CA and carries the
-    right name but is not for serverAuth: the CLI's remote path, to a rogue listener in
-    a's namespace that presents a no-EKU certificate for "b"."""
+    right name but is not a node's (no EKU, serverAuth only, clientAuth only): the CLI's
+    remote path, to a rogue listener in a's namespace that presents such a certificate
+    for "b"."""
     from pysteer.agent.control import AgentDown, ask_remote  # noqa: PLC0415
     from pysteer.identity import client_context  # noqa: PLC0415
 
@@ -138,7 +139,8 @@ def test_links_check_the_server_they_reach(cluster: Cluster, tmp_path: Path) -> 
     netns = cluster.lab.netns("a")
     for usage, error in [
         ("any", "no extendedKeyUsage"),
-        ("client", "unsuitable certificate purpose|not for serverAuth"),
+        ("server", "not a node's: no clientAuth"),  # a server certificate, not a node's
+        ("client", "unsuitable certificate purpose|no serverAuth"),
     ]:
         rogue = ca.issue("b", names=["b"], usage=usage)
         (tmp_path / "rogue.pem").write_bytes(rogue.chain_pem)
@@ -164,3 +166,30 @@ def test_links_check_the_server_they_reach(cluster: Cluster, tmp_path: Path) -> 
             ask_remote(listener.getsockname()[:2], ctx, "b", "status", netns=netns)
         thread.join(10)
         assert served in ([], [b""]), served  # no request ever went to the rogue server
+
+
+def test_a_host_speaks_only_for_itself(cluster: Cluster) -> None:
+    """Host a's certificate gets a's requests answered, not b's: a sync, close notice or
+    claim naming b is refused, and so are the operator's commands (they need the steering
+    node's root-only socket). Before, the daemon checked the chain, then trusted ``host``."""
+    d, plan = cluster.dir, cluster.lab.plan
+    address = (str(plan.link(plan.hosts[0]).steer_end.v4.ip), STEER_PORT)
+    flow = f"{plan.address('client')}:40000-{plan.vip(4)}:443"
+    refused = {
+        "sync-as-b": ({"cmd": "sync", "host": "b", "flows": []}, "host must be the caller (a)"),
+        "closed-as-b": ({"cmd": "closed", "host": "b", "flows": [flow]}, "must be the caller"),
+        "claim-as-b": ({"cmd": "claim", "host": "b", "flow": flow, "token": 1},
+                       "must be the caller"),
+        "park-owned-by-b": ({"cmd": "park", "flow": flow, "owner": "b"}, "must be the caller"),
+        "forget": ({"cmd": "forget", "flow": flow}, "is not an agent's command"),
+        "to": ({"cmd": "to", "flow": flow, "host": "a"}, "is not an agent's command"),
+        "gc": ({"cmd": "gc"}, "is not an agent's command"),
+    }  # fmt: skip
+    for name, (request, error) in refused.items():
+        answer = json.loads(call(cluster, address, plan.steer, (d / "a.pem", d / "a.key"),
+                                 json.dumps(request).encode() + b"\n"))  # fmt: skip
+        assert answer["ok"] is False and error in answer["error"], (name, answer)
+    own = {"cmd": "sync", "host": "a", "flows": [], "done": False}  # a part: changes nothing
+    answer = json.loads(call(cluster, address, plan.steer, (d / "a.pem", d / "a.key"),
+                             json.dumps(own).encode() + b"\n"))  # fmt: skip
+    assert answer["ok"] is True, answer

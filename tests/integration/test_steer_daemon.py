@@ -125,8 +125,8 @@ def test_remote_control_needs_a_client_certificate(lab: Lab, tmp_path) -> None:
     from pysteer.steer.control import ControlError, request_remote  # noqa: PLC0415
 
     ca, other = CertificateAuthority(), CertificateAuthority("another CA")
-    node = ca.issue("steer", names=["steer", "127.0.0.1"])
-    agent, stranger = ca.issue("a", usage="client"), other.issue("a", usage="client")
+    node = ca.issue("steer", names=["steer", "127.0.0.1"], usage="node")
+    agent, stranger = ca.issue("a", usage="node"), other.issue("a", usage="node")
     files = {}
     for name, pem in (
         ("ca", ca.cert_pem),

@@ -9,6 +9,7 @@ the predictable directory with 0666 ``*.tmp`` files, or plants symlinks, before 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import ssl
 import stat
@@ -99,7 +100,7 @@ def test_attack_directory_writable_by_others(tmp_path: Path) -> None:
     parent.chmod(0o777)  # no sticky bit: our directory could be renamed away
     out = pysteer("certs", "init", "--dir", str(parent / "cluster"), *NODES)
     assert out.returncode == 2
-    assert "world-writable without the sticky bit" in out.stderr, out.stderr
+    assert "is writable by others (mode 0777), so they could replace" in out.stderr, out.stderr
     assert not (parent / "cluster").exists()
 
 
@@ -255,10 +256,12 @@ def test_issue_renews_one_node(tmp_path: Path) -> None:
     assert (d / "ca.key").read_bytes() == before["ca.key"]
     leaf, ca = x509.load_pem_x509_certificates((d / "a.pem").read_bytes())
     leaf.verify_directly_issued_by(ca)
-    assert certificate_node(leaf, {"a", "b"}, "client") == "a"
+    assert certificate_node(leaf, {"a", "b"}) == "a"
     bundle = tmp_path / "b-only"
-    assert pysteer("certs", "bundle", "--dir", str(d), "--node", "b", "--out",
-                   str(bundle)).returncode == 0  # fmt: skip
+    out = pysteer("certs", "bundle", "--dir", str(d), "--node", "b", "--out", str(bundle))
+    assert out.returncode == 2 and "give --role host or --role steer" in out.stderr  # no guess
+    assert pysteer("certs", "bundle", "--dir", str(d), "--node", "b", "--role", "host",
+                   "--out", str(bundle)).returncode == 0  # fmt: skip
     out = pysteer("certs", "issue", "--dir", str(bundle), "--node", "c")
     assert out.returncode == 2 and "no CA key" in out.stderr  # a host cannot mint nodes
 
@@ -272,31 +275,31 @@ def leaf(cn: str, *, names: list[str] | None = None, usage: str = "node") -> x50
 
 
 @pytest.mark.parametrize(
-    ("cert", "role", "error"),
+    ("cert", "expect", "error"),
     [
-        (leaf("a"), "client", None),
-        (leaf("a"), "server", None),
-        (leaf("a", usage="client"), "client", None),
-        (
-            leaf("vip", names=["vip", "10.0.0.100"], usage="server"),
-            "client",
-            "not for clientAuth (it allows: serverAuth)",
-        ),
-        (leaf("a", usage="server"), "client", "not for clientAuth"),
-        (leaf("a", usage="client"), "server", "not for serverAuth"),
-        (leaf("a", usage="any"), "client", "no extendedKeyUsage"),
-        (leaf("a", names=["b"]), "client", "'a' is not among the certificate's DNS names"),
-        (leaf("a", names=["a", "b"]), "client", "also names b"),
-        (leaf("vip", names=["vip"]), "client", "'vip' is not an identity allowed here"),
-        (leaf("a", names=["10.0.0.2"]), "client", "not among the certificate's DNS names"),
+        (leaf("a"), None, None),
+        (leaf("a"), "a", None),
+        (leaf("a", names=["a", "a.example.com", "10.0.0.2"]), "a", None),
+        (leaf("vip", names=["vip", "10.0.0.100"], usage="server"), None,
+         "not a node's: no clientAuth (it allows: serverAuth)"),
+        (leaf("a", usage="server"), None, "no clientAuth"),
+        (leaf("a", usage="server"), "a", "no clientAuth"),  # not even as a server
+        (leaf("a", usage="client"), None, "no serverAuth"),
+        (leaf("a", usage="any"), None, "no extendedKeyUsage"),
+        (leaf("a", names=["b"]), None, "'a' is not among the certificate's DNS names"),
+        (leaf("a", names=["a", "b"]), None, "also names b"),
+        (leaf("a", names=["a", "b"]), "a", "also names b"),  # dialling a: b is still known
+        (leaf("a"), "b", "certificate is 'a''s, not 'b''s"),
+        (leaf("vip", names=["vip"]), None, "'vip' is not an identity allowed here"),
+        (leaf("a", names=["10.0.0.2"]), None, "not among the certificate's DNS names"),
     ],
-)
-def test_identity(cert: x509.Certificate, role: str, error: str | None) -> None:
+)  # fmt: skip
+def test_identity(cert: x509.Certificate, expect: str | None, error: str | None) -> None:
     if error is None:
-        assert certificate_node(cert, {"a", "b"}, role) == "a"
+        assert certificate_node(cert, {"a", "b"}, expect) == "a"
     else:
-        with pytest.raises(IdentityError, match=error.replace("(", r"\(").replace(")", r"\)")):
-            certificate_node(cert, {"a", "b"}, role)
+        with pytest.raises(IdentityError, match=re.escape(error)):
+            certificate_node(cert, {"a", "b"}, expect)
 
 
 def test_control_contexts_ignore_sslkeylogfile(
@@ -314,3 +317,63 @@ def test_control_contexts_ignore_sslkeylogfile(
     assert not keylog.exists() or keylog.read_bytes() == b""
     # The test can fail: Python's default context does log with the variable set.
     assert ssl.create_default_context().keylog_filename == str(keylog)
+
+
+def test_attack_through_a_parent(tmp_path: Path, shared_tmp: Path) -> None:
+    """A symlink or a directory of the user's anywhere above the key directory: the user
+    could point it elsewhere, or swap our directory for theirs, after root wrote."""
+    as_nobody(f"import os; os.mkdir({str(shared_tmp)!r}, 0o755)")  # the user's own
+    out = pysteer("certs", "init", "--dir", str(shared_tmp / "keys"), *NODES)
+    assert out.returncode == 2, out.stdout
+    assert f"{shared_tmp} is owned by uid {NOBODY}, who could replace" in out.stderr
+    assert not (shared_tmp / "keys").exists()
+    target = tmp_path / "root-only"
+    target.mkdir(mode=0o700)
+    link = shared_tmp / "evil"
+    as_nobody(f"import os; os.symlink({str(target)!r}, {str(link)!r})")
+    out = pysteer("certs", "init", "--dir", str(link / "certs"), *NODES)
+    assert out.returncode == 2
+    assert "owned by uid 65534" in out.stderr or "is a symlink" in out.stderr, out.stderr
+    assert list(target.iterdir()) == []
+    # The same symlink, under a parent that is safe: still never followed.
+    safe_link = tmp_path / "link"
+    safe_link.symlink_to(target)
+    out = pysteer("certs", "init", "--dir", str(safe_link / "certs"), *NODES)
+    assert out.returncode == 2 and f"{safe_link} is a symlink" in out.stderr, out.stderr
+    assert list(target.iterdir()) == []
+
+
+def test_file_errors_are_one_clear_line(tmp_path: Path) -> None:
+    d = tmp_path / "cluster"
+    assert pysteer("certs", "init", "--dir", str(d), *NODES).returncode == 0
+    (tmp_path / "file").write_text("x")
+    (d / "b.pem").unlink()  # a key without its certificate
+    cases = [
+        (["init", "--dir", str(tmp_path / "file" / "sub"), *NODES], "Not a directory"),
+        (["bundle", "--dir", str(d), "--node", "b", "--role", "host", "--out",
+          str(tmp_path / "b")], "b.pem: No such file or directory"),
+        (["bundle", "--dir", str(d), "--node", "a", "--role", "host", "--out", "/proc/x/y"],
+         "/proc"),
+        (["bundle", "--dir", str(d), "--node", "a", "--out", str(tmp_path / "a")],
+         "cluster.toml: is a symlink"),
+    ]  # fmt: skip
+    for args, message in cases:
+        if "is a symlink" in message:  # an operator's link to the config: never followed
+            (d / "cluster.toml").symlink_to(tmp_path / "file")
+        out = pysteer("certs", *args)
+        assert out.returncode == 2, (args, out.stdout)
+        assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_force_leaves_no_earlier_service_files(tmp_path: Path) -> None:
+    d = tmp_path / "cluster"
+    assert (
+        pysteer("certs", "init", "--dir", str(d), *NODES, "--service-name", "vip").returncode == 0
+    )
+    old_ca = (d / "ca.pem").read_bytes()
+    out = pysteer("certs", "init", "--dir", str(d), *NODES, "--force")
+    assert out.returncode == 0, out.stderr
+    assert (d / "ca.pem").read_bytes() != old_ca
+    assert not any((d / n).exists() for n in ("service.pem", "service.key", "service-ca.pem"))
+    out = pysteer("certs", "init", "--dir", str(d), "--node", "a=b", "--node", "b", "--force")
+    assert out.returncode == 2 and "cannot also be named b" in out.stderr, out.stderr
