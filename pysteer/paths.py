@@ -1,9 +1,11 @@
-"""Where pysteer's non-Python files live."""
+"""Where pysteer's files live: its run directory, and its non-Python sources."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+RUN_DIR = Path("/run/pysteer")  # sockets, locks, ledgers, the lab's keys: root's, tmpfs
 
 
 def repo_root() -> Path:

@@ -46,6 +46,7 @@ from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.identity import IdentityError, client_context, peer_node, server_context
 from pysteer.metrics import AgentMetrics, setup_logging
 from pysteer.metrics import serve as serve_metrics
+from pysteer.paths import RUN_DIR
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tls import ServerConfig
 from pysteer.transfer.blob import KEY_LEN, BlobError, MigrationBlob, open_sealed
@@ -53,7 +54,6 @@ from pysteer.transfer.blob import KEY_LEN, BlobError, MigrationBlob, open_sealed
 log = logging.getLogger("pysteer.agent")
 
 LINKS = 16  # mTLS links per peer (and to the steering node): migrations in flight at once
-RUN_DIR = Path("/run/pysteer")
 # What the CLI may ask over the peer listener (a drain streams: run it on the source node).
 REMOTE_COMMANDS = ("flows", "status", "migrate", "migrations", "resolve", "cordon", "uncordon",
                    "undrain")  # fmt: skip

@@ -32,6 +32,7 @@ from pyroute2 import netns as pr_netns
 
 from pysteer import netns
 from pysteer.lab.plan import LabPlan, from_dict, load
+from pysteer.paths import RUN_DIR
 
 T = TypeVar("T")
 
@@ -72,19 +73,19 @@ def _with_ipr(fn: Callable[[IPRoute], T]) -> Callable[[], T]:
     return run
 
 
-_ALL_SYSCTLS = {
+ALL_SYSCTLS = {
     # Addresses are usable at once: no duplicate address detection inside the lab.
     "net.ipv6.conf.all.accept_dad": "0",
     "net.ipv6.conf.default.accept_dad": "0",
 }
-_STEER_SYSCTLS = {
+STEER_SYSCTLS = {
     "net.ipv4.ip_forward": "1",
     "net.ipv6.conf.all.forwarding": "1",
     # rp_filter=1 drops host B's replies from the VIP on the B-facing link (design doc §7).
     "net.ipv4.conf.all.rp_filter": "2",
     "net.ipv4.conf.default.rp_filter": "2",
 }
-_HOST_SYSCTLS = {
+HOST_SYSCTLS = {
     # The VIP is on lo of every host: never answer or announce it on the link (LVS-DR style).
     "net.ipv4.conf.all.arp_ignore": "1",
     "net.ipv4.conf.all.arp_announce": "2",
@@ -252,11 +253,11 @@ class Lab:
         plan = self.plan
         for node in plan.nodes:
             pr_netns.create(self.netns(node))
-            values = dict(_ALL_SYSCTLS)
+            values = dict(ALL_SYSCTLS)
             if node == plan.steer:
-                values |= _STEER_SYSCTLS
+                values |= STEER_SYSCTLS
             if node in plan.hosts:
-                values |= _HOST_SYSCTLS
+                values |= HOST_SYSCTLS
             self.call(node, set_sysctls, values)
             self.call(node, _with_ipr(_lo_up))
         self.call(plan.steer, _with_ipr(self._build_steer))
@@ -395,7 +396,7 @@ def remove_instance(name: str, grace: float = 2.0) -> list[str]:
     default). A lab rebuilt with the same name starts clean. Returns what it removed."""
     from pysteer.steer import pins  # noqa: PLC0415 - only when a lab goes down
 
-    run = Path("/run/pysteer")
+    run = RUN_DIR
     removed = []
     lock = run / f"steer-{name}.lock"
     if _locked(lock):  # the daemon still runs: its pid is in the lock

@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pysteer.lab.plan import LabPlan
-from pysteer.lab.topology import _ALL_SYSCTLS, _HOST_SYSCTLS, _STEER_SYSCTLS, LabError, set_sysctls
+from pysteer.lab.topology import ALL_SYSCTLS, HOST_SYSCTLS, STEER_SYSCTLS, LabError, set_sysctls
 
 
 def _ignore_exists(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -38,11 +38,11 @@ def setup_node(plan: LabPlan, node: str) -> list[str]:
     """Configure this machine as ``node`` of ``plan``; returns what it did, for the log."""
     if node not in plan.nodes:
         raise LabError(f"unknown node {node!r}; the plan has {', '.join(plan.nodes)}")
-    values = dict(_ALL_SYSCTLS)
+    values = dict(ALL_SYSCTLS)
     if node == plan.steer:
-        values |= _STEER_SYSCTLS
+        values |= STEER_SYSCTLS
     if node in plan.hosts:
-        values |= _HOST_SYSCTLS
+        values |= HOST_SYSCTLS
     set_sysctls(values)
     done = [f"sysctls: {', '.join(sorted(values))}"]
     with IPRoute() as ipr:

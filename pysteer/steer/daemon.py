@@ -26,7 +26,8 @@ from pysteer.bpfload import BpfBuildError
 from pysteer.identity import IdentityError, peer_node
 from pysteer.metrics import setup_logging
 from pysteer.netns import call_in
-from pysteer.steer.control import RUN_DIR, LineReader, RequestError, decode_request, socket_path
+from pysteer.paths import RUN_DIR
+from pysteer.steer.control import LineReader, RequestError, decode_request, socket_path
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.steer.loader import AttachError
 from pysteer.steer.maps import Action

@@ -27,7 +27,7 @@ from pysteer.tls.handshake import HandshakeError, HandshakeResult, OpenSSLHandsh
 from pysteer.tls.keys import key_block12
 from pysteer.tls.record import Protection, RecordError
 from pysteer.tls.secret import Secret
-from pysteer.tls.state import MAX_HS_BUFFER, TlsStateError, decode_state, encode_state
+from pysteer.tls.state import MAX_HS_BUFFER, TlsState, TlsStateError
 from pysteer.tls.suites import TLS13
 
 # Alert levels and descriptions (RFC 8446 §6)
@@ -368,12 +368,16 @@ class TlsServerConnection:
         if self._tx:
             raise TlsStateError(f"cannot export: {len(self._tx)} bytes not yet sent (flush first)")
         assert self.info is not None  # noqa: S101
-        return encode_state(self, self._read, self._write, bytes(self._rx), self._hs_buf)
+        state = TlsState(read=self._read, write=self._write, rx=bytes(self._rx),
+                         hs=self._hs_buf, close_sent=self.close_sent,
+                         close_received=self.close_received, written=self._written,
+                         info=self.info)  # fmt: skip
+        return state.to_wire()
 
     @classmethod
     def from_state(cls, state: Any) -> TlsServerConnection:
         """Continue a connection exported by ``export_state`` (validated first)."""
-        decoded = decode_state(state)
+        decoded = TlsState.from_wire(state)
         conn = cls(None)
         conn.phase = "open"
         conn._read, conn._write = decoded.read, decoded.write

@@ -9,7 +9,7 @@ SNI, ALPN and the peer's certificate chain. It holds keys, so it travels only se
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pysteer.redact import name as _name
 from pysteer.redact import show as _show
@@ -17,9 +17,6 @@ from pysteer.tls.events import HandshakeComplete
 from pysteer.tls.record import Protection
 from pysteer.tls.secret import Secret
 from pysteer.tls.suites import BY_NAME, TLS13, Suite
-
-if TYPE_CHECKING:
-    from pysteer.tls.connection import TlsServerConnection
 
 WIRE_VERSION = 1
 _KEYS = {
@@ -38,7 +35,10 @@ class TlsStateError(ValueError):
 
 
 @dataclass(frozen=True)
-class DecodedState:
+class TlsState:
+    """A connection's whole state (``TlsServerConnection.export_state`` makes one, and
+    ``from_state`` continues from one); ``to_wire``/``from_wire`` are its exported form."""
+
     read: Protection = field(repr=False)
     write: Protection = field(repr=False)
     rx: bytes = field(repr=False)
@@ -48,35 +48,37 @@ class DecodedState:
     written: int
     info: HandshakeComplete
 
+    def to_wire(self) -> dict[str, Any]:
+        """Plain, msgpack-ready types. Contains keys: seal it."""
+        info = self.info
+        return {
+            "v": WIRE_VERSION,
+            "version": info.version,
+            "suite": info.suite,
+            "read": _direction(self.read),
+            "write": _direction(self.write),
+            "rx": self.rx,
+            "hs": self.hs,
+            "close_sent": self.close_sent,
+            "close_received": self.close_received,
+            "written": self.written,
+            "sni": info.sni,
+            "alpn": info.alpn,
+            "resumed": info.resumed,
+            "peer_chain": list(info.peer_chain),
+        }
+
+    @classmethod
+    def from_wire(cls, d: Any) -> TlsState:
+        """Validate an exported state; any problem is a TlsStateError naming the field."""
+        return _decode(d)
+
 
 def _direction(p: Protection) -> dict[str, Any]:
     if p.suite.version == TLS13:
         assert p.secret is not None  # noqa: S101
         return {"secret": p.secret.reveal(), "seq": p.seq}
     return {"key": p.key.reveal(), "iv": p.iv.reveal(), "seq": p.seq}
-
-
-def encode_state(
-    conn: TlsServerConnection, read: Protection, write: Protection, rx: bytes, hs: bytes
-) -> dict[str, Any]:
-    info = conn.info
-    assert info is not None  # noqa: S101
-    return {
-        "v": WIRE_VERSION,
-        "version": info.version,
-        "suite": info.suite,
-        "read": _direction(read),
-        "write": _direction(write),
-        "rx": rx,
-        "hs": hs,
-        "close_sent": conn.close_sent,
-        "close_received": conn.close_received,
-        "written": conn._written,
-        "sni": info.sni,
-        "alpn": info.alpn,
-        "resumed": info.resumed,
-        "peer_chain": list(info.peer_chain),
-    }
 
 
 def _fail(reason: str) -> TlsStateError:
@@ -127,7 +129,7 @@ def _optional_str(d: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def decode_state(d: Any) -> DecodedState:
+def _decode(d: Any) -> TlsState:
     if not isinstance(d, dict):
         raise _fail(f"state must be a map, not {type(d).__name__}")
     version = d.get("v")
@@ -151,7 +153,7 @@ def decode_state(d: Any) -> DecodedState:
     chain = d["peer_chain"]
     if not isinstance(chain, list | tuple) or not all(isinstance(c, bytes) for c in chain):
         raise _fail("peer_chain must be a list of DER certificates (bytes)")
-    return DecodedState(
+    return TlsState(
         read=_protection(d["read"], "read", suite),
         write=_protection(d["write"], "write", suite),
         rx=_bytes(d, "rx", "", limit=_MAX_RX),

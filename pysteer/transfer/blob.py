@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from pysteer.cluster.config import NAME_RE
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tcp import StateFormatError, TcpState
-from pysteer.tls.state import TlsStateError, decode_state
+from pysteer.tls.state import TlsState, TlsStateError
 
 BLOB_VERSION = 2  # 2: the envelope names the source and target nodes (1 bound neither)
 MAGIC = b"PSMB"  # pysteer migration blob
@@ -220,7 +220,7 @@ def _decode(wire: Any, mid: bytes) -> MigrationBlob:
         flow = Flow.parse(wire["flow"])
         tcp = TcpState.from_wire(wire["tcp"])
         if wire["tls"] is not None:
-            decode_state(wire["tls"])  # validated now, restored by the agent
+            TlsState.from_wire(wire["tls"])  # validated now, restored by the agent
     except (FlowSyntaxError, StateFormatError, TlsStateError) as exc:
         raise BlobError(f"invalid blob: {exc}") from None
     try:

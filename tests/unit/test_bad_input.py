@@ -26,7 +26,7 @@ from pysteer.steer.control import MAX_DEPTH, LineReader, RequestError, decode_re
 from pysteer.steer.daemon import Daemon
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tcp import StateFormatError, TcpState
-from pysteer.tls.state import TlsStateError, decode_state
+from pysteer.tls.state import TlsState, TlsStateError
 from pysteer.transfer import BlobError, open_sealed, seal
 from pysteer.transfer import blob as blob_module
 
@@ -339,6 +339,6 @@ def tls_wire(**changes: Any) -> dict[str, Any]:
 )
 def test_tls_state_errors_are_tls_state_errors(wire: dict, message: str) -> None:
     with pytest.raises(TlsStateError) as info:
-        decode_state(wire)
+        TlsState.from_wire(wire)
     assert message in str(info.value)
     assert SECRET.hex() not in str(info.value)

@@ -34,7 +34,7 @@ from pysteer.steer.control import LineReader, RequestError, decode_request
 from pysteer.steer.daemon import Daemon
 from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tcp import RepairWindow, SocketOptions, StateFormatError, TcpState, TcpStateCode
-from pysteer.tls.state import TlsStateError, decode_state
+from pysteer.tls.state import TlsState, TlsStateError
 from pysteer.tls.suites import BY_NAME, TLS13
 from pysteer.transfer import BlobError, MigrationBlob, open_sealed, seal
 from pysteer.transfer import blob as blob_module
@@ -321,7 +321,7 @@ def check_tcp(wire: Any, case: str) -> None:
 
 
 def check_tls(wire: Any, case: str) -> None:
-    only(TlsStateError, lambda: decode_state(wire), case)
+    only(TlsStateError, lambda: TlsState.from_wire(wire), case)
 
 
 def check_sealed(data: Any, case: str) -> None:
@@ -391,7 +391,7 @@ def test_tls_state_mutations() -> None:
     rng = seeded(SEED + 1)
     seeds = tls_seeds(rng)
     for seed in seeds:
-        decode_state(seed)
+        TlsState.from_wire(seed)
     for i in range(CASES):
         wire = mutate(rng.choice(seeds), rng)
         check_tls(wire, f"tls structural #{i}")

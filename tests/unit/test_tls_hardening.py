@@ -38,7 +38,7 @@ from pysteer.tls import record as rec
 from pysteer.tls.handshake import HandshakeResult
 from pysteer.tls.keys import traffic_key_iv
 from pysteer.tls.record import Protection
-from pysteer.tls.state import decode_state
+from pysteer.tls.state import TlsState
 from pysteer.tls.suites import BY_NAME, OPENSSL_NAMES, TLS13
 from pysteer.transfer.blob import MigrationBlob
 
@@ -571,8 +571,8 @@ def test_no_repr_holds_key_bytes() -> None:
             tls=conn12.export_state(), app={"partial": secret(20)}, out=secret(30),
         )  # fmt: skip
         objects = [exported, conn13, conn12, conn13._read, conn13._write, conn12._read,
-                   conn12._write, decode_state(state13), decode_state(state12), result, tcp,
-                   blob, conn13.info, DataReceived(secret(25))]  # fmt: skip
+                   conn12._write, TlsState.from_wire(state13), TlsState.from_wire(state12),
+                   result, tcp, blob, conn13.info, DataReceived(secret(25))]  # fmt: skip
         texts = [f(o) for o in objects for f in (repr, str)]
     for text in texts:
         for value in secrets:
