@@ -31,22 +31,28 @@ import errno
 import functools
 import os
 import re
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtendedKeyUsageOID
-
-from pysteer.certs import KEY_KINDS, CertificateAuthority
+from pysteer.cli import LazyChoices
 from pysteer.errors import UsageError
 from pysteer.safefile import PRIVATE, PUBLIC, SafeDir, UnsafeDirectory, private_dir
 
 NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 T = TypeVar("T")
 RESERVED = {"ca", "cluster", "service", "service-ca"}  # file names a node would clash with
+
+
+def _kinds() -> tuple[str, ...]:
+    """The key types, from pysteer.certs. Like cryptography and tomllib, it is imported
+    only where used: every pysteer command builds this module's parsers."""
+    from pysteer.certs import KEY_KINDS  # noqa: PLC0415
+
+    return KEY_KINDS
+
+
+_KINDS = LazyChoices(_kinds)  # set after add_argument, which would read it
 
 
 def add_parser(sub: Any) -> None:
@@ -77,7 +83,7 @@ def add_parser(sub: Any) -> None:
     init.add_argument("--service-name", metavar="NAMES",
                       help="instead: make a service certificate for these comma-separated "
                            "names under a separate service CA (service-ca.pem)")  # fmt: skip
-    init.add_argument("--kind", choices=KEY_KINDS, default="ecdsa", help="key type (ecdsa)")
+    init.add_argument("--kind", default="ecdsa", help="key type (ecdsa)").choices = _KINDS
     init.add_argument("--days", type=int, default=365, help="validity (default: 365)")
     init.add_argument("--force", action="store_true", help="replace an existing cluster")
     init.set_defaults(func=cmd_init)
@@ -96,7 +102,7 @@ def add_parser(sub: Any) -> None:
         metavar="NAME[=NAMES]",
         help="the node and, after '=', its DNS names and addresses",
     )
-    issue.add_argument("--kind", choices=KEY_KINDS, default="ecdsa", help="key type (ecdsa)")
+    issue.add_argument("--kind", default="ecdsa", help="key type (ecdsa)").choices = _KINDS
     issue.add_argument("--days", type=int, default=365, help="validity (default: 365)")
     issue.set_defaults(func=cmd_issue)
 
@@ -122,6 +128,10 @@ def add_parser(sub: Any) -> None:
 
 def _load_service(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
     """The operator's service certificate chain and key, checked to belong together."""
+    from cryptography import x509  # noqa: PLC0415 - see _kinds
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: PLC0415
+
     try:
         chain, key_pem = cert_path.read_bytes(), key_path.read_bytes()
     except OSError as exc:
@@ -177,6 +187,8 @@ def write_cluster(
 ) -> None:
     """Write the control-plane CA, one certificate and key per node, the cluster key and,
     if asked, the service certificate (given as ``service`` = (chain, key), or made)."""
+    from pysteer.certs import CertificateAuthority  # noqa: PLC0415 - see _kinds
+
     for name, names in nodes.items():
         claimed = sorted(set(names) & set(nodes) - {name})
         if claimed:  # a certificate naming another node could be taken for it
@@ -222,6 +234,8 @@ def _cluster_dir(directory: Path) -> SafeDir:
 
 
 def _role_from_config(source: SafeDir, node: str) -> str | None:
+    import tomllib  # noqa: PLC0415 - see _kinds
+
     if not source.exists("cluster.toml"):
         return None
     text = source.read("cluster.toml")  # an OSError says which file (_clear_errors)
@@ -302,6 +316,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 def issue_node(directory: Path, name: str, names: list[str], *, kind: str = "ecdsa",
                days: int = 365) -> None:  # fmt: skip
     """A new certificate and key for one node, from the CA kept in ``directory``."""
+    from pysteer.certs import CertificateAuthority  # noqa: PLC0415 - see _kinds
+
     with _cluster_dir(directory) as out:
         if not out.exists("ca.key"):
             raise UsageError(f"{directory} has no CA key (ca.key): issue where the CA is kept")

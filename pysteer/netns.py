@@ -8,21 +8,21 @@ updates, sockets) must run in the thread that is inside the target namespace.
 
 from __future__ import annotations
 
-import ctypes
 import errno
+import functools
 import os
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import ctypes
 
 NETNS_RUN_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 
 T = TypeVar("T")
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class NetnsError(OSError):
@@ -45,8 +45,19 @@ def inode(name: str) -> int:
     return os.stat(netns_path(name)).st_ino
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, loaded on first use: the CLI imports this module (cluster files name
+    namespaces) and starts faster without ctypes, or threading (``call_in``)."""
+    import ctypes  # noqa: PLC0415
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
 def _setns(fd: int, what: str) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    import ctypes  # noqa: PLC0415 - see _libc
+
+    if _libc().setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise NetnsError(err, f"setns({what}): {os.strerror(err)}")
 
@@ -79,6 +90,8 @@ def call_in(name: str, fn: Callable[..., T], *args: object, **kwargs: object) ->
     The result is returned and an exception re-raised in the caller. Sockets the callable
     creates stay bound to that namespace after it returns.
     """
+    import threading  # noqa: PLC0415 - see _libc
+
     box: dict[str, object] = {}
 
     def runner() -> None:

@@ -43,11 +43,11 @@ from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLin
 from pysteer.agent.migrate import Migration, token_of
 from pysteer.app.runtime import AdoptError, Connection, Exported, Runtime, Service
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.identity import IdentityError, client_context, peer_node, server_context
 from pysteer.metrics import AgentMetrics, setup_logging
 from pysteer.metrics import serve as serve_metrics
 from pysteer.paths import RUN_DIR
-from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tls import ServerConfig
 from pysteer.transfer.blob import KEY_LEN, BlobError, MigrationBlob, open_sealed
 

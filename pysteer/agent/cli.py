@@ -8,22 +8,21 @@ that ran and rolled back exits 1.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import re
 import signal
-import ssl
 import sys
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any
 
 from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask, ask_remote
 from pysteer.cluster.config import ENV, ClusterConfig, ConfigError, load_config
 from pysteer.errors import UsageError
-from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.flow import Flow, FlowSyntaxError
+
+if TYPE_CHECKING:
+    import ssl
 
 
 def add_parser(sub: Any) -> None:  # noqa: PLR0915 - one parser per command
@@ -172,6 +171,8 @@ def _ask(cfg: ClusterConfig, node: str, cmd: str, **args: Any) -> dict[str, Any]
 
 
 def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:
+    import ssl  # noqa: PLC0415 - only to reach another machine's agent
+
     from pysteer.identity import client_context  # noqa: PLC0415
 
     # Prefer the node whose agent runs here; any readable node key otherwise.
@@ -482,6 +483,10 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def _expiry(path: Path) -> dict[str, Any]:
+    import datetime  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415 - only status reads certificates
+
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except FileNotFoundError:  # a host holds only its own bundle (pysteer certs bundle)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgpack
-
-from pysteer.agent.frames import encode_frame
-from pysteer.identity import IdentityError, peer_node
 from pysteer.steer.control import LineReader
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class AgentDown(ConnectionError):
@@ -91,6 +89,15 @@ def ask_remote(address: tuple[str, int], context: ssl.SSLContext, node: str, cmd
 
     ``netns``: open the connection inside that network namespace (the node's, on this
     machine), so that its packets never go out of the caller's own namespace."""
+    # Only here: the local socket (every other request) needs no TLS, cryptography,
+    # msgpack or asyncio (frames), and the CLI starts faster without them.
+    import ssl  # noqa: PLC0415
+
+    import msgpack  # noqa: PLC0415
+
+    from pysteer.agent.frames import encode_frame  # noqa: PLC0415
+    from pysteer.identity import IdentityError, peer_node  # noqa: PLC0415
+
     where = f"agent {node} at {address[0]}:{address[1]}"
     if netns is not None:
         where += f" in namespace {netns}"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pysteer import tcp
 from pysteer.agent.links import LinkError, LinkPool, Refused
 from pysteer.agent.timeline import Timeline
-from pysteer.steer.flow import Flow
+from pysteer.flow import Flow
 from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pysteer import tcp
 from pysteer.app.handlers import Handler, HandlerError, load_handler
-from pysteer.steer.flow import Flow
+from pysteer.flow import Flow
 from pysteer.tls import (
     ConnectionClosed,
     DataReceived,

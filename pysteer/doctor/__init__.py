@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pysteer.doctor.checks import Check, run_all
+if TYPE_CHECKING:
+    from pysteer.doctor.checks import Check
 
 _MARK = {"ok": "  ok", "warn": "warn", "fail": "FAIL"}
 
@@ -32,6 +33,9 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    # The checks import pyroute2 and pyOpenSSL: not for the other commands' start.
+    from pysteer.doctor.checks import run_all  # noqa: PLC0415
+
     checks = run_all()
     ok = not any(c.failed for c in checks)
     if args.json:

@@ -9,15 +9,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pysteer.cli import LAB_HELP
 from pysteer.errors import UsageError
 from pysteer.lab.plan import DEFAULT_VARIANT, PlanError, load
 from pysteer.lab.topology import DEFAULT_PREFIX, Lab, LabError, known_labs
+from pysteer.paths import RUN_DIR
 
 
 def add_parser(sub: Any) -> None:
     lab = sub.add_parser(
         "lab",
-        help="build, inspect or remove the namespace test lab",
+        help=LAB_HELP,
         description=(
             "The namespace lab: a client, a steering node and two hosts (a, b) as network "
             "namespaces <prefix>-<node> joined by veth pairs. The VIP is on both hosts; the "
@@ -176,7 +178,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix)
     if lab.status()["state"] != "up":
         raise UsageError(f"lab {args.prefix!r} is not up (pysteer lab up --prefix {args.prefix})")
-    directory = args.dir or Path("/run/pysteer") / lab.prefix / "cluster"
+    directory = args.dir or RUN_DIR / lab.prefix / "cluster"
     path = write_cluster(lab, directory.absolute(), force=args.force)
     print(f"cluster file: {path}")
     print("start the steering daemon and the agents (each runs until SIGTERM):")

@@ -25,14 +25,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pysteer import netns
 from pysteer.lab.plan import LabPlan, from_dict, load
 from pysteer.paths import RUN_DIR
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 T = TypeVar("T")
 
@@ -67,6 +67,9 @@ def set_sysctls(values: dict[str, str]) -> None:
 
 def _with_ipr(fn: Callable[[IPRoute], T]) -> Callable[[], T]:
     def run() -> T:
+        # pyroute2 is pysteer's slowest import: `pysteer lab --help` starts without it.
+        from pyroute2 import IPRoute  # noqa: PLC0415
+
         with IPRoute() as ipr:
             return fn(ipr)
 
@@ -229,6 +232,8 @@ class Lab:
         return outcome
 
     def _down(self) -> list[str]:
+        from pyroute2 import netns as pr_netns  # noqa: PLC0415 - see _with_ipr
+
         present = [name for name in self.namespaces.values() if netns.exists(name)]
         if present and not self.owned():
             raise LabError(
@@ -250,6 +255,8 @@ class Lab:
 
     # --- building ----------------------------------------------------------------------
     def _build(self) -> None:
+        from pyroute2 import netns as pr_netns  # noqa: PLC0415 - see _with_ipr
+
         plan = self.plan
         for node in plan.nodes:
             pr_netns.create(self.netns(node))

@@ -9,11 +9,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pysteer.cli import LazyChoices
 from pysteer.errors import UsageError
-from pysteer.identity import server_context
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.steer.control import ControlError, request, socket_path
-from pysteer.steer.flow import Flow, FlowSyntaxError
-from pysteer.steer.loader import MODES
+
+
+def _modes() -> tuple[str, ...]:
+    from pysteer.steer.loader import MODES  # noqa: PLC0415 - the loader imports pyroute2
+
+    return MODES
 
 
 def add_parser(sub: Any) -> None:
@@ -31,10 +36,11 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--name", default="default", help="instance name (pin path, socket)")
     run.add_argument("--ifname", required=True, help="the client-facing interface")
     run.add_argument("--netns", help="network namespace of the interfaces")
-    run.add_argument("--mode", choices=MODES, default="auto",
-                     help="auto: tc on veth; elsewhere native XDP if the driver runs it and a "
-                          "self-test shows redirected frames leave every host's link, tc "
-                          "otherwise (the reason is logged)")  # fmt: skip
+    mode = run.add_argument("--mode", default="auto",
+                            help="auto: tc on veth; elsewhere native XDP if the driver runs "
+                                 "it and a self-test shows redirected frames leave every "
+                                 "host's link, tc otherwise (the reason is logged)")  # fmt: skip
+    mode.choices = LazyChoices(_modes)  # after add_argument, which would read them
     run.add_argument("--host", action="append", default=[], metavar="NAME=IFNAME,MAC",
                      help="a redirect target, or NAME=ADDRESS (its link address: the link "
                           "and MAC are looked up); repeat for each host")  # fmt: skip
@@ -120,6 +126,7 @@ def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
 
 def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per option
     from pysteer.harden import harden  # noqa: PLC0415
+    from pysteer.identity import server_context  # noqa: PLC0415 - needs cryptography
     from pysteer.steer.daemon import DaemonError, run  # noqa: PLC0415 - needs BCC
 
     harden()  # before the TLS key is read: no core dump holds it

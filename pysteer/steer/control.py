@@ -12,14 +12,14 @@ import json
 import math
 import re
 import socket
-import ssl
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pysteer.identity import peer_node
+from pysteer.paths import RUN_DIR
 
-RUN_DIR = Path("/run/pysteer")
+if TYPE_CHECKING:
+    import ssl
 
 
 def socket_path(name: str) -> Path:
@@ -144,6 +144,11 @@ def request_remote(
 ) -> dict[str, Any]:
     """The same request, to a daemon's TCP listener over mutual TLS; the daemon must prove
     it is ``server_name``."""
+    # Only here: the CLI's unix-socket requests need neither ssl nor cryptography.
+    import ssl  # noqa: PLC0415
+
+    from pysteer.identity import peer_node  # noqa: PLC0415
+
     where = f"{address[0]}:{address[1]}"
     try:
         with (

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.bpfload import BpfBuildError
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.identity import IdentityError, peer_node
 from pysteer.metrics import setup_logging
 from pysteer.netns import call_in
 from pysteer.paths import RUN_DIR
 from pysteer.steer.control import LineReader, RequestError, decode_request, socket_path
-from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.steer.loader import AttachError
 from pysteer.steer.maps import Action
 from pysteer.steer.pins import PinError

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pysteer.steer.flow import Flow
+from pysteer.flow import Flow
 from pysteer.steer.maps import F_FIN, Action, FlowAction, FlowKey, flow_key, key_flow
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pysteer import netns
+from pysteer.flow import Flow
 from pysteer.steer import loader, pins
-from pysteer.steer.flow import Flow
 from pysteer.steer.maps import Stat, flow_key
 from pysteer.steer.pins import pin_dir
 

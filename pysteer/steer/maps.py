@@ -6,7 +6,7 @@ import ctypes
 import enum
 import ipaddress
 
-from pysteer.steer.flow import Flow
+from pysteer.flow import Flow
 
 IPPROTO_TCP = 6
 MAX_HOSTS = 64

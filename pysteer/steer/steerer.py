@@ -36,8 +36,8 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 
 from pysteer import netns
+from pysteer.flow import Flow
 from pysteer.steer import loader, pins
-from pysteer.steer.flow import Flow
 from pysteer.steer.flowtable import FlowTable, FlowTableError, FlowTableFull, FlowView
 from pysteer.steer.maps import (
     MAX_HOSTS,

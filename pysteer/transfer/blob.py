@@ -35,7 +35,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from pysteer.cluster.config import NAME_RE
-from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.tcp import StateFormatError, TcpState
 from pysteer.tls.state import TlsState, TlsStateError
 

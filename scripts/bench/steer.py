@@ -22,9 +22,9 @@ import threading
 import time
 from pathlib import Path
 
+from pysteer.flow import Flow
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
-from pysteer.steer.flow import Flow
 from pysteer.steer.steerer import Steerer
 
 PORT = 9000

@@ -2,7 +2,7 @@
 
 import os
 
-from pysteer.steer.flow import Flow
+from pysteer.flow import Flow
 from pysteer.tcp import RepairWindow, SocketOptions, TcpState, TcpStateCode
 from pysteer.transfer import MigrationBlob, new_migration_id
 

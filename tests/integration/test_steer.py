@@ -12,10 +12,10 @@ import pytest
 from helpers.migration import RstCapture, connect, listen, netstat, wire_round_trip
 
 from pysteer import tcp
+from pysteer.flow import Flow
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
 from pysteer.netns import call_in as netns_call
-from pysteer.steer.flow import Flow
 from pysteer.steer.steerer import Steerer, SteerError
 
 PORT = 8000

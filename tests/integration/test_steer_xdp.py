@@ -29,11 +29,11 @@ import pytest
 from helpers.migration import listen
 from pyroute2 import IPRoute
 
+from pysteer.flow import Flow
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
 from pysteer.metrics import SteerCollector
 from pysteer.steer import loader, pins, xdp_selftest
-from pysteer.steer.flow import Flow
 from pysteer.steer.steerer import Host, HostSpec, Steerer, SteerError
 from pysteer.steer.xdp_watch import open_watch
 

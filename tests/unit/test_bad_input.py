@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from helpers.blobs import SECRET, blob
 
 from pysteer.agent.frames import FrameError, encode_frame, read_frame
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.steer.control import MAX_DEPTH, LineReader, RequestError, decode_request
 from pysteer.steer.daemon import Daemon
-from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tcp import StateFormatError, TcpState
 from pysteer.tls.state import TlsState, TlsStateError
 from pysteer.transfer import BlobError, open_sealed, seal

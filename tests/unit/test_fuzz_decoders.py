@@ -30,9 +30,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pysteer.agent.frames import FrameError, encode_frame, read_frame
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.steer.control import LineReader, RequestError, decode_request
 from pysteer.steer.daemon import Daemon
-from pysteer.steer.flow import Flow, FlowSyntaxError
 from pysteer.tcp import RepairWindow, SocketOptions, StateFormatError, TcpState, TcpStateCode
 from pysteer.tls.state import TlsState, TlsStateError
 from pysteer.tls.suites import BY_NAME, TLS13

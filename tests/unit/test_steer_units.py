@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from pysteer.steer.flow import Flow, FlowSyntaxError
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.steer.maps import flow_key, key_flow
 from pysteer.steer.packet import PacketError, checksum, forward
 

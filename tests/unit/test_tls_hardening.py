@@ -21,7 +21,7 @@ from test_tls_layer import open_all, state_for
 from pysteer.app.handlers import Echo
 from pysteer.app.runtime import Connection, Exported, Runtime, Service
 from pysteer.certs import CertificateAuthority
-from pysteer.steer.flow import Flow
+from pysteer.flow import Flow
 from pysteer.tcp.info import TcpStateCode
 from pysteer.tcp.state import RepairWindow, SocketOptions, TcpState
 from pysteer.tls import (
