@@ -44,6 +44,7 @@ from pysteer.tcp.state import (
     FIN_SENT,
     MOVABLE_STATES,
     U32,
+    Queue,
     RepairWindow,
     SocketOptions,
     TcpState,
@@ -54,7 +55,9 @@ _I32 = struct.Struct("=i")
 _OPT = struct.Struct("=II")
 _WINDOW = struct.Struct("=5I")
 _MAX_USER_MSS = 32767
-_CHUNK = 1 << 20  # restore queues in pieces: one huge repair send fails with ENOMEM
+_MIN_CHUNK = 1024  # the smallest piece a queue write backs off to on ENOMEM
+_ROOM = 4  # buffer room while the queues go in, per queued byte (see _restore_queues)
+_NO_LOWAT = (1 << 31) - 1  # TCP_NOTSENT_LOWAT that never stops a write
 _INJECT_WAIT = 1.0  # seconds to wait for an injected segment to change the socket's state
 
 
@@ -198,16 +201,30 @@ def dump(sock: socket.socket) -> TcpState:
 
 
 def _peek_queue(sock: socket.socket, name: Name, queue: int, length: int) -> tuple[int, bytes]:
-    _queue(sock, queue)
+    """The selected queue's first sequence number and all its bytes, in one call.
+
+    One peek copies the whole queue into one new bytes object (the send side copies whole
+    skbs, so the buffer must hold them all). One byte more than expected proves the queue
+    holds exactly ``length``.
+    """
     seq = _U32.unpack(sock.getsockopt(socket.IPPROTO_TCP, k.TCP_QUEUE_SEQ, 4))[0]
     data = b""
     if length:
-        # One byte more than expected proves the queue holds exactly ``length`` bytes.
         data = sock.recv(length + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         if len(data) != length:
             which = "receive" if queue == k.TCP_RECV_QUEUE else "send"
             raise RepairError(name, f"{which} queue holds {len(data)} bytes, expected {length}")
     return seq, data
+
+
+def _split(data: bytes, at: int) -> tuple[Queue, Queue]:
+    """``data[:at], data[at:]`` without copying: a 16 MiB backlog is not copied twice."""
+    if at <= 0:
+        return b"", data
+    if at >= len(data):
+        return data, b""
+    view = memoryview(data)
+    return view[:at], view[at:]
 
 
 def _ioctl_int(sock: socket.socket, request: int) -> int:
@@ -227,6 +244,7 @@ def _read(sock: socket.socket, name: Name) -> TcpState:
         state = TcpStateCode(info.state)
         if state not in MOVABLE_STATES:
             raise UnsupportedSocketError(name, f"state changed to {state.name} while freezing")
+        _queue(sock, k.TCP_RECV_QUEUE)
         recv_seq, recv_queue = _peek_queue(
             sock, name, k.TCP_RECV_QUEUE, _ioctl_int(sock, k.SIOCINQ)
         )
@@ -259,6 +277,7 @@ def _read(sock: socket.socket, name: Name) -> TcpState:
                 window.snd_wl1, window.snd_wnd, window.max_window,
                 window.rcv_wnd + 1, recv_seq,
             )  # fmt: skip
+    send_unacked, send_unsent = _split(send_queue, outq - unsent)
     local, peer = sock.getsockname(), sock.getpeername()
     return TcpState(
         family=4 if sock.family == socket.AF_INET else 6,
@@ -268,8 +287,8 @@ def _read(sock: socket.socket, name: Name) -> TcpState:
         send_seq=send_seq,
         recv_seq=recv_seq,
         recv_queue=recv_queue,
-        send_unacked=send_queue[: outq - unsent],
-        send_unsent=send_queue[outq - unsent :],
+        send_unacked=send_unacked,
+        send_unsent=send_unsent,
         mss_clamp=mss,
         sack=bool(info.options & TCPI_OPT_SACK),
         timestamps=timestamp is not None,
@@ -371,14 +390,24 @@ def restore(state: TcpState, *, frozen: bool = False) -> socket.socket:
     return sock
 
 
-def _send_chunked(sock: socket.socket, data: bytes) -> None:
-    view, chunk = memoryview(data), _CHUNK
+def _write_queue(sock: socket.socket, name: Name, data: Queue, what: str) -> None:
+    """Write ``data`` to the selected repair queue (or, out of repair, the send queue).
+
+    The send queue takes any size in one call; the receive queue takes one skb per call
+    (17 pages), so a large one needs a call per 68 KiB, each handed the whole rest (a
+    memoryview slice: no copy). ENOMEM (a kernel that wants a linear skb per call, as old
+    ones did) halves the piece. MSG_DONTWAIT: a send buffer that is too small fails here
+    instead of blocking a frozen socket forever.
+    """
+    view, chunk = memoryview(data), len(data)
     while view:
         try:
-            sent = sock.send(view[:chunk])
+            sent = sock.send(view[:chunk], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise RepairError(name, f"the {what} does not fit the socket's buffer") from None
         except OSError as exc:
-            if exc.errno == errno.ENOMEM and chunk > 1024:
-                chunk //= 2  # the kernel wants one linear skb per send in repair mode
+            if exc.errno == errno.ENOMEM and chunk > _MIN_CHUNK:
+                chunk = max(min(chunk, len(view)) // 2, _MIN_CHUNK)
                 continue
             raise
         view = view[sent:]
@@ -404,18 +433,23 @@ def _rebuild(sock: socket.socket, state: TcpState, name: Name) -> None:
                 name, f"local address {state.local[0]} is not configured in this network namespace"
             ) from None
         raise _step(name, f"bind to {_fmt(state.local)}", exc) from None
-    with _doing(name, "connecting and setting TCP options"):
+    step = "connecting and setting TCP options"  # names the step in an OSError's message
+    try:
         _connect(sock, state, name)
-    with _doing(name, "restoring the queues"):
-        _restore_queues(sock, state, name)
-    w = state.window
-    window = _WINDOW.pack(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
-    with _doing(name, "setting TCP_REPAIR_WINDOW"):
+        step = "restoring the queues"
+        buffers = _restore_queues(sock, state, name)
+        step = "setting TCP_REPAIR_WINDOW"
+        w = state.window
+        window = _WINDOW.pack(w.snd_wl1, w.snd_wnd, w.max_window, w.rcv_wnd, w.rcv_wup)
         sock.setsockopt(socket.IPPROTO_TCP, k.TCP_REPAIR_WINDOW, window)  # checked vs queues
-    with _doing(name, "restoring the FINs"):
+        step = "restoring the FINs"
         _restore_fins(sock, state, name)
-    with _doing(name, "setting socket options"):
-        _write_options(sock, state)
+        step = "setting socket options"
+        _write_options(sock, state, buffers)
+    except RepairError:
+        raise
+    except OSError as exc:
+        raise _step(name, step, exc) from None
 
 
 def thaw(
@@ -469,31 +503,42 @@ def _connect(sock: socket.socket, state: TcpState, name: Name) -> None:
         sock.setsockopt(tcp, k.TCP_TIMESTAMP, _U32.pack(state.timestamp))
 
 
-def _restore_queues(sock: socket.socket, state: TcpState, name: Name) -> None:
-    # Roomy buffers while the queues go in (our skbs need not pack as tightly as the
-    # originals); _write_options sets the dumped sizes afterwards. FORCE ignores the caps.
+def _restore_queues(sock: socket.socket, state: TcpState, name: Name) -> tuple[int, int]:
+    """Write the queues back; returns the (sndbuf, rcvbuf) sizes set on the way (0: none).
+
+    The buffers get room while the queues go in (our skbs need not pack as tightly as the
+    originals): the dumped size, or ``_ROOM`` times the queue if that is more.
+    ``_write_options`` then puts back a dumped size that differs. FORCE ignores the caps.
+    """
+    o = state.options
     send = len(state.send_unacked) + len(state.send_unsent)
-    _setint(sock, socket.SOL_SOCKET, k.SO_SNDBUFFORCE, max(state.options.sndbuf, 4 * send) // 2)
     recv = len(state.recv_queue)
-    _setint(sock, socket.SOL_SOCKET, k.SO_RCVBUFFORCE, max(state.options.rcvbuf, 4 * recv) // 2)
-    if state.recv_queue:
+    sndbuf = max(o.sndbuf, _ROOM * send)
+    rcvbuf = max(o.rcvbuf, _ROOM * recv)
+    if sndbuf:
+        _setint(sock, socket.SOL_SOCKET, k.SO_SNDBUFFORCE, sndbuf // 2)
+    if rcvbuf:
+        _setint(sock, socket.SOL_SOCKET, k.SO_RCVBUFFORCE, rcvbuf // 2)
+    if recv:
         _queue(sock, k.TCP_RECV_QUEUE)
-        _send_chunked(sock, state.recv_queue)
+        _write_queue(sock, name, state.recv_queue, "receive queue")
     if state.send_unacked:
         _queue(sock, k.TCP_SEND_QUEUE)  # restored as sent: retransmitted on our timer
-        _send_chunked(sock, state.send_unacked)
+        _write_queue(sock, name, state.send_unacked, "send queue")
     _queue(sock, k.TCP_NO_QUEUE)
     if state.send_unsent:
         # Never-sent data is queued normally, before any FIN, with repair briefly off.
+        # A host's net.ipv4.tcp_notsent_lowat (16 KiB on some) would stop the write at its
+        # mark, though one write may take the original past it: lifted for the write,
+        # then back to the sysctl (an application's own setting is not dumped).
+        _setint(sock, socket.IPPROTO_TCP, k.TCP_NOTSENT_LOWAT, _NO_LOWAT)
         _setint(sock, socket.IPPROTO_TCP, k.TCP_REPAIR, k.TCP_REPAIR_OFF_NO_WP)
-        sock.setblocking(False)
         try:
-            sock.sendall(state.send_unsent)
-        except BlockingIOError:
-            raise RepairError(name, "the unsent data does not fit the send buffer") from None
+            _write_queue(sock, name, state.send_unsent, "unsent data")
         finally:
-            sock.setblocking(True)
-        _repair(sock, name, k.TCP_REPAIR_ON)
+            _repair(sock, name, k.TCP_REPAIR_ON)
+            _setint(sock, socket.IPPROTO_TCP, k.TCP_NOTSENT_LOWAT, 0)
+    return sndbuf, rcvbuf
 
 
 def _peer_segment(state: TcpState, seq: int, ack: int, flags: int) -> None:
@@ -551,8 +596,11 @@ def _elicit_ack(state: TcpState) -> None:
 _DEFAULT_OPTIONS = SocketOptions()
 
 
-def _write_options(sock: socket.socket, state: TcpState) -> None:
-    """Set the options; flags and numbers whose default is 0 only when set (syscalls cost)."""
+def _write_options(sock: socket.socket, state: TcpState, buffers: tuple[int, int]) -> None:
+    """Set the options; flags and numbers whose default is 0 only when set (syscalls cost).
+
+    ``buffers``: the (sndbuf, rcvbuf) the queues were written with, left if they match.
+    """
     o, d = state.options, _DEFAULT_OPTIONS
     tcp, sol = socket.IPPROTO_TCP, socket.SOL_SOCKET
     for value, default, level, opt in (
@@ -568,9 +616,9 @@ def _write_options(sock: socket.socket, state: TcpState) -> None:
     _setint(sock, tcp, socket.TCP_KEEPIDLE, o.keepidle)
     _setint(sock, tcp, socket.TCP_KEEPINTVL, o.keepintvl)
     _setint(sock, tcp, socket.TCP_KEEPCNT, o.keepcnt)
-    if o.sndbuf:
+    if o.sndbuf and o.sndbuf != buffers[0]:
         _setint(sock, sol, k.SO_SNDBUFFORCE, o.sndbuf // 2)
-    if o.rcvbuf:
+    if o.rcvbuf and o.rcvbuf != buffers[1]:
         _setint(sock, sol, k.SO_RCVBUFFORCE, o.rcvbuf // 2)
     if o.tos:
         if state.family == 6:

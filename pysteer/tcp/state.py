@@ -7,13 +7,19 @@ sets. Sequence numbers count data only: a FIN that was sent or received is impli
 
 ``to_wire`` gives msgpack-ready plain types; ``from_wire`` checks every field and the
 relations between them, so a bad blob fails here and never reaches the kernel.
+
+Queues can be megabytes (a peer that stopped reading), so neither direction copies them:
+``to_wire`` hands msgpack the queue objects themselves and ``from_wire`` keeps the bytes
+msgpack made. A dumped send queue that holds both sent and unsent data is one buffer
+seen through two memoryviews.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeAlias
 
 from pysteer.redact import name as _name
 from pysteer.redact import show as _show
@@ -22,6 +28,10 @@ from pysteer.tcp.info import TcpStateCode
 
 WIRE_VERSION = 1
 U32 = 1 << 32
+
+#: A queue's bytes: ``bytes``, or a read-only memoryview of them (a slice of a dumped
+#: queue, shared rather than copied). msgpack packs both as bin; ``==`` compares content.
+Queue: TypeAlias = bytes | memoryview
 
 #: The states pysteer can move: established and every half-closed state.
 MOVABLE_STATES = frozenset(
@@ -88,9 +98,9 @@ class TcpState:
     state: TcpStateCode
     send_seq: int  # sequence number after the last byte queued for sending (write_seq)
     recv_seq: int  # sequence number after the last byte received (rcv_nxt)
-    recv_queue: bytes = field(repr=False)  # received, not yet read by the application
-    send_unacked: bytes = field(repr=False)  # sent, not yet acknowledged
-    send_unsent: bytes = field(repr=False)  # queued, never sent
+    recv_queue: Queue = field(repr=False)  # received, not yet read by the application
+    send_unacked: Queue = field(repr=False)  # sent, not yet acknowledged
+    send_unsent: Queue = field(repr=False)  # queued, never sent
     mss_clamp: int
     sack: bool
     timestamps: bool
@@ -106,6 +116,13 @@ class TcpState:
             f"recv {len(self.recv_queue)} B, unacked {len(self.send_unacked)} B, "
             f"unsent {len(self.send_unsent)} B)"
         )
+
+    @property
+    def queued(self) -> int:
+        """Bytes in the three queues: nearly all of the state's size on the wire. A msgpack
+        Packer given this much room (``buf_size``) copies the queues once; ``packb``'s
+        buffer starts small, doubles past them, and is copied again into the result."""
+        return len(self.recv_queue) + len(self.send_unacked) + len(self.send_unsent)
 
     @property
     def send_una(self) -> int:
@@ -133,14 +150,19 @@ class TcpState:
             "timestamps": self.timestamps,
             "wscale": list(self.wscale) if self.wscale else None,
             "timestamp": self.timestamp,
-            "window": [getattr(self.window, f.name) for f in fields(RepairWindow)],
-            "options": {f.name: getattr(self.options, f.name) for f in fields(SocketOptions)},
+            "window": [getattr(self.window, name) for name in _WINDOW_FIELDS],
+            "options": {name: getattr(self.options, name) for name in _OPTION_DEFAULTS},
         }
 
     @classmethod
     def from_wire(cls, wire: Any) -> TcpState:
         """Decode and validate; any problem raises ``StateFormatError`` naming the field."""
         return _decode(wire)
+
+
+_WINDOW_FIELDS = tuple(f.name for f in fields(RepairWindow))
+_OPTION_DEFAULTS = {f.name: f.default for f in fields(SocketOptions)}
+_FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
 def _endpoint(addr: tuple[str, int]) -> str:
@@ -179,24 +201,35 @@ def _bytes(wire: dict[str, Any], key: str) -> bytes:
     value = wire[key]
     if not isinstance(value, bytes | bytearray):
         raise _fail(f"field {key!r} must be bytes, not {type(value).__name__}")
-    return bytes(value)
+    return bytes(value)  # the same object when it is bytes: never a copy of msgpack's
 
 
 def _address(value: Any, key: str, family: int) -> tuple[str, int]:
     if not isinstance(value, list | tuple) or len(value) != 2:
         raise _fail(f"field {key!r} must be [host, port]")
     host, port = value
+    if not isinstance(host, str):  # ip_address also takes ints and packed bytes
+        raise _fail(f"field {key!r} has an invalid address {_show(host)}")
     try:
-        if not isinstance(host, str):  # ip_address also takes ints and packed bytes
-            raise TypeError(host)
+        # inet_pton: a twentieth of ip_address's cost, and the text getsockname gives.
+        text = socket.inet_ntop(_FAMILIES[family], socket.inet_pton(_FAMILIES[family], host))
+    except (OSError, ValueError):  # ValueError: an embedded NUL
+        text = _slow_address(host, key, family)
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise _fail(f"field {key!r} has an invalid port {_show(port)}")
+    return text, port
+
+
+def _slow_address(host: str, key: str, family: int) -> str:
+    """What inet_pton refused: a scoped IPv6 address (fe80::1%eth0), the other family, or
+    no address at all, each with its own message."""
+    try:
         ip = ipaddress.ip_address(host)
-    except (ValueError, TypeError):
+    except ValueError:
         raise _fail(f"field {key!r} has an invalid address {_show(host)}") from None
     if ip.version != family:
         raise _fail(f"field {key!r} is IPv{ip.version} in an IPv{family} state")
-    if type(port) is not int or not 1 <= port <= 65535:
-        raise _fail(f"field {key!r} has an invalid port {_show(port)}")
-    return str(ip), port
+    return str(ip)
 
 
 def _check_keys(wire: Any) -> dict[str, Any]:
@@ -275,7 +308,7 @@ def _window(value: Any, recv_seq: int) -> RepairWindow:
 def _options(value: Any) -> SocketOptions:
     if not isinstance(value, dict):
         raise _fail("field 'options' must be a map")
-    known = {f.name: f.default for f in fields(SocketOptions)}
+    known = _OPTION_DEFAULTS
     unknown = sorted(_name(key) for key in value.keys() - known.keys())
     if unknown:
         raise _fail(f"unexpected option(s): {', '.join(unknown)}")

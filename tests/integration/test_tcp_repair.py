@@ -146,7 +146,7 @@ def test_loopback_every_queue_byte_exact(scratch_netns: str) -> None:
     assert len(state.send_unacked) > 0
     assert len(state.send_unsent) > 0
     assert up_pre.startswith(state.recv_queue)
-    assert pre_sent.endswith(state.send_unacked + state.send_unsent)
+    assert pre_sent.endswith(b"".join((state.send_unacked, state.send_unsent)))
     tcp.release(server)
     server = netns.call_in(scratch_netns, tcp.restore, wire_round_trip(state))
     drop.remove(acks)  # the lock ends once the new socket exists
@@ -198,6 +198,112 @@ def test_random_queues_stay_byte_exact(
     drop.remove(acks)
     server.settimeout(20)
     exchange(client, server, (up, down), (rng.randbytes(up_after), rng.randbytes(down_after)))
+    client.close()
+    server.close()
+
+
+def _backed_up_pair(ns: str) -> tuple[socket.socket, socket.socket]:
+    """A pair whose client reads nothing (a small fixed receive buffer: its window soon
+    shuts) and whose server has room for megabytes queued both ways."""
+
+    def make() -> tuple[socket.socket, socket.socket]:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, 32, 24 << 20)  # SO_SNDBUFFORCE
+            listener.setsockopt(socket.SOL_SOCKET, 33, 24 << 20)  # SO_RCVBUFFORCE
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 << 10)
+            client.connect(listener.getsockname())
+            server, _ = listener.accept()
+        return client, server
+
+    client, server = netns.call_in(ns, make)
+    for sock in (client, server):
+        sock.settimeout(20)
+    return client, server
+
+
+def test_megabytes_queued_each_way_move_byte_exact(scratch_netns: str) -> None:
+    """A client that stopped reading, with MiBs waiting in every server queue: the moved
+    socket delivers both streams whole, and the connection carries on.
+
+    The client's ACKs are dropped while the server writes, so its send queue holds data
+    both sent (unacknowledged) and never sent: the dump hands them out as two views of
+    one buffer, which must restore as the bytes they are.
+    """
+    client, server = _backed_up_pair(scratch_netns)
+    up, down = Stream(), Stream()
+    up.send_all(client, os.urandom(5 << 20))  # the server never reads it before the move
+    deadline = time.monotonic() + 10
+    while _queue_sizes(server) < up.nsent:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    drop = NftDrop(scratch_netns, hook="output")
+    acks = flow_of(client)
+    drop.add(acks)  # the lock, from before the server writes: in flight stays unacknowledged
+    data = memoryview(os.urandom(7 << 20))
+    server.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        while sent < len(data):
+            sent += server.send(data[sent:])
+    server.settimeout(20)
+    down.record_sent(data[:sent])
+    assert sent > 6 << 20, f"the server could queue only {sent} bytes"
+    time.sleep(0.05)  # let the kernel transmit what the window allows
+
+    state = tcp.dump(server)
+    assert len(state.recv_queue) == up.nsent
+    assert len(state.send_unacked) > 0
+    assert len(state.send_unsent) > 5 << 20
+    assert data[:sent].tobytes().endswith(b"".join((state.send_unacked, state.send_unsent)))
+    tcp.release(server)
+    server = netns.call_in(scratch_netns, tcp.restore, wire_round_trip(state))
+    drop.remove(acks)
+    server.settimeout(20)
+
+    threads = [
+        threading.Thread(target=up.read_exactly, args=(server, up.nsent)),
+        threading.Thread(target=down.read_exactly, args=(client, down.nsent)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert (up.ngot, down.ngot) == (up.nsent, down.nsent)
+    assert up.got.digest() == up.sent.digest()
+    assert down.got.digest() == down.sent.digest()
+    exchange(client, server, (up, down), (os.urandom(1 << 20), os.urandom(1 << 20)))
+    client.close()
+    server.close()
+
+
+def test_unsent_backlog_past_notsent_lowat(scratch_netns: str) -> None:
+    """A host whose net.ipv4.tcp_notsent_lowat is low (16 KiB) still takes back an unsent
+    backlog far past that mark, and the new socket then follows the sysctl again."""
+    client, server = _backed_up_pair(scratch_netns)
+    down = Stream()
+    data = memoryview(os.urandom(2 << 20))
+    server.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        while sent < len(data):
+            sent += server.send(data[sent:])
+    server.settimeout(20)
+    down.record_sent(data[:sent])
+    time.sleep(0.05)
+    drop = NftDrop(scratch_netns, hook="output")
+    acks = flow_of(client)
+    drop.add(acks)
+    state = tcp.dump(server)
+    assert len(state.send_unsent) > 1 << 20
+    tcp.release(server)
+    lowat = "/proc/sys/net/ipv4/tcp_notsent_lowat"
+    netns.call_in(scratch_netns, Path(lowat).write_text, "16384")
+    server = netns.call_in(scratch_netns, tcp.restore, wire_round_trip(state))
+    drop.remove(acks)
+    assert server.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 0
+    down.read_exactly(client, down.nsent)
+    assert down.got.digest() == down.sent.digest()
     client.close()
     server.close()
 

@@ -1,6 +1,8 @@
 """TcpState's wire form: round trips exactly, and every bad blob gets a clear error."""
 
+import errno
 import ipaddress
+import os
 import socket
 import struct
 from typing import Any
@@ -11,11 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pysteer.tcp import (
+    RepairError,
     RepairWindow,
     SocketOptions,
     StateFormatError,
     TcpState,
     TcpStateCode,
+    repair,
     segment,
 )
 from pysteer.tcp.state import seq_before
@@ -205,3 +209,93 @@ def test_segment_checksums(src: str, dst: str) -> None:
     sport, dport, seq, ack, off, flags, window = struct.unpack("!HHIIBBH", tcp_part[:16])
     assert (sport, dport, seq, ack, off >> 4, flags, window) == (5000, 443, 7, 9, 5, 0x11, 0xFFFF)
     assert tcp_part[20:] == payload
+
+
+# --- large queues: no copies, and the same bytes on the wire ------------------------------
+def test_memoryview_queues_pack_as_the_same_bytes() -> None:
+    """A dump hands out a mixed send queue as two views of one buffer: msgpack writes them
+    as the bin fields bytes would be, and they decode to equal bytes."""
+    queue = bytes(range(256)) * 40
+    views = memoryview(queue)
+    as_views = sample(send_unacked=views[:1000], send_unsent=views[1000:])
+    as_bytes = sample(send_unacked=queue[:1000], send_unsent=queue[1000:])
+    packed = msgpack.packb(as_views.to_wire(), use_bin_type=True)
+    assert packed == msgpack.packb(as_bytes.to_wire(), use_bin_type=True)
+    decoded = TcpState.from_wire(msgpack.unpackb(packed, raw=False))
+    assert decoded == as_bytes == as_views
+    assert type(decoded.send_unsent) is bytes
+
+
+def test_decoded_queues_are_msgpacks_own_bytes() -> None:
+    """from_wire keeps the queue objects msgpack made: megabytes are never copied again."""
+    wire = msgpack.unpackb(msgpack.packb(sample(recv_queue=b"r" * (1 << 20)).to_wire()))
+    state = TcpState.from_wire(wire)
+    assert state.recv_queue is wire["recv_queue"]
+    assert state.send_unsent is wire["send_unsent"]
+
+
+@pytest.mark.parametrize(
+    ("family", "host", "text"),
+    [
+        (4, "10.77.1.2", "10.77.1.2"),
+        (6, "FD00:0:0::02", "fd00::2"),
+        (6, "::ffff:10.1.2.3", "::ffff:10.1.2.3"),  # as getsockname gives it
+        (6, "fe80::1%lo", "fe80::1%lo"),  # a scope: not inet_pton's, still accepted
+    ],
+)
+def test_addresses_are_canonical(family: int, host: str, text: str) -> None:
+    local = ("fd00::1", 443) if family == 6 else ("10.77.100.1", 443)
+    wire = sample(family=family, local=local).to_wire()
+    wire["peer"] = [host, 51000]
+    assert TcpState.from_wire(wire).peer == (text, 51000)
+    same = [ipaddress.ip_address(a.partition("%")[0]) for a in (text, host)]
+    assert same[0] == same[1]
+
+
+class _QueueSink:
+    """A socket stand-in for queue writes: takes at most ``per_call`` bytes a call and
+    refuses (ENOMEM) any piece over ``linear``, as an old kernel's repair queue did."""
+
+    def __init__(self, per_call: int, linear: int, room: int = 1 << 30) -> None:
+        self.per_call, self.linear, self.room = per_call, linear, room
+        self.got = bytearray()
+        self.calls = 0
+
+    def send(self, data: memoryview, flags: int) -> int:
+        assert flags & socket.MSG_DONTWAIT
+        self.calls += 1
+        if len(data) > self.linear:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        if not self.room:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        n = min(len(data), self.per_call, self.room)
+        self.got += data[:n]
+        self.room -= n
+        return n
+
+
+@pytest.mark.parametrize(
+    ("per_call", "linear"), [(1 << 30, 1 << 30), (69632, 1 << 30), (1 << 30, 5000), (700, 3000)]
+)
+def test_queue_writes_whole_and_in_order(per_call: int, linear: int) -> None:
+    data = os.urandom(300_000)
+    sink = _QueueSink(per_call, linear)
+    repair._write_queue(sink, "sock", memoryview(data)[1:], "receive queue")  # type: ignore[arg-type]
+    assert sink.got == data[1:]
+    if per_call == linear == 1 << 30:
+        assert sink.calls == 1  # one call takes all of it
+
+
+def test_queue_that_does_not_fit_is_an_error_not_a_hang() -> None:
+    sink = _QueueSink(1 << 30, 1 << 30, room=1000)
+    with pytest.raises(RepairError, match=r"^sock: the send queue does not fit the socket's buf"):
+        repair._write_queue(sink, "sock", b"x" * 5000, "send queue")  # type: ignore[arg-type]
+
+
+def test_queued_sizes_a_packer_that_never_grows() -> None:
+    state = sample(send_unsent=b"n" * 100_000)
+    assert state.queued == len(SECRET) + 10 + 100_000
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False, buf_size=state.queued + 4096)
+    packer.pack(state.to_wire())
+    assert len(packer.getbuffer()) < state.queued + 4096
+    assert packer.bytes() == msgpack.packb(state.to_wire(), use_bin_type=True)
