@@ -10,6 +10,8 @@ the default route alone (the VM's own, for management and apt) and can run again
 from __future__ import annotations
 
 import errno
+import time
+from socket import AF_INET6
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -34,6 +36,26 @@ def _interface_with(ipr: IPRoute, address: str) -> int:
     raise LabError(f"no interface holds {address}: did Vagrant configure the private networks?")
 
 
+IFA_F_DADFAILED, IFA_F_TENTATIVE = 0x08, 0x40  # linux/if_addr.h
+DAD_TIMEOUT = 10.0  # seconds: DAD takes about 1 s per address (one probe, then a wait)
+
+
+def _wait_dad(ipr: IPRoute, timeout: float = DAD_TIMEOUT) -> float:
+    """Wait until no IPv6 address here is tentative: until DAD ends, an address cannot be
+    a source, and a router's cannot be resolved, so the first connections after set-up
+    would stall (a test saw a 5 s connect time out). Returns the seconds waited."""
+    start = time.monotonic()
+    while True:
+        flags = [m.get_attr("IFA_FLAGS") or m["flags"] for m in ipr.get_addr(family=AF_INET6)]
+        if any(f & IFA_F_DADFAILED for f in flags):
+            raise LabError("an IPv6 address of this node is used by another machine (DAD failed)")
+        if not any(f & IFA_F_TENTATIVE for f in flags):
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise LabError(f"IPv6 addresses still tentative after {timeout:g} s")
+        time.sleep(0.05)
+
+
 def setup_node(plan: LabPlan, node: str) -> list[str]:
     """Configure this machine as ``node`` of ``plan``; returns what it did, for the log."""
     if node not in plan.nodes:
@@ -55,6 +77,9 @@ def setup_node(plan: LabPlan, node: str) -> list[str]:
                                prefixlen=end.v6.network.prefixlen)  # fmt: skip
                 ipr.link("set", index=idx, state="up")
                 done.append(f"link {link.subnet}: {end.v4} {end.v6}")
+        waited = _wait_dad(ipr)
+        if waited > 0.1:
+            done.append(f"waited {waited:.1f} s for IPv6 duplicate address detection")
         if node == plan.steer:
             gw = plan.link(plan.default_host).peer_end
             ipr.route("replace", dst=f"{plan.vip_v4}/32", gateway=str(gw.v4.ip))
