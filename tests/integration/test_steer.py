@@ -189,8 +189,11 @@ class EchoLines(threading.Thread):
                     return
                 buf += data
                 *lines, buf = buf.split(b"\n")
-                if lines:
+                if lines:  # the 2 ms poll timeout is for recv only: a bulk client that
+                    # reads in bursts can keep a sendall waiting longer, on a busy machine
+                    self.sock.settimeout(10)
                     self.sock.sendall(b"".join(line + b"\n" for line in lines))
+                    self.sock.settimeout(0.002)
         except BaseException as exc:
             self.error = exc
 
