@@ -57,17 +57,26 @@ def _sign_hash(key) -> hashes.HashAlgorithm | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
-_CA_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
+def _key_usage(*, certs: bool, encipher: bool = False) -> x509.KeyUsage:
+    """Signatures; certificate and CRL signing for a CA (``certs``); key encipherment for
+    an RSA leaf (``encipher``: TLS 1.2's RSA key exchange needs it)."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=encipher,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=certs,
+        crl_sign=certs,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def key_matches(key, cert: x509.Certificate) -> bool:
+    """Whether ``key`` is the private key of ``cert``."""
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
 
 
 USAGES = {
@@ -76,20 +85,6 @@ USAGES = {
     "node": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
     "any": [],
 }
-
-
-def _leaf_usage(key) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=isinstance(key, rsa.RSAPrivateKey),
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
 
 
 class CertificateAuthority:
@@ -108,7 +103,7 @@ class CertificateAuthority:
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_CA_USAGE, critical=True)
+            .add_extension(_key_usage(certs=True), critical=True)
             .sign(self._key, _sign_hash(self._key))
         )
         self.cert_pem = self.cert.public_bytes(serialization.Encoding.PEM)
@@ -119,9 +114,7 @@ class CertificateAuthority:
         ca = cls.__new__(cls)
         ca.cert = x509.load_pem_x509_certificate(cert_pem)
         ca._key = serialization.load_pem_private_key(key_pem, password=None)
-        public = serialization.PublicFormat.SubjectPublicKeyInfo
-        if ca._key.public_key().public_bytes(serialization.Encoding.PEM, public) != \
-                ca.cert.public_key().public_bytes(serialization.Encoding.PEM, public):  # fmt: skip
+        if not key_matches(ca._key, ca.cert):
             raise ValueError("the CA key does not belong to the CA certificate")
         ca.cert_pem = ca.cert.public_bytes(serialization.Encoding.PEM)
         return ca
@@ -161,7 +154,9 @@ class CertificateAuthority:
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(_leaf_usage(key), critical=True)
+            .add_extension(
+                _key_usage(certs=False, encipher=isinstance(key, rsa.RSAPrivateKey)), critical=True
+            )
         )
         if USAGES[usage]:
             builder = builder.add_extension(x509.ExtendedKeyUsage(USAGES[usage]), critical=False)

@@ -30,16 +30,15 @@ import argparse
 import errno
 import functools
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pysteer.cli import LazyChoices
+from pysteer.cluster.config import NAME_RE
 from pysteer.errors import UsageError
 from pysteer.safefile import PRIVATE, PUBLIC, SafeDir, UnsafeDirectory, private_dir
 
-NODE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 T = TypeVar("T")
 RESERVED = {"ca", "cluster", "service", "service-ca"}  # file names a node would clash with
 
@@ -126,11 +125,20 @@ def add_parser(sub: Any) -> None:
     bundle.set_defaults(func=cmd_bundle)
 
 
+def _check_node(name: str) -> None:
+    """A node name as the cluster file takes it, and no name of the files beside it."""
+    if not NAME_RE.fullmatch(name) or name in RESERVED:
+        raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting "
+                         f"alphanumeric, not one of {', '.join(sorted(RESERVED))}")  # fmt: skip
+
+
 def _load_service(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
     """The operator's service certificate chain and key, checked to belong together."""
     from cryptography import x509  # noqa: PLC0415 - see _kinds
     from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
     from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: PLC0415
+
+    from pysteer.certs import key_matches  # noqa: PLC0415 - see _kinds
 
     try:
         chain, key_pem = cert_path.read_bytes(), key_path.read_bytes()
@@ -141,9 +149,7 @@ def _load_service(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"the service certificate or key is not valid PEM: {exc}") from None
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.PEM, public) != \
-            leaf.public_key().public_bytes(serialization.Encoding.PEM, public):  # fmt: skip
+    if not key_matches(key, leaf):
         raise UsageError(f"{key_path} is not the key of {cert_path}")
     try:
         usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
@@ -194,9 +200,7 @@ def write_cluster(
         if claimed:  # a certificate naming another node could be taken for it
             raise UsageError(f"node {name!r} cannot also be named {', '.join(claimed)}: "
                              "that is another node")  # fmt: skip
-        if not NODE_RE.fullmatch(name) or name in RESERVED:
-            raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting "
-                             f"alphanumeric, not one of {', '.join(sorted(RESERVED))}")  # fmt: skip
+        _check_node(name)
     with private_dir(directory) as out:
         if out.exists("ca.key") and not force:
             raise UsageError(f"{directory} already holds a cluster (ca.key); --force replaces it")
@@ -254,8 +258,7 @@ def _role_from_config(source: SafeDir, node: str) -> str | None:
 def write_bundle(directory: Path, node: str, out_dir: Path, *, role: str | None = None,
                  force: bool = False) -> list[str]:  # fmt: skip
     """Copy one host's files from ``directory`` to ``out_dir``; returns their names."""
-    if not NODE_RE.fullmatch(node) or node in RESERVED:
-        raise UsageError(f"invalid node name {node!r}")
+    _check_node(node)
     with _cluster_dir(directory) as source:
         if not source.exists(f"{node}.key"):
             raise UsageError(f"{directory} has no key for node {node!r}")
@@ -283,9 +286,7 @@ def parse_nodes(specs: list[str]) -> dict[str, list[str]]:
     nodes: dict[str, list[str]] = {}
     for spec in specs:
         name, _, names = spec.partition("=")
-        if not NODE_RE.fullmatch(name) or name in RESERVED:
-            raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting "
-                             f"alphanumeric, not one of {', '.join(sorted(RESERVED))}")  # fmt: skip
+        _check_node(name)
         if name in nodes:
             raise UsageError(f"node {name!r} given twice")
         nodes[name] = [n for n in names.split(",") if n]

@@ -62,28 +62,43 @@ REFUSALS_LOG_EVERY = 10.0  # seconds between two log lines about refused connect
 KEEPALIVE = (60, 10, 6)  # TCP idle, interval, probes: a vanished agent's slot frees in ~2 min
 
 
-class _Burst:
-    """Log lines about refusals, at most ``burst`` per REFUSALS_LOG_EVERY seconds: each
-    refusal is worth a line, until a flood would fill the log; then one line says how
-    many went unlogged."""
+class _LogLimit:
+    """At most ``burst`` log lines about refusals per REFUSALS_LOG_EVERY seconds: each
+    refusal is worth a line until a flood would fill the log."""
 
-    def __init__(self, burst: int = 20) -> None:
+    def __init__(self, burst: int) -> None:
         self.burst, self._lock = burst, threading.Lock()
-        self._window, self._count, self._dropped = -REFUSALS_LOG_EVERY, 0, 0
+        self._window, self._lines, self._unlogged = -REFUSALS_LOG_EVERY, 0, 0
 
-    def log(self, message: str, *args: object) -> None:
+    def admit(self) -> int:
+        """Count one refusal: 0 if it gets no line, else how many refusals the line is for
+        (this one, and those that got none since the last line)."""
         with self._lock:
             now = time.monotonic()
             if now - self._window >= REFUSALS_LOG_EVERY:
-                if self._dropped:
-                    log.warning("%d more control connection(s) were refused without a log "
-                                "line", self._dropped)  # fmt: skip
-                self._window, self._count, self._dropped = now, 0, 0
-            self._count += 1
-            if self._count > self.burst:
-                self._dropped += 1
-                return
-        log.warning(message, *args)
+                self._window, self._lines = now, 0
+            self._unlogged += 1
+            if self._lines >= self.burst:
+                return 0
+            self._lines += 1
+            count, self._unlogged = self._unlogged, 0
+            return count
+
+
+class _Burst:
+    """Refusals worth a line each (with their reason), 20 per REFUSALS_LOG_EVERY at most;
+    the next line then says how many went unlogged."""
+
+    def __init__(self, burst: int = 20) -> None:
+        self._limit = _LogLimit(burst)
+
+    def log(self, message: str, *args: object) -> None:
+        count = self._limit.admit()
+        if count > 1:
+            log.warning("%d more control connection(s) were refused without a log line",
+                        count - 1)  # fmt: skip
+        if count:
+            log.warning(message, *args)
 
 
 class _Slots:
@@ -95,7 +110,7 @@ class _Slots:
         self.where, self.limit, self.per_key = where, limit, per_key
         self.open = self.refused = 0
         self._by_key: dict[str, int] = {}
-        self._unlogged, self._logged = 0, -REFUSALS_LOG_EVERY
+        self._log = _LogLimit(1)  # a flood is one line
         self._lock = threading.Lock()
 
     def take(self, key: str = "") -> bool:
@@ -107,14 +122,12 @@ class _Slots:
                 self._by_key[key] = mine + 1
                 return True
             self.refused += 1
-            self._unlogged += 1
-            now = time.monotonic()
-            if now - self._logged >= REFUSALS_LOG_EVERY:
-                log.warning("refused %d control connection(s) on %s: at most %s at once%s",
-                            self._unlogged, self.where, self.limit or "unbounded",
-                            f", {self.per_key} per peer" if self.per_key else "")  # fmt: skip
-                self._unlogged, self._logged = 0, now
-            return False
+        count = self._log.admit()
+        if count:
+            log.warning("refused %d control connection(s) on %s: at most %s at once%s",
+                        count, self.where, self.limit or "unbounded",
+                        f", {self.per_key} per peer" if self.per_key else "")  # fmt: skip
+        return False
 
     def give(self, key: str = "") -> None:
         with self._lock:

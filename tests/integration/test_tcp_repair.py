@@ -222,6 +222,17 @@ def _backed_up_pair(ns: str) -> tuple[socket.socket, socket.socket]:
     return client, server
 
 
+def _queue_what_fits(sock: socket.socket, data: memoryview) -> int:
+    """Write as much of ``data`` as the socket takes without blocking; how much it took."""
+    sock.setblocking(False)
+    sent = 0
+    with contextlib.suppress(BlockingIOError):
+        while sent < len(data):
+            sent += sock.send(data[sent:])
+    sock.settimeout(20)
+    return sent
+
+
 def test_megabytes_queued_each_way_move_byte_exact(scratch_netns: str) -> None:
     """A client that stopped reading, with MiBs waiting in every server queue: the moved
     socket delivers both streams whole, and the connection carries on.
@@ -241,12 +252,7 @@ def test_megabytes_queued_each_way_move_byte_exact(scratch_netns: str) -> None:
     acks = flow_of(client)
     drop.add(acks)  # the lock, from before the server writes: in flight stays unacknowledged
     data = memoryview(os.urandom(7 << 20))
-    server.setblocking(False)
-    sent = 0
-    with contextlib.suppress(BlockingIOError):
-        while sent < len(data):
-            sent += server.send(data[sent:])
-    server.settimeout(20)
+    sent = _queue_what_fits(server, data)
     down.record_sent(data[:sent])
     assert sent > 6 << 20, f"the server could queue only {sent} bytes"
     time.sleep(0.05)  # let the kernel transmit what the window allows
@@ -283,12 +289,7 @@ def test_unsent_backlog_past_notsent_lowat(scratch_netns: str) -> None:
     client, server = _backed_up_pair(scratch_netns)
     down = Stream()
     data = memoryview(os.urandom(2 << 20))
-    server.setblocking(False)
-    sent = 0
-    with contextlib.suppress(BlockingIOError):
-        while sent < len(data):
-            sent += server.send(data[sent:])
-    server.settimeout(20)
+    sent = _queue_what_fits(server, data)
     down.record_sent(data[:sent])
     time.sleep(0.05)
     drop = NftDrop(scratch_netns, hook="output")

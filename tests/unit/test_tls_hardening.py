@@ -52,6 +52,16 @@ KEY_UPDATE = bytes((24, 0, 0, 1, 0))
 KEY_UPDATE_REQUESTED = bytes((24, 0, 0, 1, 1))
 
 
+def key_updates(client_out: Protection, message: bytes, count: int) -> tuple[bytes, Protection]:
+    """``count`` KeyUpdate records from the client, each under the key the one before
+    announced; and the client's key after them."""
+    records = b""
+    for _ in range(count):
+        records += client_out.seal(rec.HANDSHAKE, message)
+        client_out = client_out.updated()
+    return records, client_out
+
+
 def fatal(alert: int) -> list:
     return [Alert(FATAL, alert, sent=True), ConnectionClosed(clean=False)]
 
@@ -264,10 +274,7 @@ def test_an_empty_handshake_record_is_refused(name: str) -> None:
 def test_key_update_requests_that_come_together_get_one_answer(name: str) -> None:
     state, client_out, client_in = state_for(name)
     conn = TlsServerConnection.from_state(state)
-    records = b""
-    for _ in range(5):
-        records += client_out.seal(rec.HANDSHAKE, KEY_UPDATE_REQUESTED)
-        client_out = client_out.updated()
+    records, client_out = key_updates(client_out, KEY_UPDATE_REQUESTED, 5)
     events = conn.receive_data(records)
     assert events == [KeyUpdated(answered=True)] + [KeyUpdated(answered=False)] * 4
     assert open_all(client_in, conn.data_to_send()) == [(22, KEY_UPDATE)]
@@ -290,10 +297,7 @@ def test_key_updates_are_rate_bounded(name: str) -> None:
     every 32 records passes for ever."""
     state, client_out, _ = state_for(name)
     conn = TlsServerConnection.from_state(state)
-    burst = b""
-    for _ in range(32):
-        burst += client_out.seal(rec.HANDSHAKE, KEY_UPDATE)
-        client_out = client_out.updated()
+    burst, client_out = key_updates(client_out, KEY_UPDATE, 32)
     assert conn.receive_data(burst) == [KeyUpdated(answered=False)] * 32
     events = conn.receive_data(client_out.seal(rec.HANDSHAKE, KEY_UPDATE))
     assert events == fatal(UNEXPECTED)
@@ -321,10 +325,7 @@ def test_answers_to_our_key_update_requests_are_not_counted(name: str) -> None:
         assert events == [KeyUpdated(answered=False)]
         client_out = client_out.updated()
     # Unasked ones still count, answered or not: 32 pass, the 33rd is fatal.
-    burst = b""
-    for _ in range(33):
-        burst += client_out.seal(rec.HANDSHAKE, KEY_UPDATE)
-        client_out = client_out.updated()
+    burst, client_out = key_updates(client_out, KEY_UPDATE, 33)
     assert conn.receive_data(burst) == [KeyUpdated(answered=False)] * 32 + fatal(UNEXPECTED)
 
 
