@@ -9,6 +9,7 @@ in the handlers that use them, and choices defined next to that code are ``LazyC
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 
@@ -84,9 +85,8 @@ def _command(argv: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point. Exit codes: 0 success, 1 a check or operation failed, 2 bad input."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
     try:
+        args = build_parser(_command(argv)).parse_args(argv)  # --help prints, too
         return int(args.func(args) or 0)
     except UsageError as exc:
         print(f"pysteer: error: {exc}", file=sys.stderr)
@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pysteer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`pysteer flows | head -1`): not an error
+        # Point stdout at /dev/null, so that Python's own flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a command killed by SIGPIPE
 
 
 if __name__ == "__main__":
