@@ -204,6 +204,7 @@ def write_cluster(
     with private_dir(directory) as out:
         if out.exists("ca.key") and not force:
             raise UsageError(f"{directory} already holds a cluster (ca.key); --force replaces it")
+        out.remove_temporaries()  # of a run killed midway
         ca = CertificateAuthority("pysteer control-plane CA", kind=kind, days=days)
         out.write("ca.pem", ca.cert_pem, PUBLIC)
         out.write("ca.key", ca.key_pem(), PRIVATE)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 
 PRIVATE = 0o600
+_TEMPORARY = re.compile(r"\.[^/]+\.[0-9a-f]{16}\.tmp")  # what write names them
 PUBLIC = 0o644
 
 
@@ -99,6 +101,13 @@ class SafeDir:
         except FileNotFoundError:
             return False
         return True
+
+    def remove_temporaries(self) -> None:
+        """Remove what ``write`` left when its process was killed midway: its temporaries
+        are never read, but would pile up."""
+        for name in os.listdir(self.fd):
+            if _TEMPORARY.fullmatch(name):
+                self.remove(name)
 
     def remove(self, name: str) -> None:
         """Remove ``name`` (a file, or a symlink itself) if it is there."""

@@ -9,18 +9,22 @@ the predictable directory with 0666 ``*.tmp`` files, or plants symlinks, before 
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
+import signal
 import ssl
 import stat
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -377,3 +381,32 @@ def test_force_leaves_no_earlier_service_files(tmp_path: Path) -> None:
     assert not any((d / n).exists() for n in ("service.pem", "service.key", "service-ca.pem"))
     out = pysteer("certs", "init", "--dir", str(d), "--node", "a=b", "--node", "b", "--force")
     assert out.returncode == 2 and "cannot also be named b" in out.stderr, out.stderr
+
+
+def test_init_killed_midway_leaves_only_whole_files(tmp_path: Path) -> None:
+    """kill -9 at any point of `certs init`: every key and certificate there is whole
+    (each written fresh, then renamed), and a new run with --force completes."""
+    rng = random.Random(11)  # noqa: S311 - a seeded schedule for the kills, not a secret
+    d = tmp_path / "cluster"
+    many = [arg for i in range(40) for arg in ("--node", f"n{i}")]
+    for _ in range(6):
+        proc = subprocess.Popen([*INIT, "--dir", str(d), *many, "--force"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(rng.uniform(0.2, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        for path in d.iterdir() if d.exists() else ():
+            if path.name.endswith(".tmp"):
+                continue  # a temporary the kill left: never read, never a key's name
+            data = path.read_bytes()
+            if path.name == "cluster.key":
+                assert len(data) == 32
+            elif path.suffix == ".key":
+                serialization.load_pem_private_key(data, password=None)
+            else:
+                assert x509.load_pem_x509_certificates(data), path
+    out = subprocess.run([*INIT, "--dir", str(d), *many, "--force"], capture_output=True,
+                         text=True, check=False, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert all((d / f"n{i}.key").exists() for i in range(40))
+    assert [p.name for p in d.iterdir() if p.name.endswith(".tmp")] == []  # cleared
