@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers.waiting import wait_until
 
 from pysteer import netns
 from pysteer.lab import Lab, LabError, load, plan
@@ -118,7 +119,9 @@ def test_down_leaves_no_namespace_link_or_process() -> None:
     ]
     # setsid'd children survive the parent's death: down must find them by namespace.
     orphan = lab.popen("b", ["setsid", "sleep", "300"])
-    assert all(netns.pids(name) for name in lab.namespaces.values())
+    # `ip netns exec` enters the namespace after Popen returns: wait until each has one.
+    wait_until(lambda: all(netns.pids(name) for name in lab.namespaces.values()), 10,
+               "a process in every namespace")  # fmt: skip
     assert lab.down() == list(lab.namespaces.values())
     for proc in [*procs, orphan]:
         assert proc.wait(5) is not None
