@@ -112,25 +112,28 @@ def _pids_in(inodes: set[int]) -> list[int]:
 def test_down_leaves_no_namespace_link_or_process() -> None:
     links_before = _root_links()
     lab = Lab(prefix=unique_prefix()).up()
-    assert _root_links() == links_before  # the lab adds nothing to the root namespace
-    inodes = {name: netns.inode(name) for name in lab.namespaces.values()}
-    procs = [
-        lab.popen(node, ["sleep", "300"], stdout=subprocess.DEVNULL) for node in lab.plan.nodes
-    ]
-    # setsid'd children survive the parent's death: down must find them by namespace.
-    orphan = lab.popen("b", ["setsid", "sleep", "300"])
-    # `ip netns exec` enters the namespace after Popen returns: wait until each has one.
-    wait_until(lambda: all(netns.pids(name) for name in lab.namespaces.values()), 10,
-               "a process in every namespace")  # fmt: skip
-    assert lab.down() == list(lab.namespaces.values())
-    for proc in [*procs, orphan]:
-        assert proc.wait(5) is not None
-    for name in inodes:
-        assert not netns.exists(name)
-    assert _pids_in(set(inodes.values())) == []
-    assert _root_links() == links_before
-    assert not lab.state_file.exists()
-    assert lab.down() == []  # safe twice
+    try:
+        assert _root_links() == links_before  # the lab adds nothing to the root namespace
+        inodes = {name: netns.inode(name) for name in lab.namespaces.values()}
+        procs = [
+            lab.popen(node, ["sleep", "300"], stdout=subprocess.DEVNULL) for node in lab.plan.nodes
+        ]
+        # setsid'd children survive the parent's death: down must find them by namespace.
+        orphan = lab.popen("b", ["setsid", "sleep", "300"])
+        # `ip netns exec` enters the namespace after Popen returns: wait until each has one.
+        wait_until(lambda: all(netns.pids(name) for name in lab.namespaces.values()), 10,
+                   "a process in every namespace")  # fmt: skip
+        assert lab.down() == list(lab.namespaces.values())
+        for proc in [*procs, orphan]:
+            assert proc.wait(5) is not None
+        for name in inodes:
+            assert not netns.exists(name)
+        assert _pids_in(set(inodes.values())) == []
+        assert _root_links() == links_before
+        assert not lab.state_file.exists()
+        assert lab.down() == []  # safe twice
+    finally:  # a failure above must not leave the lab behind (down is safe twice)
+        lab.down()
 
 
 def test_two_labs_coexist(lab_factory: Callable[..., Lab]) -> None:
