@@ -55,9 +55,12 @@ _KINDS = LazyChoices(_kinds)  # set after add_argument, which would read it
 
 
 def add_parser(sub: Any) -> None:
-    certs = sub.add_parser("certs", help="make the cluster's keys, and hand them out per host",
-                           description=__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    certs = sub.add_parser(
+        "certs",
+        help="make the cluster's keys, and hand them out per host",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     cmds = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
     init = cmds.add_parser(
         "init",
@@ -66,12 +69,21 @@ def add_parser(sub: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    init.add_argument("--dir", type=Path, required=True,
-                      help="where to write the files (created 0700; an existing one must be "
-                           "yours and not writable by others)")  # fmt: skip
-    init.add_argument("--node", action="append", required=True, metavar="NAME[=NAMES]",
-                      help="a node and, after '=', its DNS names and addresses, comma-separated "
-                           "(repeat for each node, the steering node included)")  # fmt: skip
+    init.add_argument(
+        "--dir",
+        type=Path,
+        required=True,
+        help="where to write the files (created 0700; an existing one must be "
+        "yours and not writable by others)",
+    )
+    init.add_argument(
+        "--node",
+        action="append",
+        required=True,
+        metavar="NAME[=NAMES]",
+        help="a node and, after '=', its DNS names and addresses, comma-separated "
+        "(repeat for each node, the steering node included)",
+    )
     init.add_argument(
         "--service-cert",
         type=Path,
@@ -79,9 +91,12 @@ def add_parser(sub: Any) -> None:
         help="your service certificate (leaf first, then its chain)",
     )
     init.add_argument("--service-key", type=Path, metavar="PEM", help="its private key")
-    init.add_argument("--service-name", metavar="NAMES",
-                      help="instead: make a service certificate for these comma-separated "
-                           "names under a separate service CA (service-ca.pem)")  # fmt: skip
+    init.add_argument(
+        "--service-name",
+        metavar="NAMES",
+        help="instead: make a service certificate for these comma-separated "
+        "names under a separate service CA (service-ca.pem)",
+    )
     init.add_argument("--kind", default="ecdsa", help="key type (ecdsa)").choices = _KINDS
     init.add_argument("--days", type=int, default=365, help="validity (default: 365)")
     init.add_argument("--force", action="store_true", help="replace an existing cluster")
@@ -115,12 +130,18 @@ def add_parser(sub: Any) -> None:
     )
     bundle.add_argument("--dir", type=Path, required=True, help="the cluster made by certs init")
     bundle.add_argument("--node", required=True, help="the host to write the files of")
-    bundle.add_argument("--out", type=Path, required=True,
-                        help="where to write them (created 0700, or yours and not writable "
-                             "by others)")  # fmt: skip
-    bundle.add_argument("--role", choices=("host", "steer"),
-                        help="host (serves the VIP) or steer; default: what DIR/cluster.toml "
-                             "says (without one, --role is needed)")  # fmt: skip
+    bundle.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="where to write them (created 0700, or yours and not writable by others)",
+    )
+    bundle.add_argument(
+        "--role",
+        choices=("host", "steer"),
+        help="host (serves the VIP) or steer; default: what DIR/cluster.toml "
+        "says (without one, --role is needed)",
+    )
     bundle.add_argument("--force", action="store_true", help="replace files already in OUT")
     bundle.set_defaults(func=cmd_bundle)
 
@@ -128,8 +149,10 @@ def add_parser(sub: Any) -> None:
 def _check_node(name: str) -> None:
     """A node name as the cluster file takes it, and no name of the files beside it."""
     if not NAME_RE.fullmatch(name) or name in RESERVED:
-        raise UsageError(f"invalid node name {name!r}: use [a-z0-9-], starting "
-                         f"alphanumeric, not one of {', '.join(sorted(RESERVED))}")  # fmt: skip
+        raise UsageError(
+            f"invalid node name {name!r}: use [a-z0-9-], starting "
+            f"alphanumeric, not one of {', '.join(sorted(RESERVED))}"
+        )
 
 
 def _load_service(cert_path: Path, key_path: Path) -> tuple[bytes, bytes]:
@@ -173,8 +196,9 @@ def _clear_errors(fn: Callable[..., T]) -> Callable[..., T]:
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             if exc.errno == errno.ELOOP:
-                raise UsageError(f"{where}is a symlink; pysteer never follows one "
-                                 "to a key or a certificate") from None  # fmt: skip
+                raise UsageError(
+                    f"{where}is a symlink; pysteer never follows one to a key or a certificate"
+                ) from None
             raise UsageError(f"{where}{exc.strerror or exc}") from None
 
     return wrapper
@@ -198,8 +222,9 @@ def write_cluster(
     for name, names in nodes.items():
         claimed = sorted(set(names) & set(nodes) - {name})
         if claimed:  # a certificate naming another node could be taken for it
-            raise UsageError(f"node {name!r} cannot also be named {', '.join(claimed)}: "
-                             "that is another node")  # fmt: skip
+            raise UsageError(
+                f"node {name!r} cannot also be named {', '.join(claimed)}: that is another node"
+            )
         _check_node(name)
     with private_dir(directory) as out:
         if out.exists("ca.key") and not force:
@@ -218,8 +243,9 @@ def write_cluster(
         out.write("cluster.key", os.urandom(32), PRIVATE)
         if service_names:
             service_ca = CertificateAuthority("pysteer service CA", kind=kind, days=days)
-            issued = service_ca.issue(service_names[0], names=service_names, kind=kind,
-                                      days=days, usage="server")  # fmt: skip
+            issued = service_ca.issue(
+                service_names[0], names=service_names, kind=kind, days=days, usage="server"
+            )
             out.write("service-ca.pem", service_ca.cert_pem, PUBLIC)
             service = (issued.chain_pem, issued.key_pem)
         if service is not None:
@@ -256,8 +282,9 @@ def _role_from_config(source: SafeDir, node: str) -> str | None:
 
 
 @_clear_errors
-def write_bundle(directory: Path, node: str, out_dir: Path, *, role: str | None = None,
-                 force: bool = False) -> list[str]:  # fmt: skip
+def write_bundle(
+    directory: Path, node: str, out_dir: Path, *, role: str | None = None, force: bool = False
+) -> list[str]:
     """Copy one host's files from ``directory`` to ``out_dir``; returns their names."""
     _check_node(node)
     with _cluster_dir(directory) as source:
@@ -265,8 +292,10 @@ def write_bundle(directory: Path, node: str, out_dir: Path, *, role: str | None 
             raise UsageError(f"{directory} has no key for node {node!r}")
         role = role or _role_from_config(source, node)
         if role is None:  # never guess: a wrong guess gives the steering node blob keys
-            raise UsageError(f"{directory} has no cluster.toml to say what {node} is: "
-                             "give --role host or --role steer")  # fmt: skip
+            raise UsageError(
+                f"{directory} has no cluster.toml to say what {node} is: "
+                "give --role host or --role steer"
+            )
         names = ["ca.pem", f"{node}.pem", f"{node}.key"]
         if role == "host":
             names.append("cluster.key")
@@ -304,19 +333,31 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise UsageError("give either your service certificate or --service-name, not both")
     service = _load_service(args.service_cert, args.service_key) if args.service_cert else None
     service_names = [n for n in (args.service_name or "").split(",") if n] or None
-    write_cluster(args.dir, nodes, service=service, service_names=service_names,
-                  kind=args.kind, days=args.days, force=args.force)  # fmt: skip
+    write_cluster(
+        args.dir,
+        nodes,
+        service=service,
+        service_names=service_names,
+        kind=args.kind,
+        days=args.days,
+        force=args.force,
+    )
     made = "service certificate" if service or service_names else "no service certificate"
-    print(f"cluster in {args.dir}: control-plane CA, {len(nodes)} node certificate(s), "
-          f"cluster.key, {made}")  # fmt: skip
-    print(f"keep {args.dir / 'ca.key'} here; give each host only its own files: "
-          f"pysteer certs bundle --dir {args.dir} --node NODE --out DIR")  # fmt: skip
+    print(
+        f"cluster in {args.dir}: control-plane CA, {len(nodes)} node certificate(s), "
+        f"cluster.key, {made}"
+    )
+    print(
+        f"keep {args.dir / 'ca.key'} here; give each host only its own files: "
+        f"pysteer certs bundle --dir {args.dir} --node NODE --out DIR"
+    )
     return 0
 
 
 @_clear_errors
-def issue_node(directory: Path, name: str, names: list[str], *, kind: str = "ecdsa",
-               days: int = 365) -> None:  # fmt: skip
+def issue_node(
+    directory: Path, name: str, names: list[str], *, kind: str = "ecdsa", days: int = 365
+) -> None:
     """A new certificate and key for one node, from the CA kept in ``directory``."""
     from pysteer.certs import CertificateAuthority  # noqa: PLC0415 - see _kinds
 
@@ -327,8 +368,9 @@ def issue_node(directory: Path, name: str, names: list[str], *, kind: str = "ecd
             ca = CertificateAuthority.load(out.read("ca.pem"), out.read("ca.key"))
         except (OSError, ValueError, TypeError) as exc:
             raise UsageError(f"cannot load the CA in {directory}: {exc}") from None
-        issued = ca.issue(name, names=[name, *(n for n in names if n != name)], kind=kind,
-                          days=days, usage="node")  # fmt: skip
+        issued = ca.issue(
+            name, names=[name, *(n for n in names if n != name)], kind=kind, days=days, usage="node"
+        )
         out.write(f"{name}.pem", issued.chain_pem, PUBLIC)
         out.write(f"{name}.key", issued.key_pem, PRIVATE)
 
@@ -338,8 +380,10 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if args.days < 1:
         raise UsageError("--days must be at least 1")
     issue_node(args.dir, name, names, kind=args.kind, days=args.days)
-    print(f"{args.dir}: new {name}.pem and {name}.key; hand them out with "
-          f"pysteer certs bundle --dir {args.dir} --node {name} --out DIR")  # fmt: skip
+    print(
+        f"{args.dir}: new {name}.pem and {name}.key; hand them out with "
+        f"pysteer certs bundle --dir {args.dir} --node {name} --out DIR"
+    )
     return 0
 
 

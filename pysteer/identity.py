@@ -27,8 +27,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-_EKU_NAMES = {ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-              ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth"}  # fmt: skip
+_EKU_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+}
 
 
 class IdentityError(ssl.SSLError):
@@ -83,8 +85,9 @@ def _certificate_node(cert: x509.Certificate, allowed: Collection[str], expect: 
     missing = [name for oid, name in _EKU_NAMES.items() if oid not in usages]
     if missing:
         have = ", ".join(_EKU_NAMES.get(u, u.dotted_string) for u in usages) or "none"
-        raise IdentityError(f"certificate is not a node's: no {' or '.join(missing)} "
-                            f"(it allows: {have})")  # fmt: skip
+        raise IdentityError(
+            f"certificate is not a node's: no {' or '.join(missing)} (it allows: {have})"
+        )
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if len(cns) != 1 or not isinstance(cns[0].value, str):
         raise IdentityError("certificate must have exactly one common name")

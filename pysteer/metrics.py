@@ -38,16 +38,28 @@ def serve(registry: CollectorRegistry, listen: tuple[str, int]) -> None:
 class AgentMetrics:
     def __init__(self, node: str, flows: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
-        self.migrations = Counter("pysteer_migrations", "Migrations started here, by outcome",
-                                  ["node", "outcome"], registry=self.registry)  # fmt: skip
-        self.freeze = Histogram("pysteer_freeze_window_seconds",
-                                "Park to replay done, for flows moved away from here",
-                                ["node"], buckets=FREEZE_BUCKETS,
-                                registry=self.registry)  # fmt: skip
-        self.imports = Counter("pysteer_imports", "Flows imported from peers, by outcome",
-                               ["node", "outcome"], registry=self.registry)  # fmt: skip
-        flows_gauge = Gauge("pysteer_flows", "Connections served by this node", ["node"],
-                            registry=self.registry)  # fmt: skip
+        self.migrations = Counter(
+            "pysteer_migrations",
+            "Migrations started here, by outcome",
+            ["node", "outcome"],
+            registry=self.registry,
+        )
+        self.freeze = Histogram(
+            "pysteer_freeze_window_seconds",
+            "Park to replay done, for flows moved away from here",
+            ["node"],
+            buckets=FREEZE_BUCKETS,
+            registry=self.registry,
+        )
+        self.imports = Counter(
+            "pysteer_imports",
+            "Flows imported from peers, by outcome",
+            ["node", "outcome"],
+            registry=self.registry,
+        )
+        flows_gauge = Gauge(
+            "pysteer_flows", "Connections served by this node", ["node"], registry=self.registry
+        )
         flows_gauge.labels(node).set_function(flows)
         self.node = node
 
@@ -74,14 +86,23 @@ class SteerCollector(Collector):
             ("replayed_packets", "replayed", "Parked packets replayed"),
             ("park_dropped_packets", "park_dropped", "Parked packets dropped over the bound"),
             ("redirected_packets", "redirected", "Packets redirected to a host"),
-            ("redirect_failed_packets", "redirect_failed",
-             "Packets redirected by XDP that the kernel lost (refused or dropped by the "
-             "target link's driver)"),
+            (
+                "redirect_failed_packets",
+                "redirect_failed",
+                "Packets redirected by XDP that the kernel lost (refused or dropped by the "
+                "target link's driver)",
+            ),
             ("seen_packets", "seen", "Packets the program saw"),
-            ("new_diverted_connections", "new_diverted",
-             "New connections sent to a drain's target"),
-            ("divert_failed_connections", "divert_failed",
-             "New connections not diverted because the flow table was full"),
+            (
+                "new_diverted_connections",
+                "new_diverted",
+                "New connections sent to a drain's target",
+            ),
+            (
+                "divert_failed_connections",
+                "divert_failed",
+                "New connections not diverted because the flow table was full",
+            ),
             ("table_full_errors", "table_full", "Changes refused because the flow table was full"),
             ("closed_flows", "closed_fin", "Entries removed at a connection's last ACK"),
             ("reset_flows", "closed_rst", "Entries removed at a connection's RST"),
@@ -90,7 +111,7 @@ class SteerCollector(Collector):
             ("idle_flows", "gc_idle", "Entries removed after the idle timeout"),
             ("stale_flows", "gc_stale", "Entries removed by an agent's sync"),
             ("expired_leases", "lease_expired", "Parks rolled back when their lease ran out"),
-        ):  # fmt: skip
+        ):
             family = CounterMetricFamily(f"pysteer_steer_{name}", help_)
             family.add_metric([], stats.get(key, 0))
             yield family
@@ -98,8 +119,9 @@ class SteerCollector(Collector):
         for _flow, view in st.items():
             action = view.action.name if hasattr(view.action, "name") else str(view.action)
             by_action[action] = by_action.get(action, 0) + 1
-        flows = GaugeMetricFamily("pysteer_steer_flows", "Flows in the table, by action",
-                                  labels=["action"])  # fmt: skip
+        flows = GaugeMetricFamily(
+            "pysteer_steer_flows", "Flows in the table, by action", labels=["action"]
+        )
         for action, count in sorted(by_action.items()):
             flows.add_metric([action], count)
         yield flows

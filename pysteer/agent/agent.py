@@ -55,8 +55,16 @@ log = logging.getLogger("pysteer.agent")
 
 LINKS = 16  # mTLS links per peer (and to the steering node): migrations in flight at once
 # What the CLI may ask over the peer listener (a drain streams: run it on the source node).
-REMOTE_COMMANDS = ("flows", "status", "migrate", "migrations", "resolve", "cordon", "uncordon",
-                   "undrain")  # fmt: skip
+REMOTE_COMMANDS = (
+    "flows",
+    "status",
+    "migrate",
+    "migrations",
+    "resolve",
+    "cordon",
+    "uncordon",
+    "undrain",
+)
 HEARTBEAT = 1.0  # seconds between hellos to the steering node (a restart shows as a new boot)
 FREEZE_SLOTS = 8  # flows this agent's migrations hold frozen at once (see Migration._run)
 CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
@@ -155,11 +163,13 @@ class Agent:
         self._load_tls()
         self.peers = {
             n: LinkPool(functools.partial(self._peer_link, n, c.control), size=LINKS)
-            for n, c in config.nodes.items() if n != node
-        }  # fmt: skip
+            for n, c in config.nodes.items()
+            if n != node
+        }
         steer = config.steer
-        self.steer = LinkPool(functools.partial(self._steer_link, steer.name, steer.control),
-                              size=LINKS)  # fmt: skip
+        self.steer = LinkPool(
+            functools.partial(self._steer_link, steer.name, steer.control), size=LINKS
+        )
         self._moving: set[Flow] = set()
         self.freeze_slots = asyncio.Semaphore(FREEZE_SLOTS)
         self._tasks: set[asyncio.Task] = set()
@@ -202,8 +212,7 @@ class Agent:
         except (ConfigError, AgentError) as exc:
             log.error("reload refused, keeping the current certificates: %s", exc)
             return
-        log.info("reloaded the certificates of %s and the CA from %s", self.name,
-                 self.config.path)  # fmt: skip
+        log.info("reloaded the certificates of %s and the CA from %s", self.name, self.config.path)
 
     # --- lifecycle -------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task:
@@ -220,8 +229,9 @@ class Agent:
         host, port = self.me.control
         loop = asyncio.get_running_loop()
         try:
-            peer_server = await loop.create_server(lambda: _Held(self._peer_tls), host, port,
-                                                   reuse_address=True)  # fmt: skip
+            peer_server = await loop.create_server(
+                lambda: _Held(self._peer_tls), host, port, reuse_address=True
+            )
         except OSError as exc:
             raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         if self.metrics is not None:
@@ -242,9 +252,15 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self._spawn(self._reconcile())
         self._spawn(self._notify_closed())
-        log.info("agent %s: serving %s on %s; peers at %s:%d; control at %s", self.name,
-                 sorted(self.runtime.services), ", ".join(self.runtime.addresses), host, port,
-                 self.control_path)  # fmt: skip
+        log.info(
+            "agent %s: serving %s on %s; peers at %s:%d; control at %s",
+            self.name,
+            sorted(self.runtime.services),
+            ", ".join(self.runtime.addresses),
+            host,
+            port,
+            self.control_path,
+        )
         try:
             await self._stop.wait()
             await self._shutdown(peer_server)
@@ -297,8 +313,13 @@ class Agent:
         for _prepared, task in list(self.claiming.values()):
             task.cancel()
         ended = await self.runtime.close()
-        log.info("agent %s stopped: %d connection(s) moved%s, %d ended (close_notify + FIN)",
-                 self.name, moved, f" to {target}" if target else "", ended)  # fmt: skip
+        log.info(
+            "agent %s stopped: %d connection(s) moved%s, %d ended (close_notify + FIN)",
+            self.name,
+            moved,
+            f" to {target}" if target else "",
+            ended,
+        )
 
     async def _drain_before_stop(self, target: str) -> int:
         timeout = self.me.drain_timeout
@@ -313,8 +334,12 @@ class Agent:
         except DrainError as exc:
             log.error("stopping: cannot drain to %s (%s); ending the connections", target, exc)
             return 0
-        log.info("stopping: draining %d connection(s) to %s (at most %g s)",
-                 len(self.runtime.connections), target, timeout)  # fmt: skip
+        log.info(
+            "stopping: draining %d connection(s) to %s (at most %g s)",
+            len(self.runtime.connections),
+            target,
+            timeout,
+        )
         task = self._spawn(drain.run())
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
@@ -335,8 +360,9 @@ class Agent:
         reader = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            tls = await loop.start_tls(transport, protocol, self.server_tls, server_side=True,
-                                       ssl_handshake_timeout=10)  # fmt: skip
+            tls = await loop.start_tls(
+                transport, protocol, self.server_tls, server_side=True, ssl_handshake_timeout=10
+            )
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
             if getattr(exc, "verify_message", None):  # why the certificate was refused
@@ -385,8 +411,12 @@ class Agent:
         if op == "control":  # the CLI from another machine, with a cluster certificate
             return await self._remote_control(who, req.get("request"))
         if op == "hello":
-            return {"ok": True, "node": self.name, "accepting": self.accepting,
-                    "services": sorted(self.runtime.services)}  # fmt: skip
+            return {
+                "ok": True,
+                "node": self.name,
+                "accepting": self.accepting,
+                "services": sorted(self.runtime.services),
+            }
         mid = req.get("id")
         if not isinstance(mid, bytes) or len(mid) != 16:
             return {"ok": False, "error": f"{op[:40]!r} needs a 16-byte migration id"}
@@ -426,8 +456,7 @@ class Agent:
             return {"ok": False, "error": "prepare needs a sealed blob"}
         try:
             # Bound to this move: sealed by the peer this mTLS link authenticated, for us.
-            blob = open_sealed(data, self.cluster_key, expect_id=mid, source=who,
-                               target=self.name)  # fmt: skip
+            blob = open_sealed(data, self.cluster_key, expect_id=mid, source=who, target=self.name)
             self.ledger.claim(mid, sealed_at=blob.t)
         except (BlobError, LedgerError) as exc:
             log.warning("import %s from %s refused: %s", short, who, exc)
@@ -474,8 +503,11 @@ class Agent:
             outcome = self.ledger.outcome(mid)
             if outcome == "committed":
                 return {"ok": True, "replayed": 0}
-            return {"ok": False, "error": f"nothing prepared for this id ({outcome or 'unknown'})",
-                    "code": "aborted" if outcome == "aborted" else "absent"}  # fmt: skip
+            return {
+                "ok": False,
+                "error": f"nothing prepared for this id ({outcome or 'unknown'})",
+                "code": "aborted" if outcome == "aborted" else "absent",
+            }
         elicit = _failing_elicit if self.fault == "thaw:fail" else None
         try:
             tcp.thaw(entry.sock, entry.blob.tcp, elicit=elicit)
@@ -494,8 +526,11 @@ class Agent:
         try:
             return await asyncio.wait_for(asyncio.shield(task), CLAIM_PATIENCE)
         except TimeoutError:
-            return {"ok": False, "code": "pending",
-                    "error": "the steering node has not answered the claim yet"}  # fmt: skip
+            return {
+                "ok": False,
+                "code": "pending",
+                "error": "the steering node has not answered the claim yet",
+            }
 
     async def _claim(self, mid: bytes, entry: _Prepared) -> dict[str, Any]:
         """Ask the steering node for the flow until it says yes or no (never give up on
@@ -505,16 +540,18 @@ class Agent:
         try:
             while True:
                 try:
-                    answer = await self.steer.call(2.0, cmd="claim", flow=str(flow),
-                                                   host=self.name, token=token_of(mid))  # fmt: skip
+                    answer = await self.steer.call(
+                        2.0, cmd="claim", flow=str(flow), host=self.name, token=token_of(mid)
+                    )
                     break
                 except Refused as exc:
                     self._abort_entry(mid, entry, f"the steering node refused the claim: {exc}")
                     return {"ok": False, "error": f"steering node: {exc}", "code": "aborted"}
                 except LinkError as exc:
                     if delay >= 1.0:
-                        log.warning("import %s of %s: claim unanswered (%s); asking again",
-                                    short, flow, exc)  # fmt: skip
+                        log.warning(
+                            "import %s of %s: claim unanswered (%s); asking again", short, flow, exc
+                        )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
             self.runtime.serve_built(entry.conn)
@@ -581,9 +618,15 @@ class Agent:
         parts = [flows[i : i + SYNC_PART] for i in range(0, len(flows), SYNC_PART)] or [[]]
         answer: dict[str, Any] = {}
         for i, part in enumerate(parts):
-            answer = await self.steer.call(10.0, cmd="sync", host=self.name, flows=part,
-                                           interval=self.sync_interval, part=i,
-                                           done=i == len(parts) - 1)  # fmt: skip
+            answer = await self.steer.call(
+                10.0,
+                cmd="sync",
+                host=self.name,
+                flows=part,
+                interval=self.sync_interval,
+                part=i,
+                done=i == len(parts) - 1,
+            )
         return answer
 
     async def _reconcile(self) -> None:
@@ -601,11 +644,14 @@ class Agent:
                     next_full = loop.time() + self.sync_interval
                     fixed = len(result.get("steered", [])) + len(result.get("removed", []))
                     if restarted or failing or fixed:
-                        log.info("reconciled with the steering node%s: %d flow(s) served here, "
-                                 "%d steered to us, %d stale entr(ies) removed",
-                                 " (it restarted)" if restarted else "",
-                                 len(self.served_flows()), len(result.get("steered", [])),
-                                 len(result.get("removed", [])))  # fmt: skip
+                        log.info(
+                            "reconciled with the steering node%s: %d flow(s) served here, "
+                            "%d steered to us, %d stale entr(ies) removed",
+                            " (it restarted)" if restarted else "",
+                            len(self.served_flows()),
+                            len(result.get("steered", [])),
+                            len(result.get("removed", [])),
+                        )
                 self.steer_boot, failing = boot, False
                 await asyncio.sleep(HEARTBEAT)
             except (LinkError, Refused) as exc:
@@ -661,8 +707,7 @@ class Agent:
         if cmd == "status":
             return {"ok": True, "status": await self.status()}
         if cmd == "migrations":
-            return {"ok": True, "migrations": self.migrations(),
-                    "recent": list(self.history)[-50:]}  # fmt: skip
+            return {"ok": True, "migrations": self.migrations(), "recent": list(self.history)[-50:]}
         if cmd == "resolve":
             return self._resolve(req)
         if cmd == "undrain":
@@ -680,13 +725,31 @@ class Agent:
         out = [m.describe() for m in self.inflight.values()]
         out += [m.describe() | {"state": "in-doubt"} for m, _ in self.in_doubt.values()]
         for mid, p in self.prepared.items():
-            out.append({"id": mid.hex(), "flow": str(p.blob.flow), "from": p.source,
-                        "to": self.name, "role": "target", "state": "prepared",
-                        "age_s": round(now - p.since, 3), "error": None})  # fmt: skip
+            out.append(
+                {
+                    "id": mid.hex(),
+                    "flow": str(p.blob.flow),
+                    "from": p.source,
+                    "to": self.name,
+                    "role": "target",
+                    "state": "prepared",
+                    "age_s": round(now - p.since, 3),
+                    "error": None,
+                }
+            )
         for mid, (p, _task) in self.claiming.items():
-            out.append({"id": mid.hex(), "flow": str(p.blob.flow), "from": p.source,
-                        "to": self.name, "role": "target", "state": "claiming",
-                        "age_s": round(now - p.since, 3), "error": None})  # fmt: skip
+            out.append(
+                {
+                    "id": mid.hex(),
+                    "flow": str(p.blob.flow),
+                    "from": p.source,
+                    "to": self.name,
+                    "role": "target",
+                    "state": "claiming",
+                    "age_s": round(now - p.since, 3),
+                    "error": None,
+                }
+            )
         return out
 
     def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -715,11 +778,18 @@ class Agent:
                 else:
                     self._abort_entry(raw, entry, "resolved by the operator: the source keeps it")
                     outcome = "rolled-back"
-                log.warning("import %s of %s resolved by the operator: %s", raw.hex()[:12],
-                            entry.blob.flow, outcome)  # fmt: skip
+                log.warning(
+                    "import %s of %s resolved by the operator: %s",
+                    raw.hex()[:12],
+                    entry.blob.flow,
+                    outcome,
+                )
                 return {"ok": True, "resolved": raw.hex(), "outcome": outcome}
-        return {"ok": False, "error": f"no in-doubt migration {mid[:40]!r} on {self.name}",
-                "code": "absent"}  # fmt: skip
+        return {
+            "ok": False,
+            "error": f"no in-doubt migration {mid[:40]!r} on {self.name}",
+            "code": "absent",
+        }
 
     async def _migrate(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - checks
         try:
@@ -730,8 +800,11 @@ class Agent:
         timeout = req.get("timeout_s", 5.0)
         if not isinstance(target, str):
             return {"ok": False, "error": "to must be a node name"}
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
-                or not 0 < timeout <= 600:  # fmt: skip
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= 600
+        ):
             return {"ok": False, "error": "timeout must be a number of seconds in (0, 600]"}
         if target == self.name:
             return {"ok": False, "error": f"flow {flow} is already on {target}"}
@@ -744,8 +817,9 @@ class Agent:
             return {"ok": False, "error": f"flow {flow} is already moving"}
         return {"ok": True, "migration": await self.migrate_flow(flow, target, float(timeout))}
 
-    async def migrate_flow(self, flow: Flow, target: str, timeout: float, *,
-                           checked: bool = False) -> dict[str, Any]:  # fmt: skip
+    async def migrate_flow(
+        self, flow: Flow, target: str, timeout: float, *, checked: bool = False
+    ) -> dict[str, Any]:
         """Move one flow (checked by the caller); returns the report, kept in the history."""
         return await self.run_migration(Migration(self, flow, target, timeout, checked=checked))
 
@@ -771,20 +845,26 @@ class Agent:
         """A migration whose outcome is unknown: its socket stays frozen, and a task asks
         until it knows (``pysteer migrations resolve`` can decide for it)."""
         key = migration.report.id
-        log.error("migration %s of %s is in-doubt (%s); asking again until it is known",
-                  key[:12], migration.flow, why)  # fmt: skip
+        log.error(
+            "migration %s of %s is in-doubt (%s); asking again until it is known",
+            key[:12],
+            migration.flow,
+            why,
+        )
 
         async def settle() -> None:
             report = await migration.settle()
             self.in_doubt.pop(key, None)
             self.history.append(report.to_json())
-            log.warning("in-doubt migration %s of %s resolved: %s", key[:12], migration.flow,
-                        report.outcome)  # fmt: skip
+            log.warning(
+                "in-doubt migration %s of %s resolved: %s", key[:12], migration.flow, report.outcome
+            )
 
         self.in_doubt[key] = (migration, self._spawn(settle()))
 
-    async def _drain(self, req: dict[str, Any], reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:  # fmt: skip
+    async def _drain(
+        self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         """A drain streams progress lines, then its summary; any line from the client (or
         its hanging up) stops it after the batch in flight."""
 
@@ -804,15 +884,24 @@ class Agent:
             )
         elif isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 4096:
             error = "batch must be 1..4096"
-        elif isinstance(timeout, bool) or not isinstance(timeout, int | float) \
-                or not 0 < timeout <= 600:  # fmt: skip
+        elif (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 < timeout <= 600
+        ):
             error = "timeout must be a number of seconds in (0, 600]"
         stop = asyncio.Event()
         if error:
             await send({"ok": False, "error": error})
             return
-        drain = Drain(self, str(target), batch, float(timeout), stop=stop,
-                      progress=lambda counts: send({"ok": True, "progress": counts}))  # fmt: skip
+        drain = Drain(
+            self,
+            str(target),
+            batch,
+            float(timeout),
+            stop=stop,
+            progress=lambda counts: send({"ok": True, "progress": counts}),
+        )
         try:
             await drain.start()
         except DrainError as exc:
@@ -831,10 +920,16 @@ class Agent:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher  # gone before the control loop reads again
-        log.info("drain %s -> %s%s: %d moved, %d rolled back, %d failed, %d still here",
-                 self.name, target, " (interrupted)" if summary["interrupted"] else "",
-                 summary["moved"], summary["rolled_back"], summary["failed"],
-                 len(summary["remaining"]))  # fmt: skip
+        log.info(
+            "drain %s -> %s%s: %d moved, %d rolled back, %d failed, %d still here",
+            self.name,
+            target,
+            " (interrupted)" if summary["interrupted"] else "",
+            summary["moved"],
+            summary["rolled_back"],
+            summary["failed"],
+            len(summary["remaining"]),
+        )
         await send({"ok": True, "drain": summary})
 
     async def _undrain(self) -> dict[str, Any]:
@@ -882,11 +977,22 @@ def _failing_elicit(_state: tcp.TcpState) -> None:
     raise OSError(5, "injected fault: the first ACK could not be sent")
 
 
-def run(config: ClusterConfig, node: str, *, metrics: tuple[str, int] | None = None,
-        log_json: bool = False, sync_interval: float = 30.0) -> int:  # fmt: skip
+def run(
+    config: ClusterConfig,
+    node: str,
+    *,
+    metrics: tuple[str, int] | None = None,
+    log_json: bool = False,
+    sync_interval: float = 30.0,
+) -> int:
     """``pysteer agent run``: serve until SIGTERM."""
     setup_logging(log_json)
-    agent = Agent(config, node, fault=os.environ.get("PYSTEER_FAULT"), metrics=metrics,
-                  sync_interval=sync_interval)  # fmt: skip
+    agent = Agent(
+        config,
+        node,
+        fault=os.environ.get("PYSTEER_FAULT"),
+        metrics=metrics,
+        sync_interval=sync_interval,
+    )
     asyncio.run(agent.serve())
     return 0

@@ -36,17 +36,27 @@ def add_parser(sub: Any) -> None:  # noqa: PLR0915 - one parser per command
     run = cmds.add_parser("run", help="run this node's agent (until SIGTERM)")
     _config(run)
     run.add_argument("--node", required=True, help="this node's name in the cluster file")
-    run.add_argument("--metrics", metavar="HOST:PORT",
-                     help="serve Prometheus metrics at http://HOST:PORT/metrics")  # fmt: skip
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    run.add_argument("--sync-interval", type=float, default=30.0, metavar="SECONDS",
-                     help="how often to list every flow served here to the steering node, "
-                          "which steers them here and drops stale entries (default: "
-                          "%(default)g; also on start and when the steering daemon "
-                          "restarts)")  # fmt: skip
+    run.add_argument(
+        "--sync-interval",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how often to list every flow served here to the steering node, "
+        "which steers them here and drops stale entries (default: "
+        "%(default)g; also on start and when the steering daemon "
+        "restarts)",
+    )
     run.set_defaults(func=cmd_run)
-    for name, help_ in (("cordon", "refuse imports (migrations to the node)"),
-                        ("uncordon", "accept imports again")):  # fmt: skip
+    for name, help_ in (
+        ("cordon", "refuse imports (migrations to the node)"),
+        ("uncordon", "accept imports again"),
+    ):
         p = cmds.add_parser(name, help=help_)
         _config(p)
         p.add_argument("node", metavar="NODE")
@@ -63,8 +73,12 @@ def add_parser(sub: Any) -> None:  # noqa: PLR0915 - one parser per command
     _config(mig)
     mig.add_argument("--flow", required=True, metavar="FLOW", help="the connection to move")
     mig.add_argument("--to", required=True, metavar="NODE", help="the node to move it to")
-    mig.add_argument("--timeout", type=float, default=5.0,
-                     help="seconds before an unfinished move rolls back (default: 5)")  # fmt: skip
+    mig.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="seconds before an unfinished move rolls back (default: 5)",
+    )
     mig.add_argument("--json", action="store_true", help="print the report with its timeline")
     mig.set_defaults(func=cmd_migrate)
 
@@ -121,8 +135,12 @@ def add_parser(sub: Any) -> None:  # noqa: PLR0915 - one parser per command
     )
     _config(resolve)
     resolve.add_argument("id", metavar="ID")
-    resolve.add_argument("--keep", required=True, choices=("source", "target"),
-                         help="which node keeps the connection")  # fmt: skip
+    resolve.add_argument(
+        "--keep",
+        required=True,
+        choices=("source", "target"),
+        help="which node keeps the connection",
+    )
     resolve.add_argument("--json", action="store_true", help="machine-readable output")
     resolve.set_defaults(func=cmd_resolve)
 
@@ -161,13 +179,14 @@ def _ask(cfg: ClusterConfig, node: str, cmd: str, **args: Any) -> dict[str, Any]
         return ask(path, cmd, **args)
     conf = cfg.node(node)
     if conf.netns is None and not conf.remote:
-        raise AgentDown(f"no agent at {path}; not asked over TCP, since the cluster file "
-                        f"gives {node} neither netns nor remote = true")  # fmt: skip
+        raise AgentDown(
+            f"no agent at {path}; not asked over TCP, since the cluster file "
+            f"gives {node} neither netns nor remote = true"
+        )
     context = _identity(cfg)
     if context is None:
         raise AgentDown(f"no agent at {path}, and no node key readable here to reach it")
-    return ask_remote(conf.control, context, node, cmd, netns=conf.netns, names=cfg.names(),
-                      **args)  # fmt: skip
+    return ask_remote(conf.control, context, node, cmd, netns=conf.netns, names=cfg.names(), **args)
 
 
 def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:
@@ -208,8 +227,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.sync_interval) and 1 <= args.sync_interval <= 3600):
         raise UsageError("--sync-interval must be in [1, 3600] seconds")
     try:
-        return run(cfg, node, metrics=metrics, log_json=args.log_json,
-                   sync_interval=args.sync_interval)  # fmt: skip
+        return run(
+            cfg, node, metrics=metrics, log_json=args.log_json, sync_interval=args.sync_interval
+        )
     except AgentError as exc:
         raise UsageError(str(exc)) from None
 
@@ -257,8 +277,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if target in down:
         raise UsageError(f"node {target} is down (no agent at {_path(cfg, target)})")
     try:
-        answer = _ask(cfg, source, "migrate", timeout=args.timeout + 30, flow=str(flow),
-                     to=target, timeout_s=args.timeout)  # fmt: skip
+        answer = _ask(
+            cfg,
+            source,
+            "migrate",
+            timeout=args.timeout + 30,
+            flow=str(flow),
+            to=target,
+            timeout_s=args.timeout,
+        )
     except AgentRefused as exc:
         raise UsageError(str(exc)) from None
     except AgentDown as exc:
@@ -285,12 +312,15 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if args.dry_run:
         for flow in mine:
             print(flow)
-        print(f"would move {len(mine)} flow(s) from {source} to {target}, and send new "
-              f"connections to {target}")  # fmt: skip
+        print(
+            f"would move {len(mine)} flow(s) from {source} to {target}, and send new "
+            f"connections to {target}"
+        )
         return 0
     try:
-        stream = Stream(_path(cfg, source), "drain", to=target, batch=args.batch,
-                        timeout_s=args.timeout)  # fmt: skip
+        stream = Stream(
+            _path(cfg, source), "drain", to=target, batch=args.batch, timeout_s=args.timeout
+        )
     except (AgentDown, AgentRefused) as exc:
         raise UsageError(str(exc)) from None
     answer = _follow(stream, source)
@@ -314,8 +344,11 @@ def _follow(stream: Stream, source: str) -> dict[str, Any]:
         if stopping:
             raise KeyboardInterrupt
         stopping = True
-        print("\nstopping after the batch in flight (Ctrl-C again to leave now)",
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            "\nstopping after the batch in flight (Ctrl-C again to leave now)",
+            file=sys.stderr,
+            flush=True,
+        )
         stream.stop()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -339,13 +372,19 @@ class _Progress:
 
     def show(self, p: dict[str, Any]) -> None:
         done = p["moved"] + p["rolled_back"] + p["failed"]
-        text = (f"{done}/{p['total']} done: {p['moved']} moved, {p['rolled_back']} rolled "
-                f"back, {p['failed']} failed")  # fmt: skip
+        text = (
+            f"{done}/{p['total']} done: {p['moved']} moved, {p['rolled_back']} rolled "
+            f"back, {p['failed']} failed"
+        )
         if self.tty:
             width = 30
             filled = width * done // max(p["total"], 1)
-            print(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}", end="", flush=True,
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"\r[{'#' * filled}{'.' * (width - filled)}] {text}",
+                end="",
+                flush=True,
+                file=sys.stderr,
+            )
             self.shown = True
         else:
             print(text, flush=True, file=sys.stderr)
@@ -358,11 +397,15 @@ class _Progress:
 def _print_drain(s: dict[str, Any]) -> None:
     f = s["freeze_ms"]
     head = "drain interrupted" if s["interrupted"] else "drain done"
-    print(f"{head}: {s['from']} -> {s['to']}: {s['moved']} moved, {s['rolled_back']} rolled "
-          f"back, {s['failed']} failed in {s['seconds']:.2f} s ({s['per_second']}/s)")  # fmt: skip
+    print(
+        f"{head}: {s['from']} -> {s['to']}: {s['moved']} moved, {s['rolled_back']} rolled "
+        f"back, {s['failed']} failed in {s['seconds']:.2f} s ({s['per_second']}/s)"
+    )
     if f["p50"] is not None:
-        print(f"freeze window: p50 {f['p50']} ms, p90 {f['p90']} ms, p99 {f['p99']} ms, "
-              f"max {f['max']} ms")  # fmt: skip
+        print(
+            f"freeze window: p50 {f['p50']} ms, p90 {f['p90']} ms, p99 {f['p99']} ms, "
+            f"max {f['max']} ms"
+        )
     for r in s["not_moved"]:
         print(f"  not moved: {r['flow']} ({r['outcome']}: {r['error']})")
     if s["remaining"]:
@@ -389,8 +432,10 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 def _describe(r: dict[str, Any]) -> str:
     head = f"{r['flow']}: {r['from']} -> {r['to']}: {r['outcome']}"
     if r["outcome"] == "moved":
-        return (f"{head}, freeze window {r['freeze_ms']:.3f} ms "
-                f"({r['replayed']} parked packet(s) replayed)")  # fmt: skip
+        return (
+            f"{head}, freeze window {r['freeze_ms']:.3f} ms "
+            f"({r['replayed']} parked packet(s) replayed)"
+        )
     return f"{head}: {r['error']}"
 
 
@@ -414,8 +459,17 @@ def cmd_flows(args: argparse.Namespace) -> int:
     rows = [("NODE", "FLOW", "KIND", "AGE", "IN", "OUT", "APP")]
     for f in sorted(flows, key=lambda f: (f["node"], f["flow"])):
         kind = f"TLS {f['tls']['version']} {f['tls']['suite']}" if f["tls"] else "TCP"
-        rows.append((f["node"], f["flow"], kind, _age(f["age"]), str(f["bytes_in"]),
-                     str(f["bytes_out"]), f["app"]))  # fmt: skip
+        rows.append(
+            (
+                f["node"],
+                f["flow"],
+                kind,
+                _age(f["age"]),
+                str(f["bytes_in"]),
+                str(f["bytes_out"]),
+                f["app"],
+            )
+        )
     _print_table(rows)
     for node in down:
         print(f"({node}: down)")
@@ -443,8 +497,18 @@ def cmd_migrations(args: argparse.Namespace) -> int:
         return 0
     table = [("NODE", "ID", "FLOW", "FROM", "TO", "ROLE", "STATE", "AGE")]
     for m in rows:
-        table.append((m["node"], m["id"][:12], m["flow"], m["from"], m["to"], m["role"],
-                      m["state"], _age(m["age_s"])))  # fmt: skip
+        table.append(
+            (
+                m["node"],
+                m["id"][:12],
+                m["flow"],
+                m["from"],
+                m["to"],
+                m["role"],
+                m["state"],
+                _age(m["age_s"]),
+            )
+        )
     if len(table) == 1:
         print("no migration in flight or in-doubt")
     else:
@@ -457,8 +521,9 @@ def cmd_migrations(args: argparse.Namespace) -> int:
 def cmd_resolve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if not re.fullmatch(r"[0-9a-f]{4,32}", args.id):
-        raise UsageError(f"{args.id!r} is not a migration id (hex, as `pysteer migrations` "
-                         "shows it)")  # fmt: skip
+        raise UsageError(
+            f"{args.id!r} is not a migration id (hex, as `pysteer migrations` shows it)"
+        )
     done, down = [], []
     for node in sorted(cfg.nodes):
         try:
@@ -494,8 +559,11 @@ def _expiry(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         return {"file": str(path), "error": getattr(exc, "strerror", None) or str(exc)}
     left = cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
-    return {"file": str(path), "expires": cert.not_valid_after_utc.isoformat(),
-            "days_left": round(left.total_seconds() / 86400, 1)}  # fmt: skip
+    return {
+        "file": str(path),
+        "expires": cert.not_valid_after_utc.isoformat(),
+        "days_left": round(left.total_seconds() / 86400, 1),
+    }
 
 
 def _shown_expiry(c: dict[str, Any]) -> str:
@@ -530,11 +598,15 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"  node {node}: DOWN ({st['error']})")
             continue
         state = "accepting" if st["accepting"] else "cordoned"
-        print(f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
-              f"{state}, control {st['control']}")  # fmt: skip
+        print(
+            f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
+            f"{state}, control {st['control']}"
+        )
         if st.get("in_doubt"):
-            print(f"    IN-DOUBT migration(s): {', '.join(m[:12] for m in st['in_doubt'])} "
-                  "(see `pysteer migrations`)")  # fmt: skip
+            print(
+                f"    IN-DOUBT migration(s): {', '.join(m[:12] for m in st['in_doubt'])} "
+                "(see `pysteer migrations`)"
+            )
     where = f"{cfg.steer.control[0]}:{cfg.steer.control[1]}"
     if steer["reachable"]:
         stats = steer.get("stats") or {}
@@ -543,9 +615,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{stats.get('flows', '?')}/{stats.get('capacity', '?')} flows in the table"
         )
         if stats.get("table_full") or stats.get("divert_failed"):
-            print(f"    FLOW TABLE FULL: {stats.get('table_full', 0)} change(s) refused, "
-                  f"{stats.get('divert_failed', 0)} new connection(s) not diverted; see "
-                  "`pysteer steer gc` and --max-flows")  # fmt: skip
+            print(
+                f"    FLOW TABLE FULL: {stats.get('table_full', 0)} change(s) refused, "
+                f"{stats.get('divert_failed', 0)} new connection(s) not diverted; see "
+                "`pysteer steer gc` and --max-flows"
+            )
     else:
         print(f"  steering {cfg.steer.name} at {where}: UNREACHABLE ({steer['error']})")
     for name, c in certs.items():

@@ -81,9 +81,17 @@ class Stream:
         self.sock.close()
 
 
-def ask_remote(address: tuple[str, int], context: ssl.SSLContext, node: str, cmd: str, *,
-               timeout: float = 10.0, netns: str | None = None,
-               names: Collection[str] = (), **args: Any) -> dict[str, Any]:  # fmt: skip
+def ask_remote(
+    address: tuple[str, int],
+    context: ssl.SSLContext,
+    node: str,
+    cmd: str,
+    *,
+    timeout: float = 10.0,
+    netns: str | None = None,
+    names: Collection[str] = (),
+    **args: Any,
+) -> dict[str, Any]:
     """The same request to a node's agent over its mutual-TLS peer listener (another
     machine). ``context`` carries a cluster certificate; the agent checks it is a node's.
 

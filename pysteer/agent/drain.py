@@ -34,9 +34,16 @@ class DrainError(RuntimeError):
 
 
 class Drain:
-    def __init__(self, agent: Agent, target: str, batch: int, timeout: float, *,
-                 stop: asyncio.Event, progress: Callable[[dict[str, Any]], Awaitable[None]],
-                 ) -> None:  # fmt: skip
+    def __init__(
+        self,
+        agent: Agent,
+        target: str,
+        batch: int,
+        timeout: float,
+        *,
+        stop: asyncio.Event,
+        progress: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> None:
         self.agent, self.target, self.batch, self.timeout = agent, target, batch, timeout
         self.stop, self.progress = stop, progress
         self.results: list[dict[str, Any]] = []
@@ -71,10 +78,12 @@ class Drain:
                 if self.stop.is_set():
                     break
                 batch = flows[i : i + self.batch]
-                reports = await asyncio.gather(*(
-                    self.agent.migrate_flow(f, self.target, self.timeout, checked=True)
-                    for f in batch
-                ))  # fmt: skip
+                reports = await asyncio.gather(
+                    *(
+                        self.agent.migrate_flow(f, self.target, self.timeout, checked=True)
+                        for f in batch
+                    )
+                )
                 self.results += reports
                 await self.progress(self._counts() | {"total": total})
         return self._summary(time.perf_counter() - started)

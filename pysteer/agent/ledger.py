@@ -42,8 +42,9 @@ class LedgerError(ValueError):
 
 
 class Ledger:
-    def __init__(self, path: Path | None = None, *, keep: float = 600.0,
-                 limit: int = 200_000) -> None:  # fmt: skip
+    def __init__(
+        self, path: Path | None = None, *, keep: float = 600.0, limit: int = 200_000
+    ) -> None:
         """``path``: the file (None: memory only). ``limit`` bounds the entries kept."""
         self.path, self.keep, self.limit = path, keep, limit
         self.epoch = time.time()  # when this ledger started: refuses blobs sealed before
@@ -78,8 +79,11 @@ class Ledger:
                 self._seen[mid] = (_AFTER_RESTART[outcome], when)
                 changed += 1
         if changed:
-            log.warning("ledger: %d import(s) were in flight when the agent stopped: "
-                        "their sockets died with it", changed)  # fmt: skip
+            log.warning(
+                "ledger: %d import(s) were in flight when the agent stopped: "
+                "their sockets died with it",
+                changed,
+            )
         if epoch is not None and math.isfinite(epoch):
             self.epoch = epoch  # a restart of the agent, not of the machine: same ledger
             if epoch > time.time() + 1:

@@ -35,8 +35,13 @@ class Refused(RuntimeError):
 class _Link:
     what = "link"
 
-    def __init__(self, name: str, address: tuple[str, int], context: ssl.SSLContext,
-                 names: Collection[str] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        address: tuple[str, int],
+        context: ssl.SSLContext,
+        names: Collection[str] = (),
+    ) -> None:
         """``names``: every identity of the cluster (the peer must be ``name``, and its
         certificate may name no other of them)."""
         self.name, self.address, self.context = name, address, context
@@ -93,8 +98,9 @@ class _Link:
             deadline = loop.time() + timeout
             await self._connect(timeout)
             try:
-                answer = await asyncio.wait_for(self._exchange(request),
-                                                max(deadline - loop.time(), 0.001))  # fmt: skip
+                answer = await asyncio.wait_for(
+                    self._exchange(request), max(deadline - loop.time(), 0.001)
+                )
             except TimeoutError:
                 self.close()
                 raise LinkError(f"{self.where}: no answer within {timeout:g} s") from None
@@ -103,8 +109,10 @@ class _Link:
                 raise LinkError(f"{self.where}: connection lost ({exc})") from None
         if not answer.get("ok"):
             code = answer.get("code")
-            raise Refused(f"{self.name}: {answer.get('error', 'refused')}",
-                          code if isinstance(code, str) else None)  # fmt: skip
+            raise Refused(
+                f"{self.name}: {answer.get('error', 'refused')}",
+                code if isinstance(code, str) else None,
+            )
         return answer
 
     async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:

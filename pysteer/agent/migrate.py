@@ -66,11 +66,17 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.id, "flow": self.flow, "from": self.source, "to": self.target,
-            "outcome": self.outcome, "error": self.error, "freeze_ms": self.freeze_ms,
-            "replayed": self.replayed, "blob_bytes": self.blob_bytes,
+            "id": self.id,
+            "flow": self.flow,
+            "from": self.source,
+            "to": self.target,
+            "outcome": self.outcome,
+            "error": self.error,
+            "freeze_ms": self.freeze_ms,
+            "replayed": self.replayed,
+            "blob_bytes": self.blob_bytes,
             "timeline": self.timeline.to_json(),
-        }  # fmt: skip
+        }
 
 
 class _Unreachable(Exception):
@@ -80,8 +86,9 @@ class _Unreachable(Exception):
 class Migration:
     """One move of ``flow`` to ``target``; ``run`` never raises once it has started."""
 
-    def __init__(self, agent: Agent, flow: Flow, target: str, timeout: float, *,
-                 checked: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, agent: Agent, flow: Flow, target: str, timeout: float, *, checked: bool = False
+    ) -> None:
         """``checked``: the target was just asked (a drain); skip the per-move hello."""
         self.agent, self.flow, self.target, self.timeout = agent, flow, target, timeout
         self.checked = checked
@@ -102,10 +109,16 @@ class Migration:
 
     def describe(self) -> dict[str, Any]:
         """For ``pysteer migrations``: where it stands (no secrets)."""
-        return {"id": self.report.id, "flow": self.report.flow, "from": self.report.source,
-                "to": self.target, "role": "source", "state": self.state,
-                "age_s": round(time.time() - self.started, 3),
-                "error": self.report.error}  # fmt: skip
+        return {
+            "id": self.report.id,
+            "flow": self.report.flow,
+            "from": self.report.source,
+            "to": self.target,
+            "role": "source",
+            "state": self.state,
+            "age_s": round(time.time() - self.started, 3),
+            "error": self.report.error,
+        }
 
     async def run(self) -> Report:
         self._deadline = asyncio.get_running_loop().time() + self.timeout
@@ -125,9 +138,16 @@ class Migration:
     def _log(self) -> None:
         r = self.report
         level = logging.INFO if r.outcome == "moved" else logging.WARNING
-        log.log(level, "migration %s %s -> %s: %s%s%s", r.id[:12], r.flow, r.target, r.outcome,
-                f", freeze {r.freeze_ms:.3f} ms" if r.freeze_ms is not None else "",
-                f" ({r.error})" if r.error else "")  # fmt: skip
+        log.log(
+            level,
+            "migration %s %s -> %s: %s%s%s",
+            r.id[:12],
+            r.flow,
+            r.target,
+            r.outcome,
+            f", freeze {r.freeze_ms:.3f} ms" if r.freeze_ms is not None else "",
+            f" ({r.error})" if r.error else "",
+        )
 
     async def _run(self) -> None:
         agent = self.agent
@@ -163,12 +183,21 @@ class Migration:
             raise _Stop("rolled-back", f"freeze failed here: {exc}") from None
         self.exported = exported
         self.state = "frozen"
-        self.tl.step("frozen", tcp_state=exported.tcp.state.name,
-                     tls=bool(exported.tls), pending=len(exported.pending))  # fmt: skip
+        self.tl.step(
+            "frozen",
+            tcp_state=exported.tcp.state.name,
+            tls=bool(exported.tls),
+            pending=len(exported.pending),
+        )
         try:
-            sealed = seal(MigrationBlob(self.mid, flow, exported.tcp, exported.tls, exported.app,
-                                        exported.pending), agent.cluster_key,
-                          source=agent.name, target=self.target)  # fmt: skip
+            sealed = seal(
+                MigrationBlob(
+                    self.mid, flow, exported.tcp, exported.tls, exported.app, exported.pending
+                ),
+                agent.cluster_key,
+                source=agent.name,
+                target=self.target,
+            )
         except BlobError as exc:
             await self._rollback(str(exc))
         self.report.blob_bytes = len(sealed)
@@ -185,9 +214,14 @@ class Migration:
     async def _park(self) -> None:
         self.tl.step("park")
         try:
-            answer = await self.steer.call(self._left(), cmd="park", flow=str(self.flow),
-                                           token=self.token, owner=self.agent.name,
-                                           lease=round(self.timeout + LEASE_MARGIN, 3))  # fmt: skip
+            answer = await self.steer.call(
+                self._left(),
+                cmd="park",
+                flow=str(self.flow),
+                token=self.token,
+                owner=self.agent.name,
+                lease=round(self.timeout + LEASE_MARGIN, 3),
+            )
         except Refused as exc:
             raise _Stop("failed", f"steering node refused: {exc}; nothing was frozen") from None
         except LinkError as exc:
@@ -212,8 +246,7 @@ class Migration:
         self.commit_sent = True
         self.tl.step("commit")
         try:
-            answer = await self.peer.call(max(self._left(), AFTER_COMMIT), op="commit",
-                                          id=self.mid)  # fmt: skip
+            answer = await self.peer.call(max(self._left(), AFTER_COMMIT), op="commit", id=self.mid)
         except Refused as exc:
             if exc.code == "pending":  # B waits on the steering node: ask who won
                 await self._resolve(f"{self.target} has not heard from the steering node")
@@ -231,8 +264,11 @@ class Migration:
     def _moved(self, replayed: int | None, how: str | None = None) -> None:
         """B serves the flow: close our frozen socket silently."""
         assert self.exported is not None  # noqa: S101
-        self.tl.step("committed" if how is None else "resolved", replayed=replayed,
-                     **({"how": how} if how else {}))  # fmt: skip
+        self.tl.step(
+            "committed" if how is None else "resolved",
+            replayed=replayed,
+            **({"how": how} if how else {}),
+        )
         tcp.release(self.exported.sock)
         self.tl.step("released")
         self.report.replayed = replayed
@@ -252,16 +288,20 @@ class Migration:
             except _Unreachable as exc:
                 if loop.time() + delay > end:
                     self.agent.hold_in_doubt(self, f"{why}; {exc}")
-                    raise _Stop("in-doubt", f"{why}; {exc}; the socket stays frozen here "
-                                "and the outcome is asked again until known") from None  # fmt: skip
+                    raise _Stop(
+                        "in-doubt",
+                        f"{why}; {exc}; the socket stays frozen here "
+                        "and the outcome is asked again until known",
+                    ) from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
     async def _decide(self, why: str) -> None:
         """One attempt at learning or making the decision; _Stop if done, else _Unreachable."""
         try:
-            answer = await self.steer.call(2.0, cmd="decision", flow=str(self.flow),
-                                           token=self.token)  # fmt: skip
+            answer = await self.steer.call(
+                2.0, cmd="decision", flow=str(self.flow), token=self.token
+            )
         except (LinkError, Refused) as exc:
             outcome = await self._ask_target()
             if outcome == "committed":
@@ -286,8 +326,9 @@ class Migration:
         assert self.exported is not None  # noqa: S101
         if self.commit_sent and not decided:  # before the commit, B cannot claim it
             try:
-                await self.steer.call(2.0, cmd="revert", flow=str(self.flow), token=self.token,
-                                      hold=True)  # fmt: skip
+                await self.steer.call(
+                    2.0, cmd="revert", flow=str(self.flow), token=self.token, hold=True
+                )
             except Refused as exc:
                 if exc.code == "committed":
                     self._moved(None, "the target claimed it first")
@@ -314,8 +355,9 @@ class Migration:
         end = loop.time() + AFTER_COMMIT
         while True:
             try:
-                await self.steer.call(2.0, cmd="revert", flow=str(self.flow), token=self.token,
-                                      host=self.agent.name)  # fmt: skip
+                await self.steer.call(
+                    2.0, cmd="revert", flow=str(self.flow), token=self.token, host=self.agent.name
+                )
                 self.tl.step("unparked")
                 return
             except Refused as exc:
@@ -324,8 +366,12 @@ class Migration:
                 return
             except LinkError as exc:
                 if loop.time() > end:
-                    log.error("rollback of %s: steering node unreachable (%s); the park's "
-                              "lease will give it back", self.flow, exc)  # fmt: skip
+                    log.error(
+                        "rollback of %s: steering node unreachable (%s); the park's "
+                        "lease will give it back",
+                        self.flow,
+                        exc,
+                    )
                     self.tl.step("unpark-failed", error=str(exc))
                     return
                 await asyncio.sleep(0.1)

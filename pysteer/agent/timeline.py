@@ -18,8 +18,9 @@ class Timeline:
     def step(self, name: str, **detail: Any) -> float:
         """Record ``name`` now; returns its offset in ms."""
         at = (time.perf_counter() - self._t0) * 1000
-        self.steps.append({"step": name, "ms": round(at, 3),
-                           "t": round(self._wall0 + at / 1000, 6), **detail})  # fmt: skip
+        self.steps.append(
+            {"step": name, "ms": round(at, 3), "t": round(self._wall0 + at / 1000, 6), **detail}
+        )
         return at
 
     def at(self, name: str) -> float | None:

@@ -141,8 +141,13 @@ class Ticker:
     def snapshot(self) -> Any:
         # Clocks differ between hosts: the next tick travels as time remaining.
         remaining = min(self.interval, max(0.0, self.next_tick - self.clock()))
-        return {"ticks": self.ticks, "echoes": self.echoes, "partial": self.partial,
-                "interval": self.interval, "next_in": remaining}  # fmt: skip
+        return {
+            "ticks": self.ticks,
+            "echoes": self.echoes,
+            "partial": self.partial,
+            "interval": self.interval,
+            "next_in": remaining,
+        }
 
     def restore(self, snapshot: Any) -> None:
         s = _fields(snapshot, "ticker", {"ticks", "echoes", "partial", "interval", "next_in"})
@@ -241,8 +246,12 @@ class Http:
         pass
 
     def snapshot(self) -> Any:
-        return {"buffer": self.buffer, "requests": self.requests, "closing": self.closing,
-                "queue": self.queue}  # fmt: skip
+        return {
+            "buffer": self.buffer,
+            "requests": self.requests,
+            "closing": self.closing,
+            "queue": self.queue,
+        }
 
     def restore(self, snapshot: Any) -> None:
         s = _fields(snapshot, "http", {"buffer", "requests", "closing", "queue"})
@@ -255,8 +264,9 @@ class Http:
         requests = _int(s["requests"], "http", "requests")
         queue = s["queue"]
         if not isinstance(queue, list | tuple) or len(queue) > MAX_QUEUE:
-            raise HandlerError(f"malformed http snapshot: queue must be a list of at most "
-                               f"{MAX_QUEUE} items")  # fmt: skip
+            raise HandlerError(
+                f"malformed http snapshot: queue must be a list of at most {MAX_QUEUE} items"
+            )
         self.buffer, self.requests, self.closing = b"" if closing else buffer, requests, closing
         self.queue = [_queued(item) for item in queue]
 
@@ -272,13 +282,21 @@ def _queued(item: Any) -> list[Any]:
     raise HandlerError("malformed http snapshot: a queue item is neither raw nor body")
 
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-            431: b"Request Header Fields Too Large", 503: b"Service Unavailable"}  # fmt: skip
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
 
 
 def _head(status: int, length: int, *, close: bool) -> bytes:
     head = b"HTTP/1.1 %d %s\r\nContent-Type: application/octet-stream\r\n" % (
-        status, _REASONS[status])  # fmt: skip
+        status,
+        _REASONS[status],
+    )
     head += b"Content-Length: %d\r\n" % length
     if close:
         head += b"Connection: close\r\n"
@@ -302,8 +320,11 @@ def load_handler(spec: str) -> type:
     cls = getattr(module, class_name, None)
     if cls is None:
         raise HandlerError(f"module {module_name!r} has no {class_name!r}")
-    missing = [m for m in ("on_connect", "on_data", "on_close", "snapshot", "restore")
-               if not callable(getattr(cls, m, None))]  # fmt: skip
+    missing = [
+        m
+        for m in ("on_connect", "on_data", "on_close", "snapshot", "restore")
+        if not callable(getattr(cls, m, None))
+    ]
     if missing:
         raise HandlerError(f"{spec} is not a handler: it lacks {', '.join(missing)}")
     return cls

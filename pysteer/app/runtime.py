@@ -102,8 +102,11 @@ class ExportError(RuntimeError):
 def versioned_snapshot(service: Service, handler: Handler) -> dict[str, Any]:
     """The handler's snapshot with what a target must agree on: the app and its version
     (``SNAPSHOT_VERSION`` on the handler class, 1 if absent)."""
-    return {"app": service.app, "v": getattr(type(handler), "SNAPSHOT_VERSION", 1),
-            "state": handler.snapshot()}  # fmt: skip
+    return {
+        "app": service.app,
+        "v": getattr(type(handler), "SNAPSHOT_VERSION", 1),
+        "state": handler.snapshot(),
+    }
 
 
 @dataclass(frozen=True)
@@ -276,8 +279,14 @@ class Runtime:
             log.warning("connection %s (%s): %s; closing it", conn.id, conn.flow, exc)
             self._say_goodbye(conn, failed=True)  # the layer queued its fatal alert already
         except Exception as exc:  # the app (or its TLS) failed: say so, end it cleanly
-            log.error("connection %s (%s): %s failed: %s: %.200s; closing it", conn.id,
-                      conn.flow, conn.service.app, type(exc).__name__, exc)  # fmt: skip
+            log.error(
+                "connection %s (%s): %s failed: %s: %.200s; closing it",
+                conn.id,
+                conn.flow,
+                conn.service.app,
+                type(exc).__name__,
+                exc,
+            )
             self._say_goodbye(conn, failed=True)
         self._finish(conn)
 
@@ -302,8 +311,13 @@ class Runtime:
         try:
             conn.handler.on_close()
         except Exception as exc:
-            log.error("connection %s (%s): %s on_close failed: %s", conn.id, conn.flow,
-                      conn.service.app, type(exc).__name__)  # fmt: skip
+            log.error(
+                "connection %s (%s): %s on_close failed: %s",
+                conn.id,
+                conn.flow,
+                conn.service.app,
+                type(exc).__name__,
+            )
         self._forget(conn)
         conn.sock.close()
         if self.on_close:
@@ -351,15 +365,21 @@ class Runtime:
             try:
                 tcp.resume(conn.sock)
             except tcp.RepairError:
-                log.error("connection %s (%s): cannot thaw after a failed export; closing "
-                          "it silently", conn_id, conn.flow)  # fmt: skip
+                log.error(
+                    "connection %s (%s): cannot thaw after a failed export; closing it silently",
+                    conn_id,
+                    conn.flow,
+                )
                 tcp.discard(conn.sock)
                 self._finish(conn)
-                raise ExportError(f"connection {conn_id}: export failed and the socket could "
-                                  "not be thawed: the connection is lost") from None  # fmt: skip
+                raise ExportError(
+                    f"connection {conn_id}: export failed and the socket could "
+                    "not be thawed: the connection is lost"
+                ) from None
             self._run(conn)
-            raise ExportError(f"connection {conn_id}: export failed ({type(exc).__name__}); it "
-                              "carries on here") from None  # fmt: skip
+            raise ExportError(
+                f"connection {conn_id}: export failed ({type(exc).__name__}); it carries on here"
+            ) from None
         self._forget(conn)
         return Exported(conn.sock, state, tls_state, app, bytes(conn.out), conn.service.port, meta)
 
@@ -380,16 +400,19 @@ class Runtime:
         if not isinstance(app, dict) or set(app) != {"app", "v", "state"}:
             raise AdoptError("the app snapshot carries no app name and version")
         if app["app"] != service.app:
-            raise AdoptError(f"port {service.port} runs {service.app!r} here, not "
-                             f"{str(app['app'])[:60]!r}")  # fmt: skip
+            raise AdoptError(
+                f"port {service.port} runs {service.app!r} here, not {str(app['app'])[:60]!r}"
+            )
         try:
             handler = load_handler(service.app)()
         except HandlerError as exc:
             raise AdoptError(str(exc)) from None
         version = getattr(type(handler), "SNAPSHOT_VERSION", 1)
         if app["v"] != version:
-            raise AdoptError(f"{service.app} snapshot version {str(app['v'])[:20]}: this node "
-                             f"reads version {version}")  # fmt: skip
+            raise AdoptError(
+                f"{service.app} snapshot version {str(app['v'])[:20]}: this node "
+                f"reads version {version}"
+            )
         try:
             handler.restore(app["state"])
         except HandlerError as exc:
@@ -397,8 +420,10 @@ class Runtime:
         except Exception as exc:
             raise AdoptError(f"{service.app} refused the snapshot ({type(exc).__name__})") from None
         if (exported.tls is not None) != (service.tls is not None):
-            raise AdoptError(f"port {service.port} is {'TLS' if service.tls else 'plain TCP'} "
-                             "here, and the connection is not")  # fmt: skip
+            raise AdoptError(
+                f"port {service.port} is {'TLS' if service.tls else 'plain TCP'} "
+                "here, and the connection is not"
+            )
         try:
             tls = TlsServerConnection.from_state(exported.tls) if exported.tls else None
         except TlsStateError as exc:
@@ -410,8 +435,9 @@ class Runtime:
             try:
                 conn.ending = not self._feed(conn, b"")
             except Exception as exc:
-                raise AdoptError(f"records that came with the connection: "
-                                 f"{type(exc).__name__}") from None  # fmt: skip
+                raise AdoptError(
+                    f"records that came with the connection: {type(exc).__name__}"
+                ) from None
         return conn
 
     def serve_built(self, conn: Connection) -> Connection:

@@ -53,13 +53,19 @@ def add_parser(sub: Any) -> None:
         "one must be root's and not writable by others.",
     )
     _prefix(cluster)
-    cluster.add_argument("--dir", type=Path,
-                         help="where to write the files (default for a lab: "
-                              "/run/pysteer/PREFIX/cluster, removed by lab down; needed "
-                              "with --variant)")  # fmt: skip
+    cluster.add_argument(
+        "--dir",
+        type=Path,
+        help="where to write the files (default for a lab: "
+        "/run/pysteer/PREFIX/cluster, removed by lab down; needed "
+        "with --variant)",
+    )
     cluster.add_argument("--force", action="store_true", help="replace an existing cluster")
-    cluster.add_argument("--variant", help="for machines laid out by this plan variant (vm) "
-                         "instead of a lab; the cluster is named after it")  # fmt: skip
+    cluster.add_argument(
+        "--variant",
+        help="for machines laid out by this plan variant (vm) "
+        "instead of a lab; the cluster is named after it",
+    )
     cluster.set_defaults(func=cmd_cluster)
 
     plan = cmds.add_parser("plan", help="print a plan variant's derived addresses (JSON)")
@@ -170,10 +176,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         if args.dir is None:
             raise UsageError("--variant needs --dir (where the cluster's CA key will stay)")
         # One machine per node: the CLI reaches the others' agents over mutual TLS.
-        path = write_plan_cluster(plan, args.variant, args.dir.absolute(), force=args.force,
-                                  remote=True)  # fmt: skip
-        print(f"cluster file: {path}; the CA key stays here: give each machine only its "
-              f"own files with pysteer certs bundle --dir {args.dir} --node NODE")  # fmt: skip
+        path = write_plan_cluster(
+            plan, args.variant, args.dir.absolute(), force=args.force, remote=True
+        )
+        print(
+            f"cluster file: {path}; the CA key stays here: give each machine only its "
+            f"own files with pysteer certs bundle --dir {args.dir} --node NODE"
+        )
         return 0
     lab = _lab_for(args.prefix)
     if lab.status()["state"] != "up":

@@ -53,8 +53,17 @@ class RstCapture:
     def __enter__(self) -> RstCapture:
         # --immediate-mode: without it a packet can wait a whole buffer timeout (1 s) in
         # the kernel's ring and be lost when we stop tcpdump.
-        argv = ["tcpdump", "-i", self.ifname, "-nn", "--immediate-mode", "-U",
-                "-w", str(self.path), self.FILTER]  # fmt: skip
+        argv = [
+            "tcpdump",
+            "-i",
+            self.ifname,
+            "-nn",
+            "--immediate-mode",
+            "-U",
+            "-w",
+            str(self.path),
+            self.FILTER,
+        ]
         self.proc = self.lab.popen(self.node, argv, stderr=subprocess.PIPE, text=True)
         line = self.proc.stderr.readline()  # "listening on ..." once the filter is in place
         if "listening on" not in line:
@@ -79,8 +88,9 @@ class Session:
     """An interactive client: lines go to its stdin, everything it prints is kept."""
 
     def __init__(self, lab: Lab, argv: list[str], interval: float = 0.02) -> None:
-        self.proc = lab.popen("client", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)  # fmt: skip
+        self.proc = lab.popen(
+            "client", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         self.out = bytearray()
         self.arrivals: list[float] = []  # monotonic time of each chunk read
         self.sent: list[bytes] = []

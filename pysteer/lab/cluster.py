@@ -124,17 +124,45 @@ def steer_argv(lab: Lab, config: Path, mode: str = "tc") -> list[str]:
         mac = lab.mac(host, plan.link(host).peer_end.name)
         hosts += ["--host", f"{host}={plan.link(host).steer_end.name},{mac}"]
     d = config.parent
-    return [sys.executable, "-m", "pysteer", "steer", "run", "--name", lab.prefix,
-            "--netns", lab.netns(plan.steer), "--ifname", plan.link(plan.client).steer_end.name,
-            "--mode", mode, *hosts, "--listen", _endpoint(steer_addr, STEER_PORT),
-            "--tls-cert", str(d / f"{plan.steer}.pem"), "--tls-key", str(d / f"{plan.steer}.key"),
-            "--tls-ca", str(d / "ca.pem")]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "pysteer",
+        "steer",
+        "run",
+        "--name",
+        lab.prefix,
+        "--netns",
+        lab.netns(plan.steer),
+        "--ifname",
+        plan.link(plan.client).steer_end.name,
+        "--mode",
+        mode,
+        *hosts,
+        "--listen",
+        _endpoint(steer_addr, STEER_PORT),
+        "--tls-cert",
+        str(d / f"{plan.steer}.pem"),
+        "--tls-key",
+        str(d / f"{plan.steer}.key"),
+        "--tls-ca",
+        str(d / "ca.pem"),
+    ]
 
 
 def agent_argv(config: Path, node: str) -> list[str]:
     """A host's agent; run it inside the host's namespace (``lab.popen(node, ...)``)."""
-    return [sys.executable, "-m", "pysteer", "agent", "run", "--config", str(config),
-            "--node", node]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "pysteer",
+        "agent",
+        "run",
+        "--config",
+        str(config),
+        "--node",
+        node,
+    ]
 
 
 class LabCluster:
@@ -196,8 +224,13 @@ class LabCluster:
         self.logs[name] = log
         start = log.stat().st_size if log.exists() else 0
         out = log.open("a")
-        proc = popen(stdout=out, stderr=subprocess.STDOUT, text=True, env=env,
-                     preexec_fn=self._tied_to_this_process())  # fmt: skip
+        proc = popen(
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            preexec_fn=self._tied_to_this_process(),
+        )
         out.close()
         deadline = time.monotonic() + 60
         while "control at" not in log.read_text()[start:]:
@@ -220,12 +253,22 @@ class LabCluster:
 
     def start_steer(self, *args: str) -> None:
         """``args``: more options for this start only (on top of ``steer_args``)."""
-        argv = [*steer_argv(self.lab, self.config), *self._extra(self.lab.plan.steer),
-                *self.steer_args, *args]  # fmt: skip
+        argv = [
+            *steer_argv(self.lab, self.config),
+            *self._extra(self.lab.plan.steer),
+            *self.steer_args,
+            *args,
+        ]
         self._start("steer", lambda **kw: subprocess.Popen(argv, **kw))
 
-    def start_agent(self, node: str, fault: str | None = None, *, config: Path | None = None,
-                    env: dict[str, str] | None = None) -> None:  # fmt: skip
+    def start_agent(
+        self,
+        node: str,
+        fault: str | None = None,
+        *,
+        config: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         """``fault``: PYSTEER_FAULT (a test hook); ``config``: another cluster file for this
         node only; ``env``: more environment variables."""
         extra_env = dict(env or {}) | ({"PYSTEER_FAULT": fault} if fault else {})

@@ -38,8 +38,11 @@ def say(text: str) -> None:
 
 def counters(lab: Lab) -> dict[str, int]:
     tcp, ext = lab.call("client", netstat, "Tcp"), lab.call("client", netstat, "TcpExt")
-    return {"retrans": tcp["RetransSegs"], "timeouts": ext["TCPTimeouts"],
-            "resets": tcp["EstabResets"]}  # fmt: skip
+    return {
+        "retrans": tcp["RetransSegs"],
+        "timeouts": ext["TCPTimeouts"],
+        "resets": tcp["EstabResets"],
+    }
 
 
 class Demo:
@@ -50,9 +53,13 @@ class Demo:
         self.lines: list[str] = []
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*PYSTEER, *args, "--config", str(self.cluster.config)],
-                              capture_output=True, text=True, timeout=120,
-                              check=False)  # fmt: skip
+        return subprocess.run(
+            [*PYSTEER, *args, "--config", str(self.cluster.config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     def flows(self) -> list[dict[str, Any]]:
         return json.loads(self.cli("flows", "--json").stdout)["flows"]
@@ -65,8 +72,10 @@ class Demo:
         self.lab.up()
         self.cluster = LabCluster(self.lab, self.dir)
         try:
-            say("starting the steering daemon and the agents (TLS ticker on :443, "
-                "HTTP on :8443, plain ticker on :7000)")  # fmt: skip
+            say(
+                "starting the steering daemon and the agents (TLS ticker on :443, "
+                "HTTP on :8443, plain ticker on :7000)"
+            )
             self.cluster.start()
             self._scenario()
         finally:
@@ -82,24 +91,54 @@ class Demo:
         before = counters(lab)
         client_if = lab.plan.link(lab.plan.client).peer_end.name
         with RstCapture(lab, "client", client_if) as capture:
-            s_client = Session(lab, ["openssl", "s_client", "-connect", f"{vip}:443",
-                                     "-servername", "vip", "-verify_hostname", "vip",
-                                     "-CAfile", ca, "-verify_return_error", "-quiet"],
-                               interval=0.01)  # fmt: skip
+            s_client = Session(
+                lab,
+                [
+                    "openssl",
+                    "s_client",
+                    "-connect",
+                    f"{vip}:443",
+                    "-servername",
+                    "vip",
+                    "-verify_hostname",
+                    "vip",
+                    "-CAfile",
+                    ca,
+                    "-verify_return_error",
+                    "-quiet",
+                ],
+                interval=0.01,
+            )
             s_client.wait_for("ticker ready")
-            plain = LineClient(lab.call("client", socket.create_connection, (vip, 7000)),
-                               interval=0.01)  # fmt: skip
+            plain = LineClient(
+                lab.call("client", socket.create_connection, (vip, 7000)), interval=0.01
+            )
             plain.start()
             body = self.dir / "download"
-            curl_argv = ["curl", "--silent", "--show-error", "--fail", "--http1.1",
-                         "--limit-rate", "3M", "--cacert", ca, "--resolve", f"vip:8443:{vip}",
-                         "-o", str(body), f"https://vip:8443/bytes/{DOWNLOAD}"]  # fmt: skip
+            curl_argv = [
+                "curl",
+                "--silent",
+                "--show-error",
+                "--fail",
+                "--http1.1",
+                "--limit-rate",
+                "3M",
+                "--cacert",
+                ca,
+                "--resolve",
+                f"vip:8443:{vip}",
+                "-o",
+                str(body),
+                f"https://vip:8443/bytes/{DOWNLOAD}",
+            ]
             curl = lab.popen("client", curl_argv, stderr=subprocess.PIPE, text=True)
             s_client.start_writing()
             time.sleep(1.0)
             quiet = (time.monotonic() - 0.8, time.monotonic())
-            baseline = {"s_client": s_client.largest_gap(*quiet),
-                        "plain": plain.largest_gap(*quiet)}  # fmt: skip
+            baseline = {
+                "s_client": s_client.largest_gap(*quiet),
+                "plain": plain.largest_gap(*quiet),
+            }
             flows = {f["flow"]: f for f in self.flows()}
             s_flow = next(f for f in flows if f.endswith(":443"))
             say(f"{len(flows)} client connections on host a: s_client, plain TCP, curl")
@@ -107,8 +146,10 @@ class Demo:
             self._move_and_drain(s_flow)
             time.sleep(0.5)
             end = time.monotonic()
-            self.gaps = {"s_client": s_client.largest_gap(start, end),
-                         "plain": plain.largest_gap(start, end)}  # fmt: skip
+            self.gaps = {
+                "s_client": s_client.largest_gap(start, end),
+                "plain": plain.largest_gap(start, end),
+            }
             self.baseline = baseline
             self.on_b = sorted(f["node"] for f in self.flows())
             s_client.stop_writing()
@@ -138,8 +179,10 @@ class Demo:
             report = json.loads(out.stdout) if out.stdout else {"outcome": out.stderr}
             self.migrations.append(report)
             freeze = report.get("freeze_ms")
-            say(f"pysteer migrate --flow {s_flow} --to {node}: {report['outcome']}"
-                + (f", freeze {freeze:.2f} ms" if freeze else ""))  # fmt: skip
+            say(
+                f"pysteer migrate --flow {s_flow} --to {node}: {report['outcome']}"
+                + (f", freeze {freeze:.2f} ms" if freeze else "")
+            )
             if report["outcome"] != "moved":
                 self.problems.append(f"migration to {node}: {report}")
             time.sleep(0.3)
@@ -152,14 +195,18 @@ class Demo:
     def _check_clients(self, body: Path, code: int, err: str) -> None:
         from pysteer.lab.clients import check_ticker_stream  # noqa: PLC0415
 
-        for name, text, sent in (("s_client", self.s_text, self.s_sent),
-                                 ("plain", self.plain_text, self.plain_sent)):  # fmt: skip
+        for name, text, sent in (
+            ("s_client", self.s_text, self.s_sent),
+            ("plain", self.plain_text, self.plain_sent),
+        ):
             try:
                 ticks = check_ticker_stream(text, sent)
-                self.lines.append(f"  {name:<9} {ticks} ticks in sequence, {len(sent)} lines "
-                                  f"echoed in order, {len(text.encode())} bytes exact; largest "
-                                  f"gap {self.gaps[name] * 1000:.0f} ms (baseline "
-                                  f"{self.baseline[name] * 1000:.0f} ms)")  # fmt: skip
+                self.lines.append(
+                    f"  {name:<9} {ticks} ticks in sequence, {len(sent)} lines "
+                    f"echoed in order, {len(text.encode())} bytes exact; largest "
+                    f"gap {self.gaps[name] * 1000:.0f} ms (baseline "
+                    f"{self.baseline[name] * 1000:.0f} ms)"
+                )
             except StreamError as exc:
                 self.problems.append(f"{name}: {exc}")
         data = body.read_bytes() if body.exists() else b""
@@ -180,13 +227,17 @@ class Demo:
         print("\n==================== pysteer demo report ====================")
         for i, m in enumerate(getattr(self, "migrations", []), 1):
             freeze = f"freeze window {m['freeze_ms']:.2f} ms" if m.get("freeze_ms") else ""
-            print(f"migration {i}: {m.get('from', '?')} -> {m.get('to', '?')}: "
-                  f"{m['outcome']} {freeze}")  # fmt: skip
+            print(
+                f"migration {i}: {m.get('from', '?')} -> {m.get('to', '?')}: "
+                f"{m['outcome']} {freeze}"
+            )
         d = getattr(self, "drain", None)
         if d:
             f = d["freeze_ms"]
-            print(f"drain a -> b: {d['moved']} moved, {d['rolled_back']} rolled back, "
-                  f"{d['failed']} failed; freeze p50 {f['p50']} ms, p99 {f['p99']} ms")  # fmt: skip
+            print(
+                f"drain a -> b: {d['moved']} moved, {d['rolled_back']} rolled back, "
+                f"{d['failed']} failed; freeze p50 {f['p50']} ms, p99 {f['p99']} ms"
+            )
         print("clients (unmodified, in the client namespace):")
         for line in self.lines:
             print(line)

@@ -73,8 +73,13 @@ def setup_node(plan: LabPlan, node: str) -> list[str]:
                 if end.node != node:
                     continue
                 idx = _interface_with(ipr, str(end.v4.ip))
-                _ignore_exists(ipr.addr, "add", index=idx, address=str(end.v6.ip),
-                               prefixlen=end.v6.network.prefixlen)  # fmt: skip
+                _ignore_exists(
+                    ipr.addr,
+                    "add",
+                    index=idx,
+                    address=str(end.v6.ip),
+                    prefixlen=end.v6.network.prefixlen,
+                )
                 ipr.link("set", index=idx, state="up")
                 done.append(f"link {link.subnet}: {end.v4} {end.v6}")
         waited = _wait_dad(ipr)

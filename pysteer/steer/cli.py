@@ -36,23 +36,43 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--name", default="default", help="instance name (pin path, socket)")
     run.add_argument("--ifname", required=True, help="the client-facing interface")
     run.add_argument("--netns", help="network namespace of the interfaces")
-    mode = run.add_argument("--mode", default="auto",
-                            help="auto: tc on veth; elsewhere native XDP if the driver runs "
-                                 "it and a self-test shows redirected frames leave every "
-                                 "host's link, tc otherwise (the reason is logged)")  # fmt: skip
+    mode = run.add_argument(
+        "--mode",
+        default="auto",
+        help="auto: tc on veth; elsewhere native XDP if the driver runs "
+        "it and a self-test shows redirected frames leave every "
+        "host's link, tc otherwise (the reason is logged)",
+    )
     mode.choices = LazyChoices(_modes)  # after add_argument, which would read them
-    run.add_argument("--host", action="append", default=[], metavar="NAME=IFNAME,MAC",
-                     help="a redirect target, or NAME=ADDRESS (its link address: the link "
-                          "and MAC are looked up); repeat for each host")  # fmt: skip
-    run.add_argument("--max-flows", type=int,
-                     help="flow table size (default 65536; a pinned table keeps its size, "
-                          "and a different value is refused)")  # fmt: skip
-    run.add_argument("--idle-timeout", type=float, default=300.0, metavar="SECONDS",
-                     help="remove an entry whose flow has been idle this long and that no "
-                          "agent claims (default: %(default)g)")  # fmt: skip
-    run.add_argument("--gc-interval", type=float, default=5.0, metavar="SECONDS",
-                     help="how often expired entries and leases are collected "
-                          "(default: %(default)g)")  # fmt: skip
+    run.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME=IFNAME,MAC",
+        help="a redirect target, or NAME=ADDRESS (its link address: the link "
+        "and MAC are looked up); repeat for each host",
+    )
+    run.add_argument(
+        "--max-flows",
+        type=int,
+        help="flow table size (default 65536; a pinned table keeps its size, "
+        "and a different value is refused)",
+    )
+    run.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="remove an entry whose flow has been idle this long and that no "
+        "agent claims (default: %(default)g)",
+    )
+    run.add_argument(
+        "--gc-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often expired entries and leases are collected (default: %(default)g)",
+    )
     run.add_argument("--max-parked", type=int, default=8192, help="parked packets per flow")
     run.add_argument(
         "--listen",
@@ -62,20 +82,28 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--tls-cert", type=Path, help="this node's certificate (PEM)")
     run.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     run.add_argument("--tls-ca", type=Path, help="the CA that signs the agents' certificates")
-    run.add_argument("--metrics", metavar="HOST:PORT",
-                     help="serve Prometheus metrics (in the namespace of --netns)")  # fmt: skip
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (in the namespace of --netns)",
+    )
     run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     run.set_defaults(func=cmd_run)
-    for name, help_ in (("flows", "list the flow table"), ("hosts", "list the hosts"),
-                        ("stats", "global counters"),
-                        ("diversions", "VIPs whose new connections go to one host")):  # fmt: skip
+    for name, help_ in (
+        ("flows", "list the flow table"),
+        ("hosts", "list the hosts"),
+        ("stats", "global counters"),
+        ("diversions", "VIPs whose new connections go to one host"),
+    ):
         p = cmds.add_parser(name, help=help_)
         _common(p)
         p.set_defaults(func=cmd_show, what=name)
-    for name, help_ in (("park", "hold FLOW's packets"), ("pass", "route FLOW normally"),
-                        ("to", "replay FLOW's parked packets to HOST, then redirect"),
-                        ("forget", "remove FLOW's entry (its packets are routed normally)"),
-                        ):  # fmt: skip
+    for name, help_ in (
+        ("park", "hold FLOW's packets"),
+        ("pass", "route FLOW normally"),
+        ("to", "replay FLOW's parked packets to HOST, then redirect"),
+        ("forget", "remove FLOW's entry (its packets are routed normally)"),
+    ):
         p = cmds.add_parser(name, help=help_)
         _common(p)
         p.add_argument("flow", metavar="FLOW")
@@ -168,10 +196,21 @@ def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per o
         except ValueError as exc:
             raise UsageError(f"--metrics: {exc}") from None
     try:
-        return run(args.name, args.ifname, hosts, namespace=args.netns, mode=args.mode,
-                   max_flows=args.max_flows, max_parked=args.max_parked, listen=listen,
-                   tls=tls, metrics=metrics, log_json=args.log_json,
-                   idle_timeout=args.idle_timeout, gc_interval=args.gc_interval)  # fmt: skip
+        return run(
+            args.name,
+            args.ifname,
+            hosts,
+            namespace=args.netns,
+            mode=args.mode,
+            max_flows=args.max_flows,
+            max_parked=args.max_parked,
+            listen=listen,
+            tls=tls,
+            metrics=metrics,
+            log_json=args.log_json,
+            idle_timeout=args.idle_timeout,
+            gc_interval=args.gc_interval,
+        )
     except DaemonError as exc:
         raise UsageError(str(exc)) from None
 
@@ -184,8 +223,10 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"{'FLOW':<48} {'ACTION':<6} {'HOST':<6} {'PKTS':>8} {'PARKED':>7}")
         for row in answer["flows"]:
             total = sum(row["packets"].values())
-            print(f"{row['flow']:<48} {row['action']:<6} {row['host'] or '-':<6} {total:>8} "
-                  f"{row['packets']['park']:>7}")  # fmt: skip
+            print(
+                f"{row['flow']:<48} {row['action']:<6} {row['host'] or '-':<6} {total:>8} "
+                f"{row['packets']['park']:>7}"
+            )
     elif args.what == "hosts":
         for row in answer["hosts"]:
             print(f"{row['name']:<10} {row['ifname']:<12} {row['mac']}")
@@ -197,12 +238,16 @@ def cmd_show(args: argparse.Namespace) -> int:
         for key, value in stats.items():
             print(f"{key:<18} {value}")
         if stats.get("table_full") or stats.get("divert_failed"):
-            print(f"WARNING: the flow table ({stats.get('capacity')} entries) was full: "
-                  f"{stats.get('table_full', 0)} change(s) refused, "
-                  f"{stats.get('divert_failed', 0)} new connection(s) not diverted")  # fmt: skip
+            print(
+                f"WARNING: the flow table ({stats.get('capacity')} entries) was full: "
+                f"{stats.get('table_full', 0)} change(s) refused, "
+                f"{stats.get('divert_failed', 0)} new connection(s) not diverted"
+            )
         if stats.get("redirect_failed"):
-            print(f"WARNING: {stats['redirect_failed']} redirected packet(s) were lost by a "
-                  "host link's driver (see the daemon's log, and docs/tuning.md)")  # fmt: skip
+            print(
+                f"WARNING: {stats['redirect_failed']} redirected packet(s) were lost by a "
+                "host link's driver (see the daemon's log, and docs/tuning.md)"
+            )
     return 0
 
 
@@ -235,8 +280,9 @@ def cmd_destroy(args: argparse.Namespace) -> int:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise UsageError(f"a steering daemon runs instance {args.name!r}: "
-                                 "stop it first") from None  # fmt: skip
+                raise UsageError(
+                    f"a steering daemon runs instance {args.name!r}: stop it first"
+                ) from None
     if args.ifname:
         from pysteer.netns import call_in  # noqa: PLC0415
         from pysteer.steer.loader import detach, detach_pass_hosts  # noqa: PLC0415

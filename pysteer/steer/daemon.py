@@ -95,8 +95,7 @@ class _Burst:
     def log(self, message: str, *args: object) -> None:
         count = self._limit.admit()
         if count > 1:
-            log.warning("%d more control connection(s) were refused without a log line",
-                        count - 1)  # fmt: skip
+            log.warning("%d more control connection(s) were refused without a log line", count - 1)
         if count:
             log.warning(message, *args)
 
@@ -116,17 +115,22 @@ class _Slots:
     def take(self, key: str = "") -> bool:
         with self._lock:
             mine = self._by_key.get(key, 0)
-            if (self.limit is None or self.open < self.limit) and \
-                    (self.per_key is None or mine < self.per_key):  # fmt: skip
+            if (self.limit is None or self.open < self.limit) and (
+                self.per_key is None or mine < self.per_key
+            ):
                 self.open += 1
                 self._by_key[key] = mine + 1
                 return True
             self.refused += 1
         count = self._log.admit()
         if count:
-            log.warning("refused %d control connection(s) on %s: at most %s at once%s",
-                        count, self.where, self.limit or "unbounded",
-                        f", {self.per_key} per peer" if self.per_key else "")  # fmt: skip
+            log.warning(
+                "refused %d control connection(s) on %s: at most %s at once%s",
+                count,
+                self.where,
+                self.limit or "unbounded",
+                f", {self.per_key} per peer" if self.per_key else "",
+            )
         return False
 
     def give(self, key: str = "") -> None:
@@ -139,8 +143,10 @@ class _Slots:
                 self._by_key.pop(key, None)
 
     def busy(self) -> str:
-        return (f"steering daemon busy: {self.limit} control connections are open on "
-                f"{self.where}, the most it serves at once; try again shortly")  # fmt: skip
+        return (
+            f"steering daemon busy: {self.limit} control connections are open on "
+            f"{self.where}, the most it serves at once; try again shortly"
+        )
 
 
 class _Deadline:
@@ -223,8 +229,9 @@ class Daemon:
         self._syncs: dict[str, tuple[int, set[Flow]]] = {}  # host -> (next part, flows so far)
         self._sync_lock = threading.Lock()
         self._local = _Slots(f"the control socket {path}", MAX_LOCAL_CLIENTS)
-        self._handshakes = _Slots("the TLS listener (handshakes)", MAX_HANDSHAKES,
-                                  MAX_HANDSHAKES_PER_SOURCE)  # fmt: skip
+        self._handshakes = _Slots(
+            "the TLS listener (handshakes)", MAX_HANDSHAKES, MAX_HANDSHAKES_PER_SOURCE
+        )
         self._sessions = _Slots("the TLS listener (agents)", None, MAX_SESSIONS_PER_HOST)
         self._refusals = _Burst()
 
@@ -246,8 +253,12 @@ class Daemon:
             if cmd == "diversions":
                 return {"ok": True, "diversions": self.steerer.diversions()}
             if cmd == "hello":
-                return {"ok": True, "boot": self.steerer.boot, "name": self.steerer.name,
-                        "usage": self.steerer.table_usage()}  # fmt: skip
+                return {
+                    "ok": True,
+                    "boot": self.steerer.boot,
+                    "name": self.steerer.name,
+                    "usage": self.steerer.table_usage(),
+                }
             if cmd in ("sync", "closed"):
                 return {"ok": True, "boot": self.steerer.boot} | self._report(cmd, req)
             if cmd == "gc":
@@ -266,8 +277,10 @@ class Daemon:
             hosts = st.items_by_host()
             return [_flow_row(f, v, hosts, st.park_counters(f)) for f, v in st.items()]
         if what == "hosts":
-            return [{"name": h.name, "ifname": h.ifname, "mac": h.mac.hex(":"), "id": h.id}
-                    for h in st.hosts.values()]  # fmt: skip
+            return [
+                {"name": h.name, "ifname": h.ifname, "mac": h.mac.hex(":"), "id": h.id}
+                for h in st.hosts.values()
+            ]
         refused = self._local.refused + self._handshakes.refused + self._sessions.refused
         return st.stats() | st.table_usage() | {"control_refused": refused}
 
@@ -291,8 +304,12 @@ class Daemon:
             if lease is not None and not (isinstance(lease, int | float) and 0 < lease <= 3600):
                 raise RequestError("lease must be a number of seconds in (0, 3600]")
             owner = req.get("owner")
-            action, host = st.park(flow, token=_token(req, optional=True), lease=lease,
-                                   owner=str(owner)[:64] if owner else None)  # fmt: skip
+            action, host = st.park(
+                flow,
+                token=_token(req, optional=True),
+                lease=lease,
+                owner=str(owner)[:64] if owner else None,
+            )
             return {"was": action.name if action is not None else None, "host": host}
         if cmd == "to":
             return {"replayed": st.to(flow, _text(req, "host"))}
@@ -342,8 +359,9 @@ class Daemon:
             self._syncs.pop(host, None)
         return self.steerer.sync(host, served, float(interval))
 
-    def _client(self, conn: socket.socket, idle: float | None = None,
-                who: str | None = None) -> None:  # fmt: skip
+    def _client(
+        self, conn: socket.socket, idle: float | None = None, who: str | None = None
+    ) -> None:
         """Answer requests, one per line, until the client hangs up (agents keep it open).
         ``who``: the host a TLS client proved to be (see ``handle``).
 
@@ -421,8 +439,11 @@ class Daemon:
     ) -> None:
         """Also serve remote agents on TCP (in ``namespace``), mutually authenticated."""
         try:
-            server = call_in(namespace, socket.create_server, address) if namespace else \
-                socket.create_server(address)  # fmt: skip
+            server = (
+                call_in(namespace, socket.create_server, address)
+                if namespace
+                else socket.create_server(address)
+            )
         except OSError as exc:
             raise DaemonError(
                 f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}"
@@ -441,8 +462,11 @@ class Daemon:
                     raw.close()  # no TLS yet to say why in: the agent sees the link refused
                     continue
                 _keepalive(raw)
-                self._spawn(self._tls_client, (raw, context, source),
-                            functools.partial(self._handshakes.give, source))  # fmt: skip
+                self._spawn(
+                    self._tls_client,
+                    (raw, context, source),
+                    functools.partial(self._handshakes.give, source),
+                )
             server.close()
 
         threading.Thread(target=accept_loop, daemon=True).start()
@@ -544,9 +568,20 @@ def run(
     lock.write(f"{os.getpid()}\n")
     lock.flush()
     try:
-        return _serve(name, ifname, hosts, namespace=namespace, mode=mode, max_flows=max_flows,
-                      max_parked=max_parked, listen=listen, tls=tls, metrics=metrics,
-                      idle_timeout=idle_timeout, gc_interval=gc_interval)  # fmt: skip
+        return _serve(
+            name,
+            ifname,
+            hosts,
+            namespace=namespace,
+            mode=mode,
+            max_flows=max_flows,
+            max_parked=max_parked,
+            listen=listen,
+            tls=tls,
+            metrics=metrics,
+            idle_timeout=idle_timeout,
+            gc_interval=gc_interval,
+        )
     finally:
         lock.close()
 
@@ -572,20 +607,34 @@ def _keepalive(sock: socket.socket) -> None:
 # What an agent may ask over the TLS listener, and the fields that must name the agent
 # itself: a host acts only for itself. The operator's commands (to, pass, forget, gc) need
 # the root-only unix socket on the steering node.
-AGENT_COMMANDS = {"hello": (), "stats": (), "hosts": (), "diversions": (), "decision": (),
-                  "park": ("owner",), "revert": ("host",), "claim": ("host",),
-                  "sync": ("host",), "closed": ("host",), "divert": ()}  # fmt: skip
+AGENT_COMMANDS = {
+    "hello": (),
+    "stats": (),
+    "hosts": (),
+    "diversions": (),
+    "decision": (),
+    "park": ("owner",),
+    "revert": ("host",),
+    "claim": ("host",),
+    "sync": ("host",),
+    "closed": ("host",),
+    "divert": (),
+}
 
 
 def _authorize(req: dict[str, Any], who: str) -> None:
     cmd = req.get("cmd")
     if cmd not in AGENT_COMMANDS:
-        raise RequestError(f"{str(cmd)[:40]!r} is not an agent's command: run it on the "
-                           "steering node (its control socket)")  # fmt: skip
+        raise RequestError(
+            f"{str(cmd)[:40]!r} is not an agent's command: run it on the "
+            "steering node (its control socket)"
+        )
     for name in AGENT_COMMANDS[cmd]:
         if name in req and req[name] is not None and req[name] != who:
-            raise RequestError(f"{cmd}: {name} must be the caller ({who}), the only host "
-                               "its certificate speaks for")  # fmt: skip
+            raise RequestError(
+                f"{cmd}: {name} must be the caller ({who}), the only host "
+                "its certificate speaks for"
+            )
 
 
 def lock_path(name: str) -> Path:
@@ -618,9 +667,16 @@ def _serve(
                 raise DaemonError(f"--host {host}: {exc}") from None
         specs.append(HostSpec(host, host_if, mac))
     try:
-        steerer = Steerer(name, ifname, namespace=namespace, mode=mode, max_flows=max_flows,
-                          max_per_flow=max_parked, hosts=specs,
-                          idle_timeout=idle_timeout)  # fmt: skip
+        steerer = Steerer(
+            name,
+            ifname,
+            namespace=namespace,
+            mode=mode,
+            max_flows=max_flows,
+            max_per_flow=max_parked,
+            hosts=specs,
+            idle_timeout=idle_timeout,
+        )
     except (SteerError, AttachError, PinError, BpfBuildError, OSError) as exc:
         raise DaemonError(f"{exc}; nothing running was changed") from None
     daemon = Daemon(steerer, socket_path(name))
@@ -643,9 +699,16 @@ def _serve(
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload: never die of it
     collector = threading.Thread(target=daemon.collect, args=(gc_interval,), daemon=True)
     collector.start()
-    log.info("steering %s (%s) as %r, %d/%d flows in the table, idle timeout %g s; "
-             "control at %s", ifname, steerer.mode, name, len(steerer.table),
-             steerer.max_flows, idle_timeout, daemon.path)  # fmt: skip
+    log.info(
+        "steering %s (%s) as %r, %d/%d flows in the table, idle timeout %g s; control at %s",
+        ifname,
+        steerer.mode,
+        name,
+        len(steerer.table),
+        steerer.max_flows,
+        idle_timeout,
+        daemon.path,
+    )
     try:
         daemon.serve()
     finally:

@@ -47,9 +47,17 @@ def _view(action: FlowAction, c: Any | None) -> FlowView:
     if c is not None:
         counts = (c.park_seq, tuple(c.packets), tuple(c.bytes))
         last, fins = c.last_ns, (bool(c.flags[0] & F_FIN), bool(c.flags[1] & F_FIN))
-    return FlowView(Action(action.action), action.host, *counts, token=action.token,
-                    prev_action=Action(action.prev_action), prev_host=action.prev_host,
-                    lease_ns=action.lease_ns, last_ns=last, fins=fins)  # fmt: skip
+    return FlowView(
+        Action(action.action),
+        action.host,
+        *counts,
+        token=action.token,
+        prev_action=Action(action.prev_action),
+        prev_host=action.prev_host,
+        lease_ns=action.lease_ns,
+        last_ns=last,
+        fins=fins,
+    )
 
 
 class FlowTable:
@@ -75,10 +83,24 @@ class FlowTable:
     def __contains__(self, flow: Flow) -> bool:
         return self.get(flow) is not None
 
-    def set(self, flow: Flow, action: Action, host: int = 0, *, token: int = 0,
-            prev: tuple[Action, int] = (Action.NONE, 0), lease_ns: int = 0) -> None:  # fmt: skip
-        value = FlowAction(action=action, host=host, prev_action=prev[0], prev_host=prev[1],
-                           token=token, lease_ns=lease_ns)  # fmt: skip
+    def set(
+        self,
+        flow: Flow,
+        action: Action,
+        host: int = 0,
+        *,
+        token: int = 0,
+        prev: tuple[Action, int] = (Action.NONE, 0),
+        lease_ns: int = 0,
+    ) -> None:
+        value = FlowAction(
+            action=action,
+            host=host,
+            prev_action=prev[0],
+            prev_host=prev[1],
+            token=token,
+            lease_ns=lease_ns,
+        )
         try:
             self._actions[flow_key(flow)] = value
         except Exception as exc:  # BCC raises a bare Exception (E2BIG when full)
@@ -115,8 +137,11 @@ class FlowTable:
     def orphan_stats(self) -> list[Flow]:
         """Flows with counters but no entry (left by a race): safe to delete."""
         actions = {k for k, _ in self._items(self._actions)}
-        return [key_flow(FlowKey.from_buffer_copy(k)) for k, _ in self._items(self._stats)
-                if k not in actions]  # fmt: skip
+        return [
+            key_flow(FlowKey.from_buffer_copy(k))
+            for k, _ in self._items(self._stats)
+            if k not in actions
+        ]
 
     def __len__(self) -> int:
         return len(self._items(self._actions))

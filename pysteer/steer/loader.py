@@ -64,9 +64,12 @@ def resolve_mode(ifname: str, mode: str) -> str:
         info = link.get_attr("IFLA_LINKINFO")
         kind = info.get_attr("IFLA_INFO_KIND") if info else None
     if kind == "veth":
-        log.info("auto mode: %s is a veth: tc, which is faster there than native XDP (and "
-                 "native XDP redirect between veths needs an XDP program or GRO on the "
-                 "target's peer, and TX checksum offload off on the sender)", ifname)  # fmt: skip
+        log.info(
+            "auto mode: %s is a veth: tc, which is faster there than native XDP (and "
+            "native XDP redirect between veths needs an XDP program or GRO on the "
+            "target's peer, and TX checksum offload off on the sender)",
+            ifname,
+        )
         return "tc"
     return "xdp-native"
 
@@ -92,8 +95,11 @@ def native_xdp_supported(ifname: str) -> bool:
 def detach_xdp(ifname: str, mode: str) -> None:
     flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
     with IPRoute() as ipr, contextlib.suppress(NetlinkError):
-        ipr.link("set", index=_index(ipr, ifname),
-                 xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
+        ipr.link(
+            "set",
+            index=_index(ipr, ifname),
+            xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_FLAGS", flags)]},
+        )
 
 
 def attach(ifname: str, mode: str, fd: int, name: str) -> None:
@@ -105,12 +111,25 @@ def attach(ifname: str, mode: str, fd: int, name: str) -> None:
                 with contextlib.suppress(NetlinkError):  # already there
                     ipr.tc("add", "clsact", idx)
                 # replace, not delete + add: a restarted daemon leaves no gap
-                ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name,
-                       parent=TC_INGRESS, classid=1, direct_action=True, prio=1)  # fmt: skip
+                ipr.tc(
+                    "replace-filter",
+                    "bpf",
+                    idx,
+                    ":1",
+                    fd=fd,
+                    name=name,
+                    parent=TC_INGRESS,
+                    classid=1,
+                    direct_action=True,
+                    prio=1,
+                )
             else:
                 flags = XDP_FLAGS_SKB_MODE if mode == "xdp-generic" else XDP_FLAGS_DRV_MODE
-                ipr.link("set", index=idx, xdp={"attrs": [("IFLA_XDP_FD", fd),
-                                                          ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
+                ipr.link(
+                    "set",
+                    index=idx,
+                    xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]},
+                )
         except NetlinkError as exc:
             raise AttachError(f"attaching {name} ({mode}) to {ifname}: {exc}") from None
 
@@ -125,8 +144,18 @@ def attach_egress(ifname: str, fd: int, name: str) -> None:
         try:
             with contextlib.suppress(NetlinkError):  # already there
                 ipr.tc("add", "clsact", idx)
-            ipr.tc("replace-filter", "bpf", idx, ":1", fd=fd, name=name,
-                   parent=TC_EGRESS, classid=1, direct_action=True, prio=1)  # fmt: skip
+            ipr.tc(
+                "replace-filter",
+                "bpf",
+                idx,
+                ":1",
+                fd=fd,
+                name=name,
+                parent=TC_EGRESS,
+                classid=1,
+                direct_action=True,
+                prio=1,
+            )
         except NetlinkError as exc:
             raise AttachError(f"attaching {name} (tc egress) to {ifname}: {exc}") from None
 
@@ -146,22 +175,39 @@ _BPF_MAP_LOOKUP_ELEM, _BPF_OBJ_GET, _BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY
 class _Attr(ctypes.Structure):
     """The bpf_attr of the commands used here (the kernel reads only what it needs)."""
 
-    _fields_ = (("a", ctypes.c_uint32), ("b", ctypes.c_uint32), ("c", ctypes.c_uint64),
-                ("d", ctypes.c_uint64), ("e", ctypes.c_uint64))  # fmt: skip
+    _fields_ = (
+        ("a", ctypes.c_uint32),
+        ("b", ctypes.c_uint32),
+        ("c", ctypes.c_uint64),
+        ("d", ctypes.c_uint64),
+        ("e", ctypes.c_uint64),
+    )
 
 
 class _ObjGet(ctypes.Structure):
-    _fields_ = (("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
-                ("file_flags", ctypes.c_uint32), ("pad", ctypes.c_uint64 * 2))  # fmt: skip
+    _fields_ = (
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint64 * 2),
+    )
 
 
 class _ProgInfo(ctypes.Structure):  # the head of struct bpf_prog_info
-    _fields_ = (("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", ctypes.c_uint32),
-                ("xlated_prog_len", ctypes.c_uint32), ("jited_prog_insns", ctypes.c_uint64),
-                ("xlated_prog_insns", ctypes.c_uint64), ("load_time", ctypes.c_uint64),
-                ("created_by_uid", ctypes.c_uint32), ("nr_map_ids", ctypes.c_uint32),
-                ("map_ids", ctypes.c_uint64), ("name", ctypes.c_char * 16))  # fmt: skip
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    )
 
 
 def _bpf(cmd: int, attr: _Attr | _ObjGet) -> int:
@@ -199,8 +245,10 @@ def xdp_attached(ifname: str) -> tuple[int, int] | None:
     if xdp is None:
         return None
     # the kernel gives a program id per mode attached (an offloaded one does not matter here)
-    for attached, attr in ((XDP_ATTACHED_DRV, "IFLA_XDP_DRV_PROG_ID"),
-                           (XDP_ATTACHED_SKB, "IFLA_XDP_SKB_PROG_ID")):  # fmt: skip
+    for attached, attr in (
+        (XDP_ATTACHED_DRV, "IFLA_XDP_DRV_PROG_ID"),
+        (XDP_ATTACHED_SKB, "IFLA_XDP_SKB_PROG_ID"),
+    ):
         if xdp.get_attr(attr):
             return attached, xdp.get_attr(attr)
     return None
@@ -235,9 +283,17 @@ def detach_named(ifname: str, name: str) -> bool:
         mode = XDP_FLAGS_DRV_MODE if found[0] == XDP_ATTACHED_DRV else XDP_FLAGS_SKB_MODE
         with IPRoute() as ipr:
             try:
-                ipr.link("set", index=_index(ipr, ifname),
-                         xdp={"attrs": [("IFLA_XDP_FD", -1), ("IFLA_XDP_EXPECTED_FD", fd),
-                                        ("IFLA_XDP_FLAGS", mode | XDP_FLAGS_REPLACE)]})  # fmt: skip
+                ipr.link(
+                    "set",
+                    index=_index(ipr, ifname),
+                    xdp={
+                        "attrs": [
+                            ("IFLA_XDP_FD", -1),
+                            ("IFLA_XDP_EXPECTED_FD", fd),
+                            ("IFLA_XDP_FLAGS", mode | XDP_FLAGS_REPLACE),
+                        ]
+                    },
+                )
             except NetlinkError:  # replaced meanwhile
                 return False
         return True
@@ -267,8 +323,11 @@ def attach_pass(ifname: str) -> bool:
     flags = XDP_FLAGS_DRV_MODE | XDP_FLAGS_UPDATE_IF_NOEXIST
     with IPRoute() as ipr:
         try:
-            ipr.link("set", index=_index(ipr, ifname),
-                     xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]})  # fmt: skip
+            ipr.link(
+                "set",
+                index=_index(ipr, ifname),
+                xdp={"attrs": [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]},
+            )
         except NetlinkError as exc:
             raise AttachError(f"attaching {PASS_NAME} (xdp-native) to {ifname}: {exc}") from None
     return True

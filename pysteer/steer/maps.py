@@ -93,18 +93,24 @@ class HostEntry(ctypes.Structure):
 
 
 class DecisionEntry(ctypes.Structure):
-    _fields_ = (("outcome", ctypes.c_uint32), ("host", ctypes.c_uint32),
-                ("at_ns", ctypes.c_uint64))  # fmt: skip
+    _fields_ = (("outcome", ctypes.c_uint32), ("host", ctypes.c_uint32), ("at_ns", ctypes.c_uint64))
 
 
 class ParkMeta(ctypes.Structure):
-    _fields_ = (("key", FlowKey), ("seq", ctypes.c_uint64), ("len", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32))  # fmt: skip
+    _fields_ = (
+        ("key", FlowKey),
+        ("seq", ctypes.c_uint64),
+        ("len", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
 
 
 class ServiceKey(ctypes.Structure):
-    _fields_ = (("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3),
-                ("addr", ctypes.c_uint32 * 4))  # fmt: skip
+    _fields_ = (
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint32 * 4),
+    )
 
 
 def service_key(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ServiceKey:

@@ -44,20 +44,32 @@ class MapInfo:
 
 
 class _ObjGet(ctypes.Structure):
-    _fields_ = (("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32),
-                ("file_flags", ctypes.c_uint32))  # fmt: skip
+    _fields_ = (
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+    )
 
 
 class _InfoByFd(ctypes.Structure):
-    _fields_ = (("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
-                ("info", ctypes.c_uint64))  # fmt: skip
+    _fields_ = (
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    )
 
 
 class _MapInfo(ctypes.Structure):
-    _fields_ = (("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
-                ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
-                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
-                ("name", ctypes.c_char * 16), ("rest", ctypes.c_uint8 * 64))  # fmt: skip
+    _fields_ = (
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("rest", ctypes.c_uint8 * 64),
+    )
 
 
 def map_info(path: Path) -> MapInfo:
@@ -162,23 +174,32 @@ def _trusted(path: Path) -> bool:
     except OSError as exc:
         raise PinError(f"cannot inspect the pin directory {path}: {exc.strerror}") from None
     if stat.S_ISLNK(st.st_mode):
-        raise _refuse(path, f"it is a symbolic link (to {os.readlink(path)!r}), and pins "
-                            "must live in a real directory of their own",
-                      f"Remove the link (rm {path})")  # fmt: skip
+        raise _refuse(
+            path,
+            f"it is a symbolic link (to {os.readlink(path)!r}), and pins "
+            "must live in a real directory of their own",
+            f"Remove the link (rm {path})",
+        )
     if not stat.S_ISDIR(st.st_mode):
         raise _refuse(path, "it is not a directory", f"Remove it (rm {path})")
     euid = os.geteuid()
     if st.st_uid != euid:
-        raise _refuse(path, f"it belongs to uid {st.st_uid}, not to uid {euid} (this "
-                            "process): another user made it and could rename or unlink "
-                            "the pins in it",
-                      f"Check what it holds, then remove it (rm -r {path}) or, if it is "
-                      f"pysteer's own, chown {euid}:{os.getegid()} {path}")  # fmt: skip
+        raise _refuse(
+            path,
+            f"it belongs to uid {st.st_uid}, not to uid {euid} (this "
+            "process): another user made it and could rename or unlink "
+            "the pins in it",
+            f"Check what it holds, then remove it (rm -r {path}) or, if it is "
+            f"pysteer's own, chown {euid}:{os.getegid()} {path}",
+        )
     if st.st_mode & 0o022:
         mode = stat.S_IMODE(st.st_mode)
-        raise _refuse(path, f"its group or others may write it (mode {mode:04o}), so they "
-                            "could rename or unlink the pins in it",
-                      f"Check what it holds, then chmod go-w {path}")  # fmt: skip
+        raise _refuse(
+            path,
+            f"its group or others may write it (mode {mode:04o}), so they "
+            "could rename or unlink the pins in it",
+            f"Check what it holds, then chmod go-w {path}",
+        )
     return True
 
 
@@ -190,6 +211,8 @@ def _check_mount() -> None:
         raise PinError(f"{BPFFS} belongs to uid {st.st_uid}: mount bpffs there as root")
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
         mode = stat.S_IMODE(st.st_mode)
-        raise PinError(f"{BPFFS} is writable by others without the sticky bit (mode "
-                       f"{mode:04o}), so anyone could replace pysteer's pins: "
-                       f"chmod +t {BPFFS}, then start again")  # fmt: skip
+        raise PinError(
+            f"{BPFFS} is writable by others without the sticky bit (mode "
+            f"{mode:04o}), so anyone could replace pysteer's pins: "
+            f"chmod +t {BPFFS}, then start again"
+        )

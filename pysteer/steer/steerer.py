@@ -134,8 +134,12 @@ class Removal:
     reason: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"flow": str(self.flow), "action": self.action, "host": self.host,
-                "reason": self.reason}  # fmt: skip
+        return {
+            "flow": str(self.flow),
+            "action": self.action,
+            "host": self.host,
+            "reason": self.reason,
+        }
 
 
 # --- pinned maps: what this version expects ----------------------------------------------
@@ -193,7 +197,7 @@ def check_pins(name: str, max_flows: int | None) -> int:
                 f"{expect.max_entries} entries): they were made by another pysteer version. "
                 f"Remove them with `pysteer steer destroy --name {name}` (every steered flow "
                 "is dropped) and start again"
-            )  # fmt: skip
+            )
     return want["flows"].max_entries
 
 
@@ -221,8 +225,11 @@ class Steerer:
         self.idle_timeout = idle_timeout
         self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
         # Native XDP only where the driver has it: auto tries a scratch program first.
-        if (mode == "auto" and self.mode == "xdp-native"
-                and not self._in_ns(loader.native_xdp_supported, ifname)):  # fmt: skip
+        if (
+            mode == "auto"
+            and self.mode == "xdp-native"
+            and not self._in_ns(loader.native_xdp_supported, ifname)
+        ):
             self.mode = "tc"
         self._own_macs = self._in_ns(_link_macs)
         specs = [self._resolve_host(spec) for spec in hosts]
@@ -265,7 +272,8 @@ class Steerer:
         # Native XDP only where a frame redirected to each host's link leaves it (auto falls
         # back to tc); the watch counts the redirected packets the kernel loses.
         self.mode, self._xdp_watch = self._in_ns(
-            xdp_selftest.start, ifname, self.mode, mode, list(self.hosts.values()))  # fmt: skip
+            xdp_selftest.start, ifname, self.mode, mode, list(self.hosts.values())
+        )
         self._redirect_failed_seen = 0
         if self.mode == "tc":
             xdp_fn = None
@@ -390,8 +398,9 @@ class Steerer:
         return name
 
     # --- new connections ---------------------------------------------------------------------
-    def divert(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address,
-               host: str | None) -> None:  # fmt: skip
+    def divert(
+        self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, host: str | None
+    ) -> None:
         """Send new connections to ``address`` (a VIP) to ``host`` (None: route them again).
 
         Only a connection's first SYN is diverted, and it enters the flow table as TO(host);
@@ -407,8 +416,10 @@ class Steerer:
 
     def diversions(self) -> dict[str, str]:
         names = self.items_by_host()
-        return {str(key_service(k)): names.get(v.value, f"#{v.value}")
-                for k, v in self.bpf[b"new_flows"].items()}  # fmt: skip
+        return {
+            str(key_service(k)): names.get(v.value, f"#{v.value}")
+            for k, v in self.bpf[b"new_flows"].items()
+        }
 
     # --- the flow table -------------------------------------------------------------------------
     def get(self, flow: Flow) -> FlowView | None:
@@ -419,15 +430,20 @@ class Steerer:
             self.table.set(flow, action, host, **extra)
         except FlowTableFull as exc:
             self.events["table_full"] += 1
-            log.error("%s (%d entries): a migration of this flow fails; see `pysteer steer "
-                      "gc` and --max-flows", exc, self.table.capacity)  # fmt: skip
+            log.error(
+                "%s (%d entries): a migration of this flow fails; see `pysteer steer "
+                "gc` and --max-flows",
+                exc,
+                self.table.capacity,
+            )
             raise SteerError(str(exc)) from None
         except FlowTableError as exc:
             raise SteerError(str(exc)) from None
         self._touched[flow] = time.monotonic()
 
-    def park(self, flow: Flow, *, token: int = 0, lease: float | None = None,
-             owner: str | None = None) -> tuple[Action | None, str | None]:  # fmt: skip
+    def park(
+        self, flow: Flow, *, token: int = 0, lease: float | None = None, owner: str | None = None
+    ) -> tuple[Action | None, str | None]:
         """Hold every packet of ``flow`` from now on, in order, until it is unparked.
 
         ``token`` names the migration that parks it (0: an operator), ``lease`` the seconds
@@ -443,8 +459,9 @@ class Steerer:
                 if not before.token:
                     raise Refusal("conflict", f"flow {flow} is parked by an operator")
                 if before.lease_ns > _now_ns():
-                    raise Refusal("conflict", f"flow {flow} is being moved by migration "
-                                  f"{before.token:016x}")  # fmt: skip
+                    raise Refusal(
+                        "conflict", f"flow {flow} is being moved by migration {before.token:016x}"
+                    )
                 # That migration's lease ran out: it has lost, and this park takes over.
                 self._decide(before.token, Decision.ABORTED, before.prev_host)
                 prev = (before.prev_action, before.prev_host)
@@ -497,17 +514,30 @@ class Steerer:
             if cur is not None and cur.action == Action.PARK and cur.token == token and token:
                 replayed = self._unpark(flow, Action.TO, target, target, timeout, token=token)
                 self._decide(token, Decision.COMMITTED, target.id)
-                log.info("%s: claimed by %s (migration %016x, %d replayed)", flow, host,
-                         token, replayed)  # fmt: skip
+                log.info(
+                    "%s: claimed by %s (migration %016x, %d replayed)", flow, host, token, replayed
+                )
                 return replayed
-            if (cur is not None and cur.action == Action.TO and cur.token == token and token
-                    and cur.host == target.id):  # fmt: skip
+            if (
+                cur is not None
+                and cur.action == Action.TO
+                and cur.token == token
+                and token
+                and cur.host == target.id
+            ):
                 return 0  # claimed before, and its decision since forgotten
             raise Refusal("absent", f"flow {flow} is not parked by migration {token:016x}")
 
-    def revert(self, flow: Flow, token: int, *, replay_to: str | None = None,
-               hold: bool = False, timeout: float = REPLAY_WAIT,
-               why: str = "rolled back") -> tuple[int, str | None]:  # fmt: skip
+    def revert(
+        self,
+        flow: Flow,
+        token: int,
+        *,
+        replay_to: str | None = None,
+        hold: bool = False,
+        timeout: float = REPLAY_WAIT,
+        why: str = "rolled back",
+    ) -> tuple[int, str | None]:
         """A migration's rollback: if ``flow`` is still parked by ``token``, decide it
         aborted (the target's claim now fails) and, unless ``hold``, replay its packets to
         where it went before and restore that. ``hold`` lets the source resume its socket
@@ -518,19 +548,26 @@ class Steerer:
             cur = self.get(flow)
             ours = cur is not None and cur.action == Action.PARK and cur.token == token
             if decided is not None and decided[0] == Decision.COMMITTED:
-                raise Refusal("committed", f"migration {token:016x} of {flow} committed: "
-                              f"{self._host_name(decided[1])} serves it")  # fmt: skip
+                raise Refusal(
+                    "committed",
+                    f"migration {token:016x} of {flow} committed: "
+                    f"{self._host_name(decided[1])} serves it",
+                )
             if cur is not None and cur.action == Action.TO and cur.token == token and token:
-                raise Refusal("committed", f"migration {token:016x} of {flow} committed: "
-                              f"{self._host_name(cur.host)} serves it")  # fmt: skip
+                raise Refusal(
+                    "committed",
+                    f"migration {token:016x} of {flow} committed: "
+                    f"{self._host_name(cur.host)} serves it",
+                )
             if decided is None and token:  # from now on a claim fails
                 self._decide(token, Decision.ABORTED, 0)
             if ours and token and not hold:
                 return self._restore(flow, cur, replay_to, timeout, why)
             return 0, None
 
-    def _restore(self, flow: Flow, cur: FlowView, replay_to: str | None, timeout: float,
-                 why: str) -> tuple[int, str | None]:  # fmt: skip
+    def _restore(
+        self, flow: Flow, cur: FlowView, replay_to: str | None, timeout: float, why: str
+    ) -> tuple[int, str | None]:
         """Unpark ``flow`` to what it did before ``cur``'s park (under the control lock)."""
         prev = cur.prev_action
         if prev == Action.TO and self.items_by_host().get(cur.prev_host) is not None:
@@ -544,8 +581,14 @@ class Steerer:
         if cur.token:
             self._decide(cur.token, Decision.ABORTED, target.id if target else 0)
         where = target.name if target else None
-        log.info("%s: %s (migration %016x) to %s, %d replayed", flow, why, cur.token,
-                 where or "its route", replayed)  # fmt: skip
+        log.info(
+            "%s: %s (migration %016x) to %s, %d replayed",
+            flow,
+            why,
+            cur.token,
+            where or "its route",
+            replayed,
+        )
         return replayed, where
 
     def decision(self, flow: Flow, token: int) -> dict[str, Any]:
@@ -576,8 +619,16 @@ class Steerer:
             return None
         return Decision(d.outcome), d.host
 
-    def _unpark(self, flow: Flow, action: Action, host: Host | None, replay_to: Host | None,
-                timeout: float, *, token: int = 0) -> int:  # fmt: skip
+    def _unpark(
+        self,
+        flow: Flow,
+        action: Action,
+        host: Host | None,
+        replay_to: Host | None,
+        timeout: float,
+        *,
+        token: int = 0,
+    ) -> int:
         """Switch ``flow`` to ``action`` (NONE: remove it); if it was parked, replay (or
         drop) what was parked before the switch and what arrived during it, so nothing
         overtakes the replay. Called with the control lock held."""
@@ -632,8 +683,17 @@ class Steerer:
             if stat == Stat.GUARD_DROPPED:
                 continue
             out[stat.name.lower()] = self._stat(stat)
-        for event in ("replayed", "park_dropped", "park_lost", "table_full", "gc_idle",
-                      "gc_stale", "closed_by_agents", "lease_expired", "reconciled"):  # fmt: skip
+        for event in (
+            "replayed",
+            "park_dropped",
+            "park_lost",
+            "table_full",
+            "gc_idle",
+            "gc_stale",
+            "closed_by_agents",
+            "lease_expired",
+            "reconciled",
+        ):
             out[event] = self.events[event]
         out["redirect_failed"] = self._xdp_watch.failed() if self._xdp_watch else 0
         return out
@@ -690,8 +750,13 @@ class Steerer:
                     log.error("sync from %s: cannot steer %s to it: %s", host, flow, exc)
                     continue
             steered.append(str(flow))
-            log.warning("sync: %s serves %s, which went %s: steered to %s", host, flow,
-                        _describe(cur, self._host_name), host)  # fmt: skip
+            log.warning(
+                "sync: %s serves %s, which went %s: steered to %s",
+                host,
+                flow,
+                _describe(cur, self._host_name),
+                host,
+            )
         quiet_ns = _now_ns() - int(CLAIM_GRACE * 1e9)
         for flow, view in self.items():
             if view.action != Action.TO or view.host != target.id or flow in served:
@@ -775,20 +840,30 @@ class Steerer:
             self._forget_memory(present)
         failed = self._stat(Stat.DIVERT_FAILED)
         if failed > self._divert_failed_seen:
-            log.error("%d new connection(s) could not be diverted (flow table full, %d "
-                      "entries): they went to their default host",
-                      failed - self._divert_failed_seen, self.table.capacity)  # fmt: skip
+            log.error(
+                "%d new connection(s) could not be diverted (flow table full, %d "
+                "entries): they went to their default host",
+                failed - self._divert_failed_seen,
+                self.table.capacity,
+            )
             self._divert_failed_seen = failed
         lost = self._xdp_watch.failed() if self._xdp_watch else 0
         if lost > self._redirect_failed_seen:
-            log.error("%d packet(s) redirected by XDP were lost (so far, by link: %s): a link "
-                      "sends redirected frames only when it runs an XDP program (a veth: when "
-                      "its peer runs one, or has GRO on); or use --mode tc",
-                      lost - self._redirect_failed_seen, self._xdp_watch.summary())  # fmt: skip
+            log.error(
+                "%d packet(s) redirected by XDP were lost (so far, by link: %s): a link "
+                "sends redirected frames only when it runs an XDP program (a veth: when "
+                "its peer runs one, or has GRO on); or use --mode tc",
+                lost - self._redirect_failed_seen,
+                self._xdp_watch.summary(),
+            )
             self._redirect_failed_seen = lost
         if found and not dry_run:
-            log.info("gc: removed %d entr%s (%s)", len(found), "y" if len(found) == 1 else "ies",
-                     ", ".join(sorted({r.reason for r in found})))  # fmt: skip
+            log.info(
+                "gc: removed %d entr%s (%s)",
+                len(found),
+                "y" if len(found) == 1 else "ies",
+                ", ".join(sorted({r.reason for r in found})),
+            )
         return found
 
     def _expire(self, flow: Flow, seen: FlowView) -> None:
@@ -859,8 +934,10 @@ class Steerer:
             if meta.seq < queue.next_replay:  # arrived after its flow was unparked
                 counters.dropped += 1
                 self.events["park_dropped"] += 1
-            elif (len(queue.packets) >= self.max_per_flow
-                    or self._total_bytes + len(frame) > self.max_total_bytes):  # fmt: skip
+            elif (
+                len(queue.packets) >= self.max_per_flow
+                or self._total_bytes + len(frame) > self.max_total_bytes
+            ):
                 counters.dropped += 1
                 self.events["park_dropped"] += 1
                 queue.dropped.add(meta.seq)

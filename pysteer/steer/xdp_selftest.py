@@ -48,19 +48,38 @@ _BPF_F_TEST_XDP_LIVE_FRAMES = 1 << 1
 
 
 class _TestRun(ctypes.Structure):  # bpf_attr.test
-    _fields_ = (("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
-                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
-                ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
-                ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
-                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
-                ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
-                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32), ("pad", ctypes.c_uint32))  # fmt: skip
+    _fields_ = (
+        ("prog_fd", ctypes.c_uint32),
+        ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32),
+        ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64),
+        ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32),
+        ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32),
+        ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64),
+        ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32),
+        ("cpu", ctypes.c_uint32),
+        ("batch_size", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    )
 
 
 class _XdpMd(ctypes.Structure):
-    _fields_ = tuple((name, ctypes.c_uint32) for name in ("data", "data_end", "data_meta",
-                     "ingress_ifindex", "rx_queue_index", "egress_ifindex"))  # fmt: skip
+    _fields_ = tuple(
+        (name, ctypes.c_uint32)
+        for name in (
+            "data",
+            "data_end",
+            "data_meta",
+            "ingress_ifindex",
+            "rx_queue_index",
+            "egress_ifindex",
+        )
+    )
 
 
 def probe_frame(dmac: bytes, smac: bytes) -> bytes:
@@ -78,9 +97,15 @@ def _live_run(prog_fd: int, frame: bytes, ingress: int, count: int) -> None:
         raise OSError(0, f"unknown bpf() syscall number on {platform.machine()}")
     data = ctypes.create_string_buffer(frame, len(frame))
     md = _XdpMd(data=0, data_end=len(frame), ingress_ifindex=ingress)
-    attr = _TestRun(prog_fd=prog_fd, data_size_in=len(frame), data_in=ctypes.addressof(data),
-                    repeat=count, ctx_size_in=ctypes.sizeof(md), ctx_in=ctypes.addressof(md),
-                    flags=_BPF_F_TEST_XDP_LIVE_FRAMES)  # fmt: skip
+    attr = _TestRun(
+        prog_fd=prog_fd,
+        data_size_in=len(frame),
+        data_in=ctypes.addressof(data),
+        repeat=count,
+        ctx_size_in=ctypes.sizeof(md),
+        ctx_in=ctypes.addressof(md),
+        flags=_BPF_F_TEST_XDP_LIVE_FRAMES,
+    )
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.syscall(nr, _BPF_PROG_TEST_RUN, ctypes.byref(attr), ctypes.sizeof(attr)) < 0:
         err = ctypes.get_errno()
@@ -103,21 +128,28 @@ def check(watch: Watch, hosts: Iterable[Any]) -> str | None:
             try:
                 _live_run(fd, probe_frame(host.mac, host.our_mac), lo, PROBE_FRAMES)
             except OSError as exc:
-                return (f"this kernel cannot run the self-test (BPF_PROG_TEST_RUN with live "
-                        f"XDP frames, Linux 5.18+: {exc.strerror})")  # fmt: skip
+                return (
+                    f"this kernel cannot run the self-test (BPF_PROG_TEST_RUN with live "
+                    f"XDP frames, Linux 5.18+: {exc.strerror})"
+                )
             got = watch.count(lo, host.ifindex)
         finally:
             watch.remove(lo, host.ifindex)
         if got.refused:
-            return (f"XDP redirect to {host.ifname} is refused ({errno_name(got.last_err)}): "
-                    f"its driver sends redirected frames only when it runs an XDP program "
-                    f"(a veth: when its peer runs one, or has GRO on)")  # fmt: skip
+            return (
+                f"XDP redirect to {host.ifname} is refused ({errno_name(got.last_err)}): "
+                f"its driver sends redirected frames only when it runs an XDP program "
+                f"(a veth: when its peer runs one, or has GRO on)"
+            )
         if got.dropped:
-            return (f"the driver of {host.ifname} dropped {got.dropped} of {PROBE_FRAMES} "
-                    f"redirected frames ({errno_name(got.last_err)})")  # fmt: skip
+            return (
+                f"the driver of {host.ifname} dropped {got.dropped} of {PROBE_FRAMES} "
+                f"redirected frames ({errno_name(got.last_err)})"
+            )
         if got.sent < PROBE_FRAMES:
-            return (f"the driver of {host.ifname} took {got.sent} of {PROBE_FRAMES} "
-                    "redirected frames")  # fmt: skip
+            return (
+                f"the driver of {host.ifname} took {got.sent} of {PROBE_FRAMES} redirected frames"
+            )
     return None
 
 
@@ -125,8 +157,11 @@ def _give_pass(host: Any) -> None:
     """The host's link gets pysteer_pass, or keeps the native XDP program it has."""
     try:
         if not loader.attach_pass(host.ifname):
-            log.info("%s keeps the native XDP program it runs (not pysteer's): any one lets "
-                     "its driver send redirected frames", host.ifname)  # fmt: skip
+            log.info(
+                "%s keeps the native XDP program it runs (not pysteer's): any one lets "
+                "its driver send redirected frames",
+                host.ifname,
+            )
     except loader.AttachError as exc:
         log.warning("%s: native XDP redirects to host %s may be lost", exc, host.name)
 
@@ -143,8 +178,12 @@ def add_host(ifname: str, mode: str, host: Any, watch: Watch | None) -> None:
     if mode == "xdp-native":
         why = check(watch, [host])
         if why is not None:
-            log.error("native XDP self-test for host %s failed: %s. Packets steered to it "
-                      "will be lost (counted as redirect_failed)", host.name, why)  # fmt: skip
+            log.error(
+                "native XDP self-test for host %s failed: %s. Packets steered to it "
+                "will be lost (counted as redirect_failed)",
+                host.name,
+                why,
+            )
 
 
 def _clear_leftovers(ifname: str, mode: str, hosts: list[Any]) -> None:
@@ -198,9 +237,16 @@ def start(ifname: str, mode: str, requested: str, hosts: list[Any]) -> tuple[str
             watch.close()
         return "tc", None
     if watch is not None and hosts and why is None:
-        log.info("native XDP on %s: the self-test's frames redirected to %s left them", ifname,
-                 ", ".join(sorted({h.ifname for h in hosts})))  # fmt: skip
+        log.info(
+            "native XDP on %s: the self-test's frames redirected to %s left them",
+            ifname,
+            ", ".join(sorted({h.ifname for h in hosts})),
+        )
     elif watch is not None and hosts:
-        log.error("native XDP on %s: %s. Packets steered there will be lost (counted as "
-                  "redirect_failed); --mode auto would use tc", ifname, why)  # fmt: skip
+        log.error(
+            "native XDP on %s: %s. Packets steered there will be lost (counted as "
+            "redirect_failed); --mode auto would use tc",
+            ifname,
+            why,
+        )
     return mode, watch

@@ -40,14 +40,17 @@ class WatchError(RuntimeError):
 
 
 class LinkKey(ctypes.Structure):
-    _fields_ = (("netns", ctypes.c_uint64), ("from_", ctypes.c_uint32),
-                ("to", ctypes.c_uint32))  # fmt: skip
+    _fields_ = (("netns", ctypes.c_uint64), ("from_", ctypes.c_uint32), ("to", ctypes.c_uint32))
 
 
 class LinkCount(ctypes.Structure):
-    _fields_ = (("sent", ctypes.c_uint64), ("dropped", ctypes.c_uint64),
-                ("refused", ctypes.c_uint64), ("last_err", ctypes.c_int32),
-                ("pad", ctypes.c_uint32))  # fmt: skip
+    _fields_ = (
+        ("sent", ctypes.c_uint64),
+        ("dropped", ctypes.c_uint64),
+        ("refused", ctypes.c_uint64),
+        ("last_err", ctypes.c_int32),
+        ("pad", ctypes.c_uint32),
+    )
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,12 @@ class Count:
         return self.dropped + self.refused
 
     def minus(self, before: Count) -> Count:
-        return Count(self.sent - before.sent, self.dropped - before.dropped,
-                     self.refused - before.refused, self.last_err)  # fmt: skip
+        return Count(
+            self.sent - before.sent,
+            self.dropped - before.dropped,
+            self.refused - before.refused,
+            self.last_err,
+        )
 
 
 def errno_name(err: int) -> str:
@@ -206,8 +213,12 @@ class Watch:
                 continue
             c, prev = self.count(src, dst), out.get(name)
             if prev is not None:
-                c = Count(c.sent + prev.sent, c.dropped + prev.dropped,
-                          c.refused + prev.refused, c.last_err or prev.last_err)  # fmt: skip
+                c = Count(
+                    c.sent + prev.sent,
+                    c.dropped + prev.dropped,
+                    c.refused + prev.refused,
+                    c.last_err or prev.last_err,
+                )
             out[name] = c
         return out
 
@@ -216,8 +227,11 @@ class Watch:
         return sum(c.failed for c in self.counts(from_ifindex).values())
 
     def summary(self, from_ifindex: int | None = None) -> str:
-        parts = [f"{name}: {c.failed} ({errno_name(c.last_err)})"
-                 for name, c in self.counts(from_ifindex).items() if c.failed]  # fmt: skip
+        parts = [
+            f"{name}: {c.failed} ({errno_name(c.last_err)})"
+            for name, c in self.counts(from_ifindex).items()
+            if c.failed
+        ]
         return ", ".join(parts) or "none"
 
     def set_probe_target(self, ifindex: int) -> int:

@@ -274,9 +274,12 @@ def _read(sock: socket.socket, name: Name) -> TcpState:
         if window.rcv_wup == (recv_seq + 1) % U32:
             # Keep rcv_wup within the data-only sequence space; the right edge is unchanged.
             window = RepairWindow(
-                window.snd_wl1, window.snd_wnd, window.max_window,
-                window.rcv_wnd + 1, recv_seq,
-            )  # fmt: skip
+                window.snd_wl1,
+                window.snd_wnd,
+                window.max_window,
+                window.rcv_wnd + 1,
+                recv_seq,
+            )
     send_unacked, send_unsent = _split(send_queue, outq - unsent)
     local, peer = sock.getsockname(), sock.getpeername()
     return TcpState(

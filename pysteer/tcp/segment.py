@@ -36,8 +36,9 @@ def build(
     """A whole IPv4 or IPv6 packet carrying one TCP segment, checksums filled in."""
     family = socket.AF_INET6 if ":" in src[0] else socket.AF_INET
     sip, dip = socket.inet_pton(family, src[0]), socket.inet_pton(family, dst[0])
-    header = _TCP.pack(src[1], dst[1], seq % (1 << 32), ack % (1 << 32), 5 << 4, flags,
-                       min(window, 0xFFFF), 0, 0)  # fmt: skip
+    header = _TCP.pack(
+        src[1], dst[1], seq % (1 << 32), ack % (1 << 32), 5 << 4, flags, min(window, 0xFFFF), 0, 0
+    )
     length = len(header) + len(payload)
     if family == socket.AF_INET:
         pseudo = sip + dip + struct.pack("!BBH", 0, socket.IPPROTO_TCP, length)
@@ -46,12 +47,12 @@ def build(
     csum = checksum(pseudo + header + payload)
     segment = header[:16] + struct.pack("!H", csum) + header[18:] + payload
     if family == socket.AF_INET:
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64,
-                         socket.IPPROTO_TCP, 0, sip, dip)  # fmt: skip
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + length, 0, 0x4000, 64, socket.IPPROTO_TCP, 0, sip, dip
+        )
         ip = ip[:10] + struct.pack("!H", checksum(ip)) + ip[12:]
     else:
-        ip = struct.pack("!IHBB16s16s", 6 << 28, length, socket.IPPROTO_TCP, 64,
-                         sip, dip)  # fmt: skip
+        ip = struct.pack("!IHBB16s16s", 6 << 28, length, socket.IPPROTO_TCP, 64, sip, dip)
     return ip + segment
 
 

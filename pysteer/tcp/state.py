@@ -172,10 +172,27 @@ def _endpoint(addr: tuple[str, int]) -> str:
 
 # --- decoding ---------------------------------------------------------------------------------
 _KEYS = {
-    "v", "family", "local", "peer", "state", "send_seq", "recv_seq", "recv_len", "unacked_len",
-    "unsent_len", "recv_queue", "send_unacked", "send_unsent", "mss_clamp", "sack",
-    "timestamps", "wscale", "timestamp", "window", "options",
-}  # fmt: skip
+    "v",
+    "family",
+    "local",
+    "peer",
+    "state",
+    "send_seq",
+    "recv_seq",
+    "recv_len",
+    "unacked_len",
+    "unsent_len",
+    "recv_queue",
+    "send_unacked",
+    "send_unsent",
+    "mss_clamp",
+    "sack",
+    "timestamps",
+    "wscale",
+    "timestamp",
+    "window",
+    "options",
+}
 
 
 def _fail(reason: str) -> StateFormatError:

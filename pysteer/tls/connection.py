@@ -321,8 +321,12 @@ class TlsServerConnection:
     def key_update(self, *, request_peer: bool = True) -> None:
         """Switch to the next write key (TLS 1.3); ask the peer to do the same if requested.
         Raises ``TlsEnded`` like ``send`` when no sequence number is left for it."""
-        if (self.phase != "open" or self.close_sent or self._write is None
-                or self._write.suite.version != TLS13):  # fmt: skip
+        if (
+            self.phase != "open"
+            or self.close_sent
+            or self._write is None
+            or self._write.suite.version != TLS13
+        ):
             raise TlsError("KeyUpdate needs an open TLS 1.3 connection")
         try:
             self._send_key_update(request_peer=request_peer)
@@ -368,10 +372,16 @@ class TlsServerConnection:
         if self._tx:
             raise TlsStateError(f"cannot export: {len(self._tx)} bytes not yet sent (flush first)")
         assert self.info is not None  # noqa: S101
-        state = TlsState(read=self._read, write=self._write, rx=bytes(self._rx),
-                         hs=self._hs_buf, close_sent=self.close_sent,
-                         close_received=self.close_received, written=self._written,
-                         info=self.info)  # fmt: skip
+        state = TlsState(
+            read=self._read,
+            write=self._write,
+            rx=bytes(self._rx),
+            hs=self._hs_buf,
+            close_sent=self.close_sent,
+            close_received=self.close_received,
+            written=self._written,
+            info=self.info,
+        )
         return state.to_wire()
 
     @classmethod

@@ -20,9 +20,21 @@ from pysteer.tls.suites import BY_NAME, TLS13, Suite
 
 WIRE_VERSION = 1
 _KEYS = {
-    "v", "version", "suite", "read", "write", "rx", "hs", "close_sent", "close_received",
-    "written", "sni", "alpn", "resumed", "peer_chain",
-}  # fmt: skip
+    "v",
+    "version",
+    "suite",
+    "read",
+    "write",
+    "rx",
+    "hs",
+    "close_sent",
+    "close_received",
+    "written",
+    "sni",
+    "alpn",
+    "resumed",
+    "peer_chain",
+}
 _MAX_RX = 5 + (1 << 14) + 2048  # at most one partial record
 #: The most a partial post-handshake message may hold, live (the connection refuses a
 #: longer one from its header) and in an imported state: one limit, so any connection

@@ -56,8 +56,10 @@ _TLS12 = {
 _ALL += [Suite(iana, TLS12, aead, klen, h) for iana, aead, klen, h in _TLS12.values()]
 
 BY_NAME: dict[str, Suite] = {s.name: s for s in _ALL}
-_BY_OPENSSL = {**{s.name: s for s in _ALL if s.version == TLS13},
-               **{o: BY_NAME[v[0]] for o, v in _TLS12.items()}}  # fmt: skip
+_BY_OPENSSL = {
+    **{s.name: s for s in _ALL if s.version == TLS13},
+    **{o: BY_NAME[v[0]] for o, v in _TLS12.items()},
+}
 
 #: IANA name -> OpenSSL's name for the TLS 1.2 suites.
 OPENSSL_NAMES = {v[0]: o for o, v in _TLS12.items()}

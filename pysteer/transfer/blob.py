@@ -118,8 +118,9 @@ def seal(blob: MigrationBlob, key: bytes, *, source: str, target: str) -> bytes:
     # Sized for the queues, which are nearly all of a large blob: packb's buffer would
     # start small, double past them and be copied again; and the ciphertext goes straight
     # in after the header. A 16 MiB backlog is then copied once by msgpack, once by the AEAD.
-    packer = msgpack.Packer(use_bin_type=True, autoreset=False,
-                            buf_size=blob.tcp.queued + len(blob.out) + (64 << 10))  # fmt: skip
+    packer = msgpack.Packer(
+        use_bin_type=True, autoreset=False, buf_size=blob.tcp.queued + len(blob.out) + (64 << 10)
+    )
     try:
         packer.pack(blob.to_wire())
     except (TypeError, ValueError) as exc:
@@ -199,8 +200,10 @@ def _check_time(t: float, now: float) -> None:
     if now - t > MAX_BLOB_AGE:
         raise BlobError(f"stale blob ({now - t:.0f} s old; the limit is {MAX_BLOB_AGE:g} s)")
     if t - now > MAX_CLOCK_SKEW:
-        raise BlobError(f"blob sealed {t - now:.0f} s in the future (beyond the "
-                        f"{MAX_CLOCK_SKEW:g} s clock skew allowed)")  # fmt: skip
+        raise BlobError(
+            f"blob sealed {t - now:.0f} s in the future (beyond the "
+            f"{MAX_CLOCK_SKEW:g} s clock skew allowed)"
+        )
 
 
 def decode_plain(plain: bytes, mid: bytes) -> MigrationBlob:

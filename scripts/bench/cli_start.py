@@ -60,8 +60,9 @@ def timed(argv: list[str], runs: int, env: dict[str, str]) -> tuple[dict[str, fl
     times = []
     for i in range(runs + 1):
         start = time.perf_counter()
-        done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, check=False)  # fmt: skip
+        done = subprocess.run(
+            argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+        )
         if i:
             times.append(time.perf_counter() - start)
     lines = done.stderr.decode(errors="replace").strip().splitlines()
@@ -76,11 +77,18 @@ def timed(argv: list[str], runs: int, env: dict[str, str]) -> tuple[dict[str, fl
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=10, help="runs per command (10)")
-    p.add_argument("--python", type=Path, default=default_python(),
-                   help="interpreter to run pysteer with (default: the repo's .venv)")  # fmt: skip
+    p.add_argument(
+        "--python",
+        type=Path,
+        default=default_python(),
+        help="interpreter to run pysteer with (default: the repo's .venv)",
+    )
     p.add_argument("--out", type=Path, default=Path("results/bench/cli_start.json"))
-    p.add_argument("--check", action="store_true",
-                   help="exit 1 if a command misses the target or exits unexpectedly")  # fmt: skip
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 if a command misses the target or exits unexpectedly",
+    )
     args = p.parse_args()
     if args.runs < 1:
         p.error("--runs must be at least 1")
@@ -118,8 +126,10 @@ def main() -> int:
     print(f"{'command':<44} {'min s':>7} {'p50 s':>7} {'max s':>7}  exit")
     for name, s in [*baseline.items(), *commands.items()]:
         mark = "" if s.get("meets_target", True) else "  MISSES TARGET"
-        print(f"{name:<44} {s['min_s']:>7.3f} {s['p50_s']:>7.3f} {s['max_s']:>7.3f}  "
-              f"{s.get('exit', '')}{mark}")  # fmt: skip
+        print(
+            f"{name:<44} {s['min_s']:>7.3f} {s['p50_s']:>7.3f} {s['max_s']:>7.3f}  "
+            f"{s.get('exit', '')}{mark}"
+        )
     print(f"wrote {args.out}")
     missed = [n for n, s in commands.items() if not s["meets_target"]]
     return 1 if args.check and missed else 0

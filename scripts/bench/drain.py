@@ -57,19 +57,45 @@ def run(idle: int, active: int, batch: int, out: Path) -> dict[str, Any]:
         t0 = time.monotonic()
         # Blocking ssl sockets, each only ever used by this thread; the active clients'
         # connections belong to LineClient's asyncio loop.
-        idles = [ctx.wrap_socket(lab.call("client", socket.create_connection, (vip, 8443)),
-                                 server_hostname="vip") for _ in range(idle)]  # fmt: skip
-        actives = [LineClient(lab.call("client", socket.create_connection, (vip, 443)),
-                              ssl=ctx, server_hostname="vip")
-                   for _ in range(active)]  # fmt: skip
+        idles = [
+            ctx.wrap_socket(
+                lab.call("client", socket.create_connection, (vip, 8443)), server_hostname="vip"
+            )
+            for _ in range(idle)
+        ]
+        actives = [
+            LineClient(
+                lab.call("client", socket.create_connection, (vip, 443)),
+                ssl=ctx,
+                server_hostname="vip",
+            )
+            for _ in range(active)
+        ]
         for c in actives:
             c.start()
         setup_s = time.monotonic() - t0
         time.sleep(1.0)
         drained = subprocess.run(
-            [sys.executable, "-m", "pysteer", "drain", "--from", "a", "--to", "b", "--batch",
-             str(batch), "--json", "--config", str(cluster.config)],
-            capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pysteer",
+                "drain",
+                "--from",
+                "a",
+                "--to",
+                "b",
+                "--batch",
+                str(batch),
+                "--json",
+                "--config",
+                str(cluster.config),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
         if drained.returncode != 0:
             raise RuntimeError(f"drain failed: {drained.stderr}\n{drained.stdout[-2000:]}")
         summary = json.loads(drained.stdout)
@@ -121,9 +147,11 @@ def main() -> None:
     args = p.parse_args()
     r = run(args.idle, args.active, args.batch, args.out)
     f = r["freeze_ms"]
-    print(f"drain of {r['idle']} idle + {r['active']} active TLS connections: "
-          f"{r['connections_per_second']}/s ({r['drain_seconds']} s), freeze p50 {f['p50']} ms, "
-          f"p99 {f['p99']} ms; survived {r['survived']}/{r['idle'] + r['active']}")  # fmt: skip
+    print(
+        f"drain of {r['idle']} idle + {r['active']} active TLS connections: "
+        f"{r['connections_per_second']}/s ({r['drain_seconds']} s), freeze p50 {f['p50']} ms, "
+        f"p99 {f['p99']} ms; survived {r['survived']}/{r['idle'] + r['active']}"
+    )
     print(f"written to {args.out}")
 
 

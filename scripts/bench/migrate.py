@@ -162,9 +162,11 @@ def run(moves: int, every: float, out: Path) -> dict[str, Any]:
         after = counters(lab)
         windows = [t0 + i * every for i in range(moves)]
         base_gaps = [largest_gap(client.arrivals, t, t + WINDOW) * 1000 for t in windows]
-        baseline = {"retrans": after["retrans"] - before["retrans"],
-                    "timeouts": after["timeouts"] - before["timeouts"],
-                    "lines": len([t for t in client.arrivals if t0 <= t <= t1])}  # fmt: skip
+        baseline = {
+            "retrans": after["retrans"] - before["retrans"],
+            "timeouts": after["timeouts"] - before["timeouts"],
+            "lines": len([t for t in client.arrivals if t0 <= t <= t1]),
+        }
         # Migrations.
         before = counters(lab)
         client = Client(lab, ca)
@@ -174,8 +176,13 @@ def run(moves: int, every: float, out: Path) -> dict[str, Any]:
             node = "b" if node == "a" else "a"
             source = "a" if node == "b" else "b"
             start = time.monotonic()
-            answer = ask(control_path_for(cluster, source), "migrate", flow=client.flow, to=node,
-                         timeout_s=5.0)  # fmt: skip
+            answer = ask(
+                control_path_for(cluster, source),
+                "migrate",
+                flow=client.flow,
+                to=node,
+                timeout_s=5.0,
+            )
             report = answer["migration"]
             if report["outcome"] != "moved":
                 raise RuntimeError(f"migration failed: {report['error']}")

@@ -82,8 +82,7 @@ def offloads(lab: Lab, mode: str) -> None:
     XDP native on veth: GRO on the hosts' ends, no TX checksum (so no TSO) at the sender."""
     gso = "on"
     tx = "off" if mode == "xdp-native" else "on"
-    lab.run("client", ["ethtool", "-K", "to-steer", "tso", gso, "gso", gso, "tx", tx],
-            check=False)  # fmt: skip
+    lab.run("client", ["ethtool", "-K", "to-steer", "tso", gso, "gso", gso, "tx", tx], check=False)
     for host in lab.plan.hosts:
         gro = "on" if mode == "xdp-native" else "off"
         lab.run(host, ["ethtool", "-K", "to-steer", "gro", gro], check=False)
@@ -152,8 +151,11 @@ def park_replay(lab: Lab, parked: int, rounds: int = 20) -> dict[str, float]:
     finally:
         st.destroy()
     us = sorted(t * 1e6 for t in times)
-    return {"parked_packets": parked, "median_us": round(statistics.median(us), 1),
-            "max_us": round(us[-1], 1)}  # fmt: skip
+    return {
+        "parked_packets": parked,
+        "median_us": round(statistics.median(us), 1),
+        "max_us": round(us[-1], 1),
+    }
 
 
 def main() -> int:
@@ -165,8 +167,11 @@ def main() -> int:
         modes = ("tc", "xdp-generic", "xdp-native")
         results = {mode: measure(lab, mode, args.seconds) for mode in modes}
         results["park_replay"] = [park_replay(lab, n) for n in (1, 10, 100)]
-    report = {"benchmark": "steer", "bar": "tc bulk ratio >= 0.9 with offloads on",
-              "results": results}  # fmt: skip
+    report = {
+        "benchmark": "steer",
+        "bar": "tc bulk ratio >= 0.9 with offloads on",
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(results, indent=2))

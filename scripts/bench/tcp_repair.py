@@ -277,11 +277,18 @@ def move_once(ns: str, flow: BackedUp, port: int, in_flight: bool) -> dict[str, 
     flow.client.close()
     new.close()
     return {
-        "dump": t1 - t0, "encode": t2 - t1, "decode": t3 - t2, "restore": t5 - t4,
-        "freeze": (t3 - t0) + (t5 - t4), "dump_restore": (t1 - t0) + (t5 - t4),
-        "baseline_copy": b1 - b0, "baseline_encode_sized": b2 - b1,
-        "queue_recv": split[0], "queue_unacked": split[1], "queue_unsent": split[2],
-    }  # fmt: skip
+        "dump": t1 - t0,
+        "encode": t2 - t1,
+        "decode": t3 - t2,
+        "restore": t5 - t4,
+        "freeze": (t3 - t0) + (t5 - t4),
+        "dump_restore": (t1 - t0) + (t5 - t4),
+        "baseline_copy": b1 - b0,
+        "baseline_encode_sized": b2 - b1,
+        "queue_recv": split[0],
+        "queue_unacked": split[1],
+        "queue_unsent": split[2],
+    }
 
 
 def run_backlog(ns: str, send: int, recv: int, in_flight: bool, repeat: int) -> dict[str, object]:
@@ -314,8 +321,11 @@ def run_backlog(ns: str, send: int, recv: int, in_flight: bool, repeat: int) -> 
 
 def summary_ms(values: list[float]) -> dict[str, float]:
     ms = [v * 1e3 for v in values]
-    return {"median_ms": round(statistics.median(ms), 3), "max_ms": round(max(ms), 3),
-            "first_ms": round(ms[0], 3)}  # fmt: skip
+    return {
+        "median_ms": round(statistics.median(ms), 3),
+        "max_ms": round(max(ms), 3),
+        "first_ms": round(ms[0], 3),
+    }
 
 
 def main() -> int:
@@ -370,8 +380,11 @@ def main() -> int:
         for op in ("dump", "release", "restore", "baseline_connect_accept", "baseline_tcp_info"):
             s = r[op]
             print(f"{name:<7} {op:<24} {s['median_us']:>10.1f} {s['p99_us']:>10.1f}")
-    columns = {**{step: step for step in STEPS}, "baseline_copy": "copy (base)",
-               "baseline_encode_sized": "sized enc (base)"}  # fmt: skip
+    columns = {
+        **{step: step for step in STEPS},
+        "baseline_copy": "copy (base)",
+        "baseline_encode_sized": "sized enc (base)",
+    }
     print(f"\n{'backed up: median ms':<22}" + "".join(f"{c:>17}" for c in columns.values()))
     for name, r in backlog.items():
         print(f"{name:<22}" + "".join(f"{r[step]['median_ms']:>17.2f}" for step in columns))

@@ -98,8 +98,9 @@ def worker(suite: str, impl: str, mb: int, pki_dir: Path) -> dict[str, float]:
     version, openssl_name = SUITES[suite]
     chain, key, ca = (pki_dir / n for n in ("chain.pem", "key.pem", "ca.pem"))
     listener = socket.create_server(("127.0.0.1", 0))
-    client = subprocess.Popen([sys.executable, "-c", CLIENT, str(listener.getsockname()[1]),
-                               str(mb), str(ca), version])  # fmt: skip
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, str(listener.getsockname()[1]), str(mb), str(ca), version]
+    )
     sock, _ = listener.accept()
     if impl == "ssl":
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -150,8 +151,9 @@ def main() -> int:
     parser.add_argument("--mb", type=int, default=200, help="MB each way (200)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per suite and side (3)")
     parser.add_argument("--out", type=Path, default=Path("results/bench/tls_record.json"))
-    parser.add_argument("--worker", nargs=4, metavar=("SUITE", "IMPL", "MB", "PKI"),
-                        help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument(
+        "--worker", nargs=4, metavar=("SUITE", "IMPL", "MB", "PKI"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.worker:
         suite, impl, mb, pki = args.worker
@@ -176,8 +178,11 @@ def main() -> int:
             for impl in ("ssl", "pysteer"):
                 out = subprocess.run(
                     [sys.executable, __file__, "--worker", suite, impl, str(args.mb), str(tmp)],
-                    env=env, capture_output=True, text=True, check=True,
-                )  # fmt: skip
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 runs[impl].append(json.loads(out.stdout.splitlines()[-1]))
         ratios = [
             s["seconds"] / p["seconds"] for s, p in zip(runs["ssl"], runs["pysteer"], strict=True)
@@ -193,11 +198,17 @@ def main() -> int:
             "state_bytes": last["state_bytes"],
         }
         r = results[suite]
-        print(f"{suite:<46} ratio {r['median_ratio_ssl_over_pysteer']:.2f}  export "
-              f"{r['export_us']:.0f} µs  import {r['import_us']:.0f} µs  "
-              f"state {r['state_bytes']} B", flush=True)  # fmt: skip
-    report = {"benchmark": "tls_record", "bar": "median ratio >= 0.9 for every suite",
-              "results": results}  # fmt: skip
+        print(
+            f"{suite:<46} ratio {r['median_ratio_ssl_over_pysteer']:.2f}  export "
+            f"{r['export_us']:.0f} µs  import {r['import_us']:.0f} µs  "
+            f"state {r['state_bytes']} B",
+            flush=True,
+        )
+    report = {
+        "benchmark": "tls_record",
+        "bar": "median ratio >= 0.9 for every suite",
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

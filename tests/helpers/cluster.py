@@ -29,9 +29,13 @@ HELPERS = Path(__file__).parent
 class Cluster(LabCluster):
     # --- the CLI ------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*PYSTEER, *args, "--config", str(self.config)],
-                              capture_output=True, text=True, timeout=timeout,
-                              check=False)  # fmt: skip
+        return subprocess.run(
+            [*PYSTEER, *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def flows(self) -> list[dict[str, Any]]:
         out = self.cli("flows", "--json")
@@ -44,8 +48,11 @@ class Cluster(LabCluster):
     def wait_new_flow(self, before: set[str], port: int, timeout: float = 20) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            new = [f for f in self.flows()
-                   if f["flow"] not in before and f["flow"].endswith(f":{port}")]  # fmt: skip
+            new = [
+                f
+                for f in self.flows()
+                if f["flow"] not in before and f["flow"].endswith(f":{port}")
+            ]
             if new:
                 assert len(new) == 1, new
                 return new[0]
@@ -61,8 +68,13 @@ class Cluster(LabCluster):
 
     def steer(self, *args: str) -> subprocess.CompletedProcess[str]:
         """``pysteer steer ARGS`` against this cluster's steering daemon."""
-        return subprocess.run([*PYSTEER, "steer", *args, "--name", self.lab.prefix],
-                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+        return subprocess.run(
+            [*PYSTEER, "steer", *args, "--name", self.lab.prefix],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     def steer_rows(self) -> dict[str, dict[str, Any]]:
         out = self.steer("flows", "--json")
@@ -75,15 +87,23 @@ class Cluster(LabCluster):
         return json.loads(out.stdout)
 
     def steer_row(self, flow: str) -> dict[str, Any] | None:
-        out = subprocess.run([*PYSTEER, "steer", "flows", "--json", "--name", self.lab.prefix],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [*PYSTEER, "steer", "flows", "--json", "--name", self.lab.prefix],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return next((r for r in json.loads(out.stdout) if r["flow"] == flow), None)
 
     def client_counters(self) -> dict[str, int]:
         ext = self.lab.call("client", netstat, "TcpExt")
         tcp = self.lab.call("client", netstat, "Tcp")
-        return {"TCPTimeouts": ext["TCPTimeouts"], "RetransSegs": tcp["RetransSegs"],
-                "EstabResets": tcp["EstabResets"], "ActiveOpens": tcp["ActiveOpens"]}  # fmt: skip
+        return {
+            "TCPTimeouts": ext["TCPTimeouts"],
+            "RetransSegs": tcp["RetransSegs"],
+            "EstabResets": tcp["EstabResets"],
+            "ActiveOpens": tcp["ActiveOpens"],
+        }
 
 
 @contextlib.contextmanager
@@ -99,8 +119,9 @@ def running_cluster(
     """A lab with the steering daemon and both agents running; all removed afterwards."""
     require_root()
     lab = Lab(prefix=unique_prefix(), plan=load()).up()
-    cluster = Cluster(lab, directory, extra=extra, steer_args=steer_args, agent_args=agent_args,
-                      services=services)  # fmt: skip
+    cluster = Cluster(
+        lab, directory, extra=extra, steer_args=steer_args, agent_args=agent_args, services=services
+    )
     if metrics_port is not None:
         cluster.serve_metrics(metrics_port)
     try:

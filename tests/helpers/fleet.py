@@ -38,8 +38,9 @@ class Conn:
 
 
 class Fleet:
-    def __init__(self, lab: Lab, port: int, count: int, *, ca: Path | None = None,
-                 family: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self, lab: Lab, port: int, count: int, *, ca: Path | None = None, family: int = 4
+    ) -> None:
         self.lab, self.port = lab, port
         vip = str(lab.plan.vip(family))
         self.loop = asyncio.new_event_loop()
@@ -164,8 +165,9 @@ class Fleet:
                 if how == "rst":
                     sock = conn.writer.get_extra_info("socket")
                     if sock is not None:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                        struct.pack("ii", 1, 0))  # fmt: skip
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
                     conn.writer.transport.abort()
                 else:
                     conn.writer.close()

@@ -25,7 +25,10 @@ class NftDrop:
     def __init__(self, namespace: str, hook: str = "prerouting") -> None:
         self.namespace = namespace
         self.table = f"{TABLE}_{hook}"
-        self._nft("-f", "-", input=f"""
+        self._nft(
+            "-f",
+            "-",
+            input=f"""
 table inet {self.table} {{
   set flows4 {{ type ipv4_addr . inet_service . ipv4_addr . inet_service; }}
   set flows6 {{ type ipv6_addr . inet_service . ipv6_addr . inet_service; }}
@@ -36,7 +39,8 @@ table inet {self.table} {{
     ip6 saddr . tcp sport . ip6 daddr . tcp dport @flows6 counter drop
   }}
 }}
-""")  # fmt: skip
+""",
+        )
 
     def _nft(self, *args: str, input: str | None = None) -> None:
         subprocess.run(

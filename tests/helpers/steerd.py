@@ -20,10 +20,24 @@ PYSTEER = [sys.executable, "-m", "pysteer"]
 class DaemonProc:
     def __init__(self, lab: Lab, name: str, *extra: str) -> None:
         self.lab, self.name = lab, name
-        self.argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client",
-                     "--netns", lab.netns("steer"), "--mode", "tc",
-                     "--host", f"a=to-a,{lab.mac('a', 'to-steer')}",
-                     "--host", f"b=to-b,{lab.mac('b', 'to-steer')}", *extra]  # fmt: skip
+        self.argv = [
+            *PYSTEER,
+            "steer",
+            "run",
+            "--name",
+            name,
+            "--ifname",
+            "to-client",
+            "--netns",
+            lab.netns("steer"),
+            "--mode",
+            "tc",
+            "--host",
+            f"a=to-a,{lab.mac('a', 'to-steer')}",
+            "--host",
+            f"b=to-b,{lab.mac('b', 'to-steer')}",
+            *extra,
+        ]
         self.proc: subprocess.Popen | None = None
         self.log_path = Path(tempfile.mkdtemp(prefix="pysteer-steerd-")) / "steer.log"
 
@@ -31,8 +45,9 @@ class DaemonProc:
         """Start it (with ``more`` options this time) and wait until it serves."""
         start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("a") as out:
-            self.proc = subprocess.Popen([*self.argv, *more], stdout=out,
-                                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [*self.argv, *more], stdout=out, stderr=subprocess.STDOUT, text=True
+            )
         deadline = time.monotonic() + 60
         while "control at" not in self.log()[start:]:
             assert self.proc.poll() is None, self.log()[start:]
@@ -67,5 +82,10 @@ class DaemonProc:
 
 
 def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*PYSTEER, "steer", *args, "--name", name], capture_output=True,
-                          text=True, check=False, timeout=30)  # fmt: skip
+    return subprocess.run(
+        [*PYSTEER, "steer", *args, "--name", name],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )

@@ -60,8 +60,12 @@ class Guard:
         subprocess.run(["nft", "delete", "table", "inet", self.table], check=False)
 
     def packets(self) -> int:
-        out = subprocess.run(["nft", "-j", "list", "counter", "inet", self.table, "leak"],
-                             capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            ["nft", "-j", "list", "counter", "inet", self.table, "leak"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         entry = next(e for e in json.loads(out.stdout)["nftables"] if "counter" in e)
         return entry["counter"]["packets"]
 
@@ -113,8 +117,13 @@ def variant(cluster: Cluster, name: str, edit: dict[str, str]) -> Path:
 def cli(config: Path, *args: str, netns: str | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI in the root namespace, or in namespace ``netns`` (an operator on that host)."""
     argv = [*PYSTEER, *args, "--config", str(config)]
-    return subprocess.run(argv if netns is None else ["ip", "netns", "exec", netns, *argv],
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    return subprocess.run(
+        argv if netns is None else ["ip", "netns", "exec", netns, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def assert_served(session: Session) -> None:

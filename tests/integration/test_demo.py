@@ -11,8 +11,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_passes_and_reports_nothing_lost() -> None:
     require_root()
-    out = subprocess.run([str(ROOT / "scripts" / "demo"), "--prefix", unique_prefix()],
-                         capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    out = subprocess.run(
+        [str(ROOT / "scripts" / "demo"), "--prefix", unique_prefix()],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     report = out.stdout[out.stdout.index("pysteer demo report") :]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "RESULT: PASS" in report

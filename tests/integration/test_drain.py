@@ -41,10 +41,32 @@ class Clients:
         ca = str(cluster.client_ca)
         self.sessions = []
         for i in range(ACTIVE_PROCESSES):
-            argv = (["openssl", "s_client", "-connect", f"{vip}:443", "-servername", "vip",
-                     "-CAfile", ca, "-quiet"] if i % 2 == 0 else
-                    ["gnutls-cli", "--x509cafile", ca, "--verify-hostname", "vip", "--logfile",
-                     "/dev/null", "-p", "443", vip])  # fmt: skip
+            argv = (
+                [
+                    "openssl",
+                    "s_client",
+                    "-connect",
+                    f"{vip}:443",
+                    "-servername",
+                    "vip",
+                    "-CAfile",
+                    ca,
+                    "-quiet",
+                ]
+                if i % 2 == 0
+                else [
+                    "gnutls-cli",
+                    "--x509cafile",
+                    ca,
+                    "--verify-hostname",
+                    "vip",
+                    "--logfile",
+                    "/dev/null",
+                    "-p",
+                    "443",
+                    vip,
+                ]
+            )
             session = Session(lab, argv, interval=0.2)
             self.sessions.append(session)
         ctx = ssl.create_default_context(cafile=ca)
@@ -94,8 +116,17 @@ class Clients:
 
 
 def drain_argv(cluster: Cluster, source: str, target: str, *extra: str) -> list[str]:
-    return [*PYSTEER, "drain", "--from", source, "--to", target, "--config", str(cluster.config),
-            *extra]  # fmt: skip
+    return [
+        *PYSTEER,
+        "drain",
+        "--from",
+        source,
+        "--to",
+        target,
+        "--config",
+        str(cluster.config),
+        *extra,
+    ]
 
 
 def nodes_of(cluster: Cluster) -> dict[str, list[str]]:
@@ -113,13 +144,18 @@ def test_drain_moves_everything_and_new_connections_go_to_b(cluster: Cluster) ->
         dry = cluster.cli("drain", "--from", "a", "--to", "b", "--dry-run")
         assert dry.returncode == 0
         assert f"would move {clients.total()} flow(s) from a to b" in dry.stdout
-        proc = subprocess.Popen(drain_argv(cluster, "a", "b", "--json"), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            drain_argv(cluster, "a", "b", "--json"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         # A new connection while the drain runs lands on b (the steering node diverts it).
         progress = proc.stderr.readline()
         assert re.match(r"\d+/\d+ done", progress), progress
-        newcomer = cluster.lab.call("client", socket.create_connection,
-                                    (str(cluster.lab.plan.vip(4)), 7000))  # fmt: skip
+        newcomer = cluster.lab.call(
+            "client", socket.create_connection, (str(cluster.lab.plan.vip(4)), 7000)
+        )
         newcomer.settimeout(10)
         assert newcomer.recv(100) == b"ticker ready\n"
         out, err = proc.communicate(timeout=300)
@@ -127,8 +163,10 @@ def test_drain_moves_everything_and_new_connections_go_to_b(cluster: Cluster) ->
         summary = json.loads(out)
         assert summary["moved"] == clients.total() and summary["remaining"] == []
         assert summary["failed"] == summary["rolled_back"] == 0
-        print(f"\ndrain of {clients.total()}: {summary['per_second']}/s, freeze "
-              f"{summary['freeze_ms']}")  # fmt: skip
+        print(
+            f"\ndrain of {clients.total()}: {summary['per_second']}/s, freeze "
+            f"{summary['freeze_ms']}"
+        )
         local = newcomer.getsockname()
         flow = f"{local[0]}:{local[1]}-{cluster.lab.plan.vip(4)}:7000"
         assert cluster.owner(flow) == "b"
@@ -148,8 +186,9 @@ def test_drain_moves_everything_and_new_connections_go_to_b(cluster: Cluster) ->
     assert after["TCPTimeouts"] == before["TCPTimeouts"]
     # undrain: a takes new connections again
     assert cluster.cli("undrain", "a").returncode == 0
-    fresh = cluster.lab.call("client", socket.create_connection,
-                             (str(cluster.lab.plan.vip(4)), 7000))  # fmt: skip
+    fresh = cluster.lab.call(
+        "client", socket.create_connection, (str(cluster.lab.plan.vip(4)), 7000)
+    )
     fresh.settimeout(10)
     assert fresh.recv(100) == b"ticker ready\n"
     local = fresh.getsockname()
@@ -174,8 +213,12 @@ def test_interrupted_drain(cluster: Cluster, sig: int) -> None:
         t.start()
     ours = {f"{t.sock.getsockname()[0]}:{t.sock.getsockname()[1]}-{vip}:443" for t in threads}
     time.sleep(0.5)
-    proc = subprocess.Popen(drain_argv(cluster, "a", "b", "--batch", "4"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        drain_argv(cluster, "a", "b", "--batch", "4"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stderr.readline()  # the first batch's progress
     assert re.match(r"\d+/\d+ done", line), (line, proc.stderr.read())
     proc.send_signal(sig)
@@ -189,8 +232,9 @@ def test_interrupted_drain(cluster: Cluster, sig: int) -> None:
     assert all(len(where[f]) == 1 for f in ours), "a flow on two hosts"
     on_a = [f for f in ours if where[f] == ["a"]]
     assert 0 < len(on_a) < len(ours), "the drain was not interrupted midway"
-    again = subprocess.run(drain_argv(cluster, "a", "b"), capture_output=True, text=True,
-                           timeout=120, check=False)  # fmt: skip
+    again = subprocess.run(
+        drain_argv(cluster, "a", "b"), capture_output=True, text=True, timeout=120, check=False
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "a serves no flow" in again.stdout
     where = nodes_of(cluster)

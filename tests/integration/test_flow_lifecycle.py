@@ -161,8 +161,10 @@ def test_a_retransmitted_syn_keeps_its_entry(lab: Lab, steerd: DaemonProc) -> No
     on_b = lab.call("b", listen, socket.AF_INET, vip, PORT)
     on_b.settimeout(5)
     assert steerd.cli("divert", vip, "b").returncode == 0
-    drop = ("table inet pt {\n chain o {\n  type filter hook output priority 0;\n"
-            "  tcp flags & (syn | ack) == syn | ack drop\n }\n}\n")  # fmt: skip
+    drop = (
+        "table inet pt {\n chain o {\n  type filter hook output priority 0;\n"
+        "  tcp flags & (syn | ack) == syn | ack drop\n }\n}\n"
+    )
     lab.run("b", ["nft", "-f", "-"], input=drop)  # b's first SYN-ACKs are lost
     client = client_on(lab, 44200)
     client.setblocking(False)
@@ -253,8 +255,16 @@ def metric(text: str, name: str) -> float:
 def test_a_full_table_is_an_error_the_operator_sees(lab: Lab) -> None:
     """With room for 2 flows: a third park is refused, logged, counted and exported; and a
     SYN that a drain would divert goes its usual way, counted, logged, exported."""
-    d = DaemonProc(lab, unique_prefix(), "--max-flows", "2", "--gc-interval", "0.2",
-                   "--metrics", "127.0.0.1:9187")  # fmt: skip
+    d = DaemonProc(
+        lab,
+        unique_prefix(),
+        "--max-flows",
+        "2",
+        "--gc-interval",
+        "0.2",
+        "--metrics",
+        "127.0.0.1:9187",
+    )
     d.start()
     try:
         vip = str(lab.plan.vip_v4)
@@ -296,8 +306,9 @@ def test_max_flows_must_match_the_pinned_table(lab: Lab) -> None:
         flow = flow_of(lab, 44501)
         assert d.cli("to", flow, "b").returncode == 0
         d.stop()
-        out = subprocess.run([*d.argv, "--max-flows", "16"], capture_output=True, text=True,
-                             timeout=60, check=False)  # fmt: skip
+        out = subprocess.run(
+            [*d.argv, "--max-flows", "16"], capture_output=True, text=True, timeout=60, check=False
+        )
         assert out.returncode == 2
         assert "holds 8 flows, and --max-flows 16 differs" in out.stderr
         assert "nothing running was changed" in out.stderr
@@ -331,13 +342,17 @@ def test_a_failed_start_leaves_steering_running(lab: Lab) -> None:
         good = d.argv[d.argv.index("--host") :]
         bad = {
             "host": (["--host", "a=10.77.99.2", *good[2:]], "--host a: no route"),
-            "ifname": ([*good, "--host", "c=to-nowhere,02:00:00:00:00:01"],
-                       "no interface 'to-nowhere'"),
+            "ifname": (
+                [*good, "--host", "c=to-nowhere,02:00:00:00:00:01"],
+                "no interface 'to-nowhere'",
+            ),
             "mac": (["--host", "a=to-a,zz:00:00:00:00:01", *good[2:]], "not a MAC address"),
             "own mac": (["--host", f"a=to-a,{own}", *good[2:]], "the steering node's own MAC"),
-            "client link": ([*[x if x != "to-client" else "to-nowhere" for x in base[4:]]],
-                            "no interface"),
-        }  # fmt: skip
+            "client link": (
+                [*[x if x != "to-client" else "to-nowhere" for x in base[4:]]],
+                "no interface",
+            ),
+        }
         for what, (args, message) in bad.items():
             argv = base + args if what != "client link" else [*base[:4], *args, *good]
             out = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
@@ -352,7 +367,9 @@ def test_a_failed_start_leaves_steering_running(lab: Lab) -> None:
         d.start()
         assert entries(d)[flow]["host"] == "b"
         assert {h["name"]: h["id"] for h in json.loads(d.cli("hosts", "--json").stdout)} == {
-            "a": 0, "b": 1}  # fmt: skip
+            "a": 0,
+            "b": 1,
+        }
         exchange(client, server, b"and after the restart")
         for s in (client, server, on_b):
             s.close()
@@ -370,11 +387,20 @@ def test_lab_down_removes_pins_locks_and_daemon(lab_factory: Callable[..., Lab])
     ledger_dir = run / lab.prefix
     ledger_dir.mkdir(exist_ok=True)
     (ledger_dir / "ledger-a.log").write_text("")
-    paths = [pins.PIN_ROOT / lab.prefix, run / f"steer-{lab.prefix}.lock",
-             run / f"steer-{lab.prefix}.sock", ledger_dir]  # fmt: skip
+    paths = [
+        pins.PIN_ROOT / lab.prefix,
+        run / f"steer-{lab.prefix}.lock",
+        run / f"steer-{lab.prefix}.sock",
+        ledger_dir,
+    ]
     assert all(p.exists() for p in paths)
-    out = subprocess.run([*PYSTEER, "lab", "down", "--prefix", lab.prefix], capture_output=True,
-                         text=True, timeout=60, check=False)  # fmt: skip
+    out = subprocess.run(
+        [*PYSTEER, "lab", "down", "--prefix", lab.prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert d.proc is not None and d.proc.wait(10) is not None
     assert [p for p in paths if p.exists()] == []

@@ -56,8 +56,9 @@ def readable_without_ptrace(pid: int) -> bool:
     check) only if the target is dumpable; CAP_SYS_PTRACE would bypass the flag, so the
     checker and the target both run without it."""
     code = f"open('/proc/{pid}/mem', 'rb').close()"
-    out = subprocess.run([*NO_PTRACE, "python3", "-c", code], capture_output=True, text=True,
-                         timeout=30, check=False)  # fmt: skip
+    out = subprocess.run(
+        [*NO_PTRACE, "python3", "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
     assert out.returncode == 0 or "PermissionError" in out.stderr, out.stderr
     return out.returncode == 0
 
@@ -115,11 +116,16 @@ def test_daemons_holding_keys_are_not_dumpable(lab: Lab, cluster_files: Path) ->
         assert core_limit(sleeper.pid) == (_CORES, _CORES) != ("0", "0")
         logs = cluster_files.parent
         pids = [
-            start_daemon(steer_argv(lab, cluster_files), logs / "steer.log", subprocess.Popen,
-                         procs),
-            start_daemon(agent_argv(cluster_files, "a"), logs / "a.log",
-                         lambda argv, **kw: lab.popen("a", argv, **kw), procs),
-        ]  # fmt: skip
+            start_daemon(
+                steer_argv(lab, cluster_files), logs / "steer.log", subprocess.Popen, procs
+            ),
+            start_daemon(
+                agent_argv(cluster_files, "a"),
+                logs / "a.log",
+                lambda argv, **kw: lab.popen("a", argv, **kw),
+                procs,
+            ),
+        ]
         for pid in pids:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             assert b"run" in cmdline, cmdline  # the daemon itself, not a wrapper
@@ -169,11 +175,17 @@ def test_pin_dirs_others_could_change_are_refused(lab: Lab) -> None:
         maps, attached = pinned(path), tc_state(lab)
         assert maps and "pysteer" in attached
         for tamper, why, restore in (
-            (lambda: os.chown(path, NOBODY, NOBODY),
-             f"it belongs to uid {NOBODY}, not to uid 0", lambda: os.chown(path, 0, 0)),
-            (lambda: path.chmod(0o777), "its group or others may write it (mode 0777)",
-             lambda: path.chmod(0o700)),
-        ):  # fmt: skip
+            (
+                lambda: os.chown(path, NOBODY, NOBODY),
+                f"it belongs to uid {NOBODY}, not to uid 0",
+                lambda: os.chown(path, 0, 0),
+            ),
+            (
+                lambda: path.chmod(0o777),
+                "its group or others may write it (mode 0777)",
+                lambda: path.chmod(0o700),
+            ),
+        ):
             tamper()
             try:
                 out = start_refused(d.argv)
@@ -281,8 +293,9 @@ class Steering:
     def remote_ok(self) -> bool:
         """Whether a steered host's agent gets an answer on the TLS listener."""
         with contextlib.suppress(ControlError):
-            answer = self.lab.call("steer", request_remote, self.remote, self.agent,
-                                   self.lab.plan.steer, "hosts")  # fmt: skip
+            answer = self.lab.call(
+                "steer", request_remote, self.remote, self.agent, self.lab.plan.steer, "hosts"
+            )
             return [h["name"] for h in answer["hosts"]] == ["a", "b"]
         return False
 
@@ -358,8 +371,9 @@ def test_remote_control_connections_are_bounded(steering: Steering) -> None:
     (Before, 256 such connections locked every agent out for their 10 s handshakes.)"""
     extra, pid = 44, steering.pid
     base = threads(pid)
-    floods = steering.lab.call("client", connect_tcp, steering.remote,
-                               MAX_HANDSHAKES_PER_SOURCE + extra)  # fmt: skip
+    floods = steering.lab.call(
+        "client", connect_tcp, steering.remote, MAX_HANDSHAKES_PER_SOURCE + extra
+    )
     try:
         settle(lambda: len(answered(floods)) >= extra, 5)  # the others wait out 5 s
         facts = {
@@ -401,8 +415,9 @@ def test_one_host_cannot_use_up_the_sessions(steering: Steering, cluster_files: 
     try:
         settle(lambda: len(hung_up(held)) >= extra, 5)
         closed = len(hung_up(held))
-        answer = steering.lab.call("steer", request_remote, steering.remote, b,
-                                   steering.lab.plan.steer, "hosts")  # fmt: skip
+        answer = steering.lab.call(
+            "steer", request_remote, steering.remote, b, steering.lab.plan.steer, "hosts"
+        )
     finally:
         close(held)
     assert (closed, [h["name"] for h in answer["hosts"]]) == (extra, ["a", "b"])

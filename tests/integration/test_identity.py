@@ -54,8 +54,9 @@ def minted(cluster: Cluster, tmp: Path) -> dict[str, tuple[Path, Path]]:
     return files
 
 
-def call(cluster: Cluster, address: tuple[str, int], server: str, cert: tuple[Path, Path],
-         request: bytes) -> bytes:  # fmt: skip
+def call(
+    cluster: Cluster, address: tuple[str, int], server: str, cert: tuple[Path, Path], request: bytes
+) -> bytes:
     """From host a's namespace: handshake with ``cert``, send ``request``, read the answer
     (b"" if the server hung up; an SSLError if it refused during the handshake)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -118,8 +119,11 @@ def test_agent_checks_identity(cluster: Cluster, tmp_path: Path) -> None:
         before = cluster.log("b").count("refused a peer connection")
         answer = call(cluster, address, "b", files[name], hello)
         assert b"node" not in answer, (name, answer)
-        wait_until(lambda n=before: cluster.log("b").count("refused a peer connection") > n,
-                   timeout=5, what=f"agent b logs refusing {name}")  # fmt: skip
+        wait_until(
+            lambda n=before: cluster.log("b").count("refused a peer connection") > n,
+            timeout=5,
+            what=f"agent b logs refusing {name}",
+        )
         last = cluster.log("b").rsplit("refused a peer connection", 1)[1]
         assert re.search(REASONS[name], last.splitlines()[0]), (name, last[:300])
     assert b"node" in call(cluster, address, "b", files["node"], hello)
@@ -150,8 +154,11 @@ def test_links_check_the_server_they_reach(cluster: Cluster, tmp_path: Path) -> 
         listener = cluster.lab.call("a", socket.create_server, ("127.0.0.1", 0))
         served: list[bytes] = []
 
-        def serve(listener: socket.socket = listener, server_ctx: ssl.SSLContext = server_ctx,
-                  served: list[bytes] = served) -> None:  # fmt: skip
+        def serve(
+            listener: socket.socket = listener,
+            server_ctx: ssl.SSLContext = server_ctx,
+            served: list[bytes] = served,
+        ) -> None:
             with listener, listener.accept()[0] as raw:
                 raw.settimeout(5)
                 try:
@@ -178,18 +185,34 @@ def test_a_host_speaks_only_for_itself(cluster: Cluster) -> None:
     refused = {
         "sync-as-b": ({"cmd": "sync", "host": "b", "flows": []}, "host must be the caller (a)"),
         "closed-as-b": ({"cmd": "closed", "host": "b", "flows": [flow]}, "must be the caller"),
-        "claim-as-b": ({"cmd": "claim", "host": "b", "flow": flow, "token": 1},
-                       "must be the caller"),
+        "claim-as-b": (
+            {"cmd": "claim", "host": "b", "flow": flow, "token": 1},
+            "must be the caller",
+        ),
         "park-owned-by-b": ({"cmd": "park", "flow": flow, "owner": "b"}, "must be the caller"),
         "forget": ({"cmd": "forget", "flow": flow}, "is not an agent's command"),
         "to": ({"cmd": "to", "flow": flow, "host": "a"}, "is not an agent's command"),
         "gc": ({"cmd": "gc"}, "is not an agent's command"),
-    }  # fmt: skip
+    }
     for name, (request, error) in refused.items():
-        answer = json.loads(call(cluster, address, plan.steer, (d / "a.pem", d / "a.key"),
-                                 json.dumps(request).encode() + b"\n"))  # fmt: skip
+        answer = json.loads(
+            call(
+                cluster,
+                address,
+                plan.steer,
+                (d / "a.pem", d / "a.key"),
+                json.dumps(request).encode() + b"\n",
+            )
+        )
         assert answer["ok"] is False and error in answer["error"], (name, answer)
     own = {"cmd": "sync", "host": "a", "flows": [], "done": False}  # a part: changes nothing
-    answer = json.loads(call(cluster, address, plan.steer, (d / "a.pem", d / "a.key"),
-                             json.dumps(own).encode() + b"\n"))  # fmt: skip
+    answer = json.loads(
+        call(
+            cluster,
+            address,
+            plan.steer,
+            (d / "a.pem", d / "a.key"),
+            json.dumps(own).encode() + b"\n",
+        )
+    )
     assert answer["ok"] is True, answer

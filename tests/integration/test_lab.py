@@ -121,8 +121,11 @@ def test_down_leaves_no_namespace_link_or_process() -> None:
         # setsid'd children survive the parent's death: down must find them by namespace.
         orphan = lab.popen("b", ["setsid", "sleep", "300"])
         # `ip netns exec` enters the namespace after Popen returns: wait until each has one.
-        wait_until(lambda: all(netns.pids(name) for name in lab.namespaces.values()), 10,
-                   "a process in every namespace")  # fmt: skip
+        wait_until(
+            lambda: all(netns.pids(name) for name in lab.namespaces.values()),
+            10,
+            "a process in every namespace",
+        )
         assert lab.down() == list(lab.namespaces.values())
         for proc in [*procs, orphan]:
             assert proc.wait(5) is not None

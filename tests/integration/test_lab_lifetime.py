@@ -44,8 +44,9 @@ def running_daemon(pid: int) -> bool:
 
 
 def test_daemons_die_with_their_parent(lab: Lab, tmp_path: Path) -> None:
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, lab.prefix, str(tmp_path)],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, lab.prefix, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
     pids: dict[str, int] = {}
     try:
         line = parent.stdout.readline()  # once every daemon said "control at"

@@ -25,9 +25,12 @@ SERVICES = DEFAULT_SERVICES | {ECHO: ("echo", False)}
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with running_cluster(tmp_path_factory.mktemp("cluster"), services=SERVICES,
-                         steer_args=["--gc-interval", "0.3", "--idle-timeout", "3"],
-                         agent_args=["--sync-interval", "1"]) as c:  # fmt: skip
+    with running_cluster(
+        tmp_path_factory.mktemp("cluster"),
+        services=SERVICES,
+        steer_args=["--gc-interval", "0.3", "--idle-timeout", "3"],
+        agent_args=["--sync-interval", "1"],
+    ) as c:
         yield c
 
 
@@ -40,8 +43,7 @@ def steer_stats(cluster: Cluster) -> dict:
 
 
 def drain(cluster: Cluster, source: str, target: str) -> dict:
-    stream = Stream(control_path_for(cluster, source), "drain", to=target, batch=64,
-                    timeout_s=10)  # fmt: skip
+    stream = Stream(control_path_for(cluster, source), "drain", to=target, batch=64, timeout_s=10)
     try:
         while "progress" in (answer := stream.next()):
             pass
@@ -70,8 +72,7 @@ def test_two_thousand_moved_connections_leave_no_entry(cluster: Cluster) -> None
         wait_until(lambda: not rows(cluster), 5, "every entry to go")
         after = steer_stats(cluster)
         assert after["gc_idle"] == before["gc_idle"]
-        ended = sum(after[k] - before[k] for k in ("closed_fin", "closed_rst",
-                                                  "closed_by_agents"))  # fmt: skip
+        ended = sum(after[k] - before[k] for k in ("closed_fin", "closed_rst", "closed_by_agents"))
         assert ended >= 2000, after
         assert after["table_full"] == 0
     finally:
@@ -82,8 +83,7 @@ def test_two_thousand_moved_connections_leave_no_entry(cluster: Cluster) -> None
 def test_a_small_table_keeps_working_through_many_moves(tmp_path: Path) -> None:
     """A table bounded at 64 entries and 1,000 short connections, each moved to b and
     closed, one after the other: every move works, and the table never fills."""
-    with running_cluster(tmp_path, services=SERVICES,
-                         steer_args=["--max-flows", "64"]) as cluster:  # fmt: skip
+    with running_cluster(tmp_path, services=SERVICES, steer_args=["--max-flows", "64"]) as cluster:
         vip = str(cluster.lab.plan.vip(4))
         path = control_path_for(cluster, "a")
         for i in range(1000):
@@ -177,8 +177,9 @@ def test_a_restarted_agent_serves_the_vip_at_once(cluster: Cluster) -> None:
         flow = f"{local[0]}:{local[1]}-{vip}:{ECHO}"
         sock.sendall(b"x\n")
         assert sock.recv(10) == b"x\n"
-        assert ask(path, "migrate", flow=flow, to="b", timeout_s=5)["migration"]["outcome"] == \
-            "moved"  # fmt: skip
+        assert (
+            ask(path, "migrate", flow=flow, to="b", timeout_s=5)["migration"]["outcome"] == "moved"
+        )
         socks.append(sock)
     served = len(ask(control_path_for(cluster, "b"), "flows")["flows"])
     assert served >= 3

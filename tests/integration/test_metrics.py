@@ -70,13 +70,19 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
     assert a['pysteer_freeze_window_seconds_count{node="a"}'] == 1
     assert b['pysteer_freeze_window_seconds_count{node="b"}'] == 1
     assert a['pysteer_freeze_window_seconds_sum{node="a"}'] == pytest.approx(
-        reports[0]["freeze_ms"] / 1000, rel=1e-6)  # fmt: skip
+        reports[0]["freeze_ms"] / 1000, rel=1e-6
+    )
     assert a['pysteer_flows{node="a"}'] == 1 and b['pysteer_flows{node="b"}'] == 0
 
     steer = scrape(cluster, "steer")
-    stats = json.loads(subprocess.run(
-        [*PYSTEER, "steer", "stats", "--json", "--name", cluster.lab.prefix],
-        capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    stats = json.loads(
+        subprocess.run(
+            [*PYSTEER, "steer", "stats", "--json", "--name", cluster.lab.prefix],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert steer["pysteer_steer_parked_packets_total"] == stats["parked"]
     assert steer["pysteer_steer_replayed_packets_total"] == stats["replayed"]
     assert steer["pysteer_steer_park_dropped_packets_total"] == stats["park_dropped"] == 0
@@ -89,5 +95,7 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
         for line in cluster.log(name).splitlines():
             entry = json.loads(line)  # every line is one JSON object
             assert set(entry) >= {"t", "level", "logger", "msg"}
-    assert any(re.search(r"migration \w+ .* -> b: moved", json.loads(ln)["msg"])
-               for ln in cluster.log("a").splitlines())  # fmt: skip
+    assert any(
+        re.search(r"migration \w+ .* -> b: moved", json.loads(ln)["msg"])
+        for ln in cluster.log("a").splitlines()
+    )

@@ -46,13 +46,25 @@ def vip(cluster: Cluster, family: int = 4) -> str:
 
 def s_client(cluster: Cluster, *version: str, port: int = 443) -> list[str]:
     # Not -quiet: that would also turn off the interactive K (KeyUpdate) command.
-    return ["openssl", "s_client", "-connect", f"{vip(cluster)}:{port}", "-servername", "vip",
-            "-verify_hostname", "vip", "-CAfile", str(cluster.client_ca),
-            "-verify_return_error", *version]  # fmt: skip
+    return [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"{vip(cluster)}:{port}",
+        "-servername",
+        "vip",
+        "-verify_hostname",
+        "vip",
+        "-CAfile",
+        str(cluster.client_ca),
+        "-verify_return_error",
+        *version,
+    ]
 
 
-def migrate_back_and_forth(cluster: Cluster, flow: str, moves: int = MOVES,
-                           pause: float = 0.1) -> list[dict[str, Any]]:  # fmt: skip
+def migrate_back_and_forth(
+    cluster: Cluster, flow: str, moves: int = MOVES, pause: float = 0.1
+) -> list[dict[str, Any]]:
     reports, node = [], cluster.owner(flow)
     for _ in range(moves):
         time.sleep(pause)
@@ -87,9 +99,11 @@ class Watch:
         """
         delta = {k: self.after[k] - self.before[k] for k in self.after}
         freeze = sorted(r["freeze_ms"] for r in reports)
-        print(f"\n{label}: {len(reports)} moves, freeze median {freeze[len(freeze) // 2]:.2f} ms "
-              f"max {freeze[-1]:.2f} ms; client retransmissions {delta['RetransSegs']}, "
-              f"replayed {sum(r['replayed'] for r in reports)} parked packets")  # fmt: skip
+        print(
+            f"\n{label}: {len(reports)} moves, freeze median {freeze[len(freeze) // 2]:.2f} ms "
+            f"max {freeze[-1]:.2f} ms; client retransmissions {delta['RetransSegs']}, "
+            f"replayed {sum(r['replayed'] for r in reports)} parked packets"
+        )
         rsts = self.capture.lines
         if server_rst_only:
             rsts = [ln for ln in rsts if f" {server_rst_only} > " in ln]
@@ -100,8 +114,9 @@ class Watch:
         assert delta["ActiveOpens"] == 1, "the client connected more than once"
 
 
-def ticker_session(cluster: Cluster, argv: list[str], label: str, port: int = 443,
-                   keyupdate: bool = False) -> None:  # fmt: skip
+def ticker_session(
+    cluster: Cluster, argv: list[str], label: str, port: int = 443, keyupdate: bool = False
+) -> None:
     before = {f["flow"] for f in cluster.flows()}
     with Watch(cluster) as watch:
         session = Session(cluster.lab, argv)
@@ -138,14 +153,30 @@ def test_s_client_tls12(cluster: Cluster, cipher: str) -> None:
 
 
 def test_gnutls_cli(cluster: Cluster) -> None:
-    argv = ["gnutls-cli", "--x509cafile", str(cluster.client_ca), "--verify-hostname",
-            "vip", "--logfile", "/dev/null", "-p", "443", vip(cluster)]  # fmt: skip
+    argv = [
+        "gnutls-cli",
+        "--x509cafile",
+        str(cluster.client_ca),
+        "--verify-hostname",
+        "vip",
+        "--logfile",
+        "/dev/null",
+        "-p",
+        "443",
+        vip(cluster),
+    ]
     ticker_session(cluster, argv, "gnutls-cli")
 
 
 def test_python_ssl(cluster: Cluster) -> None:
-    argv = [sys.executable, str(HELPERS / "line_client.py"), vip(cluster), "443",
-            "--tls", str(cluster.client_ca)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(HELPERS / "line_client.py"),
+        vip(cluster),
+        "443",
+        "--tls",
+        str(cluster.client_ca),
+    ]
     ticker_session(cluster, argv, "python ssl")
 
 
@@ -160,8 +191,14 @@ def test_keyupdate_after_migration(cluster: Cluster) -> None:
 
 
 def test_ipv6_tls(cluster: Cluster) -> None:
-    argv = [sys.executable, str(HELPERS / "line_client.py"), vip(cluster, 6), "443",
-            "--tls", str(cluster.client_ca)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(HELPERS / "line_client.py"),
+        vip(cluster, 6),
+        "443",
+        "--tls",
+        str(cluster.client_ca),
+    ]
     before = {f["flow"] for f in cluster.flows()}
     with Watch(cluster) as watch:
         session = Session(cluster.lab, argv)
@@ -183,11 +220,27 @@ def test_curl_50mb(cluster: Cluster, tmp_path: Path) -> None:
     target = tmp_path / "body"
     before = {f["flow"] for f in cluster.flows()}
     with Watch(cluster) as watch:
-        curl = cluster.lab.popen("client", [
-            "curl", "--silent", "--show-error", "--fail", "--http1.1", "--limit-rate", "2500K",
-            "--cacert", str(cluster.client_ca), "--resolve", f"vip:8443:{vip(cluster)}",
-            "-o", str(target), f"https://vip:8443/bytes/{size}"],
-            stderr=subprocess.PIPE, text=True)  # fmt: skip
+        curl = cluster.lab.popen(
+            "client",
+            [
+                "curl",
+                "--silent",
+                "--show-error",
+                "--fail",
+                "--http1.1",
+                "--limit-rate",
+                "2500K",
+                "--cacert",
+                str(cluster.client_ca),
+                "--resolve",
+                f"vip:8443:{vip(cluster)}",
+                "-o",
+                str(target),
+                f"https://vip:8443/bytes/{size}",
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         flow = cluster.wait_new_flow(before, 8443)["flow"]
         reports = migrate_back_and_forth(cluster, flow, MOVES, pause=0.2)
         assert curl.poll() is None, "the download ended before the last move"

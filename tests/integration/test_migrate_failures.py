@@ -46,8 +46,14 @@ class Client:
     def __init__(self, cluster: Cluster, keylog: Path) -> None:
         self.cluster = cluster
         before = {f["flow"] for f in cluster.flows()}
-        argv = [sys.executable, str(HELPERS / "line_client.py"), str(cluster.lab.plan.vip(4)),
-                "443", "--tls", str(cluster.client_ca)]  # fmt: skip
+        argv = [
+            sys.executable,
+            str(HELPERS / "line_client.py"),
+            str(cluster.lab.plan.vip(4)),
+            "443",
+            "--tls",
+            str(cluster.client_ca),
+        ]
         os.environ["SSLKEYLOGFILE"] = str(keylog)
         try:
             self.session = Session(cluster.lab, argv)
@@ -124,8 +130,9 @@ def test_target_unreachable(cluster: Cluster, client: Client) -> None:
     )
     cluster.lab.run("b", drop, input=rules)  # A's open link to B goes silent too
     try:
-        rolled_back(cluster, client, "failed", r"node b is unreachable.*no answer", "--timeout",
-                    "1")  # fmt: skip
+        rolled_back(
+            cluster, client, "failed", r"node b is unreachable.*no answer", "--timeout", "1"
+        )
     finally:
         cluster.lab.run("b", ["nft", "delete", "table", "inet", "pysteer_t"])
     moves_again(cluster, client)
@@ -224,8 +231,9 @@ def test_foreign_certificate_refused(cluster: Cluster, tmp_path: Path) -> None:
     with pytest.raises((ssl.SSLError, ConnectionError)):
         peer_connect(cluster, "a", tmp_path / "a.pem", tmp_path / "a.key", cluster.dir / "ca.pem")
     time.sleep(0.2)
-    assert re.search(r"refused a peer connection from \S+: .*CERTIFICATE", cluster.log("b")), \
-        cluster.log("b")[-2000:]  # fmt: skip
+    assert re.search(r"refused a peer connection from \S+: .*CERTIFICATE", cluster.log("b")), (
+        cluster.log("b")[-2000:]
+    )
     # The cluster's own certificate gets through (the refusal above is about the CA).
     d = cluster.dir
     sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
@@ -261,8 +269,10 @@ def test_blob_for_another_node_refused(cluster: Cluster, client: Client) -> None
     delivered by a that b itself sealed; each refusal is logged, and a keeps the flow."""
     key = (cluster.dir / "cluster.key").read_bytes()
     for_c, by_b = new_migration_id(), new_migration_id()
-    blobs = {for_c: seal(blob(for_c, flow=client.flow), key, source="a", target="c"),
-             by_b: seal(blob(by_b, flow=client.flow), key, source="b", target="b")}  # fmt: skip
+    blobs = {
+        for_c: seal(blob(for_c, flow=client.flow), key, source="a", target="c"),
+        by_b: seal(blob(by_b, flow=client.flow), key, source="b", target="b"),
+    }
     d = cluster.dir
     sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
     with sock:
@@ -281,9 +291,12 @@ def test_control_socket_is_root_only(cluster: Cluster) -> None:
     st = path.stat()
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
     code = f"import socket; socket.socket(socket.AF_UNIX).connect({str(path)!r})"
-    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                          sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False)  # fmt: skip
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode != 0 and "PermissionError" in out.stderr, out.stderr
 
 
@@ -327,11 +340,27 @@ def test_bad_cli_input(cluster: Cluster, client: Client) -> None:
         assert message in out.stderr, (args, out.stderr)
         assert out.stdout == ""
     env = {k: v for k, v in os.environ.items() if k != "PYSTEER_CONFIG"}
-    for extra, message in (([], "give --config or set PYSTEER_CONFIG"),
-                           (["--config", "/nonexistent.toml"], "cannot read")):  # fmt: skip
-        out = subprocess.run([sys.executable, "-m", "pysteer", "migrate", "--flow", client.flow,
-                              "--to", "b", *extra], capture_output=True, text=True, env=env,
-                             check=False)  # fmt: skip
+    for extra, message in (
+        ([], "give --config or set PYSTEER_CONFIG"),
+        (["--config", "/nonexistent.toml"], "cannot read"),
+    ):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pysteer",
+                "migrate",
+                "--flow",
+                client.flow,
+                "--to",
+                "b",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
         assert out.returncode == 2 and message in out.stderr, out.stderr
     cluster.stop("b")
     try:
@@ -409,15 +438,19 @@ def test_bad_requests_to_an_agent(cluster: Cluster) -> None:
         (b'{"cmd": "drain", "to": ["b"]}', "cannot drain a to ['b']"),
         (b'{"cmd": "drain", "to": "b", "batch": true}', "batch must be 1..4096"),
         (b'{"cmd": ["flows"]}', "cmd must be a string"),
-        (b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:443", "to": ["b"]}',
-         "to must be a node name"),
-        (b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:' + b"9" * 5000 + b'"}',
-         "malformed flow"),
+        (
+            b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:443", "to": ["b"]}',
+            "to must be a node name",
+        ),
+        (
+            b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:' + b"9" * 5000 + b'"}',
+            "malformed flow",
+        ),
         (b'{"cmd": "resolve", "id": ["x"], "keep": "source"}', "id must be a migration id"),
         (b"[" * 100000, "a request is at most 64 KiB"),
         (b"[" * 5000, "requests are one JSON object per line"),
         (b"\xff\xfe", "requests are one JSON object per line"),
-    ]  # fmt: skip
+    ]
     for line, message in local:
         answer = _local(cluster, "a", line)
         assert answer["ok"] is False and message in answer["error"], (line[:60], answer)
@@ -435,8 +468,13 @@ def test_bad_requests_to_an_agent(cluster: Cluster) -> None:
             answer = ask(sock, request)
             assert answer["ok"] is False and message in answer["error"], (request, answer)
         assert ask(sock, {"op": "hello"})["node"] == "b"  # the same link still serves
-    stream = Stream(Path(f"/run/pysteer/{cluster.lab.prefix}/agent-a.sock"), "drain", to="b",
-                    batch=8, timeout_s=5)  # fmt: skip
+    stream = Stream(
+        Path(f"/run/pysteer/{cluster.lab.prefix}/agent-a.sock"),
+        "drain",
+        to="b",
+        batch=8,
+        timeout_s=5,
+    )
     try:
         while "progress" in stream.next():
             pass

@@ -23,8 +23,10 @@ from helpers.migration import RstCapture
 from pysteer.lab.cluster import DEFAULT_SERVICES
 
 BOOM, BOOM_TLS = 7100, 7443
-SERVICES = DEFAULT_SERVICES | {BOOM: ("helpers.boom:Boom", False),
-                               BOOM_TLS: ("helpers.boom:Boom", True)}  # fmt: skip
+SERVICES = DEFAULT_SERVICES | {
+    BOOM: ("helpers.boom:Boom", False),
+    BOOM_TLS: ("helpers.boom:Boom", True),
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +45,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def ticker(cluster: Cluster) -> tuple[Session, str]:
     before = {f["flow"] for f in cluster.flows()}
-    session = Session(cluster.lab, ["openssl", "s_client", "-connect",
-                                    f"{cluster.lab.plan.vip(4)}:443", "-servername", "vip",
-                                    "-CAfile", str(cluster.client_ca), "-quiet"])  # fmt: skip
+    session = Session(
+        cluster.lab,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"{cluster.lab.plan.vip(4)}:443",
+            "-servername",
+            "vip",
+            "-CAfile",
+            str(cluster.client_ca),
+            "-quiet",
+        ],
+    )
     session.wait_for("ticker ready")
     flow = cluster.wait_new_flow(before, 443)["flow"]
     session.start_writing()
@@ -199,8 +212,9 @@ def test_sighup_reloads_and_sigterm_drains_or_ends(tmp_path: Path) -> None:
             assert all(cluster.procs[n].poll() is None for n in ("a", "b"))
             assert "reloaded the certificates of a" in cluster.log("a")
             assert cluster.stop("a", signal.SIGTERM) == 0
-            assert re.search(r"agent a stopped: 20 connection\(s\) moved to b, 0 ended",
-                             cluster.log("a")), cluster.log("a")[-2000:]  # fmt: skip
+            assert re.search(
+                r"agent a stopped: 20 connection\(s\) moved to b, 0 ended", cluster.log("a")
+            ), cluster.log("a")[-2000:]
             v = fleet.verdicts(settle=10)
             assert len(v["survived"]) == 20, {k: len(x) for k, x in v.items()}
             assert cluster.stop("b", signal.SIGTERM) == 0

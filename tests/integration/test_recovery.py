@@ -30,8 +30,9 @@ BATCH = 8
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    with running_cluster(tmp_path, steer_args=["--gc-interval", "0.3"],
-                         agent_args=["--sync-interval", "2"]) as c:  # fmt: skip
+    with running_cluster(
+        tmp_path, steer_args=["--gc-interval", "0.3"], agent_args=["--sync-interval", "2"]
+    ) as c:
         yield c
 
 
@@ -59,10 +60,24 @@ def unsettled(cluster: Cluster) -> list[str]:
 def start_drain(cluster: Cluster) -> subprocess.Popen[str]:
     """The operator's drain a -> b, in small batches so that a fault lands in its middle;
     returns once the first batch is done."""
-    proc = subprocess.Popen([*PYSTEER, "drain", "--from", "a", "--to", "b", "--batch",
-                             str(BATCH), "--json", "--config", str(cluster.config)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            *PYSTEER,
+            "drain",
+            "--from",
+            "a",
+            "--to",
+            "b",
+            "--batch",
+            str(BATCH),
+            "--json",
+            "--config",
+            str(cluster.config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stderr is not None
     line = proc.stderr.readline()
     assert re.match(r"\d+/\d+ done", line), line
@@ -108,9 +123,11 @@ def test_target_killed_mid_drain(cluster: Cluster, restart: bool) -> None:
         assert set(served(cluster)) == v["survived"]
         assert set(served(cluster).values()) <= {"a"}
         assert moved, "the kill landed after the drain: nothing was on b"
-        print(f"\nkill -9 b ({'restarted' if restart else 'not restarted'}): "
-              f"{len(v['survived'])} survived, {len(v['reset'])} reset (were on b), 0 hung; "
-              f"settled {settled:.1f} s after the kill")  # fmt: skip
+        print(
+            f"\nkill -9 b ({'restarted' if restart else 'not restarted'}): "
+            f"{len(v['survived'])} survived, {len(v['reset'])} reset (were on b), 0 hung; "
+            f"settled {settled:.1f} s after the kill"
+        )
     finally:
         fleet.shutdown()
 
@@ -137,9 +154,11 @@ def test_steering_daemon_killed_mid_drain_and_restarted(cluster: Cluster) -> Non
             if node == "b":
                 assert rows[flow]["action"] == "TO" and rows[flow]["host"] == "b", rows[flow]
         assert "in-doubt" not in cluster.log("a") or "resolved" in cluster.log("a")
-        print(f"\nkill -9 steering daemon: {N} survived, 0 reset, 0 hung; "
-              f"{sum(1 for n in now.values() if n == 'b')} on b; settled {settled:.1f} s "
-              "after the restart")  # fmt: skip
+        print(
+            f"\nkill -9 steering daemon: {N} survived, 0 reset, 0 hung; "
+            f"{sum(1 for n in now.values() if n == 'b')} on b; settled {settled:.1f} s "
+            "after the restart"
+        )
     finally:
         fleet.shutdown()
 
@@ -166,9 +185,11 @@ def test_source_killed_mid_drain(cluster: Cluster, restart: bool) -> None:
         assert v["survived"] == set(now)
         assert len(v["survived"]) + len(v["reset"]) == N
         assert v["survived"], "the kill landed before the drain moved anything"
-        print(f"\nkill -9 a ({'restarted' if restart else 'not restarted'}): "
-              f"{len(v['survived'])} survived (were on b), {len(v['reset'])} reset, 0 hung; "
-              f"settled {settled:.1f} s after the kill")  # fmt: skip
+        print(
+            f"\nkill -9 a ({'restarted' if restart else 'not restarted'}): "
+            f"{len(v['survived'])} survived (were on b), {len(v['reset'])} reset, 0 hung; "
+            f"settled {settled:.1f} s after the kill"
+        )
     finally:
         fleet.shutdown()
 
@@ -181,9 +202,20 @@ def test_target_killed_between_prepare_and_commit(cluster: Cluster) -> None:
     cluster.start_agent("b", fault="commit:exit")
     ca = str(cluster.client_ca)
     before = set(served(cluster))
-    session = Session(cluster.lab, ["openssl", "s_client", "-connect",
-                                    f"{cluster.lab.plan.vip(4)}:443", "-servername", "vip",
-                                    "-CAfile", ca, "-quiet"])  # fmt: skip
+    session = Session(
+        cluster.lab,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"{cluster.lab.plan.vip(4)}:443",
+            "-servername",
+            "vip",
+            "-CAfile",
+            ca,
+            "-quiet",
+        ],
+    )
     session.wait_for("ticker ready")
     flow = next(iter(set(served(cluster)) - before))
     session.start_writing()
@@ -202,16 +234,40 @@ def test_target_killed_between_prepare_and_commit(cluster: Cluster) -> None:
 
 
 def migrate_in_background(cluster: Cluster, flow: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([*PYSTEER, "migrate", "--flow", flow, "--to", "b", "--json",
-                             "--config", str(cluster.config)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [
+            *PYSTEER,
+            "migrate",
+            "--flow",
+            flow,
+            "--to",
+            "b",
+            "--json",
+            "--config",
+            str(cluster.config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def ticker_session(cluster: Cluster) -> tuple[Session, str]:
     before = set(served(cluster))
-    session = Session(cluster.lab, ["openssl", "s_client", "-connect",
-                                    f"{cluster.lab.plan.vip(4)}:443", "-servername", "vip",
-                                    "-CAfile", str(cluster.client_ca), "-quiet"])  # fmt: skip
+    session = Session(
+        cluster.lab,
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"{cluster.lab.plan.vip(4)}:443",
+            "-servername",
+            "vip",
+            "-CAfile",
+            str(cluster.client_ca),
+            "-quiet",
+        ],
+    )
     session.wait_for("ticker ready")
     flow = next(iter(set(served(cluster)) - before))
     session.start_writing()
@@ -235,8 +291,10 @@ def in_doubt_while_the_steering_node_is_down(cluster: Cluster) -> tuple[Session,
     assert (proc.returncode, report["outcome"]) == (1, "in-doubt"), (report, err)
     listed = cluster.cli("migrations", "--json")
     assert listed.returncode == 0, listed.stderr
-    states = {(m["node"], m["role"], m["state"], m["flow"])
-              for m in json.loads(listed.stdout)["migrations"]}  # fmt: skip
+    states = {
+        (m["node"], m["role"], m["state"], m["flow"])
+        for m in json.loads(listed.stdout)["migrations"]
+    }
     assert states == {("a", "source", "in-doubt", flow), ("b", "target", "claiming", flow)}
     human = cluster.cli("migrations")
     assert report["id"][:12] in human.stdout and "in-doubt" in human.stdout

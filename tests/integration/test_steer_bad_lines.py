@@ -39,10 +39,23 @@ def connect(path: Path, timeout: float = 10.0) -> socket.socket:
 
 def test_bad_lines_are_answered_and_the_daemon_keeps_serving(lab: Lab) -> None:
     name = unique_prefix()
-    argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client",
-            "--netns", lab.netns("steer"), "--mode", "tc",
-            "--host", f"a=to-a,{lab.mac('a', 'to-steer')}",
-            "--host", f"b=to-b,{lab.mac('b', 'to-steer')}"]  # fmt: skip
+    argv = [
+        *PYSTEER,
+        "steer",
+        "run",
+        "--name",
+        name,
+        "--ifname",
+        "to-client",
+        "--netns",
+        lab.netns("steer"),
+        "--mode",
+        "tc",
+        "--host",
+        f"a=to-a,{lab.mac('a', 'to-steer')}",
+        "--host",
+        f"b=to-b,{lab.mac('b', 'to-steer')}",
+    ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

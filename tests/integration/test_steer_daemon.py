@@ -90,8 +90,13 @@ def test_bad_input(lab: Lab, daemon: DaemonProc) -> None:
     out = subprocess.run(second.argv, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2
     assert f"another steering daemon already runs instance '{daemon.name}'" in out.stderr
-    insecure = subprocess.run([*second.argv, "--listen", "127.0.0.1:1"], capture_output=True,
-                              text=True, timeout=60, check=False)  # fmt: skip
+    insecure = subprocess.run(
+        [*second.argv, "--listen", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert insecure.returncode == 2
     assert "--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)" in insecure.stderr
     gone = cli("nosuchdaemon", "flows")
@@ -142,9 +147,18 @@ def test_remote_control_needs_a_client_certificate(lab: Lab, tmp_path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    d = DaemonProc(lab, unique_prefix(), "--listen", f"127.0.0.1:{port}", "--tls-cert",
-                   str(files["node"]), "--tls-key", str(files["node.key"]),
-                   "--tls-ca", str(files["ca"]))  # fmt: skip
+    d = DaemonProc(
+        lab,
+        unique_prefix(),
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--tls-cert",
+        str(files["node"]),
+        "--tls-key",
+        str(files["node.key"]),
+        "--tls-ca",
+        str(files["ca"]),
+    )
     d.start()
     try:
         good = client_context(files["agent"], files["agent.key"], files["ca"])
@@ -203,8 +217,12 @@ def test_hosts_by_address(lab: Lab) -> None:
     name = unique_prefix()
     d = DaemonProc(lab, name)
     first = d.argv.index("--host")
-    d.argv[first : first + 4] = ["--host", f"a={lab.plan.address('a')}",
-                                 "--host", f"b={lab.plan.address('b')}"]  # fmt: skip
+    d.argv[first : first + 4] = [
+        "--host",
+        f"a={lab.plan.address('a')}",
+        "--host",
+        f"b={lab.plan.address('b')}",
+    ]
     d.start()
     try:
         hosts = json.loads(cli(name, "hosts", "--json").stdout)
@@ -215,7 +233,22 @@ def test_hosts_by_address(lab: Lab) -> None:
     finally:
         d.stop()
         pins.remove(name)
-    bad = subprocess.run([*PYSTEER, "steer", "run", "--name", unique_prefix(), "--ifname",
-                          "to-client", "--netns", lab.netns("steer"), "--host", "a=to-a"],
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    bad = subprocess.run(
+        [
+            *PYSTEER,
+            "steer",
+            "run",
+            "--name",
+            unique_prefix(),
+            "--ifname",
+            "to-client",
+            "--netns",
+            lab.netns("steer"),
+            "--host",
+            "a=to-a",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert bad.returncode == 2 and "NAME=IFNAME,MAC or NAME=ADDRESS" in bad.stderr

@@ -128,14 +128,20 @@ def test_native_xdp_carries_bytes_when_the_links_take_xdp_frames(lab: Lab, logge
     no_gro_on_the_hosts(lab)
     for host in lab.plan.hosts:
         assert lab.call(host, loader.attach_pass, "to-steer")
-    st = Steerer(unique_prefix(), "to-client", namespace=lab.netns("steer"), mode="xdp-native",
-                 hosts=host_specs(lab))  # fmt: skip
+    st = Steerer(
+        unique_prefix(),
+        "to-client",
+        namespace=lab.netns("steer"),
+        mode="xdp-native",
+        hosts=host_specs(lab),
+    )
     try:
         assert st.mode == "xdp-native"
         assert xdp(lab, "steer", "to-client") == (loader.XDP_ATTACHED_DRV, loader.STEER_XDP_NAME)
         assert xdp(lab, "steer", "to-a") == xdp(lab, "steer", "to-b") == NATIVE_PASS
-        assert logged.find("native XDP on to-client: the self-test's frames redirected to "
-                           "to-a, to-b left them"), logged.lines  # fmt: skip
+        assert logged.find(
+            "native XDP on to-client: the self-test's frames redirected to to-a, to-b left them"
+        ), logged.lines
         assert st.stats()["redirect_failed"] == 0  # the self-test's frames are not counted
         vip = str(lab.plan.vip_v4)
         on_b = lab.call("b", listen, socket.AF_INET, vip, PORT)
@@ -190,17 +196,28 @@ class Daemon:
 
     def __init__(self, lab: Lab, name: str, *extra: str) -> None:
         self.name = name
-        self.argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client",
-                     "--netns", lab.netns("steer"),
-                     "--host", f"a=to-a,{lab.mac('a', 'to-steer')}",
-                     "--host", f"b=to-b,{lab.mac('b', 'to-steer')}", *extra]  # fmt: skip
+        self.argv = [
+            *PYSTEER,
+            "steer",
+            "run",
+            "--name",
+            name,
+            "--ifname",
+            "to-client",
+            "--netns",
+            lab.netns("steer"),
+            "--host",
+            f"a=to-a,{lab.mac('a', 'to-steer')}",
+            "--host",
+            f"b=to-b,{lab.mac('b', 'to-steer')}",
+            *extra,
+        ]
         self.log_path = Path(tempfile.mkdtemp(prefix="pysteer-xdp-")) / "steer.log"
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
         with self.log_path.open("a") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         text=True)  # fmt: skip
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, text=True)
         self.wait_for("control at", 60)
 
     def log(self) -> str:
@@ -219,8 +236,13 @@ class Daemon:
             self.proc.wait(10)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*PYSTEER, "steer", *args, "--name", self.name],
-                              capture_output=True, text=True, check=False, timeout=30)  # fmt: skip
+        return subprocess.run(
+            [*PYSTEER, "steer", *args, "--name", self.name],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=30,
+        )
 
     def stats(self) -> dict[str, Any]:
         import json  # noqa: PLC0415
@@ -332,8 +354,13 @@ def test_auto_picks_tc_on_veth_and_says_why(lab: Lab, logged: Logged) -> None:
     it falls back to tc while the hosts' ends take no XDP frames, and keeps native XDP
     once they run XDP."""
     no_gro_on_the_hosts(lab)
-    st = Steerer(unique_prefix(), "to-client", namespace=lab.netns("steer"), mode="auto",
-                 hosts=host_specs(lab))  # fmt: skip
+    st = Steerer(
+        unique_prefix(),
+        "to-client",
+        namespace=lab.netns("steer"),
+        mode="auto",
+        hosts=host_specs(lab),
+    )
     try:
         assert st.mode == "tc"
         assert logged.find("auto mode: to-client is a veth: tc"), logged.lines
@@ -356,14 +383,18 @@ def test_auto_picks_tc_on_veth_and_says_why(lab: Lab, logged: Logged) -> None:
 
     mode, watched, took = lab.call("steer", auto_on_a_nic)
     assert (mode, watched) == ("tc", False)
-    assert logged.find("auto mode: tc on to-client, not native XDP: the self-test failed: "
-                       "XDP redirect to to-a is refused (EOPNOTSUPP)"), logged.lines  # fmt: skip
+    assert logged.find(
+        "auto mode: tc on to-client, not native XDP: the self-test failed: "
+        "XDP redirect to to-a is refused (EOPNOTSUPP)"
+    ), logged.lines
     assert xdp(lab, "steer", "to-a") is None and xdp(lab, "steer", "to-b") is None
     assert took < 1.0, took  # compiling the watch included
     # asked for explicitly, native XDP is kept, and the failed self-test is an error
     assert lab.call("steer", auto_on_a_nic, "xdp-native")[:2] == ("xdp-native", True)
-    assert logged.find("ERROR native XDP on to-client: the self-test failed: XDP redirect to "
-                       "to-a is refused (EOPNOTSUPP)"), logged.lines  # fmt: skip
+    assert logged.find(
+        "ERROR native XDP on to-client: the self-test failed: XDP redirect to "
+        "to-a is refused (EOPNOTSUPP)"
+    ), logged.lines
     for host in lab.plan.hosts:
         lab.call(host, loader.attach_pass, "to-steer")
     mode, watched, took = lab.call("steer", auto_on_a_nic)
@@ -377,9 +408,16 @@ def test_auto_picks_tc_on_veth_and_says_why(lab: Lab, logged: Logged) -> None:
 def test_a_host_mac_of_the_steering_node_itself_is_refused(lab: Lab) -> None:
     own = lab.mac("steer", "to-client")
     with pytest.raises(SteerError, match="the steering node's own MAC"):
-        Steerer(unique_prefix(), "to-client", namespace=lab.netns("steer"), mode="xdp-native",
-                hosts=[HostSpec("a", "to-a", own)])  # fmt: skip
+        Steerer(
+            unique_prefix(),
+            "to-client",
+            namespace=lab.netns("steer"),
+            mode="xdp-native",
+            hosts=[HostSpec("a", "to-a", own)],
+        )
     for link in ("to-client", "to-a"):  # nothing was attached
         assert xdp(lab, "steer", link) is None
-    assert "pysteer" not in lab.run("steer", ["tc", "filter", "show", "dev", "to-client",
-                                              "ingress"]).stdout  # fmt: skip
+    assert (
+        "pysteer"
+        not in lab.run("steer", ["tc", "filter", "show", "dev", "to-client", "ingress"]).stdout
+    )

@@ -495,8 +495,10 @@ print(s.recv(100).decode())
 """
     out = subprocess.run(
         ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", code],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     lines = out.stdout.splitlines()
     assert lines[0].endswith("TCP_REPAIR needs CAP_NET_ADMIN in the socket's network namespace")
     assert lines[0].startswith("TCP socket fd ")

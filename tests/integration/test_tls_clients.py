@@ -20,21 +20,56 @@ from pysteer.tls import ConnectionClosed, DataReceived, ServerConfig
 SUITES = [
     ("TLS_AES_128_GCM_SHA256", "ecdsa", "1.3", "TLS_AES_128_GCM_SHA256", "+AES-128-GCM"),
     ("TLS_AES_256_GCM_SHA384", "ecdsa", "1.3", "TLS_AES_256_GCM_SHA384", "+AES-256-GCM"),
-    ("TLS_CHACHA20_POLY1305_SHA256", "rsa", "1.3", "TLS_CHACHA20_POLY1305_SHA256",
-     "+CHACHA20-POLY1305"),
-    ("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "ecdsa", "1.2", "ECDHE-ECDSA-AES128-GCM-SHA256",
-     "+AES-128-GCM"),
-    ("TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384", "rsa", "1.2", "ECDHE-RSA-AES256-GCM-SHA384",
-     "+AES-256-GCM"),
-    ("TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256", "ecdsa", "1.2",
-     "ECDHE-ECDSA-CHACHA20-POLY1305", "+CHACHA20-POLY1305"),
-    ("TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256", "rsa", "1.2", "ECDHE-RSA-AES128-GCM-SHA256",
-     "+AES-128-GCM"),
-    ("TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256", "rsa", "1.2", "ECDHE-RSA-CHACHA20-POLY1305",
-     "+CHACHA20-POLY1305"),
-    ("TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384", "ecdsa", "1.2", "ECDHE-ECDSA-AES256-GCM-SHA384",
-     "+AES-256-GCM"),
-]  # fmt: skip
+    (
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "rsa",
+        "1.3",
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "+CHACHA20-POLY1305",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "ecdsa",
+        "1.2",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "+AES-128-GCM",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+        "rsa",
+        "1.2",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "+AES-256-GCM",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        "ecdsa",
+        "1.2",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "+CHACHA20-POLY1305",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "rsa",
+        "1.2",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "+AES-128-GCM",
+    ),
+    (
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+        "rsa",
+        "1.2",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "+CHACHA20-POLY1305",
+    ),
+    (
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "ecdsa",
+        "1.2",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "+AES-256-GCM",
+    ),
+]
 IDS = [s[0] for s in SUITES]
 
 
@@ -51,8 +86,9 @@ def lines(count: int, seed: int = 0) -> bytes:
 def interact(argv: list[str], payload: bytes, expect: int | None = None) -> bytes:
     """Run a client, write ``payload``, read until ``expect`` bytes (or EOF), then end input."""
     expect = len(payload) if expect is None else expect
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     writer = threading.Thread(target=proc.stdin.write, args=(payload,))
     writer.start()
     out = b""
@@ -119,14 +155,30 @@ def test_python_ssl(pki: Pki, suite: tuple) -> None:
 def test_openssl_s_client(pki: Pki, suite: tuple) -> None:
     payload = lines(2000) + b"BYE\n"
     with server_for(pki, suite) as server:
-        version = ["-tls1_3", "-ciphersuites", suite[3]] if suite[2] == "1.3" else [
-            "-tls1_2", "-cipher", suite[3]]  # fmt: skip
+        version = (
+            ["-tls1_3", "-ciphersuites", suite[3]]
+            if suite[2] == "1.3"
+            else ["-tls1_2", "-cipher", suite[3]]
+        )
         out = subprocess.run(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername",
-             "localhost", "-CAfile", str(pki.ca_file), "-verify_return_error", "-quiet",
-             *version],
-            input=payload, capture_output=True, timeout=30, check=False,
-        )  # fmt: skip
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{server.port}",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                str(pki.ca_file),
+                "-verify_return_error",
+                "-quiet",
+                *version,
+            ],
+            input=payload,
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout == payload
         assert_served(server, suite, payload)
@@ -140,10 +192,20 @@ def test_gnutls_cli(pki: Pki, suite: tuple) -> None:
     with server_for(pki, suite) as server:
         # gnutls-cli quits at the end of its input: keep stdin open until the echo is back.
         stdout = interact(
-            ["gnutls-cli", "--x509cafile", str(pki.ca_file), "--priority", priority,
-             "--logfile", "/dev/null", "-p", str(server.port), "localhost"],
+            [
+                "gnutls-cli",
+                "--x509cafile",
+                str(pki.ca_file),
+                "--priority",
+                priority,
+                "--logfile",
+                "/dev/null",
+                "-p",
+                str(server.port),
+                "localhost",
+            ],
             payload,
-        )  # fmt: skip
+        )
         assert stdout == payload
         assert_served(server, suite, payload)
 
@@ -152,16 +214,34 @@ def test_gnutls_cli(pki: Pki, suite: tuple) -> None:
 def test_curl_download(pki: Pki, suite: tuple, tmp_path) -> None:
     size = 5_000_017
     target = tmp_path / "body"
-    version = (["--tlsv1.3", "--tls13-ciphers", suite[3]] if suite[2] == "1.3"
-               else ["--tlsv1.2", "--tls-max", "1.2", "--ciphers", suite[3]])  # fmt: skip
+    version = (
+        ["--tlsv1.3", "--tls13-ciphers", suite[3]]
+        if suite[2] == "1.3"
+        else ["--tlsv1.2", "--tls-max", "1.2", "--ciphers", suite[3]]
+    )
     with server_for(pki, suite, app="http") as server:
         out = subprocess.run(
-            ["curl", "--silent", "--show-error", "--fail", "--http1.1", "--cacert",
-             str(pki.ca_file), "--resolve", f"localhost:{server.port}:127.0.0.1", *version,
-             "-o", str(target), "-H", "Connection: close",
-             f"https://localhost:{server.port}/bytes/{size}"],
-            capture_output=True, timeout=60, check=False,
-        )  # fmt: skip
+            [
+                "curl",
+                "--silent",
+                "--show-error",
+                "--fail",
+                "--http1.1",
+                "--cacert",
+                str(pki.ca_file),
+                "--resolve",
+                f"localhost:{server.port}:127.0.0.1",
+                *version,
+                "-o",
+                str(target),
+                "-H",
+                "Connection: close",
+                f"https://localhost:{server.port}/bytes/{size}",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         assert out.returncode == 0, out.stderr
         body = target.read_bytes()
         assert len(body) == size

@@ -56,8 +56,9 @@ def wait_served(server: TlsTestServer, count: int):
 
 @pytest.mark.parametrize("version", ["1.3", "1.2"])
 def test_mtls_identity_survives_state_round_trip(pki: Pki, version: str) -> None:
-    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
-                       client_ca_pem=pki.ca.cert_pem)  # fmt: skip
+    cfg = ServerConfig(
+        pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem, client_ca_pem=pki.ca.cert_pem
+    )
     with TlsTestServer(cfg) as server:
         echo_once(client_ctx(pki, version, cert=True), server.port, b"hello\n")
         served = wait_served(server, 1)[0]
@@ -114,8 +115,9 @@ def test_resumption(pki: Pki, version: str) -> None:
 def converse(server: TlsTestServer, argv: list[str], steps: list[bytes]) -> bytes:
     """Drive a client line by line: wait for each data line's echo, and after each
     command line (no echo) for the server to have processed one more KeyUpdate."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     out, updates = b"", 0
     try:
         for line in steps:
@@ -148,10 +150,21 @@ def test_key_update_from_openssl_s_client(pki: Pki) -> None:
         # k: s_client updates its keys; K: and asks the server to update too.
         out = converse(
             server,
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername",
-             "localhost", "-CAfile", str(pki.ca_file), "-quiet", "-no_ign_eof", "-tls1_3"],
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{server.port}",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                str(pki.ca_file),
+                "-quiet",
+                "-no_ign_eof",
+                "-tls1_3",
+            ],
             [b"one\n", b"k\n", b"two\n", b"K\n", b"three\n", b"BYE\n"],
-        )  # fmt: skip
+        )
         assert out == b"one\ntwo\nthree\nBYE\n"
         served = wait_served(server, 1)[0]
     updates = [e for e in served.events if isinstance(e, KeyUpdated)]
@@ -165,11 +178,21 @@ def test_key_update_from_gnutls_cli(pki: Pki) -> None:
     with TlsTestServer(cfg) as server:
         out = converse(
             server,
-            ["gnutls-cli", "--x509cafile", str(pki.ca_file), "--inline-commands",
-             "--priority", "NORMAL:-VERS-ALL:+VERS-TLS1.3", "--logfile", "/dev/null",
-             "-p", str(server.port), "localhost"],
+            [
+                "gnutls-cli",
+                "--x509cafile",
+                str(pki.ca_file),
+                "--inline-commands",
+                "--priority",
+                "NORMAL:-VERS-ALL:+VERS-TLS1.3",
+                "--logfile",
+                "/dev/null",
+                "-p",
+                str(server.port),
+                "localhost",
+            ],
             [b"one\n", b"^rekey^\n", b"two\n", b"^rekey1^\n", b"three\n", b"BYE\n"],
-        )  # fmt: skip
+        )
         assert out == b"one\ntwo\nthree\nBYE\n"
         served = wait_served(server, 1)[0]
     updates = [e for e in served.events if isinstance(e, KeyUpdated)]
@@ -238,8 +261,9 @@ def _fds() -> int:
     ids=["bad_record_mac", "record_overflow"],
 )
 def test_bad_records_close_with_the_right_alert(pki: Pki, tamper: str, alert: int) -> None:
-    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
-                       min_version="TLSv1.3")  # fmt: skip
+    cfg = ServerConfig(
+        pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem, min_version="TLSv1.3"
+    )
     before = _fds()
     server, client, incoming, outgoing, sock = _raw_tls13(pki, cfg)
     with server, sock:
@@ -319,8 +343,9 @@ def test_export_refused_mid_handshake(pki: Pki) -> None:
 
 def test_hello_retry_request(pki: Pki) -> None:
     """The server offers only P-384; Python's client guesses X25519 first: HRR, then P-384."""
-    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
-                       ecdh_curve=ec.SECP384R1())  # fmt: skip
+    cfg = ServerConfig(
+        pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem, ecdh_curve=ec.SECP384R1()
+    )
     with TlsTestServer(cfg) as server:
         echo_once(client_ctx(pki, "1.3"), server.port, b"after a retry\n" * 100)
         served = wait_served(server, 1)[0]
@@ -335,10 +360,23 @@ def test_tls12_renegotiation_is_refused(pki: Pki) -> None:
     cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem)
     with TlsTestServer(cfg) as server:
         proc = subprocess.Popen(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-servername",
-             "localhost", "-CAfile", str(pki.ca_file), "-quiet", "-no_ign_eof", "-tls1_2"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{server.port}",
+                "-servername",
+                "localhost",
+                "-CAfile",
+                str(pki.ca_file),
+                "-quiet",
+                "-no_ign_eof",
+                "-tls1_2",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         out = b""
         try:
             proc.stdin.write(b"before\n")
@@ -371,8 +409,9 @@ def test_ed25519_certificate(pki: Pki, version: str) -> None:
 
 
 def test_alpn_is_negotiated_and_moves(pki: Pki) -> None:
-    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
-                       alpn=["http/1.1"])  # fmt: skip
+    cfg = ServerConfig(
+        pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem, alpn=["http/1.1"]
+    )
     ctx = client_ctx(pki, "1.3")
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     with TlsTestServer(cfg) as server:
@@ -385,8 +424,9 @@ def test_alpn_is_negotiated_and_moves(pki: Pki) -> None:
 
 def test_min_version_and_aead_only(pki: Pki) -> None:
     """TLS 1.3 only refuses a TLS 1.2 client; the default refuses non-AEAD (CBC) suites."""
-    strict = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
-                          min_version="TLSv1.3")  # fmt: skip
+    strict = ServerConfig(
+        pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem, min_version="TLSv1.3"
+    )
     with TlsTestServer(strict) as server:
         with pytest.raises(ssl.SSLError):
             echo_once(client_ctx(pki, "1.2"), server.port, b"x")
@@ -394,10 +434,22 @@ def test_min_version_and_aead_only(pki: Pki) -> None:
     default = ServerConfig(pki.servers["rsa"].chain_pem, pki.servers["rsa"].key_pem)
     with TlsTestServer(default) as server:
         out = subprocess.run(
-            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_2",
-             "-cipher", "ECDHE-RSA-AES128-SHA256:AES128-SHA", "-CAfile", str(pki.ca_file)],
-            input=b"", capture_output=True, timeout=20, check=False,
-        )  # fmt: skip
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"127.0.0.1:{server.port}",
+                "-tls1_2",
+                "-cipher",
+                "ECDHE-RSA-AES128-SHA256:AES128-SHA",
+                "-CAfile",
+                str(pki.ca_file),
+            ],
+            input=b"",
+            capture_output=True,
+            timeout=20,
+            check=False,
+        )
         assert out.returncode != 0
         assert b"handshake failure" in out.stderr
         assert any(isinstance(e, HandshakeFailed) for e in wait_served(server, 1)[0].events)

@@ -21,10 +21,19 @@ from pysteer.tls import ServerConfig, TlsServerConnection
 
 HOPS = 100
 TESTS_DIR = Path(__file__).resolve().parents[1]
-MIGRATION_SUITES = [s for s in SUITES if s[0] in {
-    "TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
-    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"}]  # fmt: skip
+MIGRATION_SUITES = [
+    s
+    for s in SUITES
+    if s[0]
+    in {
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    }
+]
 
 
 class Worker:
@@ -32,8 +41,9 @@ class Worker:
         self.ctl, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "helpers.tls_worker", str(child.fileno())],
-            pass_fds=[child.fileno()], cwd=TESTS_DIR,
-        )  # fmt: skip
+            pass_fds=[child.fileno()],
+            cwd=TESTS_DIR,
+        )
         child.close()
         self.ctl.settimeout(30)
 
@@ -100,8 +110,9 @@ class LineClient:
 @pytest.mark.parametrize("suite", MIGRATION_SUITES, ids=[s[0] for s in MIGRATION_SUITES])
 def test_connection_hops_between_processes(pki: Pki, suite: tuple) -> None:
     rng = random.Random(suite[0])  # noqa: S311 - reproducible hop points
-    cfg = ServerConfig(pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem,
-                       suites=[suite[0]])  # fmt: skip
+    cfg = ServerConfig(
+        pki.servers["ecdsa"].chain_pem, pki.servers["ecdsa"].key_pem, suites=[suite[0]]
+    )
     listener = socket.create_server(("127.0.0.1", 0))
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     raw = socket.create_connection(listener.getsockname())
@@ -129,8 +140,11 @@ def test_connection_hops_between_processes(pki: Pki, suite: tuple) -> None:
         for hop in range(HOPS):
             key_update = conn.info.version == "TLSv1.3" and rng.random() < 0.2
             key_updates += key_update
-            job = {"budget": rng.randint(1, 2500), "seed": rng.randrange(1 << 30),
-                   "key_update": key_update}  # fmt: skip
+            job = {
+                "budget": rng.randint(1, 2500),
+                "seed": rng.randrange(1 << 30),
+                "key_update": key_update,
+            }
             new_state, new_fd = workers[hop % 2].hop(state, fd, job)
             socket.close(fd)  # the worker had its own copy
             state, fd = new_state, new_fd

@@ -34,8 +34,9 @@ def vms() -> Iterator[dict[str, str]]:
     try:
         with IPRoute() as ipr:
             for i, link in enumerate(PLAN.links, 1):
-                ipr.link("add", ifname=f"v{prefix}{i}", kind="veth",
-                         peer={"ifname": f"p{prefix}{i}"})  # fmt: skip
+                ipr.link(
+                    "add", ifname=f"v{prefix}{i}", kind="veth", peer={"ifname": f"p{prefix}{i}"}
+                )
                 for ifname, node in ((f"v{prefix}{i}", PLAN.steer), (f"p{prefix}{i}", link.peer)):
                     idx = ipr.link_lookup(ifname=ifname)[0]
                     ipr.link("set", index=idx, net_ns_fd=names[node])
@@ -45,15 +46,21 @@ def vms() -> Iterator[dict[str, str]]:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
                 n = 0
                 for i, link in enumerate(PLAN.links, 1):
-                    for end, ifname in ((link.steer_end, f"v{prefix}{i}"),
-                                        (link.peer_end, f"p{prefix}{i}")):  # fmt: skip
+                    for end, ifname in (
+                        (link.steer_end, f"v{prefix}{i}"),
+                        (link.peer_end, f"p{prefix}{i}"),
+                    ):
                         if end.node != node:
                             continue
                         n += 1
                         idx = ipr.link_lookup(ifname=ifname)[0]
                         ipr.link("set", index=idx, ifname=f"eth{n}", state="up")
-                        ipr.addr("add", index=idx, address=str(end.v4.ip),
-                                 prefixlen=end.v4.network.prefixlen)  # fmt: skip
+                        ipr.addr(
+                            "add",
+                            index=idx,
+                            address=str(end.v4.ip),
+                            prefixlen=end.v4.network.prefixlen,
+                        )
                 dummy = "mgmt0"  # the VM's own NAT link and default route
                 ipr.link("add", ifname=dummy, kind="veth", peer={"ifname": "mgmt1"})
                 idx = ipr.link_lookup(ifname=dummy)[0]
@@ -83,9 +90,14 @@ def default_route(name: str) -> str:
 def test_vm_setup_connects_the_plan(vms: dict[str, str]) -> None:
     for _ in range(2):  # idempotent
         for node, name in vms.items():
-            out = subprocess.run(netns.exec_argv(name, [sys.executable, "-m", "pysteer", "lab",
-                                 "vm-setup", "--node", node]), capture_output=True, text=True,
-                                 check=False)  # fmt: skip
+            out = subprocess.run(
+                netns.exec_argv(
+                    name, [sys.executable, "-m", "pysteer", "lab", "vm-setup", "--node", node]
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             assert out.returncode == 0, out.stderr
     assert "VIP routed to a" in out.stdout or out.stdout
     for name in vms.values():
@@ -109,7 +121,12 @@ def test_vm_setup_connects_the_plan(vms: dict[str, str]) -> None:
 
 
 def test_vm_setup_refuses_unknown_node(vms: dict[str, str]) -> None:
-    out = subprocess.run(netns.exec_argv(vms["a"], [sys.executable, "-m", "pysteer", "lab",
-                         "vm-setup", "--node", "c"]), capture_output=True, text=True,
-                         check=False)  # fmt: skip
+    out = subprocess.run(
+        netns.exec_argv(
+            vms["a"], [sys.executable, "-m", "pysteer", "lab", "vm-setup", "--node", "c"]
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 2 and "unknown node 'c'" in out.stderr

@@ -31,8 +31,10 @@ async def frames(data: bytes) -> list[dict]:
 
 
 def test_frames_round_trip_binary() -> None:
-    messages = [{"op": "prepare", "id": bytes(range(16)), "blob": b"\0\n\xff" * 1000},
-                {"op": "hello"}]  # fmt: skip
+    messages = [
+        {"op": "prepare", "id": bytes(range(16)), "blob": b"\0\n\xff" * 1000},
+        {"op": "hello"},
+    ]
     data = b"".join(encode_frame(m) for m in messages)
     assert asyncio.run(frames(data)) == messages
     assert asyncio.run(frames(data[:-1])) == messages[:1]  # a cut frame is a hang-up

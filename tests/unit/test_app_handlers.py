@@ -86,8 +86,11 @@ def test_http_keep_alive_and_a_move_mid_request() -> None:
     assert len(msgpack.packb(h2.snapshot())) < 200
     rest = served(h2, b"st: x\r\n\r\nGET /nope HTTP/1.1\r\nConnection: close\r\n\r\n")
     responses = _parse(first + rest)
-    assert [(s, len(b), c) for s, b, c in responses] == [(200, 70000, False), (200, 3, False),
-                                                          (404, 0, True)]  # fmt: skip
+    assert [(s, len(b), c) for s, b, c in responses] == [
+        (200, 70000, False),
+        (200, 3, False),
+        (404, 0, True),
+    ]
     assert hashlib.sha256(responses[0][1]).digest() == hashlib.sha256(http_body(70000)).digest()
     assert h2.requests == 3
     assert served(h2, b"GET /bytes/1 HTTP/1.1\r\n\r\n") == b""  # closing: nothing more
@@ -128,8 +131,12 @@ def ticker_snapshot(**changes):
 
 
 def http_snapshot(**changes):
-    return {"buffer": b"GET /", "requests": 1, "closing": False,
-            "queue": [["raw", b"HTTP/1.1 200 OK\r\n\r\n"], ["body", 10, 20]]} | changes  # fmt: skip
+    return {
+        "buffer": b"GET /",
+        "requests": 1,
+        "closing": False,
+        "queue": [["raw", b"HTTP/1.1 200 OK\r\n\r\n"], ["body", 10, 20]],
+    } | changes
 
 
 def bad(cls: type, **changes: Any) -> list[tuple[type, str, Any]]:
@@ -140,25 +147,47 @@ def bad(cls: type, **changes: Any) -> list[tuple[type, str, Any]]:
 
 
 BAD_SNAPSHOTS = [
-    (Echo, "None", None), (Echo, "list", []), (Echo, "state", {"x": 1}),
-    (Ticker, "None", None), (Ticker, "list", [1, 2]), (Ticker, "missing", {"ticks": 1}),
+    (Echo, "None", None),
+    (Echo, "list", []),
+    (Echo, "state", {"x": 1}),
+    (Ticker, "None", None),
+    (Ticker, "list", [1, 2]),
+    (Ticker, "missing", {"ticks": 1}),
     (Ticker, "extra", ticker_snapshot(extra=1)),
     *bad(Ticker, interval=[0, 0.0, -1, -0.5, math.nan, math.inf, 1e-9, 1e9, "0.5", True, None]),
     *bad(Ticker, next_in=[-1.0, math.nan, math.inf, -math.inf, 1e12, "0", None]),
     *bad(Ticker, ticks=[-1, 1 << 64, 1.5, True, "3", None]),
     *bad(Ticker, echoes=[-1, 1 << 64, 2.0, False]),
     *bad(Ticker, partial=["text", 100_000, [1, 2], None, b"x" * (64 * 1024 + 1)]),
-    (Http, "None", None), (Http, "missing", {"buffer": b""}),
+    (Http, "None", None),
+    (Http, "missing", {"buffer": b""}),
     (Http, "extra", http_snapshot(extra=1)),
     *bad(Http, buffer=["text", 100_000, [1], b"x" * (16 * 1024 + 1)]),
     *bad(Http, requests=[-1, 1 << 64, 1.0, True, "1"]),
     *bad(Http, closing=[1, 0, "yes", None]),
-    *bad(Http, queue=[
-        None, "raw", {"raw": b""}, [["raw", b"x"]] * 1025, [["raw"]], [["raw", "text"]],
-        [["raw", b"x" * 1025]], [["body", -1, 5]], [["body", 0, 0]], [["body", 0, 1 << 40]],
-        [["body", (1 << 31) - 1, 2]], [["body", True, 1]], [["body", 0, 1.5]], [["x", 1]],
-        [[]], [None], [["body", 0, 1, 2]]]),
-]  # fmt: skip
+    *bad(
+        Http,
+        queue=[
+            None,
+            "raw",
+            {"raw": b""},
+            [["raw", b"x"]] * 1025,
+            [["raw"]],
+            [["raw", "text"]],
+            [["raw", b"x" * 1025]],
+            [["body", -1, 5]],
+            [["body", 0, 0]],
+            [["body", 0, 1 << 40]],
+            [["body", (1 << 31) - 1, 2]],
+            [["body", True, 1]],
+            [["body", 0, 1.5]],
+            [["x", 1]],
+            [[]],
+            [None],
+            [["body", 0, 1, 2]],
+        ],
+    ),
+]
 
 
 @pytest.mark.parametrize(

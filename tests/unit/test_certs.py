@@ -37,16 +37,22 @@ NODES = ["--node", "a=a,10.0.0.2", "--node", "b", "--node", "steer"]
 
 
 def pysteer(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pysteer", *args], capture_output=True,
-                          text=True, check=False, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "pysteer", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
 
 
 def as_nobody(script: str) -> None:
     """Run ``script`` as uid 65534 (the system's Python: the venv may sit under a directory
     that user cannot enter)."""
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    subprocess.run([python, "-c", script], user=NOBODY, group=NOBODY, extra_groups=[],
-                   check=True, timeout=30)  # fmt: skip
+    subprocess.run(
+        [python, "-c", script], user=NOBODY, group=NOBODY, extra_groups=[], check=True, timeout=30
+    )
 
 
 @pytest.fixture
@@ -69,19 +75,31 @@ def test_init_writes_private_files(tmp_path: Path) -> None:
     out = pysteer("certs", "init", "--dir", str(d), *NODES, "--service-name", "vip,10.0.0.100")
     assert out.returncode == 0, out.stderr
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
-    assert modes(d) == {"ca.pem": 0o644, "ca.key": 0o600, "a.pem": 0o644, "a.key": 0o600,
-                        "b.pem": 0o644, "b.key": 0o600, "steer.pem": 0o644,
-                        "steer.key": 0o600, "cluster.key": 0o600, "service-ca.pem": 0o644,
-                        "service.pem": 0o644, "service.key": 0o600}  # fmt: skip
+    assert modes(d) == {
+        "ca.pem": 0o644,
+        "ca.key": 0o600,
+        "a.pem": 0o644,
+        "a.key": 0o600,
+        "b.pem": 0o644,
+        "b.key": 0o600,
+        "steer.pem": 0o644,
+        "steer.key": 0o600,
+        "cluster.key": 0o600,
+        "service-ca.pem": 0o644,
+        "service.pem": 0o644,
+        "service.key": 0o600,
+    }
     assert {p.stat().st_uid for p in d.iterdir()} == {os.geteuid()}
 
 
 def test_attack_precreated_directory_and_tmp_files(shared_tmp: Path) -> None:
     # The user makes the directory and empty, world-writable *.tmp files for every key.
     names = ["ca.pem", "ca.key", "a.pem", "a.key", "cluster.key"]
-    as_nobody(f"import os; os.mkdir({str(shared_tmp)!r}, 0o777); os.chmod({str(shared_tmp)!r}, "
-              f"0o777)\nfor n in {names!r}:\n    p = os.path.join({str(shared_tmp)!r}, n + "
-              f"'.tmp'); open(p, 'w').close(); os.chmod(p, 0o666)")  # fmt: skip
+    as_nobody(
+        f"import os; os.mkdir({str(shared_tmp)!r}, 0o777); os.chmod({str(shared_tmp)!r}, "
+        f"0o777)\nfor n in {names!r}:\n    p = os.path.join({str(shared_tmp)!r}, n + "
+        f"'.tmp'); open(p, 'w').close(); os.chmod(p, 0o666)"
+    )
     out = pysteer("certs", "init", "--dir", str(shared_tmp), *NODES)
     assert out.returncode == 2
     assert f"{shared_tmp} is owned by uid {NOBODY}" in out.stderr, out.stderr
@@ -136,8 +154,17 @@ def test_attack_symlinks_are_not_followed(tmp_path: Path, shared_tmp: Path) -> N
 
 
 def test_certificates_say_what_they_are_for(tmp_path: Path) -> None:
-    out = pysteer("certs", "init", "--dir", str(tmp_path / "c"), *NODES, "--kind", "rsa",
-                  "--service-name", "vip,10.0.0.100")  # fmt: skip
+    out = pysteer(
+        "certs",
+        "init",
+        "--dir",
+        str(tmp_path / "c"),
+        *NODES,
+        "--kind",
+        "rsa",
+        "--service-name",
+        "vip,10.0.0.100",
+    )
     assert out.returncode == 0, out.stderr
     d = tmp_path / "c"
     leaf, ca = x509.load_pem_x509_certificates((d / "a.pem").read_bytes())
@@ -185,13 +212,23 @@ def test_operator_service_certificate(tmp_path: Path) -> None:
     issued = theirs.issue("www.example.test", names=["www.example.test"])
     other = theirs.issue("other.example.test")
     client_only = theirs.issue("c.example.test", usage="client")
-    for name, data in [("svc.pem", issued.chain_pem), ("svc.key", issued.key_pem),
-                       ("other.key", other.key_pem), ("client.pem", client_only.chain_pem),
-                       ("client.key", client_only.key_pem)]:  # fmt: skip
+    for name, data in [
+        ("svc.pem", issued.chain_pem),
+        ("svc.key", issued.key_pem),
+        ("other.key", other.key_pem),
+        ("client.pem", client_only.chain_pem),
+        ("client.key", client_only.key_pem),
+    ]:
         (tmp_path / name).write_bytes(data)
     run = ["certs", "init", *NODES, "--dir"]
-    out = pysteer(*run, str(tmp_path / "ok"), "--service-cert", str(tmp_path / "svc.pem"),
-                  "--service-key", str(tmp_path / "svc.key"))  # fmt: skip
+    out = pysteer(
+        *run,
+        str(tmp_path / "ok"),
+        "--service-cert",
+        str(tmp_path / "svc.pem"),
+        "--service-key",
+        str(tmp_path / "svc.key"),
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "ok" / "service.pem").read_bytes() == issued.chain_pem
     assert (tmp_path / "ok" / "service.key").read_bytes() == issued.key_pem
@@ -220,32 +257,49 @@ def test_operator_service_certificate(tmp_path: Path) -> None:
 
 def test_bundle_holds_one_hosts_files(tmp_path: Path) -> None:
     d = tmp_path / "cluster"
-    assert pysteer("certs", "init", "--dir", str(d), *NODES,
-                   "--service-name", "vip").returncode == 0  # fmt: skip
+    assert (
+        pysteer("certs", "init", "--dir", str(d), *NODES, "--service-name", "vip").returncode == 0
+    )
     (d / "cluster.toml").write_text('[steer]\nname = "steer"\n[nodes.a]\n[nodes.b]\n')
     out = pysteer("certs", "bundle", "--dir", str(d), "--node", "a", "--out", str(tmp_path / "a"))
     assert out.returncode == 0, out.stderr
-    assert modes(tmp_path / "a") == {"ca.pem": 0o644, "a.pem": 0o644, "a.key": 0o600,
-                                     "cluster.key": 0o600, "service.pem": 0o644,
-                                     "service.key": 0o600, "cluster.toml": 0o644}  # fmt: skip
+    assert modes(tmp_path / "a") == {
+        "ca.pem": 0o644,
+        "a.pem": 0o644,
+        "a.key": 0o600,
+        "cluster.key": 0o600,
+        "service.pem": 0o644,
+        "service.key": 0o600,
+        "cluster.toml": 0o644,
+    }
     assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
     for name in ("a.key", "cluster.key", "ca.pem"):
         assert (tmp_path / "a" / name).read_bytes() == (d / name).read_bytes()
     # The steering node (cluster.toml says so) gets no cluster key and no service key.
-    out = pysteer("certs", "bundle", "--dir", str(d), "--node", "steer", "--out",
-                  str(tmp_path / "s"))  # fmt: skip
+    out = pysteer(
+        "certs", "bundle", "--dir", str(d), "--node", "steer", "--out", str(tmp_path / "s")
+    )
     assert out.returncode == 0, out.stderr
     assert sorted(modes(tmp_path / "s")) == ["ca.pem", "cluster.toml", "steer.key", "steer.pem"]
-    again = pysteer("certs", "bundle", "--dir", str(d), "--node", "a", "--out",
-                    str(tmp_path / "a"))  # fmt: skip
+    again = pysteer("certs", "bundle", "--dir", str(d), "--node", "a", "--out", str(tmp_path / "a"))
     assert again.returncode == 2 and "already holds" in again.stderr
-    for bad, message in [(["--node", "zz"], "no key for node 'zz'"),
-                         (["--node", "../ca"], "invalid node name"),
-                         (["--node", "ca"], "invalid node name")]:  # fmt: skip
+    for bad, message in [
+        (["--node", "zz"], "no key for node 'zz'"),
+        (["--node", "../ca"], "invalid node name"),
+        (["--node", "ca"], "invalid node name"),
+    ]:
         out = pysteer("certs", "bundle", "--dir", str(d), *bad, "--out", str(tmp_path / "x"))
         assert out.returncode == 2 and message in out.stderr, out.stderr
-    out = pysteer("certs", "bundle", "--dir", str(tmp_path / "none"), "--node", "a", "--out",
-                  str(tmp_path / "y"))  # fmt: skip
+    out = pysteer(
+        "certs",
+        "bundle",
+        "--dir",
+        str(tmp_path / "none"),
+        "--node",
+        "a",
+        "--out",
+        str(tmp_path / "y"),
+    )
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
@@ -264,8 +318,21 @@ def test_issue_renews_one_node(tmp_path: Path) -> None:
     bundle = tmp_path / "b-only"
     out = pysteer("certs", "bundle", "--dir", str(d), "--node", "b", "--out", str(bundle))
     assert out.returncode == 2 and "give --role host or --role steer" in out.stderr  # no guess
-    assert pysteer("certs", "bundle", "--dir", str(d), "--node", "b", "--role", "host",
-                   "--out", str(bundle)).returncode == 0  # fmt: skip
+    assert (
+        pysteer(
+            "certs",
+            "bundle",
+            "--dir",
+            str(d),
+            "--node",
+            "b",
+            "--role",
+            "host",
+            "--out",
+            str(bundle),
+        ).returncode
+        == 0
+    )
     out = pysteer("certs", "issue", "--dir", str(bundle), "--node", "c")
     assert out.returncode == 2 and "no CA key" in out.stderr  # a host cannot mint nodes
 
@@ -284,8 +351,11 @@ def leaf(cn: str, *, names: list[str] | None = None, usage: str = "node") -> x50
         (leaf("a"), None, None),
         (leaf("a"), "a", None),
         (leaf("a", names=["a", "a.example.com", "10.0.0.2"]), "a", None),
-        (leaf("vip", names=["vip", "10.0.0.100"], usage="server"), None,
-         "not a node's: no clientAuth (it allows: serverAuth)"),
+        (
+            leaf("vip", names=["vip", "10.0.0.100"], usage="server"),
+            None,
+            "not a node's: no clientAuth (it allows: serverAuth)",
+        ),
         (leaf("a", usage="server"), None, "no clientAuth"),
         (leaf("a", usage="server"), "a", "no clientAuth"),  # not even as a server
         (leaf("a", usage="client"), None, "no serverAuth"),
@@ -297,7 +367,7 @@ def leaf(cn: str, *, names: list[str] | None = None, usage: str = "node") -> x50
         (leaf("vip", names=["vip"]), None, "'vip' is not an identity allowed here"),
         (leaf("a", names=["10.0.0.2"]), None, "not among the certificate's DNS names"),
     ],
-)  # fmt: skip
+)
 def test_identity(cert: x509.Certificate, expect: str | None, error: str | None) -> None:
     if error is None:
         assert certificate_node(cert, {"a", "b"}, expect) == "a"
@@ -354,13 +424,29 @@ def test_file_errors_are_one_clear_line(tmp_path: Path) -> None:
     (d / "b.pem").unlink()  # a key without its certificate
     cases = [
         (["init", "--dir", str(tmp_path / "file" / "sub"), *NODES], "Not a directory"),
-        (["bundle", "--dir", str(d), "--node", "b", "--role", "host", "--out",
-          str(tmp_path / "b")], "b.pem: No such file or directory"),
-        (["bundle", "--dir", str(d), "--node", "a", "--role", "host", "--out", "/proc/x/y"],
-         "/proc"),
-        (["bundle", "--dir", str(d), "--node", "a", "--out", str(tmp_path / "a")],
-         "cluster.toml: is a symlink"),
-    ]  # fmt: skip
+        (
+            [
+                "bundle",
+                "--dir",
+                str(d),
+                "--node",
+                "b",
+                "--role",
+                "host",
+                "--out",
+                str(tmp_path / "b"),
+            ],
+            "b.pem: No such file or directory",
+        ),
+        (
+            ["bundle", "--dir", str(d), "--node", "a", "--role", "host", "--out", "/proc/x/y"],
+            "/proc",
+        ),
+        (
+            ["bundle", "--dir", str(d), "--node", "a", "--out", str(tmp_path / "a")],
+            "cluster.toml: is a symlink",
+        ),
+    ]
     for args, message in cases:
         if "is a symlink" in message:  # an operator's link to the config: never followed
             (d / "cluster.toml").symlink_to(tmp_path / "file")
@@ -390,8 +476,11 @@ def test_init_killed_midway_leaves_only_whole_files(tmp_path: Path) -> None:
     d = tmp_path / "cluster"
     many = [arg for i in range(40) for arg in ("--node", f"n{i}")]
     for _ in range(6):
-        proc = subprocess.Popen([*INIT, "--dir", str(d), *many, "--force"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [*INIT, "--dir", str(d), *many, "--force"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(0.2, 1.2))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -405,8 +494,13 @@ def test_init_killed_midway_leaves_only_whole_files(tmp_path: Path) -> None:
                 serialization.load_pem_private_key(data, password=None)
             else:
                 assert x509.load_pem_x509_certificates(data), path
-    out = subprocess.run([*INIT, "--dir", str(d), *many, "--force"], capture_output=True,
-                         text=True, check=False, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [*INIT, "--dir", str(d), *many, "--force"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert all((d / f"n{i}.key").exists() for i in range(40))
     assert [p.name for p in d.iterdir() if p.name.endswith(".tmp")] == []  # cleared

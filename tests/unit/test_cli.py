@@ -64,8 +64,9 @@ def test_unknown_command_is_argparse_error() -> None:
 def test_a_closed_pipe_is_no_traceback(args: list[str]) -> None:
     """`pysteer lab plan | head -c1`: the reader goes away; pysteer says nothing and ends
     as a shell reports SIGPIPE (it printed a BrokenPipeError traceback before)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pysteer", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pysteer", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     proc.stdout.close()  # type: ignore[union-attr]
     err = proc.stderr.read()  # type: ignore[union-attr]
     proc.stderr.close()  # type: ignore[union-attr]

@@ -16,22 +16,52 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # Third-party and standard modules only the handlers that use them may import...
-HEAVY = ["cryptography", "OpenSSL", "bcc", "pyroute2", "prometheus_client", "msgpack",
-         "ssl", "_ssl", "asyncio", "tomllib", "ctypes"]  # fmt: skip
+HEAVY = [
+    "cryptography",
+    "OpenSSL",
+    "bcc",
+    "pyroute2",
+    "prometheus_client",
+    "msgpack",
+    "ssl",
+    "_ssl",
+    "asyncio",
+    "tomllib",
+    "ctypes",
+]
 # ...and pysteer's own modules that import them.
-HEAVY += ["pysteer.tls", "pysteer.tcp", "pysteer.transfer", "pysteer.identity", "pysteer.certs",
-          "pysteer.metrics", "pysteer.doctor.checks", "pysteer.steer.loader",
-          "pysteer.steer.daemon", "pysteer.agent.agent", "pysteer.agent.frames"]  # fmt: skip
+HEAVY += [
+    "pysteer.tls",
+    "pysteer.tcp",
+    "pysteer.transfer",
+    "pysteer.identity",
+    "pysteer.certs",
+    "pysteer.metrics",
+    "pysteer.doctor.checks",
+    "pysteer.steer.loader",
+    "pysteer.steer.daemon",
+    "pysteer.agent.agent",
+    "pysteer.agent.frames",
+]
 
 
 def imported(*args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """Run ``python -X importtime -m pysteer ARGS`` on this tree; the modules it imported."""
     env = {k: v for k, v in os.environ.items() if k != "PYSTEER_CONFIG"}
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "pysteer", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-                          check=False)  # fmt: skip
-    modules = [line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines()
-               if line.startswith("import time:") and "|" in line]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pysteer", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    modules = [
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    ]
     assert "pysteer.cli" in modules  # the run did import the CLI: not a vacuous pass
     return done, modules
 
@@ -66,8 +96,9 @@ def test_command_imports_nothing_heavy(command: str, code: int, says: str) -> No
 
 def test_lazy_choices_still_load() -> None:
     """A choice defined next to heavy code is still checked, and then loads that code."""
-    done, modules = imported("certs", "init", "--dir", "/nonexistent", "--node", "a",
-                             "--kind", "dsa")  # fmt: skip
+    done, modules = imported(
+        "certs", "init", "--dir", "/nonexistent", "--node", "a", "--kind", "dsa"
+    )
     assert done.returncode == 2
     assert "invalid choice: 'dsa' (choose from 'rsa', 'ecdsa', 'ed25519')" in done.stderr
     assert "pysteer.certs" in modules

@@ -73,14 +73,63 @@ def nested_map(depth: int) -> Any:
 
 HUGE = 10**5000  # over the 4300 digits str() and int() accept
 NASTY: list[Any] = [
-    None, True, False, 0, -1, 1, 2, 4, 6, 1 << 31, (1 << 32) - 1, 1 << 32, (1 << 64) - 1,
-    1 << 64, -(1 << 63), HUGE, -HUGE, 0.0, 1.0, 0.5, -0.0, math.nan, math.inf, -math.inf,
-    "", "x", "x" * 5000, "9" * 5000, "\udc80", "\u0665\u0661", "TLSv1.3", "ESTABLISHED",
-    "10.0.0.1", "fd00::1", "TLS_AES_128_GCM_SHA256", "10.0.0.2:" + "9" * 5000 + "-10.0.0.3:1",
-    b"", b"\xff" * 16, bytes(32), bytes(70_000), bytearray(b"ab"), [], {}, [1, 2], (1, 2),
-    ["10.0.0.1", 1], {"": None}, {1: 2}, {HUGE: 1}, {b"v": 1}, nested(60), nested(3000),
-    nested_map(3000), frozenset({1}), complex(1, 1), object(),
-]  # fmt: skip
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    4,
+    6,
+    1 << 31,
+    (1 << 32) - 1,
+    1 << 32,
+    (1 << 64) - 1,
+    1 << 64,
+    -(1 << 63),
+    HUGE,
+    -HUGE,
+    0.0,
+    1.0,
+    0.5,
+    -0.0,
+    math.nan,
+    math.inf,
+    -math.inf,
+    "",
+    "x",
+    "x" * 5000,
+    "9" * 5000,
+    "\udc80",
+    "\u0665\u0661",
+    "TLSv1.3",
+    "ESTABLISHED",
+    "10.0.0.1",
+    "fd00::1",
+    "TLS_AES_128_GCM_SHA256",
+    "10.0.0.2:" + "9" * 5000 + "-10.0.0.3:1",
+    b"",
+    b"\xff" * 16,
+    bytes(32),
+    bytes(70_000),
+    bytearray(b"ab"),
+    [],
+    {},
+    [1, 2],
+    (1, 2),
+    ["10.0.0.1", 1],
+    {"": None},
+    {1: 2},
+    {HUGE: 1},
+    {b"v": 1},
+    nested(60),
+    nested(3000),
+    nested_map(3000),
+    frozenset({1}),
+    complex(1, 1),
+    object(),
+]
 MSGPACK_TOKENS = [
     b"\x91" * 1020 + b"\x00",  # 1020 arrays deep: under msgpack's own 1024
     b"\x91" * 2000 + b"\x00",
@@ -102,15 +151,58 @@ MSGPACK_TOKENS = [
     b"\xc0",
 ]
 JSON_TOKENS = [
-    b"[" * 5000, b'{"a":' * 5000, b"9" * 5000, b"-" + b"9" * 30, b"1e999", b"-1e999", b"NaN",
-    b"-Infinity", b"\xff", b"\xc3", b"\xed\xa0\x80", b'"\\ud800"', b"\x00", b"\\", b'"', b"{",
-    b"}", b"[", b"]", b",", b":", b'"cmd"', b'"flow"', b"null", b"true", b"\xef\xbb\xbf",
-    "\u0665\u0661".encode(), b"10.0.0.1:" + b"9" * 5000,
-]  # fmt: skip
+    b"[" * 5000,
+    b'{"a":' * 5000,
+    b"9" * 5000,
+    b"-" + b"9" * 30,
+    b"1e999",
+    b"-1e999",
+    b"NaN",
+    b"-Infinity",
+    b"\xff",
+    b"\xc3",
+    b"\xed\xa0\x80",
+    b'"\\ud800"',
+    b"\x00",
+    b"\\",
+    b'"',
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b'"cmd"',
+    b'"flow"',
+    b"null",
+    b"true",
+    b"\xef\xbb\xbf",
+    "\u0665\u0661".encode(),
+    b"10.0.0.1:" + b"9" * 5000,
+]
 FLOW_TOKENS = [
-    "9" * 5000, "99999", "0", "\u0665", "\u0661\u0662", "[", "]", ":", "-", "%eth0", "::",
-    "::ffff:1.2.3.4", "\x00", " ", "\n", "1.2.3.4", "fd00::1", "256", "00001", "+1", "1_0",
-]  # fmt: skip
+    "9" * 5000,
+    "99999",
+    "0",
+    "\u0665",
+    "\u0661\u0662",
+    "[",
+    "]",
+    ":",
+    "-",
+    "%eth0",
+    "::",
+    "::ffff:1.2.3.4",
+    "\x00",
+    " ",
+    "\n",
+    "1.2.3.4",
+    "fd00::1",
+    "256",
+    "00001",
+    "+1",
+    "1_0",
+]
 
 
 # --- the mutator -------------------------------------------------------------------------------
@@ -135,19 +227,45 @@ def swap_type(value: Any, rng: random.Random) -> Any:
     elif isinstance(value, int) and value.bit_length() > 64:  # str() and float() refuse it
         options = [-value, "9" * 5000, 1 << 64, [value]]
     elif isinstance(value, int):
-        options = [str(value), float(value), -value - 1, value + (1 << 32), value << 64,
-                   [value], value == 1, HUGE]  # fmt: skip
+        options = [
+            str(value),
+            float(value),
+            -value - 1,
+            value + (1 << 32),
+            value << 64,
+            [value],
+            value == 1,
+            HUGE,
+        ]
     elif isinstance(value, float):
         options = [int(value) if math.isfinite(value) else 0, str(value), math.nan, -math.inf]
     elif isinstance(value, str):
-        options = [value.encode("utf-8", "surrogatepass"), value[: len(value) // 2], value * 50,
-                   value + "\x00", list(value), value.upper(), "9" * 5000]  # fmt: skip
+        options = [
+            value.encode("utf-8", "surrogatepass"),
+            value[: len(value) // 2],
+            value * 50,
+            value + "\x00",
+            list(value),
+            value.upper(),
+            "9" * 5000,
+        ]
     elif isinstance(value, bytes | bytearray):
-        options = [value.decode("latin-1"), value[:-1], value + b"\0", bytearray(value),
-                   list(value), bytes(len(value) * 2)]  # fmt: skip
+        options = [
+            value.decode("latin-1"),
+            value[:-1],
+            value + b"\0",
+            bytearray(value),
+            list(value),
+            bytes(len(value) * 2),
+        ]
     elif isinstance(value, list | tuple):
-        options = [tuple(value), list(value)[:-1], list(value) * 2, [value],
-                   {str(i): x for i, x in enumerate(value)}]  # fmt: skip
+        options = [
+            tuple(value),
+            list(value)[:-1],
+            list(value) * 2,
+            [value],
+            {str(i): x for i, x in enumerate(value)},
+        ]
     elif isinstance(value, dict):
         options = [list(value.values()), list(value.items()), {**value, "extra": 1}, [value]]
     else:
@@ -234,15 +352,31 @@ def only(error: type[BaseException], fn: Callable[[], Any], case: str) -> Any:
 # --- valid seeds -------------------------------------------------------------------------------
 def tcp_seeds() -> list[dict[str, Any]]:
     base = {
-        "family": 4, "local": ("10.77.100.1", 443), "peer": ("10.77.1.2", 51000),
-        "state": TcpStateCode.ESTABLISHED, "send_seq": 1000, "recv_seq": 5000,
-        "recv_queue": b"r" * 7, "send_unacked": b"u" * 10, "send_unsent": b"n" * 20,
-        "mss_clamp": 1460, "sack": True, "timestamps": True, "wscale": (7, 10),
-        "timestamp": 123456, "window": RepairWindow(4990, 65535, 65535, 65535, 4990),
+        "family": 4,
+        "local": ("10.77.100.1", 443),
+        "peer": ("10.77.1.2", 51000),
+        "state": TcpStateCode.ESTABLISHED,
+        "send_seq": 1000,
+        "recv_seq": 5000,
+        "recv_queue": b"r" * 7,
+        "send_unacked": b"u" * 10,
+        "send_unsent": b"n" * 20,
+        "mss_clamp": 1460,
+        "sack": True,
+        "timestamps": True,
+        "wscale": (7, 10),
+        "timestamp": 123456,
+        "window": RepairWindow(4990, 65535, 65535, 65535, 4990),
         "options": SocketOptions(nodelay=True, sndbuf=87040, rcvbuf=131072, mark=7),
-    }  # fmt: skip
-    v6 = base | {"family": 6, "local": ("fd00::1", 443), "peer": ("fd00::2", 5000),
-                 "timestamps": False, "timestamp": None, "wscale": None}  # fmt: skip
+    }
+    v6 = base | {
+        "family": 6,
+        "local": ("fd00::1", 443),
+        "peer": ("fd00::2", 5000),
+        "timestamps": False,
+        "timestamp": None,
+        "wscale": None,
+    }
     fin = base | {"state": TcpStateCode.FIN_WAIT1, "send_unsent": b""}
     close_wait = base | {"state": TcpStateCode.CLOSE_WAIT, "recv_queue": b""}
     return [TcpState(**f).to_wire() for f in (base, v6, fin, close_wait)]
@@ -250,24 +384,45 @@ def tcp_seeds() -> list[dict[str, Any]]:
 
 def tls_seeds(rng: random.Random) -> list[dict[str, Any]]:
     out = []
-    for name in ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384",
-                 "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
-                 "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256"):  # fmt: skip
+    for name in (
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_AES_256_GCM_SHA384",
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    ):
         suite = BY_NAME[name]
         if suite.version == TLS13:
             read = {"secret": rng.randbytes(suite.hash_len), "seq": 0}
             write = {"secret": rng.randbytes(suite.hash_len), "seq": 2}
         else:
-            read = {"key": rng.randbytes(suite.key_len),
-                    "iv": rng.randbytes(suite.fixed_iv_len), "seq": 1}  # fmt: skip
-            write = {"key": rng.randbytes(suite.key_len),
-                     "iv": rng.randbytes(suite.fixed_iv_len), "seq": 1}  # fmt: skip
-        out.append({
-            "v": 1, "version": suite.version, "suite": name, "read": read, "write": write,
-            "rx": b"\x17\x03\x03", "hs": b"", "close_sent": False, "close_received": False,
-            "written": 10, "sni": "example.test", "alpn": "h2", "resumed": False,
-            "peer_chain": [b"der"],
-        })  # fmt: skip
+            read = {
+                "key": rng.randbytes(suite.key_len),
+                "iv": rng.randbytes(suite.fixed_iv_len),
+                "seq": 1,
+            }
+            write = {
+                "key": rng.randbytes(suite.key_len),
+                "iv": rng.randbytes(suite.fixed_iv_len),
+                "seq": 1,
+            }
+        out.append(
+            {
+                "v": 1,
+                "version": suite.version,
+                "suite": name,
+                "read": read,
+                "write": write,
+                "rx": b"\x17\x03\x03",
+                "hs": b"",
+                "close_sent": False,
+                "close_received": False,
+                "written": 10,
+                "sni": "example.test",
+                "alpn": "h2",
+                "resumed": False,
+                "peer_chain": [b"der"],
+            }
+        )
     return out
 
 
@@ -281,13 +436,37 @@ def blob_seeds(rng: random.Random) -> list[dict[str, Any]]:
     flows = ["10.77.1.2:51000-10.77.100.1:443", "[fd00::2]:5000-[fd00::1]:443"]
     v = blob_module.BLOB_VERSION
     return [
-        {"v": v, "id": MID, "flow": flows[0], "tcp": tcp[0], "tls": tls[0],
-         "app": {"counter": 7, "lines": ["a", "b"]}, "out": b"owed", "t": 1.7e9},
-        {"v": v, "id": MID, "flow": flows[1], "tcp": tcp[1], "tls": None, "app": None,
-         "out": b"", "t": 1700000000},
-        {"v": v, "id": MID, "flow": flows[0], "tcp": tcp[2], "tls": tls[2], "app": [1, 2.5],
-         "out": b"", "t": 1.7e9},
-    ]  # fmt: skip
+        {
+            "v": v,
+            "id": MID,
+            "flow": flows[0],
+            "tcp": tcp[0],
+            "tls": tls[0],
+            "app": {"counter": 7, "lines": ["a", "b"]},
+            "out": b"owed",
+            "t": 1.7e9,
+        },
+        {
+            "v": v,
+            "id": MID,
+            "flow": flows[1],
+            "tcp": tcp[1],
+            "tls": None,
+            "app": None,
+            "out": b"",
+            "t": 1700000000,
+        },
+        {
+            "v": v,
+            "id": MID,
+            "flow": flows[0],
+            "tcp": tcp[2],
+            "tls": tls[2],
+            "app": [1, 2.5],
+            "out": b"",
+            "t": 1.7e9,
+        },
+    ]
 
 
 def seal_plain(plain: bytes, rng: random.Random, mid: bytes = MID) -> bytes:
@@ -593,8 +772,12 @@ def test_hypothesis_blob_plaintext(rng: random.Random, value: Any) -> None:
 @given(data=st.binary(max_size=200), value=msgpack_values)
 def test_hypothesis_frames(data: bytes, value: Any) -> None:
     body = msgpack.packb(value, use_bin_type=True)
-    check_frames([(data, "arbitrary bytes", True),
-                  (len(body).to_bytes(4, "big") + body, "arbitrary value", True)])  # fmt: skip
+    check_frames(
+        [
+            (data, "arbitrary bytes", True),
+            (len(body).to_bytes(4, "big") + body, "arbitrary value", True),
+        ]
+    )
 
 
 @FUZZ

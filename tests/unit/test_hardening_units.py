@@ -31,8 +31,9 @@ def test_harden_turns_core_dumps_off() -> None:
         "harden()\n"
         "print(resource.getrlimit(resource.RLIMIT_CORE), dumpable())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=False, timeout=30)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(0, 0) False"
 

@@ -32,8 +32,11 @@ def test_ruff_format() -> None:
 
 
 def shell_scripts() -> list[Path]:
-    candidates = [*(ROOT / "scripts").glob("*"), *(ROOT / "vagrant").glob("*.sh"),
-                  ROOT / ".ci" / "run"]  # fmt: skip
+    candidates = [
+        *(ROOT / "scripts").glob("*"),
+        *(ROOT / "vagrant").glob("*.sh"),
+        ROOT / ".ci" / "run",
+    ]
     found = [
         p for p in candidates if p.is_file() and p.read_text().startswith("#!/usr/bin/env bash")
     ]
@@ -50,8 +53,9 @@ def test_shell_scripts_parse() -> None:
 
 
 def test_shellcheck() -> None:
-    out = subprocess.run(["shellcheck", *map(str, shell_scripts())], capture_output=True,
-                         text=True, check=False)  # fmt: skip
+    out = subprocess.run(
+        ["shellcheck", *map(str, shell_scripts())], capture_output=True, text=True, check=False
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -60,15 +64,25 @@ def test_vagrant_validate() -> None:
 
     ``--ignore-provider``: a CI machine has no VirtualBox or libvirt, and plain ``vagrant
     validate`` then fails with "No usable default provider could be found"."""
-    out = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=ROOT / "vagrant",
-                         capture_output=True, text=True, check=False, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        ["vagrant", "validate", "--ignore-provider"],
+        cwd=ROOT / "vagrant",
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "validated successfully" in out.stdout
 
 
 def test_vagrant_plan_is_derived_from_plan_json() -> None:
-    out = subprocess.run([sys.executable, "-m", "pysteer", "lab", "plan", "--variant", "vm"],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "pysteer", "lab", "plan", "--variant", "vm"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     committed = json.loads((ROOT / "vagrant" / "plan-vm.json").read_text())
     assert committed == json.loads(out.stdout), "regenerate: pysteer lab plan --variant vm"
 

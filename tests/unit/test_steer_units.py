@@ -52,12 +52,29 @@ def _frame(version: int, payload: bytes, flags: int = 0x19, ttl: int = 64) -> by
     tcp = struct.pack("!HHIIBBHHH", 51000, 443, 1000, 7, 8 << 4, flags, 512, 0xDEAD, 0)
     tcp += b"\x01\x01\x08\x0a" + bytes(8)  # NOP NOP timestamps: options are repeated
     if version == 4:
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 9, 0x4000, ttl, 6, 0,
-                         bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]))  # fmt: skip
+        ip = struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            0,
+            9,
+            0x4000,
+            ttl,
+            6,
+            0,
+            bytes([10, 0, 0, 2]),
+            bytes([10, 0, 0, 1]),
+        )
         return SMAC + DMAC + b"\x08\x00" + ip + tcp + payload  # length 0: a GSO packet
-    ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp) + len(payload), 6, ttl,
-                     ipaddress.ip_address("fd00::2").packed,
-                     ipaddress.ip_address("fd00::1").packed)  # fmt: skip
+    ip = struct.pack(
+        "!IHBB16s16s",
+        6 << 28,
+        len(tcp) + len(payload),
+        6,
+        ttl,
+        ipaddress.ip_address("fd00::2").packed,
+        ipaddress.ip_address("fd00::1").packed,
+    )
     return SMAC + DMAC + b"\x86\xdd" + ip + tcp + payload
 
 

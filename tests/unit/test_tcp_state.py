@@ -193,9 +193,14 @@ def _ones_complement_ok(data: bytes) -> bool:
 def test_segment_checksums(src: str, dst: str) -> None:
     payload = b"abc"
     packet = segment.build(
-        (src, 5000), (dst, 443), seq=7, ack=9, flags=segment.FIN | segment.ACK, window=70000,
+        (src, 5000),
+        (dst, 443),
+        seq=7,
+        ack=9,
+        flags=segment.FIN | segment.ACK,
+        window=70000,
         payload=payload,
-    )  # fmt: skip
+    )
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
     if s.version == 4:
         ip, tcp_part = packet[:20], packet[20:]

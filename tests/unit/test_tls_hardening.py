@@ -162,9 +162,15 @@ def test_records_interoperate_with_openssl_both_ways(pki, name: str) -> None:
     assert closing == [Alert(1, 0, sent=False), ConnectionClosed(clean=True)]
 
 
-@pytest.mark.parametrize("name", ["TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256",
-                                  "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-                                  "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "TLS_AES_128_GCM_SHA256",
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+    ],
+)
 def test_a_decryption_failure_is_fatal(pki, name: str) -> None:
     client = PyClient(pki, name)
     client.both_ways([10])
@@ -181,8 +187,10 @@ def test_a_decryption_failure_is_fatal(pki, name: str) -> None:
         client.conn.send(b"x")
 
 
-@pytest.mark.parametrize("name", ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-                                  "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256"],
+)
 def test_renegotiation_is_refused(pki, name: str) -> None:
     """A TLS 1.2 client's renegotiation gets a no_renegotiation warning (a moved connection
     cannot renegotiate); OpenSSL's client then gives up with handshake_failure."""
@@ -551,29 +559,64 @@ def test_no_repr_holds_key_bytes() -> None:
         state12[side].update(key=secret(32), iv=secret(12))
     conn13, conn12 = (TlsServerConnection.from_state(s) for s in (state13, state12))
     result = HandshakeResult(
-        version=TLS13, suite=BY_NAME["TLS_AES_256_GCM_SHA384"],
+        version=TLS13,
+        suite=BY_NAME["TLS_AES_256_GCM_SHA384"],
         secrets={"CLIENT_TRAFFIC_SECRET_0": Secret(secret(48))},
-        client_random=secret(32), server_random=secret(32), sni="x", alpn=None,
-        resumed=False, peer_chain=(secret(40),), tickets_sent=2, client_hellos=1,
-    )  # fmt: skip
+        client_random=secret(32),
+        server_random=secret(32),
+        sni="x",
+        alpn=None,
+        resumed=False,
+        peer_chain=(secret(40),),
+        tickets_sent=2,
+        client_hellos=1,
+    )
     tcp = TcpState(
-        family=4, local=("10.0.0.1", 443), peer=("10.0.0.2", 40000),
-        state=TcpStateCode.ESTABLISHED, send_seq=1, recv_seq=2, recv_queue=secret(20),
-        send_unacked=secret(20), send_unsent=secret(20), mss_clamp=1460, sack=True,
-        timestamps=True, wscale=(7, 7), timestamp=1, window=RepairWindow(1, 2, 3, 4, 5),
+        family=4,
+        local=("10.0.0.1", 443),
+        peer=("10.0.0.2", 40000),
+        state=TcpStateCode.ESTABLISHED,
+        send_seq=1,
+        recv_seq=2,
+        recv_queue=secret(20),
+        send_unacked=secret(20),
+        send_unsent=secret(20),
+        mss_clamp=1460,
+        sack=True,
+        timestamps=True,
+        wscale=(7, 7),
+        timestamp=1,
+        window=RepairWindow(1, 2, 3, 4, 5),
         options=SocketOptions(),
-    )  # fmt: skip
+    )
     tls_export = conn13.export_state()
     with socket.socket() as sock:
         app = {"app": "ticker", "v": 1, "state": {"partial": secret(20)}}
         exported = Exported(sock, tcp, tls_export, app, secret(30), 443, {"id": 1})
         blob = MigrationBlob(
-            id=os.urandom(16), flow=Flow.parse("10.0.0.2:40000-10.0.0.1:443"), tcp=tcp,
-            tls=conn12.export_state(), app={"partial": secret(20)}, out=secret(30),
-        )  # fmt: skip
-        objects = [exported, conn13, conn12, conn13._read, conn13._write, conn12._read,
-                   conn12._write, TlsState.from_wire(state13), TlsState.from_wire(state12),
-                   result, tcp, blob, conn13.info, DataReceived(secret(25))]  # fmt: skip
+            id=os.urandom(16),
+            flow=Flow.parse("10.0.0.2:40000-10.0.0.1:443"),
+            tcp=tcp,
+            tls=conn12.export_state(),
+            app={"partial": secret(20)},
+            out=secret(30),
+        )
+        objects = [
+            exported,
+            conn13,
+            conn12,
+            conn13._read,
+            conn13._write,
+            conn12._read,
+            conn12._write,
+            TlsState.from_wire(state13),
+            TlsState.from_wire(state12),
+            result,
+            tcp,
+            blob,
+            conn13.info,
+            DataReceived(secret(25)),
+        ]
         texts = [f(o) for o in objects for f in (repr, str)]
     for text in texts:
         for value in secrets:

@@ -46,10 +46,21 @@ def state_for(
         client_out = Protection(suite, 1, key=Secret(ck), iv=Secret(civ))
         client_in = Protection(suite, 1, key=Secret(sk), iv=Secret(siv))
     state = {
-        "v": 1, "version": suite.version, "suite": name, "read": read, "write": write,
-        "rx": rx, "hs": hs, "close_sent": False, "close_received": False, "written": 0,
-        "sni": "example.test", "alpn": "http/1.1", "resumed": False, "peer_chain": [b"der"],
-    }  # fmt: skip
+        "v": 1,
+        "version": suite.version,
+        "suite": name,
+        "read": read,
+        "write": write,
+        "rx": rx,
+        "hs": hs,
+        "close_sent": False,
+        "close_received": False,
+        "written": 0,
+        "sni": "example.test",
+        "alpn": "http/1.1",
+        "resumed": False,
+        "peer_chain": [b"der"],
+    }
     return state, client_out, client_in
 
 
@@ -226,13 +237,28 @@ def test_tls12_prf_matches_openssl(digest: str) -> None:
     secret, seed = os.urandom(48), os.urandom(64)
     label = b"key expansion"
     out = subprocess.run(
-        ["openssl", "kdf", "-keylen", "72", "-kdfopt", f"digest:{digest}",
-         "-kdfopt", f"hexsecret:{secret.hex()}", "-kdfopt", f"hexseed:{(label + seed).hex()}",
-         "TLS1-PRF"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
-    suite = BY_NAME["TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384" if digest == "SHA384"
-                    else "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"]  # fmt: skip
+        [
+            "openssl",
+            "kdf",
+            "-keylen",
+            "72",
+            "-kdfopt",
+            f"digest:{digest}",
+            "-kdfopt",
+            f"hexsecret:{secret.hex()}",
+            "-kdfopt",
+            f"hexseed:{(label + seed).hex()}",
+            "TLS1-PRF",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    suite = BY_NAME[
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384"
+        if digest == "SHA384"
+        else "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"
+    ]
     assert prf12(suite, secret, label, seed, 72) == bytes.fromhex(out.replace(":", ""))
 
 

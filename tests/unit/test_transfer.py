@@ -219,8 +219,12 @@ def test_ledger_file_without_an_epoch_starts_afresh(tmp_path: Path) -> None:
 
 def test_certs_init(tmp_path: Path) -> None:
     run = [sys.executable, "-m", "pysteer", "certs", "init", "--dir", str(tmp_path)]
-    out = subprocess.run([*run, "--node", "a=a,10.0.0.2", "--node", "steer"],
-                         capture_output=True, text=True, check=False)  # fmt: skip
+    out = subprocess.run(
+        [*run, "--node", "a=a,10.0.0.2", "--node", "steer"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     for key in ("ca.key", "a.key", "steer.key", "cluster.key"):
         assert stat.S_IMODE((tmp_path / key).stat().st_mode) == 0o600
@@ -237,7 +241,8 @@ def test_certs_init(tmp_path: Path) -> None:
     again = subprocess.run([*run, "--node", "a"], capture_output=True, text=True, check=False)
     assert again.returncode == 2
     assert "already holds a cluster" in again.stderr
-    bad = subprocess.run([*run, "--node", "Bad_Name", "--force"], capture_output=True,
-                         text=True, check=False)  # fmt: skip
+    bad = subprocess.run(
+        [*run, "--node", "Bad_Name", "--force"], capture_output=True, text=True, check=False
+    )
     assert bad.returncode == 2
     assert "invalid node name 'Bad_Name'" in bad.stderr
