@@ -31,17 +31,16 @@ import socket
 import ssl
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pysteer import tcp
 from pysteer.agent.drain import Drain, DrainError
 from pysteer.agent.frames import FrameError, read_frame, write_frame
-from pysteer.agent.ledger import Ledger, LedgerError
+from pysteer.agent.imports import Imports
+from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
-from pysteer.agent.migrate import Migration, token_of
-from pysteer.app.runtime import AdoptError, Connection, Exported, Runtime, Service
+from pysteer.agent.migrate import Migration, Node, app_signature
+from pysteer.app.runtime import Connection, Runtime, Service
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.identity import IdentityError, client_context, peer_node, server_context
@@ -49,7 +48,7 @@ from pysteer.metrics import AgentMetrics, setup_logging
 from pysteer.metrics import serve as serve_metrics
 from pysteer.paths import RUN_DIR
 from pysteer.tls import ServerConfig
-from pysteer.transfer.blob import KEY_LEN, BlobError, MigrationBlob, open_sealed
+from pysteer.transfer.blob import KEY_LEN
 
 log = logging.getLogger("pysteer.agent")
 
@@ -102,32 +101,18 @@ def _service_tls(svc: Any) -> ServerConfig | None:
         ) from None
 
 
-@dataclass
-class _Prepared:
-    """An import restored frozen here and fully checked (its connection built, not served)."""
-
-    sock: socket.socket
-    blob: MigrationBlob
-    conn: Connection
-    source: str
-    since: float
-
-
-_handshakes: set[asyncio.Task] = set()
-
-
 class _Held(asyncio.Protocol):
     """Holds a new connection unread until its TLS handshake starts (no byte is lost)."""
 
-    def __init__(self, start: Any) -> None:
-        self._start = start
+    def __init__(self, start: Any, tasks: set[asyncio.Task]) -> None:
+        self._start, self._tasks = start, tasks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)  # noqa: S101
         transport.pause_reading()
         task = asyncio.get_running_loop().create_task(self._start(transport))
-        _handshakes.add(task)
-        task.add_done_callback(_handshakes.discard)
+        self._tasks.add(task)  # kept referenced until done
+        task.add_done_callback(self._tasks.discard)
 
 
 class Agent:
@@ -136,7 +121,6 @@ class Agent:
         config: ClusterConfig,
         node: str,
         *,
-        fault: str | None = None,
         metrics: tuple[str, int] | None = None,
         sync_interval: float = 30.0,
     ) -> None:
@@ -148,15 +132,9 @@ class Agent:
         services = [Service(s.port, s.app, _service_tls(s)) for s in config.services.values()]
         self.runtime = Runtime(services, [str(v) for v in config.vips])
         self.runtime.on_close = self._on_closed
-        self.fault = fault  # test hook: PYSTEER_FAULT (see tests/integration/test_migrate_*)
-        self.runtime.fault = fault
         self.ledger = Ledger(RUN_DIR / config.name / f"ledger-{node}.log")
-        self.prepared: dict[bytes, _Prepared] = {}
-        self.claiming: dict[bytes, tuple[_Prepared, asyncio.Task]] = {}
         self.inflight: dict[str, Migration] = {}
         self.in_doubt: dict[str, tuple[Migration, asyncio.Task]] = {}
-        self.accepting = True
-        self.drained_to: str | None = None
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)
         self.started = time.time()
         self.sync_interval = sync_interval
@@ -171,8 +149,17 @@ class Agent:
             functools.partial(self._steer_link, steer.name, steer.control), size=LINKS
         )
         self._moving: set[Flow] = set()
-        self.freeze_slots = asyncio.Semaphore(FREEZE_SLOTS)
+        self.node = Node(
+            node,
+            self.runtime,
+            self.cluster_key,
+            self.steer,
+            self.peers,
+            asyncio.Semaphore(FREEZE_SLOTS),
+        )
+        self.imports = Imports(self.node, self.ledger, self._count_import)
         self._tasks: set[asyncio.Task] = set()
+        self._handshakes: set[asyncio.Task] = set()
         self._closed: deque[str] = deque(maxlen=MAX_CLOSED)
         self._closed_event = asyncio.Event()
         self._stop = asyncio.Event()
@@ -183,6 +170,14 @@ class Agent:
         if metrics is not None:
             self.metrics = AgentMetrics(node, lambda: len(self.runtime.connections))
             self._metrics_listen = metrics
+
+    @property
+    def accepting(self) -> bool:
+        return self.node.accepting
+
+    @property
+    def drained_to(self) -> str | None:
+        return self.node.drained_to
 
     # --- TLS (reloaded on SIGHUP) ------------------------------------------------------------
     def _load_tls(self, config: ClusterConfig | None = None) -> None:
@@ -230,7 +225,7 @@ class Agent:
         loop = asyncio.get_running_loop()
         try:
             peer_server = await loop.create_server(
-                lambda: _Held(self._peer_tls), host, port, reuse_address=True
+                lambda: _Held(self._peer_tls, self._handshakes), host, port, reuse_address=True
             )
         except OSError as exc:
             raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
@@ -270,8 +265,7 @@ class Agent:
             control_server.close()
             with contextlib.suppress(FileNotFoundError):
                 self.control_path.unlink()
-            for prepared in list(self.prepared.values()):
-                tcp.discard(prepared.sock)
+            self.imports.close()
             self.ledger.close()
 
     async def _end_tasks(self, timeout: float = 5.0) -> None:
@@ -310,8 +304,7 @@ class Agent:
                 "silently, and the connection is lost unless the target has it",
                 mid[:12],
             )
-        for _prepared, task in list(self.claiming.values()):
-            task.cancel()
+        self.imports.close()
         ended = await self.runtime.close()
         log.info(
             "agent %s stopped: %d connection(s) moved%s, %d ended (close_notify + FIN)",
@@ -328,7 +321,7 @@ class Agent:
         async def quiet(_counts: dict[str, Any]) -> None:
             return None
 
-        drain = Drain(self, target, 32, 5.0, stop=stop, progress=quiet)
+        drain = Drain(self.node, self.migrate_flow, target, 32, 5.0, stop=stop, progress=quiet)
         try:
             await drain.start()
         except DrainError as exc:
@@ -384,12 +377,11 @@ class Agent:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        mine: set[bytes] = set()
         try:
             while True:
                 request = await read_frame(reader)
                 try:
-                    answer = await self._peer_op(who, request, mine)
+                    answer = await self._peer_op(who, request)
                 except Exception as exc:  # never a dead link for one bad request
                     log.exception("peer request from %s failed", who)
                     answer = {"ok": False, "error": f"internal error ({type(exc).__name__})"}
@@ -398,13 +390,9 @@ class Agent:
             if isinstance(exc, FrameError) and "hung up" not in str(exc):
                 log.warning("peer link from %s dropped: %s", who, exc)
         finally:
-            for mid in mine & set(self.prepared):  # A is gone before its commit: abort
-                self._abort(mid, f"connection from {who} lost")
             writer.close()
 
-    async def _peer_op(  # noqa: PLR0911 - dispatch
-        self, who: str, req: dict[str, Any], mine: set[bytes]
-    ) -> dict[str, Any]:
+    async def _peer_op(self, who: str, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         op = req.get("op")
         if not isinstance(op, str):
             return {"ok": False, "error": "op must be a string"}
@@ -416,162 +404,22 @@ class Agent:
                 "node": self.name,
                 "accepting": self.accepting,
                 "services": sorted(self.runtime.services),
+                "apps": app_signature(self.runtime),
             }
         mid = req.get("id")
+        if op not in ("move", "outcome"):
+            return {"ok": False, "error": f"unknown op {op[:40]!r}"}
         if not isinstance(mid, bytes) or len(mid) != 16:
             return {"ok": False, "error": f"{op[:40]!r} needs a 16-byte migration id"}
-        if op == "prepare":
-            return await self._prepare(who, mid, req.get("blob"), mine)
-        if op == "commit":
-            return await self._commit(who, mid)
-        handler = {"abort": self._abort_op, "outcome": self._outcome}.get(op)
-        if handler is None:
-            return {"ok": False, "error": f"unknown op {op[:40]!r}"}
-        return handler(who, mid)
+        if op == "move":
+            return await self.imports.move(who, mid, req.get("blob"))
+        return self.imports.outcome(mid)
 
     async def _remote_control(self, who: str, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict) or request.get("cmd") not in REMOTE_COMMANDS:
             return {"ok": False, "error": f"remote commands: {', '.join(REMOTE_COMMANDS)}"}
         log.info("remote %s from %s", request["cmd"], who)
         return await self._control_op(request)
-
-    def _abort_op(self, who: str, mid: bytes) -> dict[str, Any]:
-        entry = self.prepared.get(mid)
-        if entry is None and self.ledger.outcome(mid) in ("committed", "claiming"):
-            return {"ok": False, "error": "already committed", "code": "committed"}
-        if entry is not None:
-            self._abort(mid, f"aborted by {who}")
-        return {"ok": True}
-
-    def _outcome(self, _who: str, mid: bytes) -> dict[str, Any]:
-        return {"ok": True, "outcome": self.ledger.outcome(mid)}
-
-    async def _prepare(  # noqa: PLR0911 - each refusal says why
-        self, who: str, mid: bytes, data: Any, mine: set[bytes]
-    ) -> dict[str, Any]:
-        short = mid.hex()[:12]
-        if not self.accepting:
-            return {"ok": False, "error": "not accepting imports (cordoned)"}
-        if not isinstance(data, bytes):
-            return {"ok": False, "error": "prepare needs a sealed blob"}
-        try:
-            # Bound to this move: sealed by the peer this mTLS link authenticated, for us.
-            blob = open_sealed(data, self.cluster_key, expect_id=mid, source=who, target=self.name)
-            self.ledger.claim(mid, sealed_at=blob.t)
-        except (BlobError, LedgerError) as exc:
-            log.warning("import %s from %s refused: %s", short, who, exc)
-            self._count_import("refused")
-            return {"ok": False, "error": str(exc)}
-        if blob.flow.dport not in self.runtime.services:
-            self.ledger.decide(mid, "aborted")
-            return {"ok": False, "error": f"port {blob.flow.dport} is not served here"}
-        if self.fault == "prepare:exit":
-            os._exit(70)  # test hook: die mid-import, before restoring anything
-        if self.fault == "prepare:stall":
-            await asyncio.sleep(3600)
-        try:
-            sock = tcp.restore(blob.tcp, frozen=True)
-        except tcp.RepairError as exc:
-            self.ledger.decide(mid, "aborted")
-            log.warning("import %s from %s: restore failed: %s", short, who, exc)
-            return {"ok": False, "error": f"restore failed on {self.name}: {exc}"}
-        exported = Exported(sock, blob.tcp, blob.tls, blob.app, blob.out, blob.flow.dport, {})
-        try:  # everything commit would need, checked now (the commit must not fail on it)
-            conn = self.runtime.build(sock, exported)
-        except AdoptError as exc:
-            tcp.discard(sock)
-            self.ledger.decide(mid, "aborted")
-            self._count_import("refused")
-            log.warning("import %s of %s from %s refused: %s", short, blob.flow, who, exc)
-            return {"ok": False, "error": f"{self.name} cannot continue the connection: {exc}"}
-        self.prepared[mid] = _Prepared(sock, blob, conn, who, time.time())
-        mine.add(mid)
-        if self.fault == "prepared:exit":
-            os._exit(71)  # test hook: die holding a frozen socket, before answering
-        return {"ok": True}
-
-    async def _commit(self, who: str, mid: bytes) -> dict[str, Any]:
-        """Thaw, claim the flow at the steering node (the commit point), serve it."""
-        if self.fault == "commit:exit":
-            os._exit(72)  # test hook: die between prepare and commit, holding the socket
-        if self.fault == "commit:stall":
-            await asyncio.sleep(3)  # test hook: a slow commit (time to break something)
-        entry = self.prepared.pop(mid, None)
-        if entry is None:
-            if mid in self.claiming:  # a retried commit: the first one's outcome
-                return await self._wait_claim(mid)
-            outcome = self.ledger.outcome(mid)
-            if outcome == "committed":
-                return {"ok": True, "replayed": 0}
-            return {
-                "ok": False,
-                "error": f"nothing prepared for this id ({outcome or 'unknown'})",
-                "code": "aborted" if outcome == "aborted" else "absent",
-            }
-        elicit = _failing_elicit if self.fault == "thaw:fail" else None
-        try:
-            tcp.thaw(entry.sock, entry.blob.tcp, elicit=elicit)
-        except (tcp.RepairError, OSError) as exc:  # frozen again by thaw: silent
-            self._abort_entry(mid, entry, f"thaw failed: {exc}")
-            return {"ok": False, "error": f"thaw failed on {self.name}: {exc}", "code": "aborted"}
-        self.ledger.decide(mid, "claiming")
-        task = self._spawn(self._claim(mid, entry))
-        self.claiming[mid] = (entry, task)
-        return await self._wait_claim(mid)
-
-    async def _wait_claim(self, mid: bytes) -> dict[str, Any]:
-        _entry, task = self.claiming.get(mid) or (None, None)
-        if task is None:
-            return {"ok": False, "error": "no claim in progress", "code": "absent"}
-        try:
-            return await asyncio.wait_for(asyncio.shield(task), CLAIM_PATIENCE)
-        except TimeoutError:
-            return {
-                "ok": False,
-                "code": "pending",
-                "error": "the steering node has not answered the claim yet",
-            }
-
-    async def _claim(self, mid: bytes, entry: _Prepared) -> dict[str, Any]:
-        """Ask the steering node for the flow until it says yes or no (never give up on
-        silence: it may have said yes). Yes: serve. No: discard the socket silently."""
-        flow, short = entry.blob.flow, mid.hex()[:12]
-        delay = 0.05
-        try:
-            while True:
-                try:
-                    answer = await self.steer.call(
-                        2.0, cmd="claim", flow=str(flow), host=self.name, token=token_of(mid)
-                    )
-                    break
-                except Refused as exc:
-                    self._abort_entry(mid, entry, f"the steering node refused the claim: {exc}")
-                    return {"ok": False, "error": f"steering node: {exc}", "code": "aborted"}
-                except LinkError as exc:
-                    if delay >= 1.0:
-                        log.warning(
-                            "import %s of %s: claim unanswered (%s); asking again", short, flow, exc
-                        )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
-            self.runtime.serve_built(entry.conn)
-            self.ledger.decide(mid, "committed")
-            self._count_import("committed")
-            log.info("import %s: %s now served here", short, flow)
-            return {"ok": True, "replayed": int(answer.get("replayed", 0))}
-        finally:
-            self.claiming.pop(mid, None)
-
-    def _abort(self, mid: bytes, why: str) -> None:
-        entry = self.prepared.pop(mid, None)
-        if entry is not None:
-            self._abort_entry(mid, entry, why)
-
-    def _abort_entry(self, mid: bytes, entry: _Prepared, why: str) -> None:
-        tcp.discard(entry.sock)  # repair mode first: no FIN, no RST, whatever its state
-        self.ledger.decide(mid, "aborted")
-        self._count_import("aborted")
-        log.warning("import %s of %s aborted: %s", mid.hex()[:12], entry.blob.flow, why)
 
     def _count_import(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -713,7 +561,7 @@ class Agent:
         if cmd == "undrain":
             return await self._undrain()
         if cmd in ("cordon", "uncordon"):
-            self.accepting = cmd == "uncordon"
+            self.node.accepting = cmd == "uncordon"
             return {"ok": True, "accepting": self.accepting}
         if cmd == "migrate":
             return await self._migrate(req)
@@ -721,35 +569,9 @@ class Agent:
 
     def migrations(self) -> list[dict[str, Any]]:
         """In-flight and in-doubt migrations of this node, as source or as target."""
-        now = time.time()
         out = [m.describe() for m in self.inflight.values()]
         out += [m.describe() | {"state": "in-doubt"} for m, _ in self.in_doubt.values()]
-        for mid, p in self.prepared.items():
-            out.append(
-                {
-                    "id": mid.hex(),
-                    "flow": str(p.blob.flow),
-                    "from": p.source,
-                    "to": self.name,
-                    "role": "target",
-                    "state": "prepared",
-                    "age_s": round(now - p.since, 3),
-                    "error": None,
-                }
-            )
-        for mid, (p, _task) in self.claiming.items():
-            out.append(
-                {
-                    "id": mid.hex(),
-                    "flow": str(p.blob.flow),
-                    "from": p.source,
-                    "to": self.name,
-                    "role": "target",
-                    "state": "claiming",
-                    "age_s": round(now - p.since, 3),
-                    "error": None,
-                }
-            )
+        out += self.imports.describe()
         return out
 
     def _resolve(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -767,24 +589,9 @@ class Agent:
                 report = migration.force(keep).to_json()
                 self.history.append(report)
                 return {"ok": True, "resolved": report["id"], "outcome": report["outcome"]}
-        for raw, (entry, task) in list(self.claiming.items()):
-            if raw.hex().startswith(mid):
-                task.cancel()
-                self.claiming.pop(raw, None)
-                if keep == "target":
-                    self.runtime.serve_built(entry.conn)
-                    self.ledger.decide(raw, "committed")
-                    outcome = "moved"
-                else:
-                    self._abort_entry(raw, entry, "resolved by the operator: the source keeps it")
-                    outcome = "rolled-back"
-                log.warning(
-                    "import %s of %s resolved by the operator: %s",
-                    raw.hex()[:12],
-                    entry.blob.flow,
-                    outcome,
-                )
-                return {"ok": True, "resolved": raw.hex(), "outcome": outcome}
+        forced = self.imports.force(mid, keep)
+        if forced is not None:
+            return forced
         return {
             "ok": False,
             "error": f"no in-doubt migration {mid[:40]!r} on {self.name}",
@@ -818,10 +625,11 @@ class Agent:
         return {"ok": True, "migration": await self.migrate_flow(flow, target, float(timeout))}
 
     async def migrate_flow(
-        self, flow: Flow, target: str, timeout: float, *, checked: bool = False
+        self, flow: Flow, target: str, timeout: float, *, hello: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """Move one flow (checked by the caller); returns the report, kept in the history."""
-        return await self.run_migration(Migration(self, flow, target, timeout, checked=checked))
+        """Move one flow (checked by the caller); returns the report, kept in the history.
+        ``hello``: the target's answer to a hello just asked (a drain), not asked again."""
+        return await self.run_migration(Migration(self.node, flow, target, timeout, hello=hello))
 
     async def run_migration(self, migration: Migration) -> dict[str, Any]:
         """Run it as its own task: a caller that goes away (a CLI, a drain cut short) must
@@ -835,6 +643,8 @@ class Agent:
         finally:
             self._moving.discard(migration.flow)
             self.inflight.pop(migration.report.id, None)
+        if report.outcome == "in-doubt":
+            self.hold_in_doubt(migration, report.error or "unknown")
         result = report.to_json()
         self.history.append(result)
         if self.metrics is not None:
@@ -895,7 +705,8 @@ class Agent:
             await send({"ok": False, "error": error})
             return
         drain = Drain(
-            self,
+            self.node,
+            self.migrate_flow,
             str(target),
             batch,
             float(timeout),
@@ -938,7 +749,7 @@ class Agent:
                 await self.steer.call(5.0, cmd="divert", address=vip, host=None)
         except (LinkError, Refused) as exc:
             return {"ok": False, "error": f"steering node: {exc}"}
-        self.accepting, self.drained_to = True, None
+        self.node.accepting, self.node.drained_to = True, None
         return {"ok": True}
 
     async def status(self) -> dict[str, Any]:
@@ -961,8 +772,8 @@ class Agent:
             "vips": self.runtime.addresses,
             "control": f"{self.me.control[0]}:{self.me.control[1]}",
             "connections": len(self.runtime.connections),
-            "prepared": len(self.prepared),
-            "claiming": len(self.claiming),
+            "prepared": 0,  # a move is restored, thawed and claimed in one step now
+            "claiming": sum(1 for i in self.imports.describe() if i["state"] == "claiming"),
             "inflight": len(self.inflight),
             "in_doubt": sorted(self.in_doubt),
             "migrations": {
@@ -970,11 +781,6 @@ class Agent:
                 for o in {m["outcome"] for m in self.history}
             },
         }
-
-
-def _failing_elicit(_state: tcp.TcpState) -> None:
-    """PYSTEER_FAULT=thaw:fail: the first ACK's injection fails after repair mode is left."""
-    raise OSError(5, "injected fault: the first ACK could not be sent")
 
 
 def run(
@@ -990,7 +796,6 @@ def run(
     agent = Agent(
         config,
         node,
-        fault=os.environ.get("PYSTEER_FAULT"),
         metrics=metrics,
         sync_interval=sync_interval,
     )

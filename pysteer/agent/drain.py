@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Any
 from pysteer.agent.links import LinkError, Refused
 
 if TYPE_CHECKING:
-    from pysteer.agent.agent import Agent
+    from pysteer.agent.migrate import Node
+
+# Moves one flow: (flow, target, timeout, hello=the target's hello) -> its report.
+MoveOne = Callable[..., Awaitable[dict[str, Any]]]
 
 MAX_ROUNDS = 5  # connections that arrived just before the divert get this many passes
 
@@ -36,7 +39,8 @@ class DrainError(RuntimeError):
 class Drain:
     def __init__(
         self,
-        agent: Agent,
+        node: Node,
+        move: MoveOne,
         target: str,
         batch: int,
         timeout: float,
@@ -44,33 +48,36 @@ class Drain:
         stop: asyncio.Event,
         progress: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> None:
-        self.agent, self.target, self.batch, self.timeout = agent, target, batch, timeout
+        self.node, self.move = node, move
+        self.target, self.batch, self.timeout = target, batch, timeout
         self.stop, self.progress = stop, progress
         self.results: list[dict[str, Any]] = []
+        self.hello: dict[str, Any] = {}
 
     async def start(self) -> None:
         """Check the target, divert new connections to it and stop taking imports."""
-        agent = self.agent
+        node = self.node
         try:
-            hello = await agent.peers[self.target].call(self.timeout, op="hello")
+            hello = await node.peers[self.target].call(self.timeout, op="hello")
         except (LinkError, Refused) as exc:
             raise DrainError(f"node {self.target} is unreachable: {exc}") from None
         if not hello.get("accepting"):
             raise DrainError(f"node {self.target} refuses imports (cordoned)")
-        agent.accepting = False
+        self.hello = hello
+        node.accepting = False
         try:
-            for vip in agent.runtime.addresses:
-                await agent.steer.call(self.timeout, cmd="divert", address=vip, host=self.target)
+            for vip in node.runtime.addresses:
+                await node.steer.call(self.timeout, cmd="divert", address=vip, host=self.target)
         except (LinkError, Refused) as exc:
-            agent.accepting = True
+            node.accepting = True
             raise DrainError(f"steering node: {exc}") from None
-        agent.drained_to = self.target
+        node.drained_to = self.target
 
     async def run(self) -> dict[str, Any]:
         started = time.perf_counter()
-        total = len(self.agent.runtime.connections)
+        total = len(self.node.runtime.connections)
         for _ in range(MAX_ROUNDS):
-            flows = [c.flow for c in list(self.agent.runtime.connections.values()) if c.flow]
+            flows = [c.flow for c in list(self.node.runtime.connections.values()) if c.flow]
             if not flows or self.stop.is_set():
                 break
             total = max(total, len(self.results) + len(flows))
@@ -79,10 +86,7 @@ class Drain:
                     break
                 batch = flows[i : i + self.batch]
                 reports = await asyncio.gather(
-                    *(
-                        self.agent.migrate_flow(f, self.target, self.timeout, checked=True)
-                        for f in batch
-                    )
+                    *(self.move(f, self.target, self.timeout, hello=self.hello) for f in batch)
                 )
                 self.results += reports
                 await self.progress(self._counts() | {"total": total})
@@ -98,10 +102,10 @@ class Drain:
 
     def _summary(self, seconds: float) -> dict[str, Any]:
         freeze = [r["freeze_ms"] for r in self.results if r["freeze_ms"] is not None]
-        remaining = sorted(str(c.flow) for c in self.agent.runtime.connections.values())
+        remaining = sorted(str(c.flow) for c in self.node.runtime.connections.values())
         counts = self._counts()
         return counts | {
-            "from": self.agent.name,
+            "from": self.node.name,
             "to": self.target,
             "interrupted": self.stop.is_set(),
             "seconds": round(seconds, 3),

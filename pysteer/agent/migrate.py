@@ -1,52 +1,74 @@
-"""Moving one connection from this agent (A) to a peer (B), with rollback and recovery.
+"""The asyncio adapter of a move's source side: carries out what ``migration.source.Source``
+asks for (links, the runtime's freeze, seal, release, resume) and feeds back the result.
 
-The sequence (docs/how-it-works.md): hello to B, PARK at the steering node (with the
-migration's token and a lease), freeze and dump (runtime.export), seal, ``prepare`` on B
-(restored and checked, still frozen), ``commit``: B thaws the socket and *claims* the flow
-at the steering node, which replays the parked packets to B and redirects the flow only
-if it is still parked by this migration. That claim is the commit point; A then releases
-its frozen socket.
-
-A rolls back by *reverting* at the steering node on the same condition: it records the
-migration as aborted (so B's claim can no longer win), resumes its socket, and the
-steering node replays the parked packets to A. Exactly one of the two wins, so a lost
-answer never leaves the flow served twice: A asks the steering node (or B) what was
-decided, and if neither answers, the migration is in-doubt and a background task keeps
-asking, with a bounded back-off, until it knows. An in-doubt socket stays frozen here.
+The protocol, its rollback table and its in-doubt rules live in the machine; this module
+only does I/O, so a migration needs the pieces of its node listed in ``Node``, not the
+whole agent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pysteer import tcp
 from pysteer.agent.links import LinkError, LinkPool, Refused
-from pysteer.agent.timeline import Timeline
-from pysteer.flow import Flow
+from pysteer.migration import source as src
+from pysteer.migration.events import (
+    PEER,
+    Action,
+    Answered,
+    Call,
+    Do,
+    Event,
+    Finish,
+    Sleep,
+    Unreachable,
+    Woke,
+)
+from pysteer.migration.events import Refused as No
+from pysteer.migration.source import Source
+from pysteer.migration.timeline import Timeline
 from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal
 
 if TYPE_CHECKING:
-    from pysteer.agent.agent import Agent
-    from pysteer.app.runtime import Exported
+    from pysteer.app.runtime import Exported, Runtime
+    from pysteer.flow import Flow
 
 log = logging.getLogger("pysteer.agent")
 
-AFTER_COMMIT = 5.0  # seconds allowed to learn a commit's outcome before it is in-doubt
-# The park's lease: the timeout plus this. If the source dies, its parked flow goes back
-# when the lease ends; a live migration that outlasts it loses its claim (B's claim is
-# refused, A resumes): the timeout bounds the move either way.
-LEASE_MARGIN = 2.0
-RETRY_MAX = 5.0  # the in-doubt resolver's longest wait between questions
+
+@dataclass
+class Node:
+    """What a migration needs from the node it runs on."""
+
+    name: str
+    runtime: Runtime
+    cluster_key: bytes
+    steer: LinkPool
+    peers: dict[str, LinkPool]
+    freeze_slots: asyncio.Semaphore
+    accepting: bool = True  # imports are taken (a drain or cordon turns it off)
+    drained_to: str | None = None
 
 
-def token_of(mid: bytes) -> int:
-    """The steering node's name for a migration: 64 bits of its id (never 0)."""
-    return int.from_bytes(mid[:8], "big") or 1
+def app_signature(runtime: Runtime) -> list[list[Any]]:
+    """For ``hello``: each port's app, snapshot version and TLS, so that a source checks
+    before it freezes anything that this node can continue its connection."""
+    from pysteer.app.handlers import HandlerError, load_handler  # noqa: PLC0415
+
+    out: list[list[Any]] = []
+    for port, svc in sorted(runtime.services.items()):
+        try:
+            version = getattr(load_handler(svc.app), "SNAPSHOT_VERSION", 1)
+        except HandlerError:
+            version = None
+        out.append([port, svc.app, version, svc.tls is not None])
+    return out
 
 
 @dataclass
@@ -60,6 +82,7 @@ class Report:
     outcome: str = "failed"  # moved | rolled-back | failed | in-doubt | lost
     error: str | None = None
     freeze_ms: float | None = None
+    parked_ms: float | None = None
     replayed: int | None = None
     blob_bytes: int | None = None
     timeline: Timeline = field(default_factory=Timeline)
@@ -73,39 +96,57 @@ class Report:
             "outcome": self.outcome,
             "error": self.error,
             "freeze_ms": self.freeze_ms,
+            "parked_ms": self.parked_ms,
             "replayed": self.replayed,
             "blob_bytes": self.blob_bytes,
             "timeline": self.timeline.to_json(),
         }
 
 
-class _Unreachable(Exception):
-    """Neither the steering node nor B could say what was decided (yet)."""
-
-
 class Migration:
     """One move of ``flow`` to ``target``; ``run`` never raises once it has started."""
 
     def __init__(
-        self, agent: Agent, flow: Flow, target: str, timeout: float, *, checked: bool = False
+        self,
+        node: Node,
+        flow: Flow,
+        target: str,
+        timeout: float,
+        *,
+        hello: dict[str, Any] | None = None,
     ) -> None:
-        """``checked``: the target was just asked (a drain); skip the per-move hello."""
-        self.agent, self.flow, self.target, self.timeout = agent, flow, target, timeout
-        self.checked = checked
+        """``hello``: the target's answer to a hello just asked (a drain): not asked again."""
+        self.node, self.flow, self.target, self.timeout = node, flow, target, timeout
         self.mid = new_migration_id()
-        self.token = token_of(self.mid)
-        self.report = Report(self.mid.hex(), str(flow), agent.name, target)
-        self.tl = self.report.timeline
-        self.peer: LinkPool = agent.peers[target]
-        self.steer: LinkPool = agent.steer
-        self.state = "starting"
+        self.report = Report(self.mid.hex(), str(flow), node.name, target)
+        self.machine = Source(
+            mid=self.mid,
+            flow=str(flow),
+            dport=flow.dport,
+            me=node.name,
+            target=target,
+            timeout=timeout,
+            hello=hello,
+            timeline=self.report.timeline,
+        )
+        self.peer: LinkPool = node.peers[target]
         self.started = time.time()
         self.exported: Exported | None = None
-        self.commit_sent = False  # from then on B may claim: a rollback must win at steering
-        self._deadline = 0.0
+        self._slot = False
+        self._steps: dict[str, Callable[[dict[str, Any]], Awaitable[Event]]] = {
+            src.CONNECT: self._connect,
+            src.CHECK: self._check,
+            src.SLOT: self._take_slot,
+            src.FREEZE: self._freeze,
+            src.SEAL: self._seal,
+            src.RELEASE: self._release,
+            src.RESUME: self._resume,
+            src.DISCARD: self._discard,
+        }
 
-    def _left(self) -> float:
-        return max(self._deadline - asyncio.get_running_loop().time(), 0.0)
+    @property
+    def state(self) -> str:
+        return self.machine.state
 
     def describe(self) -> dict[str, Any]:
         """For ``pysteer migrations``: where it stands (no secrets)."""
@@ -120,20 +161,72 @@ class Migration:
             "error": self.report.error,
         }
 
+    # --- driving the machine -------------------------------------------------------------------
     async def run(self) -> Report:
-        self._deadline = asyncio.get_running_loop().time() + self.timeout
-        self.tl.step("start")
+        loop = asyncio.get_running_loop()
         try:
-            await self._run()
-        except _Stop as stop:
-            self.report.outcome, self.report.error = stop.outcome, stop.reason
-        except Exception as exc:  # a bug must not leave the flow frozen or parked
-            log.exception("migration %s of %s failed unexpectedly", self.report.id[:12], self.flow)
-            self.report.outcome, self.report.error = "failed", f"internal error: {exc!r:.200}"
-            await self._recover_from_bug()
-        self.state = self.report.outcome
+            await self._drive(self.machine.start(loop.time()))
+        finally:
+            self._free_slot()
         self._log()
         return self.report
+
+    async def settle(self) -> Report:
+        """In-doubt: ask with a back-off until the outcome is known, then finish."""
+        await self._drive(self.machine.settle(asyncio.get_running_loop().time()))
+        self._log()
+        return self.report
+
+    def force(self, keep: str) -> Report:
+        """The operator's decision for an in-doubt migration (``source`` or ``target``)."""
+        action, outcome, why = self.machine.force(keep)
+        assert isinstance(action, Do) and self.exported is not None  # noqa: S101
+        if action.what == src.RELEASE:
+            tcp.release(self.exported.sock)
+        else:
+            self.node.runtime.resume(self.exported)
+        self.machine.state = outcome
+        self.report.outcome, self.report.error = outcome, why
+        self._log()
+        return self.report
+
+    async def _drive(self, action: Action) -> None:
+        loop = asyncio.get_running_loop()
+        crashed = False
+        while not isinstance(action, Finish):
+            try:
+                event = await self._carry_out(action)
+            except Exception as exc:  # a bug must not leave the flow frozen or parked
+                if crashed:
+                    log.exception("migration %s: its rollback failed too", self.report.id[:12])
+                    action = Finish("failed", f"internal error: {exc!r:.200}")
+                    break
+                crashed = True
+                log.exception(
+                    "migration %s of %s failed unexpectedly", self.report.id[:12], self.flow
+                )
+                action = self.machine.crashed(f"internal error: {exc!r:.200}", loop.time())
+                continue
+            action = self.machine.on(event, loop.time())
+        r, result = self.report, self.machine.result
+        r.outcome, r.error = action.outcome, action.reason
+        r.freeze_ms, r.parked_ms = result.freeze_ms, result.parked_ms
+        r.replayed, r.blob_bytes = result.replayed, result.blob_bytes
+
+    async def _carry_out(self, action: Action) -> Event:
+        if isinstance(action, Call):
+            pool = self.peer if action.to == PEER else self.node.steer
+            try:
+                return Answered(await pool.call(action.timeout, **action.request))
+            except Refused as exc:
+                return No(str(exc), exc.code)
+            except LinkError as exc:
+                return Unreachable(str(exc))
+        if isinstance(action, Sleep):
+            await asyncio.sleep(action.seconds)
+            return Woke()
+        assert isinstance(action, Do)  # noqa: S101
+        return await self._steps[action.what](action.args)
 
     def _log(self) -> None:
         r = self.report
@@ -148,283 +241,105 @@ class Migration:
             f", freeze {r.freeze_ms:.3f} ms" if r.freeze_ms is not None else "",
             f" ({r.error})" if r.error else "",
         )
-
-    async def _run(self) -> None:
-        agent = self.agent
-        if self.checked:
-            try:  # B's answer to prepare still decides; this only opens the link
-                await self.peer.connect(self._left())
-            except LinkError as exc:
-                raise _Stop("failed", f"node {self.target} is unreachable: {exc}") from None
-        else:
-            await self._hello()
-        try:  # a handshake now, not inside the freeze
-            await self.steer.connect(self._left())
-        except LinkError as exc:
-            raise _Stop("failed", f"steering node: {exc}; nothing was frozen") from None
-        self.tl.step("peer-ready")
-        # Only a few flows are frozen at once: in a drain the rest of the batch waits here,
-        # unfrozen, so no flow's freeze spans the whole batch's work (on 2 cores a freeze
-        # that long outlasts a client's retransmission timer).
-        async with agent.freeze_slots:
-            await self._moving()
-
-    async def _moving(self) -> None:
-        """Park, freeze, prepare, commit: the part of the move inside the freeze window."""
-        agent, flow = self.agent, self.flow
-        conn = agent.runtime.find(flow)
-        if conn is None:
-            raise _Stop("failed", f"flow {flow} closed before it could move")
-        await self._park()
-        try:
-            exported = await agent.runtime.export(conn.id)
-        except Exception as exc:  # not frozen (a failed export thaws itself): give it back
-            await self._unpark_live()
-            raise _Stop("rolled-back", f"freeze failed here: {exc}") from None
-        self.exported = exported
-        self.state = "frozen"
-        self.tl.step(
-            "frozen",
-            tcp_state=exported.tcp.state.name,
-            tls=bool(exported.tls),
-            pending=len(exported.pending),
-        )
-        try:
-            sealed = seal(
-                MigrationBlob(
-                    self.mid, flow, exported.tcp, exported.tls, exported.app, exported.pending
-                ),
-                agent.cluster_key,
-                source=agent.name,
-                target=self.target,
-            )
-        except BlobError as exc:
-            await self._rollback(str(exc))
-        self.report.blob_bytes = len(sealed)
-        self.tl.step("sealed", bytes=len(sealed))
-        try:
-            await self.peer.call(self._left(), op="prepare", id=self.mid, blob=sealed)
-        except (LinkError, Refused) as exc:
-            await self._abort_on_peer()
-            await self._rollback(f"node {self.target}: {exc}")
-        self.state = "prepared"
-        self.tl.step("prepared")
-        await self._commit()
-
-    async def _park(self) -> None:
-        self.tl.step("park")
-        try:
-            answer = await self.steer.call(
-                self._left(),
-                cmd="park",
-                flow=str(self.flow),
-                token=self.token,
-                owner=self.agent.name,
-                lease=round(self.timeout + LEASE_MARGIN, 3),
-            )
-        except Refused as exc:
-            raise _Stop("failed", f"steering node refused: {exc}; nothing was frozen") from None
-        except LinkError as exc:
-            await self._unpark_live()  # it may have parked without our hearing
-            raise _Stop("failed", f"steering node: {exc}; nothing was frozen") from None
-        self.state = "parked"
-        self.tl.step("parked", was=answer.get("was"))
-
-    async def _hello(self) -> None:
-        try:
-            hello = await self.peer.call(self._left(), op="hello")
-        except (LinkError, Refused) as exc:
-            raise _Stop("failed", f"node {self.target} is unreachable: {exc}") from None
-        if not hello.get("accepting", False):
-            raise _Stop("failed", f"node {self.target} refuses imports (cordoned)")
-        if self.flow.dport not in hello.get("services", []):
-            raise _Stop("failed", f"node {self.target} does not serve port {self.flow.dport}")
-
-    async def _commit(self) -> None:
-        """Ask B to take the flow; B's claim at the steering node is the commit point."""
-        self.state = "committing"
-        self.commit_sent = True
-        self.tl.step("commit")
-        try:
-            answer = await self.peer.call(max(self._left(), AFTER_COMMIT), op="commit", id=self.mid)
-        except Refused as exc:
-            if exc.code == "pending":  # B waits on the steering node: ask who won
-                await self._resolve(f"{self.target} has not heard from the steering node")
-            # B did not and will not claim it (its refusal, or the revert below, sees to it)
-            why = f"node {self.target} did not commit: {exc}"
-            try:
-                await self._rollback(why)
-            except _Unreachable as unreachable:
-                await self._resolve(f"{why}; {unreachable}")
-        except LinkError as exc:
-            await self._resolve(f"commit sent, no answer from {self.target} ({exc})")
-        else:
-            self._moved(int(answer.get("replayed", 0)))
-
-    def _moved(self, replayed: int | None, how: str | None = None) -> None:
-        """B serves the flow: close our frozen socket silently."""
-        assert self.exported is not None  # noqa: S101
-        self.tl.step(
-            "committed" if how is None else "resolved",
-            replayed=replayed,
-            **({"how": how} if how else {}),
-        )
-        tcp.release(self.exported.sock)
-        self.tl.step("released")
-        self.report.replayed = replayed
-        self.report.freeze_ms = self.tl.span("park", "committed" if how is None else "resolved")
-        raise _Stop("moved", None)
-
-    async def _resolve(self, why: str) -> None:
-        """After a lost or undecided commit: learn the outcome, or decide it (revert) while
-        the flow is still ours to take back. Raises _Stop with the outcome."""
-        self.tl.step("resolving", why=why)
-        loop = asyncio.get_running_loop()
-        end = loop.time() + AFTER_COMMIT
-        delay = 0.05
-        while True:
-            try:
-                await self._decide(why)
-            except _Unreachable as exc:
-                if loop.time() + delay > end:
-                    self.agent.hold_in_doubt(self, f"{why}; {exc}")
-                    raise _Stop(
-                        "in-doubt",
-                        f"{why}; {exc}; the socket stays frozen here "
-                        "and the outcome is asked again until known",
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
-
-    async def _decide(self, why: str) -> None:
-        """One attempt at learning or making the decision; _Stop if done, else _Unreachable."""
-        try:
-            answer = await self.steer.call(
-                2.0, cmd="decision", flow=str(self.flow), token=self.token
-            )
-        except (LinkError, Refused) as exc:
-            outcome = await self._ask_target()
-            if outcome == "committed":
-                self._moved(None, "the target committed")
-            if outcome == "aborted":  # its claim was refused: the steering node decided so
-                await self._rollback(f"{why}; {self.target} aborted", decided=True)
-            raise _Unreachable(f"steering node: {exc}") from None
-        decision = answer.get("decision")
-        if decision == "committed":
-            self._moved(None, f"the steering node: {answer.get('host')} claimed it")
-        await self._rollback(why, decided=decision == "aborted")
-
-    async def _ask_target(self) -> str | None:
-        with contextlib.suppress(LinkError, Refused):
-            answer = await self.peer.call(1.0, op="outcome", id=self.mid)
-            return answer.get("outcome")
-        return None
-
-    async def _rollback(self, why: str, *, decided: bool = False) -> None:
-        """Take the flow back: decide (revert, held), resume the socket, then unpark to
-        here. If the target claimed it first, it is moved instead. Raises _Stop."""
-        assert self.exported is not None  # noqa: S101
-        if self.commit_sent and not decided:  # before the commit, B cannot claim it
-            try:
-                await self.steer.call(
-                    2.0, cmd="revert", flow=str(self.flow), token=self.token, hold=True
+        for step in r.timeline.steps:
+            if step["step"] == "unpark-failed":
+                log.error(
+                    "rollback of %s: could not give the flow back (%s); the park's lease will",
+                    r.flow,
+                    step.get("error"),
                 )
-            except Refused as exc:
-                if exc.code == "committed":
-                    self._moved(None, "the target claimed it first")
-                raise _Unreachable(f"steering node refused the rollback: {exc}") from None
-            except LinkError as exc:
-                raise _Unreachable(f"steering node: {exc}") from None
-        self.tl.step("decided", outcome="aborted")
+
+    # --- the steps -----------------------------------------------------------------------------
+    async def _connect(self, args: dict[str, Any]) -> Event:
+        pool = self.peer if args["to"] == PEER else self.node.steer
         try:
-            self.agent.runtime.resume(self.exported)
+            await pool.connect(self.timeout)
+        except LinkError as exc:
+            return Unreachable(str(exc))
+        return Answered()
+
+    async def _check(self, args: dict[str, Any]) -> Event:
+        """Refuse now, with nothing frozen, what the target would refuse inside the freeze."""
+        conn = self.node.runtime.find(self.flow)
+        if conn is None:
+            return No(f"flow {self.flow} closed before it could move")
+        if conn.tls is not None and conn.tls.phase != "open":
+            return No(f"flow {self.flow}: its TLS handshake is still running")
+        mine = [conn.service.port, conn.service.app]
+        mine += [getattr(type(conn.handler), "SNAPSHOT_VERSION", 1), conn.tls is not None]
+        theirs = next((a for a in args["hello"].get("apps", []) if a[:1] == mine[:1]), None)
+        if theirs is None:  # an older node says less: it checks inside the move
+            return Answered()
+        why = None
+        if theirs[1] != mine[1]:
+            why = f"port {mine[0]} runs {str(theirs[1])[:60]!r} there, not {mine[1]!r}"
+        elif theirs[2] != mine[2]:
+            why = f"{mine[1]} reads snapshot version {str(theirs[2])[:20]} there, not {mine[2]}"
+        elif theirs[3] != mine[3]:
+            why = f"port {mine[0]} is {'TLS' if theirs[3] else 'plain TCP'} there"
+        if why:
+            return No(
+                f"node {self.target} cannot continue the connection: {why}; nothing was frozen"
+            )
+        return Answered()
+
+    async def _take_slot(self, _args: dict[str, Any]) -> Event:
+        # Only a few flows are frozen at once: in a drain the rest wait here, unfrozen, so
+        # no flow's freeze spans the whole batch's work.
+        await self.node.freeze_slots.acquire()
+        self._slot = True
+        if self.node.runtime.find(self.flow) is None:
+            return No(f"flow {self.flow} closed before it could move")
+        return Answered()
+
+    def _free_slot(self) -> None:
+        if self._slot:
+            self._slot = False
+            self.node.freeze_slots.release()
+
+    async def _freeze(self, _args: dict[str, Any]) -> Event:
+        conn = self.node.runtime.find(self.flow)
+        if conn is None:
+            return No(f"flow {self.flow} closed before it could move")
+        try:
+            exported = await self.node.runtime.export(conn.id)
+        except Exception as exc:  # not frozen: a failed export thaws itself
+            return No(str(exc))
+        self.exported = exported
+        return Answered(
+            {
+                "tcp_state": exported.tcp.state.name,
+                "tls": bool(exported.tls),
+                "pending": len(exported.pending),
+            }
+        )
+
+    async def _seal(self, _args: dict[str, Any]) -> Event:
+        e = self.exported
+        assert e is not None  # noqa: S101
+        blob = MigrationBlob(self.mid, self.flow, e.tcp, e.tls, e.app, e.pending)
+        try:
+            sealed = seal(blob, self.node.cluster_key, source=self.node.name, target=self.target)
+        except BlobError as exc:
+            return No(str(exc))
+        return Answered({"blob": sealed})
+
+    async def _release(self, _args: dict[str, Any]) -> Event:
+        assert self.exported is not None  # noqa: S101
+        tcp.release(self.exported.sock)
+        self._free_slot()
+        return Answered()
+
+    async def _resume(self, _args: dict[str, Any]) -> Event:
+        assert self.exported is not None  # noqa: S101
+        try:
+            self.node.runtime.resume(self.exported)
         except tcp.RepairError as exc:
             log.error("rollback of %s: cannot thaw the socket: %s", self.flow, exc)
-            tcp.discard(self.exported.sock)
-            self.tl.step("lost")
-            await self._unpark_live()
-            raise _Stop("lost", f"{why}; and the socket could not be thawed: {exc}") from None
-        self.tl.step("resumed")
-        await self._unpark_live()
-        raise _Stop("rolled-back", why)
+            return No(str(exc))
+        return Answered()
 
-    async def _unpark_live(self) -> None:
-        """Give the parked flow back to this node (revert, replaying what was parked). If
-        the steering node cannot be reached, the park's lease does the same later."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + AFTER_COMMIT
-        while True:
-            try:
-                await self.steer.call(
-                    2.0, cmd="revert", flow=str(self.flow), token=self.token, host=self.agent.name
-                )
-                self.tl.step("unparked")
-                return
-            except Refused as exc:
-                log.error("rollback of %s: steering node: %s", self.flow, exc)
-                self.tl.step("unpark-failed", error=str(exc))
-                return
-            except LinkError as exc:
-                if loop.time() > end:
-                    log.error(
-                        "rollback of %s: steering node unreachable (%s); the park's "
-                        "lease will give it back",
-                        self.flow,
-                        exc,
-                    )
-                    self.tl.step("unpark-failed", error=str(exc))
-                    return
-                await asyncio.sleep(0.1)
-
-    async def _abort_on_peer(self) -> None:
-        """Best effort; B also aborts whatever its connection from A left prepared."""
-        with contextlib.suppress(LinkError, Refused):
-            await self.peer.call(1.0, op="abort", id=self.mid)
-
-    async def _recover_from_bug(self) -> None:
-        """After an unexpected error: never leave the flow frozen or parked here."""
-        with contextlib.suppress(_Stop, _Unreachable, Exception):
-            if self.exported is not None and self.state in ("frozen", "prepared"):
-                await self._rollback("internal error")
-            elif self.state == "parked":
-                await self._unpark_live()
-
-    # --- in-doubt: asked again until known ---------------------------------------------------
-    async def settle(self) -> Report:
-        """Keep asking, with a bounded back-off, until the outcome is known; then finish
-        (release or resume) and return the final report."""
-        delay = 0.2
-        while True:
-            try:
-                await self._decide("in-doubt")
-            except _Unreachable:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
-                continue
-            except _Stop as stop:
-                self.report.outcome, self.report.error = stop.outcome, stop.reason
-                self.state = stop.outcome
-                self._log()
-                return self.report
-
-    def force(self, keep: str) -> Report:
-        """The operator's decision for an in-doubt migration: ``keep`` the flow on the
-        ``source`` (resume here) or the ``target`` (release here)."""
+    async def _discard(self, _args: dict[str, Any]) -> Event:
         assert self.exported is not None  # noqa: S101
-        if keep == "target":
-            tcp.release(self.exported.sock)
-            self.tl.step("released", how="operator")
-            outcome, error = "moved", "resolved by the operator: the target keeps it"
-        else:
-            self.agent.runtime.resume(self.exported)
-            self.tl.step("resumed", how="operator")
-            outcome, error = "rolled-back", "resolved by the operator: the source keeps it"
-        self.report.outcome, self.report.error, self.state = outcome, error, outcome
-        self._log()
-        return self.report
-
-
-class _Stop(Exception):
-    def __init__(self, outcome: str, reason: str | None) -> None:
-        super().__init__(reason)
-        self.outcome, self.reason = outcome, reason
+        tcp.discard(self.exported.sock)
+        return Answered()

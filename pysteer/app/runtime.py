@@ -34,7 +34,6 @@ from pysteer.tls import (
 )
 
 log = logging.getLogger("pysteer.app")
-_ids = itertools.count(1)
 LOW_WATER = 256 * 1024  # refill the output from the handler's pull() below this
 PULL_CHUNK = 64 * 1024
 PAUSE_TIMEOUT = 1.0  # seconds for a connection's task to stop at a safe point
@@ -157,7 +156,7 @@ class Runtime:
         self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task] = []
         self.on_close: Callable[[Connection], None] | None = None
-        self.fault: str | None = None  # test hook: "export:fail" fails an export after dump
+        self._ids = itertools.count(1)  # connection ids, unique within this runtime
 
     # --- serving ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -181,7 +180,7 @@ class Runtime:
             sock, _ = await loop.sock_accept(listener)
             handler = load_handler(service.app)()
             tls = TlsServerConnection(service.tls) if service.tls else None
-            conn = Connection(next(_ids), sock, service, handler, tls)
+            conn = Connection(next(self._ids), sock, service, handler, tls)
             if tls is None:
                 conn.out += handler.on_connect()
             self._run(conn)
@@ -357,8 +356,6 @@ class Runtime:
             self._run(conn)  # nothing was frozen: carry on here
             raise
         try:
-            if self.fault == "export:fail":
-                raise RuntimeError("injected fault after the dump")
             tls_state = conn.tls.export_state() if conn.tls else None
             app = versioned_snapshot(conn.service, conn.handler)
         except Exception as exc:  # frozen, but not exportable: thaw it and carry on here
@@ -428,7 +425,7 @@ class Runtime:
             tls = TlsServerConnection.from_state(exported.tls) if exported.tls else None
         except TlsStateError as exc:
             raise AdoptError(f"TLS state: {exc}") from None
-        conn = Connection(next(_ids), sock, service, handler, tls)
+        conn = Connection(next(self._ids), sock, service, handler, tls)
         conn.out += exported.pending
         if tls is not None:
             # Records completed before the move but not yet processed go first.

@@ -264,16 +264,18 @@ class LabCluster:
     def start_agent(
         self,
         node: str,
-        fault: str | None = None,
         *,
         config: Path | None = None,
         env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
     ) -> None:
-        """``fault``: PYSTEER_FAULT (a test hook); ``config``: another cluster file for this
-        node only; ``env``: more environment variables."""
-        extra_env = dict(env or {}) | ({"PYSTEER_FAULT": fault} if fault else {})
-        full_env = dict(os.environ, **extra_env) if extra_env else None
+        """``config``: another cluster file for this node only; ``env``: more environment
+        variables; ``launcher``: what runs ``pysteer`` (default ``python -m pysteer``), e.g.
+        a test's wrapper that injects a fault."""
+        full_env = dict(os.environ, **env) if env else None
         argv = [*agent_argv(config or self.config, node), *self._extra(node), *self.agent_args]
+        if launcher is not None:
+            argv = [*launcher, *argv[3:]]
         self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), full_env)
 
     def start(self) -> LabCluster:

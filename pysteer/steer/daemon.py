@@ -319,7 +319,8 @@ class Daemon:
             host = req.get("host")
             return {"replayed": st.pass_(flow, replay_to=None if host is None else str(host))}
         if cmd == "claim":
-            return {"replayed": st.claim(flow, _text(req, "host"), _token(req))}
+            replayed, parked_ms = st.claim(flow, _text(req, "host"), _token(req))
+            return {"replayed": replayed, "parked_ms": parked_ms}
         if cmd == "revert":
             host, hold = req.get("host"), req.get("hold", False)
             if not isinstance(hold, bool):

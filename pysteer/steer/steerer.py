@@ -206,7 +206,7 @@ def _now_ns() -> int:
 
 
 class Steerer:
-    def __init__(
+    def __init__(  # noqa: PLR0915 - the daemon's state, set in one place
         self,
         name: str,
         ifname: str,
@@ -257,6 +257,7 @@ class Steerer:
         self._touched: dict[Flow, float] = {}  # flow -> when the control plane last set it
         self._claims: dict[Flow, tuple[str, float]] = {}  # flow -> (host, valid until)
         self._first_seen: dict[Flow, float] = {}  # entries that never saw a packet
+        self._parked_at: dict[Flow, float] = {}  # monotonic time of each migration's park
         self._routes: dict[str, tuple[float, str | None]] = {}  # dst -> (when, default host)
         self._routes_lock = threading.Lock()
         self._divert_failed_seen = self._stat(Stat.DIVERT_FAILED)
@@ -467,6 +468,7 @@ class Steerer:
                 prev = (before.prev_action, before.prev_host)
             lease_ns = _now_ns() + int(lease * 1e9) if lease else 0
             self._set(flow, Action.PARK, token=token, prev=prev, lease_ns=lease_ns)
+            self._parked_at[flow] = time.monotonic()
         if token:
             log.debug("parked %s for %s (migration %016x)", flow, owner or "?", token)
         if before is None:
@@ -499,25 +501,33 @@ class Steerer:
         with self._control:
             return self._unpark(flow, Action.PASS, None, target, timeout)
 
-    def claim(self, flow: Flow, host: str, token: int, *, timeout: float = REPLAY_WAIT) -> int:
+    def claim(
+        self, flow: Flow, host: str, token: int, *, timeout: float = REPLAY_WAIT
+    ) -> tuple[int, float | None]:
         """The commit point: ``host`` (the target) takes ``flow`` if it is still parked by
         migration ``token``: replay, TO(host), decision committed. Idempotent; a Refusal
-        otherwise (its code: ``aborted``, or ``absent``). Returns the packets replayed."""
+        otherwise (its code: ``aborted``, or ``absent``). Returns the packets replayed and
+        how long the flow was parked, in ms, up to the end of the replay (the gap the
+        client saw; None for a repeated claim)."""
         target = self._host(host)
         with self._control:
             decided = self._decision(token)
             if decided is not None:
                 if decided[0] == Decision.COMMITTED and decided[1] == target.id:
-                    return 0  # claimed before: the answer was lost
+                    return 0, None  # claimed before: the answer was lost
                 raise Refusal("aborted", f"migration {token:016x} of {flow} was rolled back")
             cur = self.get(flow)
             if cur is not None and cur.action == Action.PARK and cur.token == token and token:
+                parked_at = self._parked_at.get(flow)
                 replayed = self._unpark(flow, Action.TO, target, target, timeout, token=token)
                 self._decide(token, Decision.COMMITTED, target.id)
+                parked_ms = None
+                if parked_at is not None:
+                    parked_ms = round((time.monotonic() - parked_at) * 1000, 3)
                 log.info(
                     "%s: claimed by %s (migration %016x, %d replayed)", flow, host, token, replayed
                 )
-                return replayed
+                return replayed, parked_ms
             if (
                 cur is not None
                 and cur.action == Action.TO
@@ -525,7 +535,7 @@ class Steerer:
                 and token
                 and cur.host == target.id
             ):
-                return 0  # claimed before, and its decision since forgotten
+                return 0, None  # claimed before, and its decision since forgotten
             raise Refusal("absent", f"flow {flow} is not parked by migration {token:016x}")
 
     def revert(
@@ -634,6 +644,7 @@ class Steerer:
         overtakes the replay. Called with the control lock held."""
         current = self.get(flow)
         parked = current is not None and current.action == Action.PARK
+        self._parked_at.pop(flow, None)
         replayed = 0
         if parked and replay_to is not None:
             replayed += self._replay(flow, replay_to, current.park_seq, timeout)
@@ -894,11 +905,12 @@ class Steerer:
                     self._routes.pop(key, None)
         keys = {bytes(flow_key(f)) for f in present}
         with self._control:
-            flows = {f for d in (self._touched, self._first_seen) for f in list(d)}
+            flows = {f for d in (self._touched, self._first_seen, self._parked_at) for f in list(d)}
             for flow in flows - present:
                 if self.table.get(flow) is None:
                     self._touched.pop(flow, None)
                     self._first_seen.pop(flow, None)
+                    self._parked_at.pop(flow, None)
             with self._arrived:
                 candidates = {k for k in (*self.counters, *self._queues) if k not in keys}
             for key in candidates:
@@ -914,6 +926,7 @@ class Steerer:
         self._touched.pop(flow, None)
         self._claims.pop(flow, None)
         self._first_seen.pop(flow, None)
+        self._parked_at.pop(flow, None)
         key = bytes(flow_key(flow))
         with self._arrived:
             queue = self._queues.pop(key, _Queue())

@@ -27,6 +27,12 @@ HELPERS = Path(__file__).parent
 
 
 class Cluster(LabCluster):
+    def start_agent(self, node: str, fault: str | None = None, **kw: Any) -> None:
+        """``fault``: one injected by agent_with_fault.py (see there)."""
+        if fault is not None:
+            kw["launcher"] = [sys.executable, str(HELPERS / "agent_with_fault.py"), fault]
+        super().start_agent(node, **kw)
+
     # --- the CLI ------------------------------------------------------------------------
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -158,7 +158,7 @@ def test_restore_fails_on_target(cluster: Cluster, client: Client) -> None:
     moves_again(cluster, client)
 
 
-@pytest.mark.parametrize("fault", ["prepare:exit", "prepared:exit"])
+@pytest.mark.parametrize("fault", ["open:exit", "thaw:exit"])
 def test_target_dies_mid_import(cluster: Cluster, client: Client, fault: str) -> None:
     cluster.stop("b")
     cluster.start_agent("b", fault=fault)
@@ -173,7 +173,7 @@ def test_target_dies_mid_import(cluster: Cluster, client: Client, fault: str) ->
 
 def test_timeout(cluster: Cluster, client: Client) -> None:
     cluster.stop("b")
-    cluster.start_agent("b", fault="prepare:stall")
+    cluster.start_agent("b", fault="restore:stall")
     client.frozen_long = True  # frozen for the whole 1 s timeout
     try:
         rolled_back(cluster, client, "rolled-back", "no answer within", "--timeout", "1")
@@ -249,16 +249,16 @@ def test_replayed_and_tampered_blobs_refused(cluster: Cluster) -> None:
     d = cluster.dir
     sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
     with sock:
-        first = ask(sock, {"op": "prepare", "id": mid, "blob": sealed})
+        first = ask(sock, {"op": "move", "id": mid, "blob": sealed})
         assert first == {"ok": False, "error": "port 9999 is not served here"}
-        again = ask(sock, {"op": "prepare", "id": mid, "blob": sealed})
+        again = ask(sock, {"op": "move", "id": mid, "blob": sealed})
         assert not again["ok"] and "already imported (replay?)" in again["error"]
         tampered = bytearray(seal(blob(new_migration_id()), key, source="a", target="b"))
         tampered[-5] ^= 1
-        answer = ask(sock, {"op": "prepare", "id": bytes(tampered[5:21]), "blob": bytes(tampered)})
+        answer = ask(sock, {"op": "move", "id": bytes(tampered[5:21]), "blob": bytes(tampered)})
         assert not answer["ok"] and "failed authentication" in answer["error"]
         other = new_migration_id()
-        answer = ask(sock, {"op": "prepare", "id": other, "blob": sealed})
+        answer = ask(sock, {"op": "move", "id": other, "blob": sealed})
         assert not answer["ok"] and "another migration" in answer["error"]
     log = cluster.log("b")
     assert "already imported" in log and "failed authentication" in log
@@ -276,9 +276,9 @@ def test_blob_for_another_node_refused(cluster: Cluster, client: Client) -> None
     d = cluster.dir
     sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
     with sock:
-        answer = ask(sock, {"op": "prepare", "id": for_c, "blob": blobs[for_c]})
+        answer = ask(sock, {"op": "move", "id": for_c, "blob": blobs[for_c]})
         assert answer == {"ok": False, "error": "the blob is sealed for c, not b"}
-        answer = ask(sock, {"op": "prepare", "id": by_b, "blob": blobs[by_b]})
+        answer = ask(sock, {"op": "move", "id": by_b, "blob": blobs[by_b]})
         assert answer == {"ok": False, "error": "the blob was sealed by b but delivered by a"}
     log = cluster.log("b")
     assert f"import {for_c.hex()[:12]} from a refused: the blob is sealed for c, not b" in log
@@ -462,7 +462,7 @@ def test_bad_requests_to_an_agent(cluster: Cluster) -> None:
             ({"op": {"x": 1}}, "op must be a string"),
             ({"op": "control", "request": {"cmd": "drain", "to": ["b"]}}, "remote commands"),
             ({"op": "control", "request": ["flows"]}, "remote commands"),
-            ({"op": "commit", "id": "not bytes"}, "needs a 16-byte migration id"),
+            ({"op": "move", "id": "not bytes"}, "needs a 16-byte migration id"),
             ({"op": "nonsense", "id": bytes(16)}, "unknown op 'nonsense'"),
         ]:
             answer = ask(sock, request)

@@ -199,7 +199,7 @@ def test_target_killed_between_prepare_and_commit(cluster: Cluster) -> None:
     node, finds the flow still parked for it, takes it back, and the client notices
     nothing; then the flow moves to a restarted B."""
     cluster.stop("b")
-    cluster.start_agent("b", fault="commit:exit")
+    cluster.start_agent("b", fault="thaw:exit")
     ca = str(cluster.client_ca)
     before = set(served(cluster))
     session = Session(
@@ -279,7 +279,7 @@ def in_doubt_while_the_steering_node_is_down(cluster: Cluster) -> tuple[Session,
     A cannot learn or decide the outcome. The migration is in-doubt on A (socket frozen)
     and claiming on B (socket thawed, not served)."""
     cluster.stop("b")
-    cluster.start_agent("b", fault="commit:stall")
+    cluster.start_agent("b", fault="thaw:stall")
     session, flow = ticker_session(cluster)
     proc = migrate_in_background(cluster, flow)
     time.sleep(1.5)  # B is in its commit's stall

@@ -9,7 +9,7 @@ import pytest
 
 from pysteer.agent.frames import MAX_FRAME, FrameError, encode_frame, read_frame
 from pysteer.agent.ledger import Ledger, LedgerError
-from pysteer.agent.timeline import Timeline
+from pysteer.migration.timeline import Timeline
 
 
 def feed(data: bytes) -> asyncio.StreamReader:

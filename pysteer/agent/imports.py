@@ -1,0 +1,261 @@
+"""The asyncio adapter of a move's target side: carries out what ``migration.target.Target``
+asks for (open the blob, restore, build, thaw, claim, serve, discard) and answers the
+source. Its pieces are explicit (the node, the ledger, a counter), not the whole agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pysteer import tcp
+from pysteer.agent.links import LinkError, Refused
+from pysteer.app.runtime import AdoptError, Connection, Exported
+from pysteer.migration import target as tgt
+from pysteer.migration.events import (
+    Action,
+    Answered,
+    Call,
+    Do,
+    Event,
+    Finish,
+    Sleep,
+    Unreachable,
+    Woke,
+)
+from pysteer.migration.events import Refused as No
+from pysteer.migration.target import Target
+from pysteer.transfer.blob import BlobError, MigrationBlob, open_sealed
+
+if TYPE_CHECKING:
+    from pysteer.agent.ledger import Ledger
+    from pysteer.agent.migrate import Node
+
+log = logging.getLogger("pysteer.agent")
+
+CLAIM_PATIENCE = 4.0  # seconds a move waits on the steering node before answering "pending"
+
+
+@dataclass
+class Import:
+    """One move arriving here: its machine, and what it has built so far."""
+
+    machine: Target
+    data: bytes = field(repr=False)
+    since: float = field(default_factory=time.time)
+    blob: MigrationBlob | None = None
+    sock: socket.socket | None = None
+    conn: Connection | None = None
+    task: asyncio.Task | None = None
+
+    def describe(self, me: str) -> dict[str, Any]:
+        return {
+            "id": self.machine.mid.hex(),
+            "flow": self.machine.flow,
+            "from": self.machine.source,
+            "to": me,
+            "role": "target",
+            "state": self.machine.state,
+            "age_s": round(time.time() - self.since, 3),
+            "error": None,
+        }
+
+
+class Imports:
+    """Every move arriving at this node."""
+
+    def __init__(self, node: Node, ledger: Ledger, count: Callable[[str], None]) -> None:
+        self.node, self.ledger, self.count = node, ledger, count
+        self.active: dict[bytes, Import] = {}
+        self._steps = {
+            tgt.OPEN: self._open,
+            tgt.RESTORE: self._restore,
+            tgt.BUILD: self._build,
+            tgt.THAW: self._thaw,
+            tgt.SERVE: self._serve,
+            tgt.ABORTED: self._aborted,
+            tgt.DISCARD: self._discard,
+        }
+
+    async def move(self, who: str, mid: bytes, data: Any) -> dict[str, Any]:
+        """A source's ``move``: the answer once B serves the flow or has refused it, or
+        ``pending`` if the steering node has not answered the claim within CLAIM_PATIENCE
+        (the claim goes on; the source then asks the steering node who won)."""
+        if not self.node.accepting:
+            return {"ok": False, "error": "not accepting imports (cordoned)", "code": "aborted"}
+        if not isinstance(data, bytes):
+            return {"ok": False, "error": "move needs a sealed blob"}
+        if mid in self.active:
+            return {"ok": False, "error": "this migration is already arriving"}
+        entry = Import(Target(mid=mid, source=who, me=self.node.name), data)
+        self.active[mid] = entry
+        entry.task = asyncio.get_running_loop().create_task(self._drive(entry))
+        try:
+            return await asyncio.wait_for(asyncio.shield(entry.task), CLAIM_PATIENCE)
+        except TimeoutError:
+            return {
+                "ok": False,
+                "code": "pending",
+                "error": "the steering node has not answered the claim yet",
+            }
+
+    def outcome(self, mid: bytes) -> dict[str, Any]:
+        return {"ok": True, "outcome": self.ledger.outcome(mid)}
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [e.describe(self.node.name) for e in self.active.values()]
+
+    def force(self, prefix: str, keep: str) -> dict[str, Any] | None:
+        """The operator decides a claiming import (its id starts with ``prefix``)."""
+        for mid, entry in list(self.active.items()):
+            if not mid.hex().startswith(prefix) or entry.machine.state != "claiming":
+                continue
+            if entry.task is not None:
+                entry.task.cancel()
+            self.active.pop(mid, None)
+            actions, outcome = entry.machine.force(keep)
+            for action in actions:
+                assert isinstance(action, Do)  # noqa: S101
+                self._steps[action.what](entry)
+            log.warning(
+                "import %s of %s resolved by the operator: %s",
+                mid.hex()[:12],
+                entry.machine.flow,
+                outcome,
+            )
+            return {"ok": True, "resolved": mid.hex(), "outcome": outcome}
+        return None
+
+    def close(self) -> None:
+        """Stopping: an import not yet served dies silently with its socket."""
+        for entry in list(self.active.values()):
+            if entry.task is not None:
+                entry.task.cancel()
+            if entry.sock is not None and entry.machine.state != "committed":
+                tcp.discard(entry.sock)
+
+    # --- driving --------------------------------------------------------------------------------
+    async def _drive(self, entry: Import) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        machine = entry.machine
+        action: Action = machine.start(loop.time())
+        try:
+            while not isinstance(action, Finish):
+                try:
+                    event = await self._carry_out(entry, action)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug: never serve half an import
+                    log.exception("import %s failed unexpectedly", machine.short)
+                    action = machine.crashed(
+                        f"internal error on {self.node.name} ({type(exc).__name__})", loop.time()
+                    )
+                    continue
+                action = machine.on(event, loop.time())
+        finally:
+            if self.active.get(machine.mid) is entry:
+                del self.active[machine.mid]
+        return action.answer or {"ok": False, "error": action.reason or "refused"}
+
+    async def _carry_out(self, entry: Import, action: Action) -> Event:
+        if isinstance(action, Call):
+            try:
+                return Answered(await self.node.steer.call(action.timeout, **action.request))
+            except Refused as exc:
+                return No(str(exc), exc.code)
+            except LinkError as exc:
+                if action.timeout and entry.machine.state == "claiming":
+                    log.warning(
+                        "import %s: claim unanswered (%s); asking again", entry.machine.short, exc
+                    )
+                return Unreachable(str(exc))
+        if isinstance(action, Sleep):
+            await asyncio.sleep(action.seconds)
+            return Woke()
+        assert isinstance(action, Do)  # noqa: S101
+        return self._steps[action.what](entry)
+
+    # --- the steps -----------------------------------------------------------------------------
+    def _open(self, entry: Import) -> Event:
+        m = entry.machine
+        try:
+            # Bound to this move: sealed by the peer this mTLS link authenticated, for us.
+            blob = open_sealed(
+                entry.data, self.node.cluster_key, expect_id=m.mid, source=m.source, target=m.me
+            )
+            self.ledger.claim(m.mid, sealed_at=blob.t)
+        except (BlobError, ValueError) as exc:
+            log.warning("import %s from %s refused: %s", m.short, m.source, exc)
+            self.count("refused")
+            return No(str(exc))
+        entry.data = b""
+        entry.blob = blob
+        if blob.flow.dport not in self.node.runtime.services:
+            self.ledger.decide(m.mid, "aborted")
+            return No(f"port {blob.flow.dport} is not served here")
+        return Answered({"flow": str(blob.flow), "dport": blob.flow.dport})
+
+    def _restore(self, entry: Import) -> Event:
+        assert entry.blob is not None  # noqa: S101
+        try:
+            entry.sock = tcp.restore(entry.blob.tcp, frozen=True)
+        except tcp.RepairError as exc:
+            log.warning(
+                "import %s from %s: restore failed: %s",
+                entry.machine.short,
+                entry.machine.source,
+                exc,
+            )
+            return No(str(exc))
+        return Answered()
+
+    def _build(self, entry: Import) -> Event:
+        b, m = entry.blob, entry.machine
+        assert b is not None and entry.sock is not None  # noqa: S101
+        exported = Exported(entry.sock, b.tcp, b.tls, b.app, b.out, b.flow.dport, {})
+        try:  # everything the thaw and the claim would need, checked first
+            entry.conn = self.node.runtime.build(entry.sock, exported)
+        except AdoptError as exc:
+            self.count("refused")
+            log.warning("import %s of %s from %s refused: %s", m.short, b.flow, m.source, exc)
+            return No(str(exc))
+        return Answered()
+
+    def _thaw(self, entry: Import) -> Event:
+        assert entry.blob is not None and entry.sock is not None  # noqa: S101
+        try:
+            tcp.thaw(entry.sock, entry.blob.tcp)
+        except (tcp.RepairError, OSError) as exc:  # frozen again by thaw: silent
+            return No(str(exc))
+        self.ledger.decide(entry.machine.mid, "claiming")
+        return Answered()
+
+    def _serve(self, entry: Import) -> Event:
+        assert entry.conn is not None  # noqa: S101
+        self.node.runtime.serve_built(entry.conn)
+        self.ledger.decide(entry.machine.mid, "committed")
+        self.count("committed")
+        log.info("import %s: %s now served here", entry.machine.short, entry.machine.flow)
+        return Answered()
+
+    def _aborted(self, entry: Import) -> Event:
+        m = entry.machine
+        self.ledger.decide(m.mid, "aborted")
+        if m.refused_in in ("thawing", "claiming", None):  # a refused blob counts as such
+            self.count("aborted")
+        why = m.reason or "resolved by the operator"
+        log.warning("import %s of %s aborted: %s", m.short, m.flow, why)
+        return Answered()
+
+    def _discard(self, entry: Import) -> Event:
+        if entry.sock is not None:
+            with contextlib.suppress(OSError):
+                tcp.discard(entry.sock)  # repair mode first: no FIN, no RST, whatever its state
+            entry.sock = None
+        return Answered()
