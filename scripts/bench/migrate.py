@@ -6,21 +6,34 @@ millisecond to the ticker app and timestamps every echo it gets back. Baseline: 
 run with no migration. Then ``--moves`` migrations A -> B -> A ..., asked of the agents
 directly (no CLI start-up in the measurement), one every ``--every`` seconds.
 
+Then a backed-up flow (``--backlog-mib``, default 16): a TLS client of the http app asks
+for that many bytes and reads none, so they wait in the server's send queue (the hosts'
+default send buffer is raised for the run to hold them); the flow moves
+``--backlog-moves`` times, then the client reads and must get every byte exactly once.
+The ordinary moves above are its same-run baseline.
+
 Reported (JSON, and a summary on stdout):
 - freeze window per migration (park sent -> replay done, from the agent's timeline),
-  median and p99, and the steps' medians;
-- the client's largest gap between received lines around each migration, p99, against
-  the largest gaps in windows of the same length in the baseline run;
-- client retransmissions and retransmission timeouts in each run.
-Targets: freeze median <= 1 ms, client gap p99 <= 5 ms, 0 retransmissions.
+  p50/p90/p99/max, and the time between consecutive steps of the timeline, per pair of
+  step names found in the reports (``"park->parked"``...), p50/p90/p99/max;
+- the client's largest gap between received lines around each migration, against the
+  largest gaps in windows of the same length in the baseline run;
+- client retransmissions and retransmission timeouts in each run;
+- the backed-up flow's freeze window and steps, and whether its bytes came back exact.
+Targets (``targets`` in the JSON, each met or not): freeze p50 <= 1 ms and p99 <= 2.5 ms;
+client largest gap p99 <= the baseline's p99 + 1.5 ms; 0 retransmissions; backed-up flow
+freeze p99 <= 30 ms, byte-exact.
 
-Run as root: scripts/bench/migrate.py [--moves 50] [--out results/bench/migrate.json]
+``--workers N``: the agent's worker processes (``workers`` in the JSON); only 1 for now.
+
+Run as root: scripts/bench/migrate.py [--moves 50] [--backlog-mib 16] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import socket
@@ -32,6 +45,19 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
+
+from benchlib import (
+    BackedUpClient,
+    allow_send_queue,
+    check_workers,
+    flag,
+    lab_cluster,
+    spread,
+    step_durations,
+    steps_table,
+    target,
+    target_lines,
+)
 
 from pysteer.agent.control import ask
 from pysteer.lab import Lab
@@ -139,101 +165,186 @@ def largest_gap(arrivals: list[float], start: float, end: float) -> float:
     return max(b - a for a, b in itertools.pairwise(times))
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+def move(cluster: LabCluster, flow: str, source: str, target: str, timeout: float) -> dict:
+    """One migration, asked of the source's agent directly: its report."""
+    answer = ask(
+        control_path_for(cluster, source),
+        "migrate",
+        timeout=timeout + 10,
+        flow=flow,
+        to=target,
+        timeout_s=timeout,
+    )
+    if not answer.get("ok"):
+        raise RuntimeError(f"migrate {flow} {source} -> {target}: {answer.get('error')}")
+    return answer["migration"]
 
 
-def run(moves: int, every: float, out: Path) -> dict[str, Any]:
+def backlog_case(
+    cluster: LabCluster, size: int, moves: int, every: float, sndbuf: int
+) -> dict[str, Any]:
+    """A TLS flow whose client stopped reading, ``size`` bytes owed to it, moved ``moves``
+    times; then the client reads everything and must get every byte exactly once."""
+    lab = cluster.lab
+    client = BackedUpClient(lab, cluster.client_ca, size)
+    try:
+        node, queued = client.wait_backed_up()
+        reports = []
+        for _ in range(moves):
+            other = next(h for h in lab.plan.hosts if h != node)
+            start = time.monotonic()
+            reports.append(move(cluster, client.flow, node, other, 30.0))
+            if reports[-1]["outcome"] == "moved":
+                node = other
+            time.sleep(max(0.0, every - (time.monotonic() - start)))
+        problem = client.check()
+    finally:
+        client.close()
+    moved = [r for r in reports if r["outcome"] == "moved"]
+    return {
+        "mib": size / (1 << 20),
+        "moves": moves,
+        "host_sndbuf_bytes": sndbuf,
+        "server_send_queue_bytes": queued,
+        "outcomes": [r["outcome"] for r in reports],
+        "errors": [r["error"] for r in reports if r["error"]],
+        "blob_bytes": [r["blob_bytes"] for r in reports],
+        "freeze_ms": spread(r["freeze_ms"] for r in moved),
+        "steps_ms": step_durations(r["timeline"] for r in moved),
+        "byte_exact": problem is None,
+        "problem": problem,
+        "raw_freeze_ms": [r["freeze_ms"] for r in moved],
+    }
+
+
+def no_migration(lab: Lab, ca: Path, moves: int, every: float) -> tuple[list[float], dict]:
+    """The baseline: the same traffic for as long, no migration. The client's largest gap
+    in each window a migration would have had, and its retransmissions."""
+    before = counters(lab)
+    client = Client(lab, ca)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    time.sleep(moves * every)
+    t1 = time.monotonic()
+    client.stop()
+    after = counters(lab)
+    windows = [t0 + i * every for i in range(moves)]
+    gaps = [largest_gap(client.arrivals, t, t + WINDOW) * 1000 for t in windows]
+    return gaps, {
+        "retrans": after["retrans"] - before["retrans"],
+        "timeouts": after["timeouts"] - before["timeouts"],
+        "lines": len([t for t in client.arrivals if t0 <= t <= t1]),
+    }
+
+
+def migrations(cluster: LabCluster, moves: int, every: float) -> tuple[list, list[float], dict]:
+    """``moves`` migrations of a busy flow, a -> b -> a ...: the reports, the client's
+    largest gap around each, and its retransmissions."""
+    before = counters(cluster.lab)
+    client = Client(cluster.lab, cluster.client_ca)
+    time.sleep(0.5)
+    reports, gaps, node = [], [], "a"
+    for _ in range(moves):
+        node = "b" if node == "a" else "a"
+        source = "a" if node == "b" else "b"
+        start = time.monotonic()
+        report = move(cluster, client.flow, source, node, 5.0)
+        if report["outcome"] != "moved":
+            raise RuntimeError(f"migration failed: {report['error']}")
+        reports.append(report)
+        time.sleep(max(0.0, every - (time.monotonic() - start)))
+        gaps.append(largest_gap(client.arrivals, start, start + WINDOW) * 1000)
+    client.stop()
+    after = counters(cluster.lab)
+    return reports, gaps, {k: after[k] - before[k] for k in after}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    moves, every = args.moves, args.every
     lab = Lab(prefix=unique_prefix(), plan=load()).up()
     directory = Path(tempfile.mkdtemp(prefix="pysteer-bench-"))
-    cluster = LabCluster(lab, directory)
+    cluster: LabCluster | None = None
+    backlog = None
     try:
+        size = int(args.backlog_mib * (1 << 20))
+        sndbuf = allow_send_queue(lab, size) if size else 0  # before the agents' listeners
+        cluster = lab_cluster(lab, directory, args.workers)
         cluster.start()
-        ca = cluster.client_ca
-        # Baseline: the same traffic, no migration.
-        before = counters(lab)
-        client = Client(lab, ca)
-        time.sleep(0.5)
-        t0 = time.monotonic()
-        time.sleep(moves * every)
-        t1 = time.monotonic()
-        client.stop()
-        after = counters(lab)
-        windows = [t0 + i * every for i in range(moves)]
-        base_gaps = [largest_gap(client.arrivals, t, t + WINDOW) * 1000 for t in windows]
-        baseline = {
-            "retrans": after["retrans"] - before["retrans"],
-            "timeouts": after["timeouts"] - before["timeouts"],
-            "lines": len([t for t in client.arrivals if t0 <= t <= t1]),
-        }
-        # Migrations.
-        before = counters(lab)
-        client = Client(lab, ca)
-        time.sleep(0.5)
-        reports, gaps, node = [], [], "a"
-        for _ in range(moves):
-            node = "b" if node == "a" else "a"
-            source = "a" if node == "b" else "b"
-            start = time.monotonic()
-            answer = ask(
-                control_path_for(cluster, source),
-                "migrate",
-                flow=client.flow,
-                to=node,
-                timeout_s=5.0,
-            )
-            report = answer["migration"]
-            if report["outcome"] != "moved":
-                raise RuntimeError(f"migration failed: {report['error']}")
-            reports.append(report)
-            time.sleep(max(0.0, every - (time.monotonic() - start)))
-            gaps.append(largest_gap(client.arrivals, start, start + WINDOW) * 1000)
-        client.stop()
-        after = counters(lab)
+        base_gaps, baseline = no_migration(lab, cluster.client_ca, moves, every)
+        reports, gaps, seen = migrations(cluster, moves, every)
+        # The backed-up client, with the moves above as its baseline.
+        if size and args.backlog_moves:
+            backlog = backlog_case(cluster, size, args.backlog_moves, every, sndbuf)
     except BaseException:
-        for name in ("a", "b", "steer"):
-            print(f"--- {name} log ---\n{cluster.log(name)[-3000:]}")
+        for name in ("a", "b", "steer") if cluster else ():
+            with contextlib.suppress(KeyError, OSError):
+                print(f"--- {name} log ---\n{cluster.log(name)[-3000:]}")
         raise
     finally:
-        cluster.close()
+        if cluster:
+            cluster.close()
         lab.down()
+    result = summarize(
+        args,
+        reports=reports,
+        gaps=gaps,
+        seen=seen,
+        base_gaps=base_gaps,
+        baseline=baseline,
+        backlog=backlog,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def summarize(
+    args: argparse.Namespace,
+    *,
+    reports: list[dict],
+    gaps: list[float],
+    seen: dict[str, int],
+    base_gaps: list[float],
+    baseline: dict,
+    backlog: dict | None,
+) -> dict[str, Any]:
     freeze = [r["freeze_ms"] for r in reports]
-    steps: dict[str, list[float]] = {}
-    for r in reports:
-        tl = r["timeline"]
-        for a, b in itertools.pairwise(tl):
-            steps.setdefault(f"{a['step']}->{b['step']}", []).append(b["ms"] - a["ms"])
+    gap, base_gap = spread(gaps), spread(base_gaps)
+    targets = [
+        target("freeze p50", spread(freeze)["p50"], "<=", 1.0),
+        target("freeze p99", spread(freeze)["p99"], "<=", 2.5),
+        target(
+            "client largest gap p99 over the baseline's", gap["p99"] - base_gap["p99"], "<=", 1.5
+        ),
+        target("client retransmissions", seen["retrans"], "<=", 0, ""),
+    ]
+    if backlog:
+        targets += [
+            target(
+                f"backed-up flow ({backlog['mib']:g} MiB) freeze p99",
+                backlog["freeze_ms"]["p99"],
+                "<=",
+                30.0,
+            ),
+            flag("backed-up flow byte-exact after the moves", backlog["byte_exact"]),
+        ]
     result = {
-        "moves": moves,
-        "every_s": every,
-        "freeze_ms": {
-            "median": statistics.median(freeze),
-            "p99": pct(freeze, 0.99),
-            "max": max(freeze),
-        },
-        "steps_median_ms": {k: round(statistics.median(v), 3) for k, v in steps.items()},
-        "client_gap_ms": {
-            "window_s": WINDOW,
-            "median": statistics.median(gaps),
-            "p99": pct(gaps, 0.99),
-            "max": max(gaps),
-        },
-        "baseline_gap_ms": {
-            "median": statistics.median(base_gaps),
-            "p99": pct(base_gaps, 0.99),
-            "max": max(base_gaps),
-        },
-        "client_retransmissions": after["retrans"] - before["retrans"],
-        "client_timeouts": after["timeouts"] - before["timeouts"],
+        "workers": args.workers,
+        "moves": args.moves,
+        "every_s": args.every,
+        "freeze_ms": spread(freeze),
+        "steps_ms": step_durations(r["timeline"] for r in reports),
+        "client_gap_ms": {"window_s": WINDOW, **gap},
+        "baseline_gap_ms": base_gap,
+        "client_retransmissions": seen["retrans"],
+        "client_timeouts": seen["timeouts"],
         "baseline": baseline,
         "replayed_packets": sum(r["replayed"] for r in reports),
         "blob_bytes_median": statistics.median(r["blob_bytes"] for r in reports),
-        "targets": {"freeze_median_ms": 1.0, "client_gap_p99_ms": 5.0, "retransmissions": 0},
+        "backlog": backlog,
+        "targets": targets,
         "raw": {"freeze_ms": freeze, "client_gap_ms": gaps, "baseline_gap_ms": base_gaps},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     return result
 
 
@@ -241,20 +352,46 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--moves", type=int, default=50)
     p.add_argument("--every", type=float, default=0.2, help="seconds between migrations")
+    p.add_argument(
+        "--backlog-mib",
+        type=float,
+        default=16,
+        help="MiB queued to a client that stopped reading, for the backed-up case (0: skip)",
+    )
+    p.add_argument("--backlog-moves", type=int, default=5, help="moves of the backed-up flow")
+    p.add_argument("--workers", type=int, default=1, help="agent worker processes (1)")
     p.add_argument("--out", type=Path, default=Path("results/bench/migrate.json"))
     args = p.parse_args()
-    r = run(args.moves, args.every, args.out)
+    check_workers(args.workers, p.prog)
+    if args.moves < 1 or args.backlog_mib < 0 or args.backlog_moves < 0:
+        p.error("--moves must be at least 1, --backlog-mib and --backlog-moves at least 0")
+    r = run(args)
     f, g, b = r["freeze_ms"], r["client_gap_ms"], r["baseline_gap_ms"]
-    print(f"{r['moves']} migrations: freeze median {f['median']:.2f} ms, p99 {f['p99']:.2f} ms")
     print(
-        f"client largest gap per migration: median {g['median']:.2f} ms, p99 {g['p99']:.2f} ms"
-        f" (baseline, no migration: median {b['median']:.2f}, p99 {b['p99']:.2f})"
+        f"{r['moves']} migrations ({r['workers']} worker): freeze p50 {f['p50']:.2f} ms, "
+        f"p99 {f['p99']:.2f} ms"
+    )
+    print(
+        f"client largest gap per migration: p50 {g['p50']:.2f} ms, p99 {g['p99']:.2f} ms"
+        f" (baseline, no migration: p50 {b['p50']:.2f}, p99 {b['p99']:.2f})"
     )
     print(
         f"client retransmissions {r['client_retransmissions']} (baseline "
         f"{r['baseline']['retrans']}), timeouts {r['client_timeouts']}"
     )
-    print("steps (median ms): " + ", ".join(f"{k} {v}" for k, v in r["steps_median_ms"].items()))
+    print("steps (ms between consecutive steps):")
+    print("\n".join(steps_table(r["steps_ms"])))
+    if k := r["backlog"]:
+        bf = k["freeze_ms"]
+        print(
+            f"backed-up flow, {k['server_send_queue_bytes'] / (1 << 20):.1f} MiB queued at the"
+            f" server, {k['moves']} moves ({', '.join(k['outcomes'])}): freeze p50 {bf['p50']} ms,"
+            f" max {bf['max']} ms (ordinary moves: p50 {f['p50']:.2f} ms); byte-exact: "
+            + ("yes" if k["byte_exact"] else f"NO ({k['problem']})")
+        )
+        print("\n".join(steps_table(k["steps_ms"])))
+    print("targets:")
+    print("\n".join(target_lines(r["targets"], "  ")))
     print(f"written to {args.out}")
 
 
