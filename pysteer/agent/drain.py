@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pysteer.agent.links import LinkError, Refused
+from pysteer.migration.timeline import step_durations
 
 if TYPE_CHECKING:
     from pysteer.agent.migrate import Node
@@ -116,6 +117,7 @@ class Drain:
                 "p99": percentile(freeze, 0.99),
                 "max": round(max(freeze), 3) if freeze else None,
             },
+            "steps_ms": step_durations(r["timeline"] for r in self.results),
             "remaining": remaining,
             "not_moved": [
                 {"flow": r["flow"], "outcome": r["outcome"], "error": r["error"]}

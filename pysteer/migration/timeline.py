@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,3 +38,36 @@ class Timeline:
 
     def to_json(self) -> list[dict[str, Any]]:
         return list(self.steps)
+
+
+def spread(values: Iterable[float]) -> dict[str, Any]:
+    """n, p50, p90, p99 and max, rounded to the microsecond (for milliseconds)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    at = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {
+        "n": len(ordered),
+        **{f"p{round(q * 100)}": round(at(q), 3) for q in (0.5, 0.9, 0.99)},
+        "max": round(ordered[-1], 3),
+    }
+
+
+def step_durations(timelines: Iterable[Any]) -> dict[str, dict[str, Any]]:
+    """Milliseconds between consecutive steps of many migrations' timelines, per pair of
+    step names (``"park->parked"``), as ``spread``s: where a drain's time goes.
+
+    The pairs come from the data (a rollback only adds its own pairs), ordered by where
+    they start in the median timeline."""
+    spans: dict[str, list[float]] = {}
+    starts: dict[str, list[float]] = {}
+    for timeline in timelines:
+        if not isinstance(timeline, list):
+            continue
+        steps = [s for s in timeline if isinstance(s, dict) and "step" in s and "ms" in s]
+        for a, b in itertools.pairwise(steps):
+            key = f"{a['step']}->{b['step']}"
+            spans.setdefault(key, []).append(b["ms"] - a["ms"])
+            starts.setdefault(key, []).append(a["ms"])
+    order = sorted(spans, key=lambda k: statistics.median(starts[k]))
+    return {k: spread(spans[k]) for k in order}

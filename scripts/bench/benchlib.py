@@ -8,10 +8,8 @@ client's ``SSLSocket`` is only ever used by the thread that made it.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import socket
 import ssl
-import statistics
 import sys
 import time
 from collections.abc import Iterable
@@ -30,40 +28,6 @@ HTTP_PORT = 8443  # the lab's TLS http service (GET /bytes/N)
 def pct(values: Iterable[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def spread(values: Iterable[float]) -> dict[str, Any]:
-    """n, p50, p90, p99 and max, rounded to the microsecond (for milliseconds)."""
-    values = sorted(values)
-    if not values:
-        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
-    return {
-        "n": len(values),
-        **{f"p{round(q * 100)}": round(pct(values, q), 3) for q in (0.5, 0.9, 0.99)},
-        "max": round(values[-1], 3),
-    }
-
-
-def step_durations(timelines: Iterable[Any]) -> dict[str, dict[str, Any]]:
-    """Milliseconds between consecutive steps of the migrations' timelines, per pair of
-    step names (``"park->parked"``), as ``spread``s.
-
-    The pairs come from the data: steps renamed, merged or added by a later agent show up
-    as they are. Pairs are ordered by where they start in the median timeline; a
-    migration that took another path (a rollback) only adds its own pairs.
-    """
-    spans: dict[str, list[float]] = {}
-    starts: dict[str, list[float]] = {}
-    for timeline in timelines:
-        if not isinstance(timeline, list):
-            continue
-        steps = [s for s in timeline if isinstance(s, dict) and "step" in s and "ms" in s]
-        for a, b in itertools.pairwise(steps):
-            key = f"{a['step']}->{b['step']}"
-            spans.setdefault(key, []).append(b["ms"] - a["ms"])
-            starts.setdefault(key, []).append(a["ms"])
-    order = sorted(spans, key=lambda k: statistics.median(starts[k]))
-    return {k: spread(spans[k]) for k in order}
 
 
 def steps_table(steps: dict[str, dict[str, Any]], indent: str = "  ") -> list[str]:

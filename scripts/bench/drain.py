@@ -40,7 +40,6 @@ from benchlib import (
     check_workers,
     flag,
     lab_cluster,
-    step_durations,
     steps_table,
     target,
     target_lines,
@@ -53,6 +52,7 @@ from pysteer.lab.clients import LineClient, StreamError, check_ticker_stream
 from pysteer.lab.cluster import LabCluster, control_path_for
 from pysteer.lab.plan import load
 from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.migration.timeline import step_durations
 
 
 def idle_answers(sock: ssl.SSLSocket, size: int) -> bool:
@@ -176,9 +176,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "failed": summary["failed"],
         "not_moved": summary["not_moved"][:20],
         "freeze_ms": freeze,
-        "steps_ms": step_durations(timelines),
+        "steps_ms": summary.get("steps_ms") or step_durations(timelines),
         "steps_from": {
-            "source": steps_from,
+            "source": "drain summary (every migration)" if "steps_ms" in summary else steps_from,
             "migrations": len(timelines),
             "of": summary["moved"] + summary["rolled_back"] + summary["failed"],
         },

@@ -52,8 +52,6 @@ from benchlib import (
     check_workers,
     flag,
     lab_cluster,
-    spread,
-    step_durations,
     steps_table,
     target,
     target_lines,
@@ -64,6 +62,7 @@ from pysteer.lab import Lab
 from pysteer.lab.cluster import LabCluster, control_path_for
 from pysteer.lab.plan import load
 from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.migration.timeline import spread, step_durations
 
 T = TypeVar("T")
 WINDOW = 0.05  # seconds of client traffic examined around each migration

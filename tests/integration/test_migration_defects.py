@@ -96,8 +96,9 @@ def test_a_snapshot_b_cannot_continue_is_refused_before_the_freeze(cluster: Clus
             report = cluster.migrate(flow, "b")
             assert report["outcome"] == "failed", report
             assert (
-                "node b cannot continue the connection: port 443 runs 'echo' there, not "
-                "'ticker'; nothing was frozen" == report["error"]
+                report["error"]
+                == "node b cannot continue the connection: port 443 runs 'echo' there, not "
+                "'ticker'; nothing was frozen"
             )
             assert cluster.owner(flow) == "a"
             steps = [s["step"] for s in report["timeline"]]

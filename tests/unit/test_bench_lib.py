@@ -11,6 +11,7 @@ from types import ModuleType
 import pytest
 
 from pysteer.app.handlers import http_body
+from pysteer.migration.timeline import spread, step_durations
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,7 @@ def test_step_durations_come_from_the_data_in_timeline_order() -> None:
         tl(("park", 0), ("parked", 1), ("frozen", 1.5), ("done", 4)),
         tl(("park", 0), ("parked", 3), ("frozen", 3.25), ("done", 5)),
     ]
-    steps = bench.step_durations(timelines)
+    steps = step_durations(timelines)
     assert list(steps) == ["park->parked", "parked->frozen", "frozen->done"]
     assert steps["park->parked"] == {"n": 2, "p50": 3, "p90": 3, "p99": 3, "max": 3}
     assert steps["parked->frozen"]["max"] == 0.5
@@ -46,16 +47,16 @@ def test_step_durations_follow_renamed_and_merged_steps() -> None:
     old = tl(("park", 0), ("sealed", 1), ("prepared", 2), ("commit", 2.1), ("committed", 3))
     new = tl(("park", 0), ("sealed", 1), ("moved", 2.5))  # prepare and commit as one step
     rolled_back = tl(("park", 0), ("decided", 0.5), ("resumed", 0.7))
-    steps = bench.step_durations([old, new, rolled_back, "not a timeline", [{"x": 1}]])
+    steps = step_durations([old, new, rolled_back, "not a timeline", [{"x": 1}]])
     assert steps["sealed->moved"]["n"] == 1
     assert steps["sealed->prepared"]["n"] == 1
     assert steps["park->sealed"]["n"] == 2
     assert steps["decided->resumed"]["p50"] == 0.2
-    assert bench.step_durations([]) == {}
+    assert step_durations([]) == {}
 
 
 def test_spread_of_nothing_is_empty_not_an_error() -> None:
-    assert bench.spread([]) == {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
+    assert spread([]) == {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
     assert bench.steps_table({}) == ["  (no timelines)"]
 
 
