@@ -145,8 +145,10 @@ class Imports:
         loop = asyncio.get_running_loop()
         machine = entry.machine
         action: Action = machine.start(loop.time())
+        took: list[list[Any]] = []  # each step's ms, for the source's timeline
         try:
             while not isinstance(action, Finish):
+                t0 = time.perf_counter()
                 try:
                     event = await self._carry_out(entry, action)
                 except asyncio.CancelledError:
@@ -157,11 +159,13 @@ class Imports:
                         f"internal error on {self.node.name} ({type(exc).__name__})", loop.time()
                     )
                     continue
+                took.append([_step_name(action), round((time.perf_counter() - t0) * 1000, 3)])
                 action = machine.on(event, loop.time())
         finally:
             if self.active.get(machine.mid) is entry:
                 del self.active[machine.mid]
-        return action.answer or {"ok": False, "error": action.reason or "refused"}
+        answer = action.answer or {"ok": False, "error": action.reason or "refused"}
+        return answer | {"steps": took} if answer.get("ok") else answer
 
     async def _carry_out(self, entry: Import, action: Action) -> Event:
         if isinstance(action, Call):
@@ -259,3 +263,9 @@ class Imports:
                 tcp.discard(entry.sock)  # repair mode first: no FIN, no RST, whatever its state
             entry.sock = None
         return Answered()
+
+
+def _step_name(action: Action) -> str:
+    if isinstance(action, Call):
+        return str(action.request.get("cmd"))
+    return action.what if isinstance(action, Do) else "sleep"

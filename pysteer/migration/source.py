@@ -113,6 +113,7 @@ class Source:
         self._end = 0.0
         self._steer_error = ""
         self._unpark_end: float | None = None
+        self._target_steps: Any = None
 
     # --- driving ------------------------------------------------------------------------------
     def start(self, now: float) -> Action:
@@ -258,6 +259,7 @@ class Source:
             v = event.value
             parked = v.get("parked_ms")
             self.result.parked_ms = float(parked) if isinstance(parked, int | float) else None
+            self._target_steps = v.get("steps")
             return self._moved(int(v.get("replayed", 0)), None, now)
         if isinstance(event, Refused):
             if event.code == "pending":  # B waits on the steering node: ask who won
@@ -268,11 +270,12 @@ class Source:
     # --- the end ----------------------------------------------------------------------------
     def _moved(self, replayed: int | None, how: str | None, now: float) -> Action:
         """B serves the flow: close the frozen socket here silently."""
-        self.tl.step(
-            "committed" if how is None else "resolved",
-            replayed=replayed,
-            **({"how": how} if how else {}),
-        )
+        detail: dict[str, Any] = {"how": how} if how else {}
+        if self._target_steps:  # B's own steps, in ms: where the move's time went there
+            detail["target_ms"] = self._target_steps
+        if self.result.parked_ms is not None:
+            detail["parked_ms"] = self.result.parked_ms
+        self.tl.step("committed" if how is None else "resolved", replayed=replayed, **detail)
         self.result.replayed = replayed
         self.result.freeze_ms = self.tl.span("park", "committed" if how is None else "resolved")
         self.undo.clear()

@@ -297,6 +297,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def target_steps(reports: list[dict]) -> dict[str, dict[str, Any]]:
+    """B's own steps inside the move (open, restore, build, thaw, claim, serve), in ms."""
+    per: dict[str, list[float]] = {}
+    for r in reports:
+        for step in r["timeline"]:
+            for name, ms in step.get("target_ms") or []:
+                per.setdefault(name, []).append(ms)
+    return {name: spread(values) for name, values in per.items()}
+
+
 def summarize(
     args: argparse.Namespace,
     *,
@@ -332,7 +342,10 @@ def summarize(
         "moves": args.moves,
         "every_s": args.every,
         "freeze_ms": spread(freeze),
+        # The steering node's own measure: park to the end of the claim's replay.
+        "parked_ms": spread(r["parked_ms"] for r in reports if r.get("parked_ms") is not None),
         "steps_ms": step_durations(r["timeline"] for r in reports),
+        "target_steps_ms": target_steps(reports),
         "client_gap_ms": {"window_s": WINDOW, **gap},
         "baseline_gap_ms": base_gap,
         "client_retransmissions": seen["retrans"],
@@ -378,8 +391,12 @@ def main() -> None:
         f"client retransmissions {r['client_retransmissions']} (baseline "
         f"{r['baseline']['retrans']}), timeouts {r['client_timeouts']}"
     )
+    p = r["parked_ms"]
+    print(f"parked at the steering node (its own clock): p50 {p['p50']} ms, p99 {p['p99']} ms")
     print("steps (ms between consecutive steps):")
     print("\n".join(steps_table(r["steps_ms"])))
+    print("the target's steps inside the move:")
+    print("\n".join(steps_table(r["target_steps_ms"])))
     if k := r["backlog"]:
         bf = k["freeze_ms"]
         print(
