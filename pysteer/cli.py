@@ -9,12 +9,10 @@ in the handlers that use them, and choices defined next to that code are ``LazyC
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 
-from pysteer import __version__
-from pysteer.errors import UsageError
+from pysteer import __version__, exitcodes
 
 # ``pysteer.lab`` (its package) imports pyroute2: the lab's subtree is built only when
 # the lab command runs, and ``pysteer --help`` shows this line from here instead.
@@ -83,21 +81,14 @@ def _command(argv: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point. Exit codes: 0 success, 1 a check or operation failed, 2 bad input."""
+    """Entry point: run the command; an exception ends it as ``pysteer.exitcodes`` says
+    (0 success, 1 a check or operation failed, 2 bad input, 70 a bug...)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser(_command(argv)).parse_args(argv)  # --help prints, too
         return int(args.func(args) or 0)
-    except UsageError as exc:
-        print(f"pysteer: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("pysteer: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # the reader went away (`pysteer flows | head -1`): not an error
-        # Point stdout at /dev/null, so that Python's own flush at exit cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # as a shell reports a command killed by SIGPIPE
+    except (Exception, KeyboardInterrupt) as exc:  # SystemExit (argparse's) goes through
+        return exitcodes.report(exc)
 
 
 if __name__ == "__main__":
