@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask, ask_remote
+from pysteer.clitable import Command, arg
 from pysteer.cluster.config import ENV, ClusterConfig, ConfigError, load_config
 from pysteer.errors import UsageError
 from pysteer.flow import Flow, FlowSyntaxError
@@ -25,133 +26,8 @@ if TYPE_CHECKING:
     import ssl
 
 
-def add_parser(sub: Any) -> None:  # noqa: PLR0915 - one parser per command
-    agent = sub.add_parser(
-        "agent",
-        help="the per-host agent: run it, or cordon/uncordon a node",
-        description="The agent serves the cluster's apps on the VIP and moves their "
-        "connections to and from other nodes' agents over mutual TLS.",
-    )
-    cmds = agent.add_subparsers(dest="agent_command", metavar="ACTION", required=True)
-    run = cmds.add_parser("run", help="run this node's agent (until SIGTERM)")
-    _config(run)
-    run.add_argument("--node", required=True, help="this node's name in the cluster file")
-    run.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
-    )
-    run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    run.add_argument(
-        "--sync-interval",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how often to list every flow served here to the steering node, "
-        "which steers them here and drops stale entries (default: "
-        "%(default)g; also on start and when the steering daemon "
-        "restarts)",
-    )
-    run.set_defaults(func=cmd_run)
-    for name, help_ in (
-        ("cordon", "refuse imports (migrations to the node)"),
-        ("uncordon", "accept imports again"),
-    ):
-        p = cmds.add_parser(name, help=help_)
-        _config(p)
-        p.add_argument("node", metavar="NODE")
-        p.set_defaults(func=cmd_cordon, what=name)
-
-    mig = sub.add_parser(
-        "migrate",
-        help="move one established connection to another node",
-        description="Move FLOW, a client's connection to the VIP, to NODE while the client "
-        "notices nothing. Any failure before the commit point rolls back: the flow stays "
-        "on its node, nothing lost. FLOW is CLIENT:PORT-VIP:PORT (IPv6 in brackets), as "
-        "`pysteer flows` lists it.",
-    )
-    _config(mig)
-    mig.add_argument("--flow", required=True, metavar="FLOW", help="the connection to move")
-    mig.add_argument("--to", required=True, metavar="NODE", help="the node to move it to")
-    mig.add_argument(
-        "--timeout",
-        type=float,
-        default=5.0,
-        help="seconds before an unfinished move rolls back (default: 5)",
-    )
-    mig.add_argument("--json", action="store_true", help="print the report with its timeline")
-    mig.set_defaults(func=cmd_migrate)
-
-    drain = sub.add_parser(
-        "drain",
-        help="move every connection of a node to another (before a reboot)",
-        description="Move every flow of --from to --to, in concurrent batches, with a "
-        "progress bar on stderr. New connections to the VIP go to --to from the start, and --from "
-        "takes none until `pysteer undrain`. Ctrl-C stops after the batch in flight; every "
-        "flow then is on exactly one node, and the summary says which stayed. Run it "
-        "again to finish.",
-    )
-    _config(drain)
-    drain.add_argument("--from", dest="source", required=True, metavar="NODE")
-    drain.add_argument("--to", dest="target", required=True, metavar="NODE")
-    drain.add_argument("--batch", type=int, default=32, help="migrations at a time (32)")
-    drain.add_argument("--timeout", type=float, default=5.0, help="per migration (5 s)")
-    drain.add_argument("--dry-run", action="store_true", help="list what would move")
-    drain.add_argument("--json", action="store_true", help="print the summary as JSON")
-    drain.set_defaults(func=cmd_drain)
-
-    undrain = sub.add_parser("undrain", help="let a drained node take new connections again")
-    _config(undrain)
-    undrain.add_argument("node", metavar="NODE")
-    undrain.set_defaults(func=cmd_undrain)
-
-    flows = sub.add_parser("flows", help="list the connections each node serves")
-    _config(flows)
-    flows.add_argument("--node", help="only this node")
-    flows.add_argument("--json", action="store_true", help="machine-readable output")
-    flows.set_defaults(func=cmd_flows)
-
-    mig_list = sub.add_parser(
-        "migrations",
-        help="in-flight and in-doubt migrations; resolve one by hand",
-        description="List the migrations each node has in flight (as source or target) and "
-        "those in-doubt: the outcome is unknown because neither the steering node nor the "
-        "target could be asked. In-doubt migrations are asked again until known; `pysteer "
-        "migrations resolve ID --keep source|target` decides one when that cannot happen "
-        "(the steering node is gone for good). Keep the flow where you know it is served.",
-    )
-    _config(mig_list)
-    mig_list.add_argument("--node", help="only this node")
-    mig_list.add_argument("--json", action="store_true", help="machine-readable output")
-    mig_list.set_defaults(func=cmd_migrations)
-    mig_actions = mig_list.add_subparsers(dest="migrations_action", metavar="ACTION")
-    resolve = mig_actions.add_parser(
-        "resolve",
-        help="decide an in-doubt migration",
-        description="Decide migration ID (its id or a prefix, from `pysteer migrations`) on "
-        "every node that holds it: --keep source resumes it on its source and discards the "
-        "target's copy; --keep target releases the source's frozen socket and serves it on "
-        "the target.",
-    )
-    _config(resolve)
-    resolve.add_argument("id", metavar="ID")
-    resolve.add_argument(
-        "--keep",
-        required=True,
-        choices=("source", "target"),
-        help="which node keeps the connection",
-    )
-    resolve.add_argument("--json", action="store_true", help="machine-readable output")
-    resolve.set_defaults(func=cmd_resolve)
-
-    status = sub.add_parser("status", help="nodes, steering daemon and certificate expiry")
-    _config(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=cmd_status)
-
-
-def _config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help=f"the cluster file (default: ${ENV})")
+CONFIG = arg("--config", type=Path, help=f"the cluster file (default: ${ENV})")
+JSON = arg("--json", action="store_true", help="machine-readable output")
 
 
 def _load(args: argparse.Namespace) -> ClusterConfig:
@@ -625,3 +501,153 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, c in certs.items():
         print(f"  certificate {name}: {_shown_expiry(c)}")
     return 0
+
+
+AGENT = Command(
+    "agent",
+    help="the per-host agent: run it, or cordon/uncordon a node",
+    description="The agent serves the cluster's apps on the VIP and moves their "
+    "connections to and from other nodes' agents over mutual TLS.",
+    actions=(
+        Command(
+            "run",
+            help="run this node's agent (until SIGTERM)",
+            args=(
+                CONFIG,
+                arg("--node", required=True, help="this node's name in the cluster file"),
+                arg(
+                    "--metrics",
+                    metavar="HOST:PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics",
+                ),
+                arg("--log-json", action="store_true", help="log one JSON object per line"),
+                arg(
+                    "--sync-interval",
+                    type=float,
+                    default=30.0,
+                    metavar="SECONDS",
+                    help="how often to list every flow served here to the steering node, "
+                    "which steers them here and drops stale entries (default: "
+                    "%(default)g; also on start and when the steering daemon "
+                    "restarts)",
+                ),
+            ),
+            run=cmd_run,
+        ),
+        *(
+            Command(
+                name,
+                help=help_,
+                args=(CONFIG, arg("node", metavar="NODE")),
+                run=cmd_cordon,
+                defaults={"what": name},
+            )
+            for name, help_ in (
+                ("cordon", "refuse imports (migrations to the node)"),
+                ("uncordon", "accept imports again"),
+            )
+        ),
+    ),
+)
+
+MIGRATE = Command(
+    "migrate",
+    help="move one established connection to another node",
+    description="Move FLOW, a client's connection to the VIP, to NODE while the client "
+    "notices nothing. Any failure before the commit point rolls back: the flow stays "
+    "on its node, nothing lost. FLOW is CLIENT:PORT-VIP:PORT (IPv6 in brackets), as "
+    "`pysteer flows` lists it.",
+    args=(
+        CONFIG,
+        arg("--flow", required=True, metavar="FLOW", help="the connection to move"),
+        arg("--to", required=True, metavar="NODE", help="the node to move it to"),
+        arg(
+            "--timeout",
+            type=float,
+            default=5.0,
+            help="seconds before an unfinished move rolls back (default: 5)",
+        ),
+        arg("--json", action="store_true", help="print the report with its timeline"),
+    ),
+    run=cmd_migrate,
+)
+
+DRAIN = Command(
+    "drain",
+    help="move every connection of a node to another (before a reboot)",
+    description="Move every flow of --from to --to, in concurrent batches, with a "
+    "progress bar on stderr. New connections to the VIP go to --to from the start, and --from "
+    "takes none until `pysteer undrain`. Ctrl-C stops after the batch in flight; every "
+    "flow then is on exactly one node, and the summary says which stayed. Run it "
+    "again to finish.",
+    args=(
+        CONFIG,
+        arg("--from", dest="source", required=True, metavar="NODE"),
+        arg("--to", dest="target", required=True, metavar="NODE"),
+        arg("--batch", type=int, default=32, help="migrations at a time (32)"),
+        arg("--timeout", type=float, default=5.0, help="per migration (5 s)"),
+        arg("--dry-run", action="store_true", help="list what would move"),
+        arg("--json", action="store_true", help="print the summary as JSON"),
+    ),
+    run=cmd_drain,
+)
+
+MIGRATIONS = Command(
+    "migrations",
+    help="in-flight and in-doubt migrations; resolve one by hand",
+    description="List the migrations each node has in flight (as source or target) and "
+    "those in-doubt: the outcome is unknown because neither the steering node nor the "
+    "target could be asked. In-doubt migrations are asked again until known; `pysteer "
+    "migrations resolve ID --keep source|target` decides one when that cannot happen "
+    "(the steering node is gone for good). Keep the flow where you know it is served.",
+    args=(CONFIG, arg("--node", help="only this node"), JSON),
+    run=cmd_migrations,
+    actions=(
+        Command(
+            "resolve",
+            help="decide an in-doubt migration",
+            description="Decide migration ID (its id or a prefix, from `pysteer migrations`) on "
+            "every node that holds it: --keep source resumes it on its source and discards the "
+            "target's copy; --keep target releases the source's frozen socket and serves it on "
+            "the target.",
+            args=(
+                CONFIG,
+                arg("id", metavar="ID"),
+                arg(
+                    "--keep",
+                    required=True,
+                    choices=("source", "target"),
+                    help="which node keeps the connection",
+                ),
+                JSON,
+            ),
+            run=cmd_resolve,
+        ),
+    ),
+)
+
+# In the order ``pysteer --help`` lists them.
+COMMANDS = (
+    AGENT,
+    MIGRATE,
+    DRAIN,
+    Command(
+        "undrain",
+        help="let a drained node take new connections again",
+        args=(CONFIG, arg("node", metavar="NODE")),
+        run=cmd_undrain,
+    ),
+    Command(
+        "flows",
+        help="list the connections each node serves",
+        args=(CONFIG, arg("--node", help="only this node"), JSON),
+        run=cmd_flows,
+    ),
+    MIGRATIONS,
+    Command(
+        "status",
+        help="nodes, steering daemon and certificate expiry",
+        args=(CONFIG, JSON),
+        run=cmd_status,
+    ),
+)
