@@ -8,19 +8,21 @@ that ran and rolled back exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask, ask_remote
 from pysteer.clitable import Command, arg
-from pysteer.cluster.config import ENV, ClusterConfig, ConfigError, load_config
+from pysteer.cluster.config import ENV, ClusterConfig, load_config
 from pysteer.errors import UsageError
-from pysteer.flow import Flow, FlowSyntaxError
+from pysteer.flow import Flow
 
 if TYPE_CHECKING:
     import ssl
@@ -28,13 +30,6 @@ if TYPE_CHECKING:
 
 CONFIG = arg("--config", type=Path, help=f"the cluster file (default: ${ENV})")
 JSON = arg("--json", action="store_true", help="machine-readable output")
-
-
-def _load(args: argparse.Namespace) -> ClusterConfig:
-    try:
-        return load_config(args.config)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def _path(cfg: ClusterConfig, node: str) -> Path:
@@ -81,44 +76,40 @@ def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:
     return None
 
 
-def _node(cfg: ClusterConfig, name: str) -> str:
+@contextlib.contextmanager
+def _naming(down: str = "", refused: str = "") -> Iterator[None]:
+    """AgentDown and AgentRefused with what the caller knows (``node b is down: ``) put
+    before their message; the exit-code map reports them."""
     try:
-        return cfg.node(name).name
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        yield
+    except AgentDown as exc:
+        raise AgentDown(f"{down}{exc}") from None
+    except AgentRefused as exc:
+        raise AgentRefused(f"{refused}{exc}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pysteer.agent.agent import AgentError, run  # noqa: PLC0415 - needs the TLS stack
+    from pysteer.agent.agent import run  # noqa: PLC0415 - needs the TLS stack
     from pysteer.harden import harden  # noqa: PLC0415
     from pysteer.metrics import parse_listen  # noqa: PLC0415
 
     harden()  # before any key is read: no core dump holds one
-    cfg = _load(args)
-    node = _node(cfg, args.node)
+    cfg = load_config(args.config)
+    node = cfg.node(args.node).name
     try:
         metrics = parse_listen(args.metrics) if args.metrics else None
     except ValueError as exc:
         raise UsageError(f"--metrics: {exc}") from None
     if not (math.isfinite(args.sync_interval) and 1 <= args.sync_interval <= 3600):
         raise UsageError("--sync-interval must be in [1, 3600] seconds")
-    try:
-        return run(
-            cfg, node, metrics=metrics, log_json=args.log_json, sync_interval=args.sync_interval
-        )
-    except AgentError as exc:
-        raise UsageError(str(exc)) from None
+    return run(cfg, node, metrics=metrics, log_json=args.log_json, sync_interval=args.sync_interval)
 
 
 def cmd_cordon(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    node = _node(cfg, args.node)
-    try:
+    cfg = load_config(args.config)
+    node = cfg.node(args.node).name
+    with _naming(down=f"node {node} is down: ", refused=f"node {node}: "):
         _ask(cfg, node, args.what)
-    except AgentDown as exc:
-        raise UsageError(f"node {node} is down: {exc}") from None
-    except AgentRefused as exc:
-        raise UsageError(f"node {node}: {exc}") from None
     print(f"{node}: {'refuses' if args.what == 'cordon' else 'accepts'} imports")
     return 0
 
@@ -134,12 +125,9 @@ def _all_flows(cfg: ClusterConfig, nodes: list[str]) -> tuple[list[dict[str, Any
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    try:
-        flow = Flow.parse(args.flow)
-    except FlowSyntaxError as exc:
-        raise UsageError(str(exc)) from None
-    target = _node(cfg, args.to)
+    cfg = load_config(args.config)
+    flow = Flow.parse(args.flow)
+    target = cfg.node(args.to).name
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
         raise UsageError("--timeout must be in (0, 600] seconds")
     flows, down = _all_flows(cfg, sorted(cfg.nodes))
@@ -152,7 +140,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError(f"flow {flow} is already on {target}")
     if target in down:
         raise UsageError(f"node {target} is down (no agent at {_path(cfg, target)})")
-    try:
+    with _naming(down=f"node {source} is down: "):
         answer = _ask(
             cfg,
             source,
@@ -162,10 +150,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             to=target,
             timeout_s=args.timeout,
         )
-    except AgentRefused as exc:
-        raise UsageError(str(exc)) from None
-    except AgentDown as exc:
-        raise UsageError(f"node {source} is down: {exc}") from None
     report = answer["migration"]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -175,8 +159,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    source, target = _node(cfg, args.source), _node(cfg, args.target)
+    cfg = load_config(args.config)
+    source, target = cfg.node(args.source).name, cfg.node(args.target).name
     if source == target:
         raise UsageError("--from and --to are the same node")
     if not 1 <= args.batch <= 4096 or not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
@@ -193,12 +177,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
             f"connections to {target}"
         )
         return 0
-    try:
-        stream = Stream(
-            _path(cfg, source), "drain", to=target, batch=args.batch, timeout_s=args.timeout
-        )
-    except (AgentDown, AgentRefused) as exc:
-        raise UsageError(str(exc)) from None
+    stream = Stream(
+        _path(cfg, source), "drain", to=target, batch=args.batch, timeout_s=args.timeout
+    )
     answer = _follow(stream, source)
     summary = answer["drain"]
     if args.json:
@@ -229,13 +210,10 @@ def _follow(stream: Stream, source: str) -> dict[str, Any]:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while "progress" in (answer := stream.next()):
-            bar.show(answer["progress"])
-        return answer
-    except AgentRefused as exc:
-        raise UsageError(str(exc)) from None
-    except AgentDown as exc:
-        raise UsageError(f"node {source}: {exc}") from None
+        with _naming(down=f"node {source}: "):
+            while "progress" in (answer := stream.next()):
+                bar.show(answer["progress"])
+            return answer
     finally:
         signal.signal(signal.SIGINT, previous)
         stream.close()
@@ -293,14 +271,10 @@ def _print_drain(s: dict[str, Any]) -> None:
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    node = _node(cfg, args.node)
-    try:
+    cfg = load_config(args.config)
+    node = cfg.node(args.node).name
+    with _naming(down=f"node {node} is down: "):
         _ask(cfg, node, "undrain")
-    except AgentDown as exc:
-        raise UsageError(f"node {node} is down: {exc}") from None
-    except AgentRefused as exc:
-        raise UsageError(str(exc)) from None
     print(f"{node} takes new connections again")
     return 0
 
@@ -324,8 +298,8 @@ def _age(seconds: float) -> str:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    nodes = [_node(cfg, args.node)] if args.node else sorted(cfg.nodes)
+    cfg = load_config(args.config)
+    nodes = [cfg.node(args.node).name] if args.node else sorted(cfg.nodes)
     flows, down = _all_flows(cfg, nodes)
     if args.node and down:
         raise UsageError(f"node {args.node} is down (no agent at {_path(cfg, args.node)})")
@@ -360,8 +334,8 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def cmd_migrations(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    nodes = [_node(cfg, args.node)] if args.node else sorted(cfg.nodes)
+    cfg = load_config(args.config)
+    nodes = [cfg.node(args.node).name] if args.node else sorted(cfg.nodes)
     rows, down = [], []
     for node in nodes:
         try:
@@ -395,7 +369,7 @@ def cmd_migrations(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_config(args.config)
     if not re.fullmatch(r"[0-9a-f]{4,32}", args.id):
         raise UsageError(
             f"{args.id!r} is not a migration id (hex, as `pysteer migrations` shows it)"
@@ -449,7 +423,7 @@ def _shown_expiry(c: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_config(args.config)
     nodes: dict[str, Any] = {}
     steer: dict[str, Any] = {"reachable": False, "error": "no agent is up to ask"}
     for node in sorted(cfg.nodes):

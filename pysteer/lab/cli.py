@@ -12,8 +12,8 @@ from typing import Any
 from pysteer.cli import LAB_HELP
 from pysteer.clitable import Command, arg
 from pysteer.errors import UsageError
-from pysteer.lab.plan import DEFAULT_VARIANT, PlanError, load
-from pysteer.lab.topology import DEFAULT_PREFIX, Lab, LabError, known_labs
+from pysteer.lab.plan import DEFAULT_VARIANT, load
+from pysteer.lab.topology import DEFAULT_PREFIX, Lab, known_labs
 from pysteer.paths import RUN_DIR
 
 PREFIX = arg(
@@ -25,29 +25,23 @@ PREFIX = arg(
 
 def _lab_for(prefix: str, plan_args: argparse.Namespace | None = None) -> Lab:
     """The lab named ``prefix``: with the plan options given, else the plan it was built with."""
-    try:
-        explicit = plan_args is not None and any(
-            (plan_args.plan, plan_args.variant, plan_args.v4, plan_args.v6)
+    explicit = plan_args is not None and any(
+        (plan_args.plan, plan_args.variant, plan_args.v4, plan_args.v6)
+    )
+    if explicit:
+        plan = load(
+            plan_args.variant or DEFAULT_VARIANT,
+            path=plan_args.plan,
+            v4=plan_args.v4,
+            v6=plan_args.v6,
         )
-        if explicit:
-            plan = load(
-                plan_args.variant or DEFAULT_VARIANT,
-                path=plan_args.plan,
-                v4=plan_args.v4,
-                v6=plan_args.v6,
-            )
-            return Lab(prefix=prefix, plan=plan)
-        return Lab.existing(prefix)
-    except (PlanError, LabError) as exc:
-        raise UsageError(str(exc)) from None
+        return Lab(prefix=prefix, plan=plan)
+    return Lab.existing(prefix)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix, args)
-    try:
-        outcome = lab.ensure()
-    except LabError as exc:
-        raise UsageError(str(exc)) from None
+    outcome = lab.ensure()
     if args.json:
         print(json.dumps({**lab.status(), "outcome": outcome}, indent=2))
     else:
@@ -58,10 +52,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix)
-    try:
-        removed = lab.down()
-    except LabError as exc:
-        raise UsageError(str(exc)) from None
+    removed = lab.down()
     if removed:
         print(f"lab {lab.prefix}: removed {', '.join(removed)}")
     else:
@@ -70,10 +61,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        plan = load(args.variant)
-    except PlanError as exc:
-        raise UsageError(str(exc)) from None
+    plan = load(args.variant)
     print(json.dumps(plan.to_dict(), indent=2))
     return 0
 
@@ -81,11 +69,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_vm_setup(args: argparse.Namespace) -> int:
     from pysteer.lab.vm import setup_node  # noqa: PLC0415
 
-    try:
-        for line in setup_node(load(args.variant), args.node):
-            print(f"vm-setup {args.node}: {line}")
-    except (PlanError, LabError) as exc:
-        raise UsageError(str(exc)) from None
+    for line in setup_node(load(args.variant), args.node):
+        print(f"vm-setup {args.node}: {line}")
     return 0
 
 
@@ -95,10 +80,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.variant:
         from pysteer.lab.cluster import write_plan_cluster  # noqa: PLC0415
 
-        try:
-            plan = load(args.variant)
-        except PlanError as exc:
-            raise UsageError(str(exc)) from None
+        plan = load(args.variant)
         if args.dir is None:
             raise UsageError("--variant needs --dir (where the cluster's CA key will stay)")
         # One machine per node: the CLI reaches the others' agents over mutual TLS.

@@ -11,8 +11,8 @@ from typing import Any
 
 from pysteer.clitable import Command, LazyChoices, arg
 from pysteer.errors import UsageError
-from pysteer.flow import Flow, FlowSyntaxError
-from pysteer.steer.control import ControlError, request, socket_path
+from pysteer.flow import Flow
+from pysteer.steer.control import request, socket_path
 
 
 def _modes() -> tuple[str, ...]:
@@ -32,16 +32,13 @@ FLOW = arg("flow", metavar="FLOW")
 
 
 def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
-    try:
-        return request(args.socket or socket_path(args.name), cmd, **extra)
-    except ControlError as exc:
-        raise UsageError(str(exc)) from None
+    return request(args.socket or socket_path(args.name), cmd, **extra)
 
 
-def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per option
+def cmd_run(args: argparse.Namespace) -> int:
     from pysteer.harden import harden  # noqa: PLC0415
     from pysteer.identity import server_context  # noqa: PLC0415 - needs cryptography
-    from pysteer.steer.daemon import DaemonError, run  # noqa: PLC0415 - needs BCC
+    from pysteer.steer.daemon import run  # noqa: PLC0415 - needs BCC
 
     harden()  # before the TLS key is read: no core dump holds it
     hosts = []
@@ -81,24 +78,21 @@ def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per o
             metrics = parse_listen(args.metrics)
         except ValueError as exc:
             raise UsageError(f"--metrics: {exc}") from None
-    try:
-        return run(
-            args.name,
-            args.ifname,
-            hosts,
-            namespace=args.netns,
-            mode=args.mode,
-            max_flows=args.max_flows,
-            max_parked=args.max_parked,
-            listen=listen,
-            tls=tls,
-            metrics=metrics,
-            log_json=args.log_json,
-            idle_timeout=args.idle_timeout,
-            gc_interval=args.gc_interval,
-        )
-    except DaemonError as exc:
-        raise UsageError(str(exc)) from None
+    return run(
+        args.name,
+        args.ifname,
+        hosts,
+        namespace=args.netns,
+        mode=args.mode,
+        max_flows=args.max_flows,
+        max_parked=args.max_parked,
+        listen=listen,
+        tls=tls,
+        metrics=metrics,
+        log_json=args.log_json,
+        idle_timeout=args.idle_timeout,
+        gc_interval=args.gc_interval,
+    )
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -156,10 +150,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from pysteer.steer import pins  # noqa: PLC0415
     from pysteer.steer.daemon import lock_path  # noqa: PLC0415
 
-    try:
-        pins.pin_dir(args.name)  # validates the name
-    except pins.PinError as exc:
-        raise UsageError(str(exc)) from None
+    pins.pin_dir(args.name)  # validates the name
     path = lock_path(args.name)
     if path.exists():
         with open(path, "a") as lock:
@@ -204,10 +195,7 @@ def cmd_divert(args: argparse.Namespace) -> int:
 
 
 def cmd_change(args: argparse.Namespace) -> int:
-    try:
-        flow = str(Flow.parse(args.flow))
-    except FlowSyntaxError as exc:
-        raise UsageError(str(exc)) from None
+    flow = str(Flow.parse(args.flow))
     extra = {"flow": flow} | ({"host": args.host} if args.what == "to" else {})
     answer = _ask(args, args.what, **extra)
     if args.json:
