@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +175,77 @@ def test_system_exit_goes_through(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(SystemExit) as exc:
         run_main(handler, monkeypatch)
     assert exc.value.code == 3
+
+
+CLUSTER = """
+[cluster]
+name = "{name}"
+vip = ["10.0.0.100"]
+ca = "ca.pem"
+key = "cluster.key"
+
+[services.7000]
+app = "echo"
+tls = false
+
+[steer]
+name = "steer"
+control = "127.0.0.1:7700"
+cert = "steer.pem"
+key = "steer.key"
+
+[nodes.a]
+control = "127.0.0.1:7701"
+cert = "a.pem"
+key = "a.key"
+
+[nodes.b]
+control = "127.0.0.1:7702"
+cert = "b.pem"
+key = "b.key"
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["agent", "cordon", "a"], "node a is down: no agent at {sock}a.sock; not asked over TCP"),
+        (["undrain", "b"], "node b is down: no agent at {sock}b.sock; not asked over TCP"),
+        (["flows", "--node", "b"], "node b is down (no agent at {sock}b.sock)"),
+        (["flows", "--node", "c"], "unknown node 'c' (nodes: a, b)"),
+        (["migrate", "--flow", "x", "--to", "b"], "malformed flow 'x'"),
+        (
+            ["migrate", "--flow", "10.0.0.2:5-10.0.0.100:443", "--to", "b"],
+            "flow 10.0.0.2:5-10.0.0.100:443 not found on any node (down: a, b)",
+        ),
+        (["status", "--config", "/nonexistent.toml"], "cannot read /nonexistent.toml"),
+    ],
+)
+def test_agent_commands_report_through_the_map(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cluster whose agents are all down (and never asked over TCP: neither netns nor
+    remote): each command ends with 2 and its one line, nothing on stdout."""
+    name = f"t{os.getpid()}"
+    (tmp_path / "cluster.toml").write_text(CLUSTER.format(name=name))
+    if "--config" not in args:
+        args = [*args, "--config", str(tmp_path / "cluster.toml")]
+    assert cli.main(args) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.startswith(
+        "pysteer: error: " + message.format(sock=f"/run/pysteer/{name}/agent-")
+    )
+    assert out.err.count("\n") == 1
+
+
+def test_naming_puts_the_node_before_the_message() -> None:
+    from pysteer.agent.cli import _naming  # noqa: PLC0415
+
+    with pytest.raises(AgentRefused, match=r"^node a: cordoned$"), _naming(refused="node a: "):
+        raise AgentRefused("cordoned")
+    with (
+        pytest.raises(AgentDown, match=r"^node a is down: gone$"),
+        _naming(down="node a is down: "),
+    ):
+        raise AgentDown("gone")
