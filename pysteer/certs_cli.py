@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pysteer.cli import LazyChoices
+from pysteer.clitable import Command, LazyChoices, arg
 from pysteer.cluster.config import NAME_RE
 from pysteer.errors import UsageError
 from pysteer.safefile import PRIVATE, PUBLIC, SafeDir, UnsafeDirectory, private_dir
@@ -51,99 +51,8 @@ def _kinds() -> tuple[str, ...]:
     return KEY_KINDS
 
 
-_KINDS = LazyChoices(_kinds)  # set after add_argument, which would read it
-
-
-def add_parser(sub: Any) -> None:
-    certs = sub.add_parser(
-        "certs",
-        help="make the cluster's keys, and hand them out per host",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    cmds = certs.add_subparsers(dest="certs_command", metavar="ACTION", required=True)
-    init = cmds.add_parser(
-        "init",
-        help="create the control-plane CA, a certificate per node, the cluster key and the "
-        "service certificate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    init.add_argument(
-        "--dir",
-        type=Path,
-        required=True,
-        help="where to write the files (created 0700; an existing one must be "
-        "yours and not writable by others)",
-    )
-    init.add_argument(
-        "--node",
-        action="append",
-        required=True,
-        metavar="NAME[=NAMES]",
-        help="a node and, after '=', its DNS names and addresses, comma-separated "
-        "(repeat for each node, the steering node included)",
-    )
-    init.add_argument(
-        "--service-cert",
-        type=Path,
-        metavar="PEM",
-        help="your service certificate (leaf first, then its chain)",
-    )
-    init.add_argument("--service-key", type=Path, metavar="PEM", help="its private key")
-    init.add_argument(
-        "--service-name",
-        metavar="NAMES",
-        help="instead: make a service certificate for these comma-separated "
-        "names under a separate service CA (service-ca.pem)",
-    )
-    init.add_argument("--kind", default="ecdsa", help="key type (ecdsa)").choices = _KINDS
-    init.add_argument("--days", type=int, default=365, help="validity (default: 365)")
-    init.add_argument("--force", action="store_true", help="replace an existing cluster")
-    init.set_defaults(func=cmd_init)
-
-    issue = cmds.add_parser(
-        "issue",
-        help="issue (or renew) one node's certificate and key with the existing CA",
-        description="Issue a new certificate and key for NODE with the CA in DIR: to add a "
-        "node, or to rotate one node's key (then bundle it and restart that node's daemon). "
-        "Other nodes keep theirs.",
-    )
-    issue.add_argument("--dir", type=Path, required=True, help="the cluster made by certs init")
-    issue.add_argument(
-        "--node",
-        required=True,
-        metavar="NAME[=NAMES]",
-        help="the node and, after '=', its DNS names and addresses",
-    )
-    issue.add_argument("--kind", default="ecdsa", help="key type (ecdsa)").choices = _KINDS
-    issue.add_argument("--days", type=int, default=365, help="validity (default: 365)")
-    issue.set_defaults(func=cmd_issue)
-
-    bundle = cmds.add_parser(
-        "bundle",
-        help="write exactly one host's files (its key, the CA certificate, the cluster key)",
-        description="Write into OUT only what NODE needs: ca.pem, NODE.pem, NODE.key and, "
-        "unless NODE is the steering node, cluster.key and the service certificate and key; "
-        "cluster.toml too when DIR has one. The CA key and other nodes' keys stay in DIR. "
-        "Copy OUT to the host (e.g. tar over ssh) into a root-only directory.",
-    )
-    bundle.add_argument("--dir", type=Path, required=True, help="the cluster made by certs init")
-    bundle.add_argument("--node", required=True, help="the host to write the files of")
-    bundle.add_argument(
-        "--out",
-        type=Path,
-        required=True,
-        help="where to write them (created 0700, or yours and not writable by others)",
-    )
-    bundle.add_argument(
-        "--role",
-        choices=("host", "steer"),
-        help="host (serves the VIP) or steer; default: what DIR/cluster.toml "
-        "says (without one, --role is needed)",
-    )
-    bundle.add_argument("--force", action="store_true", help="replace files already in OUT")
-    bundle.set_defaults(func=cmd_bundle)
+KIND = arg("--kind", default="ecdsa", help="key type (ecdsa)", choices=LazyChoices(_kinds))
+DAYS = arg("--days", type=int, default=365, help="validity (default: 365)")
 
 
 def _check_node(name: str) -> None:
@@ -391,3 +300,99 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     names = write_bundle(args.dir, args.node, args.out, role=args.role, force=args.force)
     print(f"{args.out}: {' '.join(names)}")
     return 0
+
+
+CERTS = Command(
+    "certs",
+    help="make the cluster's keys, and hand them out per host",
+    description=__doc__,
+    verbatim=True,
+    actions=(
+        Command(
+            "init",
+            help="create the control-plane CA, a certificate per node, the cluster key and the "
+            "service certificate",
+            description=__doc__,
+            verbatim=True,
+            args=(
+                arg(
+                    "--dir",
+                    type=Path,
+                    required=True,
+                    help="where to write the files (created 0700; an existing one must be "
+                    "yours and not writable by others)",
+                ),
+                arg(
+                    "--node",
+                    action="append",
+                    required=True,
+                    metavar="NAME[=NAMES]",
+                    help="a node and, after '=', its DNS names and addresses, comma-separated "
+                    "(repeat for each node, the steering node included)",
+                ),
+                arg(
+                    "--service-cert",
+                    type=Path,
+                    metavar="PEM",
+                    help="your service certificate (leaf first, then its chain)",
+                ),
+                arg("--service-key", type=Path, metavar="PEM", help="its private key"),
+                arg(
+                    "--service-name",
+                    metavar="NAMES",
+                    help="instead: make a service certificate for these comma-separated "
+                    "names under a separate service CA (service-ca.pem)",
+                ),
+                KIND,
+                DAYS,
+                arg("--force", action="store_true", help="replace an existing cluster"),
+            ),
+            run=cmd_init,
+        ),
+        Command(
+            "issue",
+            help="issue (or renew) one node's certificate and key with the existing CA",
+            description="Issue a new certificate and key for NODE with the CA in DIR: to add a "
+            "node, or to rotate one node's key (then bundle it and restart that node's daemon). "
+            "Other nodes keep theirs.",
+            args=(
+                arg("--dir", type=Path, required=True, help="the cluster made by certs init"),
+                arg(
+                    "--node",
+                    required=True,
+                    metavar="NAME[=NAMES]",
+                    help="the node and, after '=', its DNS names and addresses",
+                ),
+                KIND,
+                DAYS,
+            ),
+            run=cmd_issue,
+        ),
+        Command(
+            "bundle",
+            help="write exactly one host's files (its key, the CA certificate, the cluster key)",
+            description="Write into OUT only what NODE needs: ca.pem, NODE.pem, NODE.key and, "
+            "unless NODE is the steering node, cluster.key and the service certificate and key; "
+            "cluster.toml too when DIR has one. The CA key and other nodes' keys stay in DIR. "
+            "Copy OUT to the host (e.g. tar over ssh) into a root-only directory.",
+            args=(
+                arg("--dir", type=Path, required=True, help="the cluster made by certs init"),
+                arg("--node", required=True, help="the host to write the files of"),
+                arg(
+                    "--out",
+                    type=Path,
+                    required=True,
+                    help="where to write them (created 0700, or yours and not writable by others)",
+                ),
+                arg(
+                    "--role",
+                    choices=("host", "steer"),
+                    help="host (serves the VIP) or steer; default: what DIR/cluster.toml "
+                    "says (without one, --role is needed)",
+                ),
+                arg("--force", action="store_true", help="replace files already in OUT"),
+            ),
+            run=cmd_bundle,
+        ),
+    ),
+)

@@ -8,157 +8,28 @@ that ran and rolled back exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask, ask_remote
-from pysteer.cluster.config import ENV, ClusterConfig, ConfigError, load_config
+from pysteer.clitable import Command, arg
+from pysteer.cluster.config import ENV, ClusterConfig, load_config
 from pysteer.errors import UsageError
-from pysteer.flow import Flow, FlowSyntaxError
+from pysteer.flow import Flow
 
 if TYPE_CHECKING:
     import ssl
 
 
-def add_parser(sub: Any) -> None:  # noqa: PLR0915 - one parser per command
-    agent = sub.add_parser(
-        "agent",
-        help="the per-host agent: run it, or cordon/uncordon a node",
-        description="The agent serves the cluster's apps on the VIP and moves their "
-        "connections to and from other nodes' agents over mutual TLS.",
-    )
-    cmds = agent.add_subparsers(dest="agent_command", metavar="ACTION", required=True)
-    run = cmds.add_parser("run", help="run this node's agent (until SIGTERM)")
-    _config(run)
-    run.add_argument("--node", required=True, help="this node's name in the cluster file")
-    run.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics at http://HOST:PORT/metrics",
-    )
-    run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    run.add_argument(
-        "--sync-interval",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="how often to list every flow served here to the steering node, "
-        "which steers them here and drops stale entries (default: "
-        "%(default)g; also on start and when the steering daemon "
-        "restarts)",
-    )
-    run.set_defaults(func=cmd_run)
-    for name, help_ in (
-        ("cordon", "refuse imports (migrations to the node)"),
-        ("uncordon", "accept imports again"),
-    ):
-        p = cmds.add_parser(name, help=help_)
-        _config(p)
-        p.add_argument("node", metavar="NODE")
-        p.set_defaults(func=cmd_cordon, what=name)
-
-    mig = sub.add_parser(
-        "migrate",
-        help="move one established connection to another node",
-        description="Move FLOW, a client's connection to the VIP, to NODE while the client "
-        "notices nothing. Any failure before the commit point rolls back: the flow stays "
-        "on its node, nothing lost. FLOW is CLIENT:PORT-VIP:PORT (IPv6 in brackets), as "
-        "`pysteer flows` lists it.",
-    )
-    _config(mig)
-    mig.add_argument("--flow", required=True, metavar="FLOW", help="the connection to move")
-    mig.add_argument("--to", required=True, metavar="NODE", help="the node to move it to")
-    mig.add_argument(
-        "--timeout",
-        type=float,
-        default=5.0,
-        help="seconds before an unfinished move rolls back (default: 5)",
-    )
-    mig.add_argument("--json", action="store_true", help="print the report with its timeline")
-    mig.set_defaults(func=cmd_migrate)
-
-    drain = sub.add_parser(
-        "drain",
-        help="move every connection of a node to another (before a reboot)",
-        description="Move every flow of --from to --to, in concurrent batches, with a "
-        "progress bar on stderr. New connections to the VIP go to --to from the start, and --from "
-        "takes none until `pysteer undrain`. Ctrl-C stops after the batch in flight; every "
-        "flow then is on exactly one node, and the summary says which stayed. Run it "
-        "again to finish.",
-    )
-    _config(drain)
-    drain.add_argument("--from", dest="source", required=True, metavar="NODE")
-    drain.add_argument("--to", dest="target", required=True, metavar="NODE")
-    drain.add_argument("--batch", type=int, default=32, help="migrations at a time (32)")
-    drain.add_argument("--timeout", type=float, default=5.0, help="per migration (5 s)")
-    drain.add_argument("--dry-run", action="store_true", help="list what would move")
-    drain.add_argument("--json", action="store_true", help="print the summary as JSON")
-    drain.set_defaults(func=cmd_drain)
-
-    undrain = sub.add_parser("undrain", help="let a drained node take new connections again")
-    _config(undrain)
-    undrain.add_argument("node", metavar="NODE")
-    undrain.set_defaults(func=cmd_undrain)
-
-    flows = sub.add_parser("flows", help="list the connections each node serves")
-    _config(flows)
-    flows.add_argument("--node", help="only this node")
-    flows.add_argument("--json", action="store_true", help="machine-readable output")
-    flows.set_defaults(func=cmd_flows)
-
-    mig_list = sub.add_parser(
-        "migrations",
-        help="in-flight and in-doubt migrations; resolve one by hand",
-        description="List the migrations each node has in flight (as source or target) and "
-        "those in-doubt: the outcome is unknown because neither the steering node nor the "
-        "target could be asked. In-doubt migrations are asked again until known; `pysteer "
-        "migrations resolve ID --keep source|target` decides one when that cannot happen "
-        "(the steering node is gone for good). Keep the flow where you know it is served.",
-    )
-    _config(mig_list)
-    mig_list.add_argument("--node", help="only this node")
-    mig_list.add_argument("--json", action="store_true", help="machine-readable output")
-    mig_list.set_defaults(func=cmd_migrations)
-    mig_actions = mig_list.add_subparsers(dest="migrations_action", metavar="ACTION")
-    resolve = mig_actions.add_parser(
-        "resolve",
-        help="decide an in-doubt migration",
-        description="Decide migration ID (its id or a prefix, from `pysteer migrations`) on "
-        "every node that holds it: --keep source resumes it on its source and discards the "
-        "target's copy; --keep target releases the source's frozen socket and serves it on "
-        "the target.",
-    )
-    _config(resolve)
-    resolve.add_argument("id", metavar="ID")
-    resolve.add_argument(
-        "--keep",
-        required=True,
-        choices=("source", "target"),
-        help="which node keeps the connection",
-    )
-    resolve.add_argument("--json", action="store_true", help="machine-readable output")
-    resolve.set_defaults(func=cmd_resolve)
-
-    status = sub.add_parser("status", help="nodes, steering daemon and certificate expiry")
-    _config(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=cmd_status)
-
-
-def _config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help=f"the cluster file (default: ${ENV})")
-
-
-def _load(args: argparse.Namespace) -> ClusterConfig:
-    try:
-        return load_config(args.config)
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+CONFIG = arg("--config", type=Path, help=f"the cluster file (default: ${ENV})")
+JSON = arg("--json", action="store_true", help="machine-readable output")
 
 
 def _path(cfg: ClusterConfig, node: str) -> Path:
@@ -205,44 +76,40 @@ def _identity(cfg: ClusterConfig) -> ssl.SSLContext | None:
     return None
 
 
-def _node(cfg: ClusterConfig, name: str) -> str:
+@contextlib.contextmanager
+def _naming(down: str = "", refused: str = "") -> Iterator[None]:
+    """AgentDown and AgentRefused with what the caller knows (``node b is down: ``) put
+    before their message; the exit-code map reports them."""
     try:
-        return cfg.node(name).name
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
+        yield
+    except AgentDown as exc:
+        raise AgentDown(f"{down}{exc}") from None
+    except AgentRefused as exc:
+        raise AgentRefused(f"{refused}{exc}") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pysteer.agent.agent import AgentError, run  # noqa: PLC0415 - needs the TLS stack
+    from pysteer.agent.agent import run  # noqa: PLC0415 - needs the TLS stack
     from pysteer.harden import harden  # noqa: PLC0415
     from pysteer.metrics import parse_listen  # noqa: PLC0415
 
     harden()  # before any key is read: no core dump holds one
-    cfg = _load(args)
-    node = _node(cfg, args.node)
+    cfg = load_config(args.config)
+    node = cfg.node(args.node).name
     try:
         metrics = parse_listen(args.metrics) if args.metrics else None
     except ValueError as exc:
         raise UsageError(f"--metrics: {exc}") from None
     if not (math.isfinite(args.sync_interval) and 1 <= args.sync_interval <= 3600):
         raise UsageError("--sync-interval must be in [1, 3600] seconds")
-    try:
-        return run(
-            cfg, node, metrics=metrics, log_json=args.log_json, sync_interval=args.sync_interval
-        )
-    except AgentError as exc:
-        raise UsageError(str(exc)) from None
+    return run(cfg, node, metrics=metrics, log_json=args.log_json, sync_interval=args.sync_interval)
 
 
 def cmd_cordon(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    node = _node(cfg, args.node)
-    try:
+    cfg = load_config(args.config)
+    node = cfg.node(args.node).name
+    with _naming(down=f"node {node} is down: ", refused=f"node {node}: "):
         _ask(cfg, node, args.what)
-    except AgentDown as exc:
-        raise UsageError(f"node {node} is down: {exc}") from None
-    except AgentRefused as exc:
-        raise UsageError(f"node {node}: {exc}") from None
     print(f"{node}: {'refuses' if args.what == 'cordon' else 'accepts'} imports")
     return 0
 
@@ -258,12 +125,9 @@ def _all_flows(cfg: ClusterConfig, nodes: list[str]) -> tuple[list[dict[str, Any
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    try:
-        flow = Flow.parse(args.flow)
-    except FlowSyntaxError as exc:
-        raise UsageError(str(exc)) from None
-    target = _node(cfg, args.to)
+    cfg = load_config(args.config)
+    flow = Flow.parse(args.flow)
+    target = cfg.node(args.to).name
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
         raise UsageError("--timeout must be in (0, 600] seconds")
     flows, down = _all_flows(cfg, sorted(cfg.nodes))
@@ -276,7 +140,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError(f"flow {flow} is already on {target}")
     if target in down:
         raise UsageError(f"node {target} is down (no agent at {_path(cfg, target)})")
-    try:
+    with _naming(down=f"node {source} is down: "):
         answer = _ask(
             cfg,
             source,
@@ -286,10 +150,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             to=target,
             timeout_s=args.timeout,
         )
-    except AgentRefused as exc:
-        raise UsageError(str(exc)) from None
-    except AgentDown as exc:
-        raise UsageError(f"node {source} is down: {exc}") from None
     report = answer["migration"]
     if args.json:
         print(json.dumps(report, indent=2))
@@ -299,8 +159,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    source, target = _node(cfg, args.source), _node(cfg, args.target)
+    cfg = load_config(args.config)
+    source, target = cfg.node(args.source).name, cfg.node(args.target).name
     if source == target:
         raise UsageError("--from and --to are the same node")
     if not 1 <= args.batch <= 4096 or not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
@@ -317,12 +177,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
             f"connections to {target}"
         )
         return 0
-    try:
-        stream = Stream(
-            _path(cfg, source), "drain", to=target, batch=args.batch, timeout_s=args.timeout
-        )
-    except (AgentDown, AgentRefused) as exc:
-        raise UsageError(str(exc)) from None
+    stream = Stream(
+        _path(cfg, source), "drain", to=target, batch=args.batch, timeout_s=args.timeout
+    )
     answer = _follow(stream, source)
     summary = answer["drain"]
     if args.json:
@@ -353,13 +210,10 @@ def _follow(stream: Stream, source: str) -> dict[str, Any]:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while "progress" in (answer := stream.next()):
-            bar.show(answer["progress"])
-        return answer
-    except AgentRefused as exc:
-        raise UsageError(str(exc)) from None
-    except AgentDown as exc:
-        raise UsageError(f"node {source}: {exc}") from None
+        with _naming(down=f"node {source}: "):
+            while "progress" in (answer := stream.next()):
+                bar.show(answer["progress"])
+            return answer
     finally:
         signal.signal(signal.SIGINT, previous)
         stream.close()
@@ -417,14 +271,10 @@ def _print_drain(s: dict[str, Any]) -> None:
 
 
 def cmd_undrain(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    node = _node(cfg, args.node)
-    try:
+    cfg = load_config(args.config)
+    node = cfg.node(args.node).name
+    with _naming(down=f"node {node} is down: "):
         _ask(cfg, node, "undrain")
-    except AgentDown as exc:
-        raise UsageError(f"node {node} is down: {exc}") from None
-    except AgentRefused as exc:
-        raise UsageError(str(exc)) from None
     print(f"{node} takes new connections again")
     return 0
 
@@ -448,8 +298,8 @@ def _age(seconds: float) -> str:
 
 
 def cmd_flows(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    nodes = [_node(cfg, args.node)] if args.node else sorted(cfg.nodes)
+    cfg = load_config(args.config)
+    nodes = [cfg.node(args.node).name] if args.node else sorted(cfg.nodes)
     flows, down = _all_flows(cfg, nodes)
     if args.node and down:
         raise UsageError(f"node {args.node} is down (no agent at {_path(cfg, args.node)})")
@@ -484,8 +334,8 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
 
 
 def cmd_migrations(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    nodes = [_node(cfg, args.node)] if args.node else sorted(cfg.nodes)
+    cfg = load_config(args.config)
+    nodes = [cfg.node(args.node).name] if args.node else sorted(cfg.nodes)
     rows, down = [], []
     for node in nodes:
         try:
@@ -519,7 +369,7 @@ def cmd_migrations(args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_config(args.config)
     if not re.fullmatch(r"[0-9a-f]{4,32}", args.id):
         raise UsageError(
             f"{args.id!r} is not a migration id (hex, as `pysteer migrations` shows it)"
@@ -573,7 +423,7 @@ def _shown_expiry(c: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_config(args.config)
     nodes: dict[str, Any] = {}
     steer: dict[str, Any] = {"reachable": False, "error": "no agent is up to ask"}
     for node in sorted(cfg.nodes):
@@ -625,3 +475,153 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, c in certs.items():
         print(f"  certificate {name}: {_shown_expiry(c)}")
     return 0
+
+
+AGENT = Command(
+    "agent",
+    help="the per-host agent: run it, or cordon/uncordon a node",
+    description="The agent serves the cluster's apps on the VIP and moves their "
+    "connections to and from other nodes' agents over mutual TLS.",
+    actions=(
+        Command(
+            "run",
+            help="run this node's agent (until SIGTERM)",
+            args=(
+                CONFIG,
+                arg("--node", required=True, help="this node's name in the cluster file"),
+                arg(
+                    "--metrics",
+                    metavar="HOST:PORT",
+                    help="serve Prometheus metrics at http://HOST:PORT/metrics",
+                ),
+                arg("--log-json", action="store_true", help="log one JSON object per line"),
+                arg(
+                    "--sync-interval",
+                    type=float,
+                    default=30.0,
+                    metavar="SECONDS",
+                    help="how often to list every flow served here to the steering node, "
+                    "which steers them here and drops stale entries (default: "
+                    "%(default)g; also on start and when the steering daemon "
+                    "restarts)",
+                ),
+            ),
+            run=cmd_run,
+        ),
+        *(
+            Command(
+                name,
+                help=help_,
+                args=(CONFIG, arg("node", metavar="NODE")),
+                run=cmd_cordon,
+                defaults={"what": name},
+            )
+            for name, help_ in (
+                ("cordon", "refuse imports (migrations to the node)"),
+                ("uncordon", "accept imports again"),
+            )
+        ),
+    ),
+)
+
+MIGRATE = Command(
+    "migrate",
+    help="move one established connection to another node",
+    description="Move FLOW, a client's connection to the VIP, to NODE while the client "
+    "notices nothing. Any failure before the commit point rolls back: the flow stays "
+    "on its node, nothing lost. FLOW is CLIENT:PORT-VIP:PORT (IPv6 in brackets), as "
+    "`pysteer flows` lists it.",
+    args=(
+        CONFIG,
+        arg("--flow", required=True, metavar="FLOW", help="the connection to move"),
+        arg("--to", required=True, metavar="NODE", help="the node to move it to"),
+        arg(
+            "--timeout",
+            type=float,
+            default=5.0,
+            help="seconds before an unfinished move rolls back (default: 5)",
+        ),
+        arg("--json", action="store_true", help="print the report with its timeline"),
+    ),
+    run=cmd_migrate,
+)
+
+DRAIN = Command(
+    "drain",
+    help="move every connection of a node to another (before a reboot)",
+    description="Move every flow of --from to --to, in concurrent batches, with a "
+    "progress bar on stderr. New connections to the VIP go to --to from the start, and --from "
+    "takes none until `pysteer undrain`. Ctrl-C stops after the batch in flight; every "
+    "flow then is on exactly one node, and the summary says which stayed. Run it "
+    "again to finish.",
+    args=(
+        CONFIG,
+        arg("--from", dest="source", required=True, metavar="NODE"),
+        arg("--to", dest="target", required=True, metavar="NODE"),
+        arg("--batch", type=int, default=32, help="migrations at a time (32)"),
+        arg("--timeout", type=float, default=5.0, help="per migration (5 s)"),
+        arg("--dry-run", action="store_true", help="list what would move"),
+        arg("--json", action="store_true", help="print the summary as JSON"),
+    ),
+    run=cmd_drain,
+)
+
+MIGRATIONS = Command(
+    "migrations",
+    help="in-flight and in-doubt migrations; resolve one by hand",
+    description="List the migrations each node has in flight (as source or target) and "
+    "those in-doubt: the outcome is unknown because neither the steering node nor the "
+    "target could be asked. In-doubt migrations are asked again until known; `pysteer "
+    "migrations resolve ID --keep source|target` decides one when that cannot happen "
+    "(the steering node is gone for good). Keep the flow where you know it is served.",
+    args=(CONFIG, arg("--node", help="only this node"), JSON),
+    run=cmd_migrations,
+    actions=(
+        Command(
+            "resolve",
+            help="decide an in-doubt migration",
+            description="Decide migration ID (its id or a prefix, from `pysteer migrations`) on "
+            "every node that holds it: --keep source resumes it on its source and discards the "
+            "target's copy; --keep target releases the source's frozen socket and serves it on "
+            "the target.",
+            args=(
+                CONFIG,
+                arg("id", metavar="ID"),
+                arg(
+                    "--keep",
+                    required=True,
+                    choices=("source", "target"),
+                    help="which node keeps the connection",
+                ),
+                JSON,
+            ),
+            run=cmd_resolve,
+        ),
+    ),
+)
+
+# In the order ``pysteer --help`` lists them.
+COMMANDS = (
+    AGENT,
+    MIGRATE,
+    DRAIN,
+    Command(
+        "undrain",
+        help="let a drained node take new connections again",
+        args=(CONFIG, arg("node", metavar="NODE")),
+        run=cmd_undrain,
+    ),
+    Command(
+        "flows",
+        help="list the connections each node serves",
+        args=(CONFIG, arg("--node", help="only this node"), JSON),
+        run=cmd_flows,
+    ),
+    MIGRATIONS,
+    Command(
+        "status",
+        help="nodes, steering daemon and certificate expiry",
+        args=(CONFIG, JSON),
+        run=cmd_status,
+    ),
+)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pysteer.clitable import Command, arg
 
 if TYPE_CHECKING:
     from pysteer.doctor.checks import Check
@@ -17,19 +19,6 @@ def format_line(check: Check) -> str:
     if check.status != "ok" and check.hint:
         line += f"  -> fix: {check.hint}"
     return line
-
-
-def add_parser(sub: Any) -> None:
-    doctor = sub.add_parser(
-        "doctor",
-        help="check that this machine can run pysteer",
-        description=(
-            "Check privileges, bpf(), BCC and kernel headers, TCP_REPAIR, network namespaces, "
-            "clsact and XDP attach, and the TLS libraries. Exits 1 if a required check fails."
-        ),
-    )
-    doctor.add_argument("--json", action="store_true", help="machine-readable output")
-    doctor.set_defaults(func=cmd_doctor)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -46,3 +35,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         failed = [c.name for c in checks if c.failed]
         print("all required checks passed" if ok else f"failed: {', '.join(failed)}")
     return 0 if ok else 1
+
+
+DOCTOR = Command(
+    "doctor",
+    help="check that this machine can run pysteer",
+    description=(
+        "Check privileges, bpf(), BCC and kernel headers, TCP_REPAIR, network namespaces, "
+        "clsact and XDP attach, and the TLS libraries. Exits 1 if a required check fails."
+    ),
+    args=(arg("--json", action="store_true", help="machine-readable output"),),
+    run=cmd_doctor,
+)

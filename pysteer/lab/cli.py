@@ -10,118 +10,38 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.cli import LAB_HELP
+from pysteer.clitable import Command, arg
 from pysteer.errors import UsageError
-from pysteer.lab.plan import DEFAULT_VARIANT, PlanError, load
-from pysteer.lab.topology import DEFAULT_PREFIX, Lab, LabError, known_labs
+from pysteer.lab.plan import DEFAULT_VARIANT, load
+from pysteer.lab.topology import DEFAULT_PREFIX, Lab, known_labs
 from pysteer.paths import RUN_DIR
 
-
-def add_parser(sub: Any) -> None:
-    lab = sub.add_parser(
-        "lab",
-        help=LAB_HELP,
-        description=(
-            "The namespace lab: a client, a steering node and two hosts (a, b) as network "
-            "namespaces <prefix>-<node> joined by veth pairs. The VIP is on both hosts; the "
-            "steering node routes it to host a. Needs root."
-        ),
-    )
-    cmds = lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
-
-    up = cmds.add_parser("up", help="build the lab (a no-op if it is up; repairs a half-built one)")
-    _prefix(up)
-    up.add_argument(
-        "--plan", type=Path, help="address plan file (JSON, like pysteer/lab/plan.json)"
-    )
-    up.add_argument("--variant", help=f"plan variant (default: {DEFAULT_VARIANT})")
-    up.add_argument("--v4", metavar="CIDR", help="private IPv4 /16 to use instead of the plan's")
-    up.add_argument("--v6", metavar="CIDR", help="IPv6 ULA /48 to use instead of the plan's")
-    up.add_argument("--json", action="store_true", help="print the resulting status as JSON")
-    up.set_defaults(func=cmd_up)
-
-    down = cmds.add_parser("down", help="remove every namespace, link and process of the lab")
-    _prefix(down)
-    down.set_defaults(func=cmd_down)
-
-    cluster = cmds.add_parser(
-        "cluster",
-        help="write a pysteer cluster for the lab (certificates, key, cluster.toml)",
-        description="Write the control-plane CA, the node certificates, the cluster key, a "
-        "service certificate under a service CA of its own (service-ca.pem: what clients "
-        "trust) and cluster.toml for the lab's addresses into DIR, then print the commands "
-        "that start the steering daemon and the two agents. DIR is created 0700; an existing "
-        "one must be root's and not writable by others.",
-    )
-    _prefix(cluster)
-    cluster.add_argument(
-        "--dir",
-        type=Path,
-        help="where to write the files (default for a lab: "
-        "/run/pysteer/PREFIX/cluster, removed by lab down; needed "
-        "with --variant)",
-    )
-    cluster.add_argument("--force", action="store_true", help="replace an existing cluster")
-    cluster.add_argument(
-        "--variant",
-        help="for machines laid out by this plan variant (vm) "
-        "instead of a lab; the cluster is named after it",
-    )
-    cluster.set_defaults(func=cmd_cluster)
-
-    plan = cmds.add_parser("plan", help="print a plan variant's derived addresses (JSON)")
-    plan.add_argument("--variant", default=DEFAULT_VARIANT, help="plan variant (lab, vm)")
-    plan.set_defaults(func=cmd_plan)
-
-    vm = cmds.add_parser(
-        "vm-setup",
-        help="set this machine up as one node of the plan (the Vagrant demo's VMs)",
-        description="On a VM whose link IPv4 addresses Vagrant assigned from the plan's vm "
-        "variant: add the IPv6 addresses, the role's sysctls, the VIP on a host's lo and "
-        "routes through the steering node. Safe to run again.",
-    )
-    vm.add_argument("--node", required=True, help="this machine's node name in the plan")
-    vm.add_argument("--variant", default="vm", help="plan variant (default: vm)")
-    vm.set_defaults(func=cmd_vm_setup)
-
-    status = cmds.add_parser("status", help="show what exists of the lab")
-    _prefix(status)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.set_defaults(func=cmd_status)
-
-
-def _prefix(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--prefix",
-        default=DEFAULT_PREFIX,
-        help="lab name; namespaces are <prefix>-<node> (default: %(default)s)",
-    )
+PREFIX = arg(
+    "--prefix",
+    default=DEFAULT_PREFIX,
+    help="lab name; namespaces are <prefix>-<node> (default: %(default)s)",
+)
 
 
 def _lab_for(prefix: str, plan_args: argparse.Namespace | None = None) -> Lab:
     """The lab named ``prefix``: with the plan options given, else the plan it was built with."""
-    try:
-        explicit = plan_args is not None and any(
-            (plan_args.plan, plan_args.variant, plan_args.v4, plan_args.v6)
+    explicit = plan_args is not None and any(
+        (plan_args.plan, plan_args.variant, plan_args.v4, plan_args.v6)
+    )
+    if explicit:
+        plan = load(
+            plan_args.variant or DEFAULT_VARIANT,
+            path=plan_args.plan,
+            v4=plan_args.v4,
+            v6=plan_args.v6,
         )
-        if explicit:
-            plan = load(
-                plan_args.variant or DEFAULT_VARIANT,
-                path=plan_args.plan,
-                v4=plan_args.v4,
-                v6=plan_args.v6,
-            )
-            return Lab(prefix=prefix, plan=plan)
-        return Lab.existing(prefix)
-    except (PlanError, LabError) as exc:
-        raise UsageError(str(exc)) from None
+        return Lab(prefix=prefix, plan=plan)
+    return Lab.existing(prefix)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix, args)
-    try:
-        outcome = lab.ensure()
-    except LabError as exc:
-        raise UsageError(str(exc)) from None
+    outcome = lab.ensure()
     if args.json:
         print(json.dumps({**lab.status(), "outcome": outcome}, indent=2))
     else:
@@ -132,10 +52,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_down(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix)
-    try:
-        removed = lab.down()
-    except LabError as exc:
-        raise UsageError(str(exc)) from None
+    removed = lab.down()
     if removed:
         print(f"lab {lab.prefix}: removed {', '.join(removed)}")
     else:
@@ -144,10 +61,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        plan = load(args.variant)
-    except PlanError as exc:
-        raise UsageError(str(exc)) from None
+    plan = load(args.variant)
     print(json.dumps(plan.to_dict(), indent=2))
     return 0
 
@@ -155,11 +69,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_vm_setup(args: argparse.Namespace) -> int:
     from pysteer.lab.vm import setup_node  # noqa: PLC0415
 
-    try:
-        for line in setup_node(load(args.variant), args.node):
-            print(f"vm-setup {args.node}: {line}")
-    except (PlanError, LabError) as exc:
-        raise UsageError(str(exc)) from None
+    for line in setup_node(load(args.variant), args.node):
+        print(f"vm-setup {args.node}: {line}")
     return 0
 
 
@@ -169,10 +80,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if args.variant:
         from pysteer.lab.cluster import write_plan_cluster  # noqa: PLC0415
 
-        try:
-            plan = load(args.variant)
-        except PlanError as exc:
-            raise UsageError(str(exc)) from None
+        plan = load(args.variant)
         if args.dir is None:
             raise UsageError("--variant needs --dir (where the cluster's CA key will stay)")
         # One machine per node: the CLI reaches the others' agents over mutual TLS.
@@ -230,3 +138,87 @@ def _print_summary(status: dict[str, Any], out: Any = sys.stdout) -> None:
         ]
         procs = f"  [{len(entry['pids'])} processes]" if entry["pids"] else ""
         print(f"  {node:<7} {entry['netns']:<18} {'  '.join(addrs)}{procs}", file=out)
+
+
+LAB = Command(
+    "lab",
+    help=LAB_HELP,
+    description=(
+        "The namespace lab: a client, a steering node and two hosts (a, b) as network "
+        "namespaces <prefix>-<node> joined by veth pairs. The VIP is on both hosts; the "
+        "steering node routes it to host a. Needs root."
+    ),
+    actions=(
+        Command(
+            "up",
+            help="build the lab (a no-op if it is up; repairs a half-built one)",
+            args=(
+                PREFIX,
+                arg(
+                    "--plan", type=Path, help="address plan file (JSON, like pysteer/lab/plan.json)"
+                ),
+                arg("--variant", help=f"plan variant (default: {DEFAULT_VARIANT})"),
+                arg("--v4", metavar="CIDR", help="private IPv4 /16 to use instead of the plan's"),
+                arg("--v6", metavar="CIDR", help="IPv6 ULA /48 to use instead of the plan's"),
+                arg("--json", action="store_true", help="print the resulting status as JSON"),
+            ),
+            run=cmd_up,
+        ),
+        Command(
+            "down",
+            help="remove every namespace, link and process of the lab",
+            args=(PREFIX,),
+            run=cmd_down,
+        ),
+        Command(
+            "cluster",
+            help="write a pysteer cluster for the lab (certificates, key, cluster.toml)",
+            description="Write the control-plane CA, the node certificates, the cluster key, a "
+            "service certificate under a service CA of its own (service-ca.pem: what clients "
+            "trust) and cluster.toml for the lab's addresses into DIR, then print the commands "
+            "that start the steering daemon and the two agents. DIR is created 0700; an existing "
+            "one must be root's and not writable by others.",
+            args=(
+                PREFIX,
+                arg(
+                    "--dir",
+                    type=Path,
+                    help="where to write the files (default for a lab: "
+                    "/run/pysteer/PREFIX/cluster, removed by lab down; needed "
+                    "with --variant)",
+                ),
+                arg("--force", action="store_true", help="replace an existing cluster"),
+                arg(
+                    "--variant",
+                    help="for machines laid out by this plan variant (vm) "
+                    "instead of a lab; the cluster is named after it",
+                ),
+            ),
+            run=cmd_cluster,
+        ),
+        Command(
+            "plan",
+            help="print a plan variant's derived addresses (JSON)",
+            args=(arg("--variant", default=DEFAULT_VARIANT, help="plan variant (lab, vm)"),),
+            run=cmd_plan,
+        ),
+        Command(
+            "vm-setup",
+            help="set this machine up as one node of the plan (the Vagrant demo's VMs)",
+            description="On a VM whose link IPv4 addresses Vagrant assigned from the plan's vm "
+            "variant: add the IPv6 addresses, the role's sysctls, the VIP on a host's lo and "
+            "routes through the steering node. Safe to run again.",
+            args=(
+                arg("--node", required=True, help="this machine's node name in the plan"),
+                arg("--variant", default="vm", help="plan variant (default: vm)"),
+            ),
+            run=cmd_vm_setup,
+        ),
+        Command(
+            "status",
+            help="show what exists of the lab",
+            args=(PREFIX, arg("--json", action="store_true", help="machine-readable output")),
+            run=cmd_status,
+        ),
+    ),
+)

@@ -9,10 +9,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pysteer.cli import LazyChoices
+from pysteer.clitable import Command, LazyChoices, arg
 from pysteer.errors import UsageError
-from pysteer.flow import Flow, FlowSyntaxError
-from pysteer.steer.control import ControlError, request, socket_path
+from pysteer.flow import Flow
+from pysteer.steer.control import request, socket_path
 
 
 def _modes() -> tuple[str, ...]:
@@ -21,141 +21,24 @@ def _modes() -> tuple[str, ...]:
     return MODES
 
 
-def add_parser(sub: Any) -> None:
-    steer = sub.add_parser(
-        "steer",
-        help="the steering node: run its daemon, or inspect and change its flow table",
-        description=(
-            "The steering node redirects a migrating flow's packets to the new host, parks "
-            "them while the flow is frozen and replays them afterwards. FLOW is written "
-            "SRC:PORT-DST:PORT (IPv6 in brackets)."
-        ),
-    )
-    cmds = steer.add_subparsers(dest="steer_command", metavar="ACTION", required=True)
-    run = cmds.add_parser("run", help="run the steering daemon (until SIGTERM)")
-    run.add_argument("--name", default="default", help="instance name (pin path, socket)")
-    run.add_argument("--ifname", required=True, help="the client-facing interface")
-    run.add_argument("--netns", help="network namespace of the interfaces")
-    mode = run.add_argument(
-        "--mode",
-        default="auto",
-        help="auto: tc on veth; elsewhere native XDP if the driver runs "
-        "it and a self-test shows redirected frames leave every "
-        "host's link, tc otherwise (the reason is logged)",
-    )
-    mode.choices = LazyChoices(_modes)  # after add_argument, which would read them
-    run.add_argument(
-        "--host",
-        action="append",
-        default=[],
-        metavar="NAME=IFNAME,MAC",
-        help="a redirect target, or NAME=ADDRESS (its link address: the link "
-        "and MAC are looked up); repeat for each host",
-    )
-    run.add_argument(
-        "--max-flows",
-        type=int,
-        help="flow table size (default 65536; a pinned table keeps its size, "
-        "and a different value is refused)",
-    )
-    run.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=300.0,
-        metavar="SECONDS",
-        help="remove an entry whose flow has been idle this long and that no "
-        "agent claims (default: %(default)g)",
-    )
-    run.add_argument(
-        "--gc-interval",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how often expired entries and leases are collected (default: %(default)g)",
-    )
-    run.add_argument("--max-parked", type=int, default=8192, help="parked packets per flow")
-    run.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help="also serve remote agents on TCP (mutual TLS; needs the three below)",
-    )
-    run.add_argument("--tls-cert", type=Path, help="this node's certificate (PEM)")
-    run.add_argument("--tls-key", type=Path, help="its private key (PEM)")
-    run.add_argument("--tls-ca", type=Path, help="the CA that signs the agents' certificates")
-    run.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics (in the namespace of --netns)",
-    )
-    run.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    run.set_defaults(func=cmd_run)
-    for name, help_ in (
-        ("flows", "list the flow table"),
-        ("hosts", "list the hosts"),
-        ("stats", "global counters"),
-        ("diversions", "VIPs whose new connections go to one host"),
-    ):
-        p = cmds.add_parser(name, help=help_)
-        _common(p)
-        p.set_defaults(func=cmd_show, what=name)
-    for name, help_ in (
-        ("park", "hold FLOW's packets"),
-        ("pass", "route FLOW normally"),
-        ("to", "replay FLOW's parked packets to HOST, then redirect"),
-        ("forget", "remove FLOW's entry (its packets are routed normally)"),
-    ):
-        p = cmds.add_parser(name, help=help_)
-        _common(p)
-        p.add_argument("flow", metavar="FLOW")
-        if name == "to":
-            p.add_argument("host", metavar="HOST")
-        p.set_defaults(func=cmd_change, what=name)
-    gc = cmds.add_parser(
-        "gc",
-        help="remove entries whose connections ended (idle, unclaimed), now",
-        description="Collect the flow table now, as the daemon does every --gc-interval: "
-        "entries idle longer than the idle timeout that no agent claims, and parks whose "
-        "migration's lease ran out (rolled back). --dry-run lists them and changes nothing.",
-    )
-    _common(gc)
-    gc.add_argument("--dry-run", action="store_true", help="list, do not remove")
-    gc.set_defaults(func=cmd_gc)
-    destroy = cmds.add_parser(
-        "destroy",
-        help="remove an instance's pinned maps and programs (drops every steered flow)",
-        description="For a steering node being retired, or maps of another pysteer version: "
-        "detach nothing that a running daemon owns (it refuses while one runs), remove the "
-        "pinned maps under /sys/fs/bpf/pysteer/NAME. Steered flows go back to normal routing.",
-    )
-    destroy.add_argument("--name", default="default", help="daemon instance (default: %(default)s)")
-    destroy.add_argument("--ifname", help="also detach pysteer's programs from this interface")
-    destroy.add_argument("--netns", help="network namespace of --ifname")
-    destroy.set_defaults(func=cmd_destroy)
-    div = cmds.add_parser("divert", help="send new connections to ADDRESS to HOST (a drain)")
-    _common(div)
-    div.add_argument("address", metavar="ADDRESS", help="a service address (VIP)")
-    div.add_argument("host", metavar="HOST", nargs="?", help="the host new connections go to")
-    div.add_argument("--clear", action="store_true", help="route new connections normally again")
-    div.set_defaults(func=cmd_divert)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default="default", help="daemon instance (default: %(default)s)")
-    p.add_argument("--socket", type=Path, help="control socket (default: from --name)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+# The arguments of every command that asks a running daemon.
+NAME = arg("--name", default="default", help="daemon instance (default: %(default)s)")
+ASKING = (
+    NAME,
+    arg("--socket", type=Path, help="control socket (default: from --name)"),
+    arg("--json", action="store_true", help="machine-readable output"),
+)
+FLOW = arg("flow", metavar="FLOW")
 
 
 def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
-    try:
-        return request(args.socket or socket_path(args.name), cmd, **extra)
-    except ControlError as exc:
-        raise UsageError(str(exc)) from None
+    return request(args.socket or socket_path(args.name), cmd, **extra)
 
 
-def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per option
+def cmd_run(args: argparse.Namespace) -> int:
     from pysteer.harden import harden  # noqa: PLC0415
     from pysteer.identity import server_context  # noqa: PLC0415 - needs cryptography
-    from pysteer.steer.daemon import DaemonError, run  # noqa: PLC0415 - needs BCC
+    from pysteer.steer.daemon import run  # noqa: PLC0415 - needs BCC
 
     harden()  # before the TLS key is read: no core dump holds it
     hosts = []
@@ -195,24 +78,21 @@ def cmd_run(args: argparse.Namespace) -> int:  # noqa: PLR0912 - one check per o
             metrics = parse_listen(args.metrics)
         except ValueError as exc:
             raise UsageError(f"--metrics: {exc}") from None
-    try:
-        return run(
-            args.name,
-            args.ifname,
-            hosts,
-            namespace=args.netns,
-            mode=args.mode,
-            max_flows=args.max_flows,
-            max_parked=args.max_parked,
-            listen=listen,
-            tls=tls,
-            metrics=metrics,
-            log_json=args.log_json,
-            idle_timeout=args.idle_timeout,
-            gc_interval=args.gc_interval,
-        )
-    except DaemonError as exc:
-        raise UsageError(str(exc)) from None
+    return run(
+        args.name,
+        args.ifname,
+        hosts,
+        namespace=args.netns,
+        mode=args.mode,
+        max_flows=args.max_flows,
+        max_parked=args.max_parked,
+        listen=listen,
+        tls=tls,
+        metrics=metrics,
+        log_json=args.log_json,
+        idle_timeout=args.idle_timeout,
+        gc_interval=args.gc_interval,
+    )
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -270,10 +150,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from pysteer.steer import pins  # noqa: PLC0415
     from pysteer.steer.daemon import lock_path  # noqa: PLC0415
 
-    try:
-        pins.pin_dir(args.name)  # validates the name
-    except pins.PinError as exc:
-        raise UsageError(str(exc)) from None
+    pins.pin_dir(args.name)  # validates the name
     path = lock_path(args.name)
     if path.exists():
         with open(path, "a") as lock:
@@ -318,10 +195,7 @@ def cmd_divert(args: argparse.Namespace) -> int:
 
 
 def cmd_change(args: argparse.Namespace) -> int:
-    try:
-        flow = str(Flow.parse(args.flow))
-    except FlowSyntaxError as exc:
-        raise UsageError(str(exc)) from None
+    flow = str(Flow.parse(args.flow))
     extra = {"flow": flow} | ({"host": args.host} if args.what == "to" else {})
     answer = _ask(args, args.what, **extra)
     if args.json:
@@ -333,3 +207,132 @@ def cmd_change(args: argparse.Namespace) -> int:
     else:
         print(f"{flow}: {args.what}")
     return 0
+
+
+RUN_ARGS = (
+    arg("--name", default="default", help="instance name (pin path, socket)"),
+    arg("--ifname", required=True, help="the client-facing interface"),
+    arg("--netns", help="network namespace of the interfaces"),
+    arg(
+        "--mode",
+        default="auto",
+        help="auto: tc on veth; elsewhere native XDP if the driver runs "
+        "it and a self-test shows redirected frames leave every "
+        "host's link, tc otherwise (the reason is logged)",
+        choices=LazyChoices(_modes),
+    ),
+    arg(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME=IFNAME,MAC",
+        help="a redirect target, or NAME=ADDRESS (its link address: the link "
+        "and MAC are looked up); repeat for each host",
+    ),
+    arg(
+        "--max-flows",
+        type=int,
+        help="flow table size (default 65536; a pinned table keeps its size, "
+        "and a different value is refused)",
+    ),
+    arg(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="remove an entry whose flow has been idle this long and that no "
+        "agent claims (default: %(default)g)",
+    ),
+    arg(
+        "--gc-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how often expired entries and leases are collected (default: %(default)g)",
+    ),
+    arg("--max-parked", type=int, default=8192, help="parked packets per flow"),
+    arg(
+        "--listen",
+        metavar="HOST:PORT",
+        help="also serve remote agents on TCP (mutual TLS; needs the three below)",
+    ),
+    arg("--tls-cert", type=Path, help="this node's certificate (PEM)"),
+    arg("--tls-key", type=Path, help="its private key (PEM)"),
+    arg("--tls-ca", type=Path, help="the CA that signs the agents' certificates"),
+    arg(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (in the namespace of --netns)",
+    ),
+    arg("--log-json", action="store_true", help="log one JSON object per line"),
+)
+
+STEER = Command(
+    "steer",
+    help="the steering node: run its daemon, or inspect and change its flow table",
+    description=(
+        "The steering node redirects a migrating flow's packets to the new host, parks "
+        "them while the flow is frozen and replays them afterwards. FLOW is written "
+        "SRC:PORT-DST:PORT (IPv6 in brackets)."
+    ),
+    actions=(
+        Command("run", help="run the steering daemon (until SIGTERM)", args=RUN_ARGS, run=cmd_run),
+        *(
+            Command(name, help=help_, args=ASKING, run=cmd_show, defaults={"what": name})
+            for name, help_ in (
+                ("flows", "list the flow table"),
+                ("hosts", "list the hosts"),
+                ("stats", "global counters"),
+                ("diversions", "VIPs whose new connections go to one host"),
+            )
+        ),
+        *(
+            Command(
+                name, help=help_, args=(*ASKING, *extra), run=cmd_change, defaults={"what": name}
+            )
+            for name, help_, extra in (
+                ("park", "hold FLOW's packets", (FLOW,)),
+                ("pass", "route FLOW normally", (FLOW,)),
+                (
+                    "to",
+                    "replay FLOW's parked packets to HOST, then redirect",
+                    (FLOW, arg("host", metavar="HOST")),
+                ),
+                ("forget", "remove FLOW's entry (its packets are routed normally)", (FLOW,)),
+            )
+        ),
+        Command(
+            "gc",
+            help="remove entries whose connections ended (idle, unclaimed), now",
+            description="Collect the flow table now, as the daemon does every --gc-interval: "
+            "entries idle longer than the idle timeout that no agent claims, and parks whose "
+            "migration's lease ran out (rolled back). --dry-run lists them and changes nothing.",
+            args=(*ASKING, arg("--dry-run", action="store_true", help="list, do not remove")),
+            run=cmd_gc,
+        ),
+        Command(
+            "destroy",
+            help="remove an instance's pinned maps and programs (drops every steered flow)",
+            description="For a steering node being retired, or maps of another pysteer version: "
+            "detach nothing that a running daemon owns (it refuses while one runs), remove the "
+            "pinned maps under /sys/fs/bpf/pysteer/NAME. Steered flows go back to normal routing.",
+            args=(
+                NAME,
+                arg("--ifname", help="also detach pysteer's programs from this interface"),
+                arg("--netns", help="network namespace of --ifname"),
+            ),
+            run=cmd_destroy,
+        ),
+        Command(
+            "divert",
+            help="send new connections to ADDRESS to HOST (a drain)",
+            args=(
+                *ASKING,
+                arg("address", metavar="ADDRESS", help="a service address (VIP)"),
+                arg("host", metavar="HOST", nargs="?", help="the host new connections go to"),
+                arg("--clear", action="store_true", help="route new connections normally again"),
+            ),
+            run=cmd_divert,
+        ),
+    ),
+)
