@@ -34,6 +34,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from pysteer.agent.batcher import MAX_ITEMS as MAX_BATCH
+from pysteer.agent.batcher import Batcher
 from pysteer.agent.drain import Drain, DrainError
 from pysteer.agent.frames import FrameError, read_frame, write_frame
 from pysteer.agent.imports import Imports
@@ -156,6 +158,8 @@ class Agent:
             self.steer,
             self.peers,
             asyncio.Semaphore(FREEZE_SLOTS),
+            Batcher(self.steer, "cmd"),
+            {n: Batcher(p, "op") for n, p in self.peers.items()},
         )
         self.imports = Imports(self.node, self.ledger, self._count_import)
         self._tasks: set[asyncio.Task] = set()
@@ -406,6 +410,8 @@ class Agent:
                 "services": sorted(self.runtime.services),
                 "apps": app_signature(self.runtime),
             }
+        if op == "batch":
+            return await self._peer_batch(who, req.get("requests"))
         mid = req.get("id")
         if op not in ("move", "outcome"):
             return {"ok": False, "error": f"unknown op {op[:40]!r}"}
@@ -414,6 +420,23 @@ class Agent:
         if op == "move":
             return await self.imports.move(who, mid, req.get("blob"))
         return self.imports.outcome(mid)
+
+    async def _peer_batch(self, who: str, requests: Any) -> dict[str, Any]:
+        """A drain's moves to this node, many in one message: run side by side (their
+        claims then leave as one request too), answered in order."""
+        if not isinstance(requests, list) or not 0 < len(requests) <= MAX_BATCH:
+            return {"ok": False, "error": f"batch: requests must be a list of 1..{MAX_BATCH}"}
+
+        async def one(req: Any) -> dict[str, Any]:
+            if not isinstance(req, dict) or req.get("op") not in ("move", "outcome"):
+                return {"ok": False, "error": "a batch holds only move and outcome"}
+            try:
+                return await self._peer_op(who, req)
+            except Exception as exc:  # one bad move must not fail the others
+                log.exception("peer request from %s failed", who)
+                return {"ok": False, "error": f"internal error ({type(exc).__name__})"}
+
+        return {"ok": True, "answers": list(await asyncio.gather(*map(one, requests)))}
 
     async def _remote_control(self, who: str, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict) or request.get("cmd") not in REMOTE_COMMANDS:
@@ -625,11 +648,19 @@ class Agent:
         return {"ok": True, "migration": await self.migrate_flow(flow, target, float(timeout))}
 
     async def migrate_flow(
-        self, flow: Flow, target: str, timeout: float, *, hello: dict[str, Any] | None = None
+        self,
+        flow: Flow,
+        target: str,
+        timeout: float,
+        *,
+        hello: dict[str, Any] | None = None,
+        batch: bool = False,
     ) -> dict[str, Any]:
         """Move one flow (checked by the caller); returns the report, kept in the history.
-        ``hello``: the target's answer to a hello just asked (a drain), not asked again."""
-        return await self.run_migration(Migration(self.node, flow, target, timeout, hello=hello))
+        ``hello``: the target's answer to a hello just asked (a drain), not asked again;
+        ``batch``: its requests may leave with other migrations' (a drain)."""
+        migration = Migration(self.node, flow, target, timeout, hello=hello, batch=batch)
+        return await self.run_migration(migration)
 
     async def run_migration(self, migration: Migration) -> dict[str, Any]:
         """Run it as its own task: a caller that goes away (a CLI, a drain cut short) must

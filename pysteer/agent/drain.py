@@ -87,7 +87,10 @@ class Drain:
                     break
                 batch = flows[i : i + self.batch]
                 reports = await asyncio.gather(
-                    *(self.move(f, self.target, self.timeout, hello=self.hello) for f in batch)
+                    *(
+                        self.move(f, self.target, self.timeout, hello=self.hello, batch=True)
+                        for f in batch
+                    )
                 )
                 self.results += reports
                 await self.progress(self._counts() | {"total": total})

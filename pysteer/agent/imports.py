@@ -170,7 +170,8 @@ class Imports:
     async def _carry_out(self, entry: Import, action: Action) -> Event:
         if isinstance(action, Call):
             try:
-                return Answered(await self.node.steer.call(action.timeout, **action.request))
+                # Claims made together (a drain's batch arriving) leave together.
+                return Answered(await self.node.steer_batch.call(action.timeout, **action.request))
             except Refused as exc:
                 return No(str(exc), exc.code)
             except LinkError as exc:

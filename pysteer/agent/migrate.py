@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pysteer import tcp
+from pysteer.agent.batcher import Batcher
 from pysteer.agent.links import LinkError, LinkPool, Refused
 from pysteer.migration import source as src
 from pysteer.migration.events import (
@@ -52,6 +53,8 @@ class Node:
     steer: LinkPool
     peers: dict[str, LinkPool]
     freeze_slots: asyncio.Semaphore
+    steer_batch: Batcher  # the same links, with requests made together sent together
+    peer_batch: dict[str, Batcher]
     accepting: bool = True  # imports are taken (a drain or cordon turns it off)
     drained_to: str | None = None
 
@@ -114,8 +117,10 @@ class Migration:
         timeout: float,
         *,
         hello: dict[str, Any] | None = None,
+        batch: bool = False,
     ) -> None:
-        """``hello``: the target's answer to a hello just asked (a drain): not asked again."""
+        """``hello``: the target's answer to a hello just asked (a drain): not asked again.
+        ``batch``: send its requests with other migrations' made at the same moment."""
         self.node, self.flow, self.target, self.timeout = node, flow, target, timeout
         self.mid = new_migration_id()
         self.report = Report(self.mid.hex(), str(flow), node.name, target)
@@ -129,7 +134,8 @@ class Migration:
             hello=hello,
             timeline=self.report.timeline,
         )
-        self.peer: LinkPool = node.peers[target]
+        self.peer: LinkPool | Batcher = node.peer_batch[target] if batch else node.peers[target]
+        self.steer: LinkPool | Batcher = node.steer_batch if batch else node.steer
         self.started = time.time()
         self.exported: Exported | None = None
         self._slot = False
@@ -215,7 +221,7 @@ class Migration:
 
     async def _carry_out(self, action: Action) -> Event:
         if isinstance(action, Call):
-            pool = self.peer if action.to == PEER else self.node.steer
+            pool = self.peer if action.to == PEER else self.steer
             try:
                 return Answered(await pool.call(action.timeout, **action.request))
             except Refused as exc:
@@ -251,7 +257,7 @@ class Migration:
 
     # --- the steps -----------------------------------------------------------------------------
     async def _connect(self, args: dict[str, Any]) -> Event:
-        pool = self.peer if args["to"] == PEER else self.node.steer
+        pool = self.peer if args["to"] == PEER else self.steer
         try:
             await pool.connect(self.timeout)
         except LinkError as exc:

@@ -244,6 +244,8 @@ class Daemon:
         try:
             if who is not None:
                 _authorize(req, who)
+            if cmd == "batch":
+                return self._batch(req, who)
             if cmd in ("flows", "hosts", "stats"):
                 return {"ok": True, cmd: self._show(cmd)}
             if cmd in ("park", "to", "pass", "forget", "claim", "revert", "decision"):
@@ -270,6 +272,20 @@ class Daemon:
             return {"ok": False, "error": str(exc), "code": exc.code}
         except (SteerError, FlowSyntaxError, RequestError) as exc:
             return {"ok": False, "error": str(exc)}
+
+    def _batch(self, req: dict[str, Any], who: str | None) -> dict[str, Any]:
+        """Many migrations' requests in one round trip (a drain's park, claim, revert or
+        decision for each of its flows): each answered as if it came alone, in order."""
+        requests = req.get("requests")
+        if not isinstance(requests, list) or not 0 < len(requests) <= MAX_BATCH:
+            raise RequestError(f"batch: requests must be a list of 1..{MAX_BATCH} requests")
+        answers = []
+        for sub in requests:
+            if not isinstance(sub, dict) or sub.get("cmd") not in BATCHED:
+                answers.append({"ok": False, "error": f"a batch holds only {', '.join(BATCHED)}"})
+            else:
+                answers.append(self.handle(sub, who))
+        return {"ok": True, "answers": answers}
 
     def _show(self, what: str) -> Any:
         st = self.steerer
@@ -620,7 +636,10 @@ AGENT_COMMANDS = {
     "sync": ("host",),
     "closed": ("host",),
     "divert": (),
+    "batch": (),  # each request in it is authorized as if it came alone
 }
+BATCHED = ("park", "revert", "claim", "decision")  # what a batch may hold
+MAX_BATCH = 256
 
 
 def _authorize(req: dict[str, Any], who: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -86,6 +87,20 @@ def drain_timelines(cluster: LabCluster, summary: dict[str, Any]) -> tuple[list,
     return [m["timeline"] for m in recent], "agent history (the drain's last migrations)"
 
 
+def cpu_seconds(cluster: LabCluster) -> dict[str, float]:
+    """User + system CPU seconds of each of the cluster's processes so far (a profile of
+    where a drain's time goes: source agent, target agent, steering daemon)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, proc in cluster.procs.items():
+        try:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     idle, active, batch = args.idle, args.active, args.batch
     lab = Lab(prefix=unique_prefix(), plan=load()).up()
@@ -117,6 +132,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c.start()
         setup_s = time.monotonic() - t0
         time.sleep(1.0)
+        cpu_before = cpu_seconds(cluster)
         drained = subprocess.run(
             [
                 sys.executable,
@@ -142,6 +158,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if drained.returncode not in (0, 1) or not drained.stdout.startswith("{"):
             raise RuntimeError(f"drain failed: {drained.stderr}\n{drained.stdout[-2000:]}")
         summary = json.loads(drained.stdout)
+        cpu = {k: round(v - cpu_before.get(k, 0.0), 3) for k, v in cpu_seconds(cluster).items()}
         timelines, steps_from = drain_timelines(cluster, summary)
         time.sleep(0.5)
         survived_active = 0
@@ -176,6 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "failed": summary["failed"],
         "not_moved": summary["not_moved"][:20],
         "freeze_ms": freeze,
+        "cpu_seconds": cpu,  # each daemon's CPU time (user + system) during the drain
         "steps_ms": summary.get("steps_ms") or step_durations(timelines),
         "steps_from": {
             "source": "drain summary (every migration)" if "steps_ms" in summary else steps_from,
@@ -221,6 +239,7 @@ def main() -> None:
     src = r["steps_from"]
     print(f"steps (ms between consecutive steps; {src['migrations']} migrations, {src['source']}):")
     print("\n".join(steps_table(r["steps_ms"])))
+    print(f"CPU seconds during the drain: {r['cpu_seconds']}")
     print("targets:")
     print("\n".join(target_lines(r["targets"], "  ")))
     print(f"written to {args.out}")

@@ -16,6 +16,7 @@ from helpers.steerd import PYSTEER, DaemonProc, cli
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
 from pysteer.steer import pins
+from pysteer.steer.control import ControlError, request, socket_path
 from pysteer.steer.pins import PIN_ROOT
 
 PORT = 8100
@@ -252,3 +253,35 @@ def test_hosts_by_address(lab: Lab) -> None:
         check=False,
     )
     assert bad.returncode == 2 and "NAME=IFNAME,MAC or NAME=ADDRESS" in bad.stderr
+
+
+def test_a_batch_is_answered_request_by_request(lab: Lab, daemon: DaemonProc) -> None:
+    """A drain's requests in one round trip: each answered as if alone, in order; a
+    refusal stays with its own request; what a batch may not hold is refused in place."""
+    vip = lab.plan.vip_v4
+    flows = [f"{lab.plan.address('client')}:{42100 + i}-{vip}:{PORT}" for i in range(3)]
+    parks = [{"cmd": "park", "flow": f, "token": 7000 + i, "lease": 5} for i, f in enumerate(flows)]
+    path = socket_path(daemon.name)
+    answer = request(path, "batch", requests=[*parks, parks[0] | {"token": 9999}, {"cmd": "gc"}])
+    got = answer["answers"]
+    assert [a["ok"] for a in got] == [True, True, True, False, False], got
+    assert got[3]["code"] == "conflict" and "being moved by migration" in got[3]["error"]
+    assert got[4]["error"] == "a batch holds only park, revert, claim, decision"
+    rows = {r["flow"]: r for r in daemon.rows()}
+    assert all(rows[f]["action"] == "PARK" for f in flows)
+    claims = [
+        {"cmd": "claim", "flow": flows[0], "host": "b", "token": 7000},
+        {"cmd": "revert", "flow": flows[1], "token": 7001, "host": "a"},
+        {"cmd": "decision", "flow": flows[2], "token": 7002},
+        {"cmd": "claim", "flow": flows[1], "host": "b", "token": 7001},
+    ]
+    got = request(path, "batch", requests=claims)["answers"]
+    assert got[0]["ok"] and isinstance(got[0]["parked_ms"], float) and got[0]["parked_ms"] > 0
+    assert got[1]["ok"] and got[2] == {"ok": True, "decision": "pending", "host": None}
+    assert not got[3]["ok"] and got[3]["code"] == "aborted"  # reverted first: the claim loses
+    rows = {r["flow"]: r for r in daemon.rows()}
+    assert rows[flows[0]]["action"] == "TO" and rows[flows[0]]["host"] == "b"
+    for bad in ([], "x", [{"cmd": "park"}] * 257):
+        with pytest.raises(ControlError, match=r"requests must be a list of 1\.\.256"):
+            request(path, "batch", requests=bad)
+    assert daemon.proc is not None and daemon.proc.poll() is None
