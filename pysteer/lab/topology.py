@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pysteer import netns
 from pysteer.lab.plan import LabPlan, from_dict, load
 from pysteer.paths import RUN_DIR
+from pysteer.provision import add_vip, role_sysctls, route_vip, set_sysctls
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -59,12 +60,6 @@ def known_labs(state_dir: Path = STATE_DIR) -> list[str]:
     return sorted(p.stem for p in state_dir.glob("*.json")) if state_dir.is_dir() else []
 
 
-def set_sysctls(values: dict[str, str]) -> None:
-    """Write sysctls; /proc/sys/net follows the writing thread's network namespace."""
-    for key, value in values.items():
-        Path("/proc/sys", *key.split(".")).write_text(value)
-
-
 def _with_ipr(fn: Callable[[IPRoute], T]) -> Callable[[], T]:
     def run() -> T:
         # pyroute2 is pysteer's slowest import: `pysteer lab --help` starts without it.
@@ -74,25 +69,6 @@ def _with_ipr(fn: Callable[[IPRoute], T]) -> Callable[[], T]:
             return fn(ipr)
 
     return run
-
-
-ALL_SYSCTLS = {
-    # Addresses are usable at once: no duplicate address detection inside the lab.
-    "net.ipv6.conf.all.accept_dad": "0",
-    "net.ipv6.conf.default.accept_dad": "0",
-}
-STEER_SYSCTLS = {
-    "net.ipv4.ip_forward": "1",
-    "net.ipv6.conf.all.forwarding": "1",
-    # rp_filter=1 drops host B's replies from the VIP on the B-facing link (design doc §7).
-    "net.ipv4.conf.all.rp_filter": "2",
-    "net.ipv4.conf.default.rp_filter": "2",
-}
-HOST_SYSCTLS = {
-    # The VIP is on lo of every host: never answer or announce it on the link (LVS-DR style).
-    "net.ipv4.conf.all.arp_ignore": "1",
-    "net.ipv4.conf.all.arp_announce": "2",
-}
 
 
 @dataclass
@@ -260,11 +236,7 @@ class Lab:
         plan = self.plan
         for node in plan.nodes:
             pr_netns.create(self.netns(node))
-            values = dict(ALL_SYSCTLS)
-            if node == plan.steer:
-                values |= STEER_SYSCTLS
-            if node in plan.hosts:
-                values |= HOST_SYSCTLS
+            values = role_sysctls(steer=node == plan.steer, host=node in plan.hosts)
             self.call(node, set_sysctls, values)
             self.call(node, _with_ipr(_lo_up))
         self.call(plan.steer, _with_ipr(self._build_steer))
@@ -285,8 +257,7 @@ class Lab:
             _addresses(ipr, idx, end.v4, end.v6)
             ipr.link("set", index=idx, state="up")
         default = plan.link(plan.default_host).peer_end
-        ipr.route("add", dst=f"{plan.vip_v4}/32", gateway=str(default.v4.ip))
-        ipr.route("add", dst=f"{plan.vip_v6}/128", gateway=str(default.v6.ip))
+        route_vip(ipr, plan.vip_v4, plan.vip_v6, default.v4.ip, default.v6.ip)
 
     def _build_peer(self, ipr: IPRoute, link: Any) -> None:
         plan = self.plan
@@ -294,9 +265,7 @@ class Lab:
         _addresses(ipr, idx, link.peer_end.v4, link.peer_end.v6)
         ipr.link("set", index=idx, state="up")
         if link.peer in plan.hosts:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.addr("add", index=lo, address=str(plan.vip_v4), prefixlen=32)
-            ipr.addr("add", index=lo, address=str(plan.vip_v6), prefixlen=128)
+            add_vip(ipr, plan.vip_v4, plan.vip_v6)
         ipr.route("add", dst="0.0.0.0/0", gateway=str(link.steer_end.v4.ip))
         ipr.route("add", dst="::/0", gateway=str(link.steer_end.v6.ip))
 

@@ -18,7 +18,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pysteer.lab.plan import LabPlan
-from pysteer.lab.topology import ALL_SYSCTLS, HOST_SYSCTLS, STEER_SYSCTLS, LabError, set_sysctls
+from pysteer.lab.topology import LabError
+from pysteer.provision import add_vip, role_sysctls, route_vip, set_sysctls
 
 
 def _ignore_exists(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -60,11 +61,7 @@ def setup_node(plan: LabPlan, node: str) -> list[str]:
     """Configure this machine as ``node`` of ``plan``; returns what it did, for the log."""
     if node not in plan.nodes:
         raise LabError(f"unknown node {node!r}; the plan has {', '.join(plan.nodes)}")
-    values = dict(ALL_SYSCTLS)
-    if node == plan.steer:
-        values |= STEER_SYSCTLS
-    if node in plan.hosts:
-        values |= HOST_SYSCTLS
+    values = role_sysctls(steer=node == plan.steer, host=node in plan.hosts)
     set_sysctls(values)
     done = [f"sysctls: {', '.join(sorted(values))}"]
     with IPRoute() as ipr:
@@ -87,14 +84,11 @@ def setup_node(plan: LabPlan, node: str) -> list[str]:
             done.append(f"waited {waited:.1f} s for IPv6 duplicate address detection")
         if node == plan.steer:
             gw = plan.link(plan.default_host).peer_end
-            ipr.route("replace", dst=f"{plan.vip_v4}/32", gateway=str(gw.v4.ip))
-            ipr.route("replace", dst=f"{plan.vip_v6}/128", gateway=str(gw.v6.ip))
+            route_vip(ipr, plan.vip_v4, plan.vip_v6, gw.v4.ip, gw.v6.ip, again=True)
             done.append(f"VIP routed to {plan.default_host}")
             return done
         if node in plan.hosts:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            _ignore_exists(ipr.addr, "add", index=lo, address=str(plan.vip_v4), prefixlen=32)
-            _ignore_exists(ipr.addr, "add", index=lo, address=str(plan.vip_v6), prefixlen=128)
+            add_vip(ipr, plan.vip_v4, plan.vip_v6, again=True)
             done.append(f"VIP {plan.vip_v4} {plan.vip_v6} on lo")
         steer = plan.link(node).steer_end
         ipr.route("replace", dst=str(plan.v4), gateway=str(steer.v4.ip))

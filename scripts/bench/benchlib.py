@@ -19,7 +19,7 @@ from typing import Any
 from pysteer.app.handlers import http_body
 from pysteer.lab import Lab
 from pysteer.lab.cluster import LabCluster
-from pysteer.lab.topology import set_sysctls
+from pysteer.provision import set_sysctls
 
 HTTP_PORT = 8443  # the lab's TLS http service (GET /bytes/N)
 

@@ -18,7 +18,7 @@ from helpers.migration import (
 
 from pysteer import tcp
 from pysteer.lab import Lab
-from pysteer.lab.topology import set_sysctls
+from pysteer.provision import set_sysctls
 
 PORT = 7100
 FAMILIES = {4: socket.AF_INET, 6: socket.AF_INET6}
