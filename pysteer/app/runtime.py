@@ -32,6 +32,7 @@ from pysteer.tls import (
     TlsServerConnection,
     TlsStateError,
 )
+from pysteer.tls.state import TlsState
 
 log = logging.getLogger("pysteer.app")
 LOW_WATER = 256 * 1024  # refill the output from the handler's pull() below this
@@ -117,7 +118,7 @@ class Exported:
 
     sock: socket.socket
     tcp: tcp.TcpState
-    tls: dict[str, Any] | None = field(repr=False)
+    tls: dict[str, Any] | TlsState | None = field(repr=False)  # TlsState: decoded by B
     app: Any = field(repr=False)
     pending: bytes = field(repr=False)
     service_port: int

@@ -386,8 +386,9 @@ class TlsServerConnection:
 
     @classmethod
     def from_state(cls, state: Any) -> TlsServerConnection:
-        """Continue a connection exported by ``export_state`` (validated first)."""
-        decoded = TlsState.from_wire(state)
+        """Continue a connection exported by ``export_state``: its wire form (validated
+        first) or a TlsState already decoded from it (an opened blob's)."""
+        decoded = state if isinstance(state, TlsState) else TlsState.from_wire(state)
         conn = cls(None)
         conn.phase = "open"
         conn._read, conn._write = decoded.read, decoded.write

@@ -62,7 +62,9 @@ class MigrationBlob:
     id: bytes
     flow: Flow
     tcp: TcpState = field(repr=False)
-    tls: dict[str, Any] | None = field(repr=False)  # TlsServerConnection.export_state()
+    # The source's TlsServerConnection.export_state(); the target's, decoded and checked
+    # once when the blob is opened (its keys derived then, not again at the restore).
+    tls: dict[str, Any] | TlsState | None = field(repr=False)
     app: Any = field(repr=False)  # the handler's snapshot, msgpack-able
     out: bytes = field(default=b"", repr=False)  # owed to the peer, not yet in the socket
     t: float = field(default_factory=time.time)
@@ -77,7 +79,7 @@ class MigrationBlob:
             "id": self.id,
             "flow": str(self.flow),
             "tcp": self.tcp.to_wire(),
-            "tls": self.tls,
+            "tls": self.tls.to_wire() if isinstance(self.tls, TlsState) else self.tls,
             "app": self.app,
             "out": self.out,
             "t": self.t,
@@ -231,8 +233,7 @@ def _decode(wire: Any, mid: bytes) -> MigrationBlob:
     try:
         flow = Flow.parse(wire["flow"])
         tcp = TcpState.from_wire(wire["tcp"])
-        if wire["tls"] is not None:
-            TlsState.from_wire(wire["tls"])  # validated now, restored by the agent
+        tls = TlsState.from_wire(wire["tls"]) if wire["tls"] is not None else None
     except (FlowSyntaxError, StateFormatError, TlsStateError) as exc:
         raise BlobError(f"invalid blob: {exc}") from None
     try:
@@ -243,4 +244,4 @@ def _decode(wire: Any, mid: bytes) -> MigrationBlob:
         raise BlobError("blob time must be a finite number")
     if not isinstance(wire["out"], bytes):
         raise BlobError("blob output must be bytes")
-    return MigrationBlob(mid, flow, tcp, wire["tls"], wire["app"], wire["out"], t)
+    return MigrationBlob(mid, flow, tcp, tls, wire["app"], wire["out"], t)

@@ -210,6 +210,7 @@ def backlog_case(
         "blob_bytes": [r["blob_bytes"] for r in reports],
         "freeze_ms": spread(r["freeze_ms"] for r in moved),
         "steps_ms": step_durations(r["timeline"] for r in moved),
+        "target_steps_ms": target_steps(moved),
         "byte_exact": problem is None,
         "problem": problem,
         "raw_freeze_ms": [r["freeze_ms"] for r in moved],
@@ -406,6 +407,7 @@ def main() -> None:
             + ("yes" if k["byte_exact"] else f"NO ({k['problem']})")
         )
         print("\n".join(steps_table(k["steps_ms"])))
+        print("\n".join(steps_table(k["target_steps_ms"])))
     print("targets:")
     print("\n".join(target_lines(r["targets"], "  ")))
     print(f"written to {args.out}")

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from helpers.blobs import RECV, SECRET, blob
 
 from pysteer.agent.ledger import Ledger, LedgerError
+from pysteer.tls.state import TlsState
 from pysteer.transfer import (
     MAX_BLOB_AGE,
     MAX_CLOCK_SKEW,
@@ -54,7 +55,8 @@ def test_seal_and_open_round_trip() -> None:
     assert SECRET not in sealed
     assert RECV[:24] not in sealed  # nothing of the state is readable (24 bytes: no chance hit)
     opened = open_sealed(sealed, KEY, expect_id=b.id, **AB)
-    assert opened == b
+    assert opened.to_wire() == b.to_wire()
+    assert isinstance(opened.tls, TlsState)  # decoded and checked once, keys derived once
     assert "SECRET" not in repr(opened)
     assert SECRET.hex() not in repr(opened)
 
