@@ -282,8 +282,10 @@ def cmd_undrain(args: argparse.Namespace) -> int:
 def _describe(r: dict[str, Any]) -> str:
     head = f"{r['flow']}: {r['from']} -> {r['to']}: {r['outcome']}"
     if r["outcome"] == "moved":
+        parked = r.get("parked_ms")
+        at_steer = f", {parked:.3f} ms parked at the steering node" if parked is not None else ""
         return (
-            f"{head}, freeze window {r['freeze_ms']:.3f} ms "
+            f"{head}, freeze window {r['freeze_ms']:.3f} ms{at_steer} "
             f"({r['replayed']} parked packet(s) replayed)"
         )
     return f"{head}: {r['error']}"
