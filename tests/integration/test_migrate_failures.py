@@ -2,9 +2,10 @@
 and the flow is still served by A, and still movable. Then security and bad CLI input.
 
 The failures are real: an agent stopped or killed, a firewall drop, a VIP missing on B,
-the steering daemon stopped. Two cannot be timed from outside, so the agent has a test
-hook, ``PYSTEER_FAULT``: ``prepare:exit`` (B's agent dies on receiving the blob),
-``prepared:exit`` (dies holding the restored frozen socket) and ``prepare:stall``.
+the steering daemon stopped. Some cannot be timed from outside, so B's agent runs with a
+fault injected at a step of its migration machine (tests/helpers/agent_with_fault.py; the
+product has no hook): ``open:exit`` (dies on receiving the move), ``thaw:exit`` (dies
+holding the restored frozen socket) and ``restore:stall``.
 """
 
 from __future__ import annotations
