@@ -74,26 +74,30 @@ class _Link:
             raise LinkError(f"{self.where}: TLS refused ({exc.reason or exc})") from None
         except OSError as exc:
             raise LinkError(f"{self.where}: {exc.strerror or exc}") from None
-        self._conn = aio.Connection(reader, writer)
+        conn = aio.Connection(reader, writer)
         try:
             peer_node(writer.get_extra_info("ssl_object"), self.names, self.name)
         except IdentityError as exc:
-            self.close()
+            conn.close()
             raise LinkError(f"{self.where}: refused its certificate: {exc}") from None
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await asyncio.wait_for(self._conn.hello(self.where), max(deadline - loop.time(), 0.001))
+            await asyncio.wait_for(conn.hello(self.where), max(deadline - loop.time(), 0.001))
         except TimeoutError:
-            self.close()
+            conn.close()
             raise LinkError(f"{self.where}: no answer to its hello within {timeout:g} s") from None
         except RpcError:  # its version, busy, garbage: the message says which
-            self.close()
+            conn.close()
             raise
         except OSError as exc:
-            self.close()
+            conn.close()
             raise LinkError(f"{self.where}: connection lost ({exc})") from None
+        except BaseException:  # cancelled: a link without its hello is no link
+            conn.close()
+            raise
+        self._conn = conn
 
     def close(self) -> None:
         if self._conn is not None:
@@ -118,6 +122,9 @@ class _Link:
             except OSError as exc:  # the RPC's Unreachable and ProtocolError among them
                 self.close()
                 raise LinkError(f"{self.where}: connection lost ({exc})") from None
+            except asyncio.CancelledError:  # its answer would come to the next request
+                self.close()
+                raise
         return check(answer, self.name)
 
 

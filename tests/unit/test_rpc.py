@@ -608,3 +608,114 @@ def test_aio_stall_mid_frame_over_tcp() -> None:
     welcome, last = decode_all(data)
     assert welcome["ok"] is True and last["code"] == "protocol"
     assert "then nothing for 0.3 s" in last["error"]
+
+
+# --- the agents' links, over mutual TLS on loopback ------------------------------------
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cluster CA and node certificates for a and b, as files."""
+    from pysteer.certs import CertificateAuthority  # noqa: PLC0415
+
+    d = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority()
+    (d / "ca.pem").write_bytes(ca.cert_pem)
+    for node in ("a", "b"):
+        issued = ca.issue(node, names=[node], usage="node")
+        (d / f"{node}.pem").write_bytes(issued.chain_pem)
+        (d / f"{node}.key").write_bytes(issued.key_pem)
+    return d
+
+
+async def slow_echo(request: dict[str, Any]) -> dict[str, Any]:
+    if request.get("op") == "slow":
+        await asyncio.sleep(0.5)
+    if request.get("op") == "no":
+        return {"ok": False, "error": "no", "code": "absent"}
+    return {"ok": True, "echo": request}
+
+
+@contextlib.asynccontextmanager
+async def agent_b(pki: Path, welcome: dict[str, Any] | None = None) -> Any:
+    """Agent b's peer listener as the agent serves it (``aio.serve``), or, given
+    ``welcome``, a server that answers every hello with it. Yields (port, hellos seen)."""
+    from pysteer.identity import server_context  # noqa: PLC0415
+
+    hellos: list[dict[str, Any]] = []
+
+    async def client_connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = aio.Connection(reader, writer)
+        try:
+            if welcome is not None:
+                hellos.append(await conn.receive() or {})
+                await conn.send(welcome)
+                await conn.receive()
+            else:
+                await aio.serve(conn, slow_echo, "this agent (b)")
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    context = server_context(pki / "b.pem", pki / "b.key", pki / "ca.pem")
+    server = await asyncio.start_server(client_connected, "127.0.0.1", 0, ssl=context)
+    try:
+        yield server.sockets[0].getsockname()[1], hellos
+    finally:
+        server.close()
+
+
+def link_to_b(pki: Path, port: int) -> Any:
+    from pysteer.agent.links import PeerLink  # noqa: PLC0415
+    from pysteer.identity import client_context  # noqa: PLC0415
+
+    context = client_context(pki / "a.pem", pki / "a.key", pki / "ca.pem")
+    return PeerLink("b", ("127.0.0.1", port), context, {"a", "b"})
+
+
+def test_link_round_trip_and_cancel(pki: Path) -> None:
+    """A link says hello when it opens; a blob comes back as the same bytes; a call
+    cancelled mid-way drops the link, so its late answer never answers the next call."""
+
+    async def go() -> None:
+        async with agent_b(pki) as (port, _):
+            link = link_to_b(pki, port)
+            await link.connect(5)
+            blob = os.urandom(1 << 20)
+            answer = await link.call(5, op="prepare", id=bytes(16), blob=blob)
+            assert answer["echo"]["blob"] == blob
+            slow = asyncio.get_running_loop().create_task(link.call(5, op="slow"))
+            await asyncio.sleep(0.1)
+            slow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await slow
+            answer = await link.call(5, op="next")
+            assert answer["echo"] == {"op": "next"}
+            with pytest.raises(LinkRefused, match=r"^b: no$") as info:
+                await link.call(5, op="no")  # a refusal keeps the link
+            assert info.value.code == "absent"
+            assert (await link.call(5, op="again"))["echo"] == {"op": "again"}
+            link.close()
+
+    asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_link_refuses_an_agent_of_another_version(pki: Path) -> None:
+    async def go() -> None:
+        welcome = {"ok": True, "rpc": "hello", "version": VERSION + 1}
+        async with agent_b(pki, welcome) as (port, hellos):
+            link = link_to_b(pki, port)
+            with pytest.raises(LinkError) as info:
+                await link.call(5, op="hello")
+            assert isinstance(info.value, VersionMismatch)
+            assert str(info.value) == (
+                f"agent b at 127.0.0.1:{port} speaks pysteer RPC version {VERSION + 1}; this "
+                f"end speaks version {VERSION}: run the same version on both ends (upgrade "
+                "the older one)"
+            )
+            assert hellos == [hello()]  # its first frame, and nothing of the request
+        refusal = {"ok": False, "code": "version", "error": "this agent (b) speaks version 9"}
+        async with agent_b(pki, refusal) as (port, _):
+            with pytest.raises(VersionMismatch, match=r"^agent b at .*: this agent \(b\) speaks"):
+                await link_to_b(pki, port).connect(5)
+
+    asyncio.run(asyncio.wait_for(go(), 20))
