@@ -126,7 +126,9 @@ async def serve(conn: Connection, handle: Handler, server: str) -> None:
     A frame that holds no valid request is answered as a bad request, and serving goes
     on. A refused hello, garbage, or a stall is answered when it can be, then raised (a
     ProtocolError: the caller logs it and hangs up); a clean hang-up just returns.
-    ``server`` names this end in refusals ("this steering daemon")."""
+    ``server`` names this end in refusals ("this steering daemon"). Numbers in requests
+    must be finite."""
+    conn.decoder.finite = True
     try:
         first = await conn.receive()
     except LegacyJson:

@@ -488,6 +488,8 @@ def test_aio_serve_and_link(tmp_path: Path) -> None:
                 "error": "the peer sent invalid msgpack",
                 "code": "bad-request",
             }
+            answer = await conn.exchange({"cmd": "park", "lease": math.nan})
+            assert answer["code"] == "bad-request" and "finite" in answer["error"]
             answer = await conn.exchange({"cmd": "boom"})
             assert answer["ok"] is False and "internal error (TypeError" in answer["error"]
             assert (await conn.exchange({"cmd": "x"}))["echo"] == {"cmd": "x"}
