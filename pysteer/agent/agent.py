@@ -2,9 +2,10 @@
 
 Three doors, one asyncio loop:
 - the app's listeners on the VIP (``pysteer.app.runtime``);
-- the peer listener on the node's control address: mutual TLS, cluster CA only, msgpack
-  frames (``hello``, ``prepare``, ``commit``, ``abort``, ``outcome``, ``control``);
-- the local control socket, mode 0600, JSON lines for the CLI (``flows``, ``status``,
+- the peer listener on the node's control address: mutual TLS, cluster CA only, pysteer's
+  RPC (``pysteer.rpc``) with ops ``hello``, ``prepare``, ``commit``, ``abort``,
+  ``outcome``, ``control``;
+- the local control socket, mode 0600, the same RPC for the CLI (``flows``, ``status``,
   ``migrate``, ``drain``, ``cordon``, ``uncordon``, ``undrain``, ``migrations``,
   ``resolve``).
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -37,7 +37,6 @@ from typing import Any
 from pysteer.agent.batcher import MAX_ITEMS as MAX_BATCH
 from pysteer.agent.batcher import Batcher
 from pysteer.agent.drain import Drain, DrainError
-from pysteer.agent.frames import FrameError, read_frame, write_frame
 from pysteer.agent.imports import Imports
 from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
@@ -49,6 +48,8 @@ from pysteer.identity import IdentityError, client_context, peer_node, server_co
 from pysteer.metrics import AgentMetrics, setup_logging
 from pysteer.metrics import serve as serve_metrics
 from pysteer.paths import RUN_DIR
+from pysteer.rpc import aio
+from pysteer.rpc.errors import ProtocolError, VersionMismatch
 from pysteer.tls import ServerConfig
 from pysteer.transfer.blob import KEY_LEN
 
@@ -69,9 +70,10 @@ REMOTE_COMMANDS = (
 HEARTBEAT = 1.0  # seconds between hellos to the steering node (a restart shows as a new boot)
 FREEZE_SLOTS = 8  # flows this agent's migrations hold frozen at once (see Migration._run)
 CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
-SYNC_PART = 8000  # flows per sync request (a request line is at most 1 MiB)
+SYNC_PART = 8000  # flows per sync request (the steering daemon takes at most 1 MiB)
 CLOSED_BATCH = 2000
 MAX_CLOSED = 100_000  # close notices kept while the steering node is unreachable
+MAX_CONTROL_REQUEST = 64 << 10  # bytes of a request on the local control socket
 
 
 class AgentError(RuntimeError):
@@ -354,7 +356,7 @@ class Agent:
         """The TLS handshake of a peer connection, logged when it fails."""
         loop = asyncio.get_running_loop()
         addr = transport.get_extra_info("peername")
-        reader = asyncio.StreamReader()
+        reader = asyncio.StreamReader(limit=aio.STREAM_LIMIT)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
             tls = await loop.start_tls(
@@ -381,18 +383,20 @@ class Agent:
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        async def answer(request: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return await self._peer_op(who, request)
+            except Exception as exc:  # never a dead link for one bad request
+                log.exception("peer request from %s failed", who)
+                return {"ok": False, "error": f"internal error ({type(exc).__name__})"}
+
         try:
-            while True:
-                request = await read_frame(reader)
-                try:
-                    answer = await self._peer_op(who, request)
-                except Exception as exc:  # never a dead link for one bad request
-                    log.exception("peer request from %s failed", who)
-                    answer = {"ok": False, "error": f"internal error ({type(exc).__name__})"}
-                await write_frame(writer, answer)
-        except (FrameError, OSError) as exc:
-            if isinstance(exc, FrameError) and "hung up" not in str(exc):
-                log.warning("peer link from %s dropped: %s", who, exc)
+            await aio.serve(aio.Connection(reader, writer), answer, f"this agent ({self.name})")
+        except ProtocolError as exc:  # a version refused, garbage, or a stall
+            log.warning("peer link from %s dropped: %s", who, exc)
+        except OSError:
+            pass
         finally:
             writer.close()
 
@@ -533,30 +537,19 @@ class Agent:
 
     # --- local control (unix socket, 0600) ---------------------------------------------------
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = aio.Connection(reader, writer, max_frame=MAX_CONTROL_REQUEST)
+
+        async def answer(req: dict[str, Any]) -> dict[str, Any] | None:
+            if req.get("cmd") == "drain":
+                await self._drain(req, conn)  # it answers as it goes
+                return None
+            return await self._control_op(req)
+
         try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except ValueError:  # over the reader's limit: say so, then hang up
-                    writer.write(b'{"ok": false, "error": "a request is at most 64 KiB"}\n')
-                    await writer.drain()
-                    break
-                if not line:
-                    break
-                try:
-                    req = json.loads(line)
-                    if not isinstance(req, dict):
-                        raise ValueError
-                except (ValueError, RecursionError):
-                    answer = {"ok": False, "error": "requests are one JSON object per line"}
-                else:
-                    if req.get("cmd") == "drain":
-                        await self._drain(req, reader, writer)
-                        continue
-                    answer = await self._control_op(req)
-                writer.write(json.dumps(answer).encode() + b"\n")
-                await writer.drain()
-        except (OSError, ValueError):
+            await aio.serve(conn, answer, f"this agent ({self.name})")
+        except VersionMismatch as exc:
+            log.warning("refused a control client: %s", exc)
+        except OSError:  # garbage or a stall (answered), or the client went away
             pass
         finally:
             writer.close()
@@ -703,16 +696,13 @@ class Agent:
 
         self.in_doubt[key] = (migration, self._spawn(settle()))
 
-    async def _drain(
-        self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        """A drain streams progress lines, then its summary; any line from the client (or
-        its hanging up) stops it after the batch in flight."""
+    async def _drain(self, req: dict[str, Any], conn: aio.Connection) -> None:
+        """A drain streams progress answers, then its summary; any frame from the client
+        (or its hanging up) stops it after the batch in flight."""
 
         async def send(message: dict[str, Any]) -> None:
             try:
-                writer.write(json.dumps(message).encode() + b"\n")
-                await writer.drain()
+                await conn.answer(message)
             except (ConnectionError, OSError):
                 stop.set()
 
@@ -751,8 +741,8 @@ class Agent:
             return
 
         async def watch() -> None:
-            with contextlib.suppress(OSError, ValueError):
-                await reader.readline()
+            with contextlib.suppress(OSError):  # the RPC's ProtocolError among them
+                await conn.receive()
             stop.set()
 
         watcher = asyncio.get_running_loop().create_task(watch())

@@ -1,26 +1,28 @@
-"""The CLI's side of an agent: its local control socket (JSON lines, root only), or,
-from another machine, its mutual-TLS peer listener (``ask_remote``)."""
+"""The CLI's side of an agent: its local control socket (root only), or, from another
+machine, its mutual-TLS peer listener (``ask_remote``). Both speak pysteer's RPC
+(``pysteer.rpc``); its error map decides what an answer means."""
 
 from __future__ import annotations
 
-import json
 import socket
 from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pysteer.steer.control import LineReader
+from pysteer.rpc.errors import Refused, RpcError, Unreachable
 
 if TYPE_CHECKING:
     import ssl
 
-
-class AgentDown(ConnectionError):
-    """No agent answers on the socket."""
+    from pysteer.rpc.blocking import Client
 
 
-class AgentRefused(RuntimeError):
-    """The agent answered no; the message is its reason."""
+class AgentDown(Unreachable):
+    """No agent answers on the socket (or none that speaks this version)."""
+
+
+class AgentRefused(Refused):
+    """The agent answered no; the message is its reason (``code``, the error map's)."""
 
 
 def ask(path: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
@@ -32,8 +34,22 @@ def ask(path: Path, cmd: str, *, timeout: float = 10.0, **args: Any) -> dict[str
         stream.close()
 
 
+def _client(sock: socket.socket, where: str) -> Client:
+    # Only once an agent is there: a command that finds none needs no msgpack.
+    from pysteer.rpc.blocking import Client  # noqa: PLC0415
+
+    return Client(sock, where)
+
+
+def _mapped(exc: RpcError) -> AgentDown | AgentRefused:
+    """The CLI's exception for what the RPC's error map said."""
+    if isinstance(exc, Unreachable):
+        return AgentDown(str(exc), exc.code)
+    return AgentRefused(str(exc), exc.code)
+
+
 class Stream:
-    """A request on the local socket; its answers arrive one per line (a drain sends many)."""
+    """A request on the local socket; its answers arrive one by one (a drain sends many)."""
 
     def __init__(self, path: Path, cmd: str, *, timeout: float | None = None, **args: Any) -> None:
         self.path, self.timeout = path, timeout
@@ -41,13 +57,15 @@ class Stream:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(str(path))
-            self.sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+            self.client = _client(self.sock, f"the agent at {path}")
+            self.client.send({"cmd": cmd, **args})
         except BaseException as exc:
             self.sock.close()
             raise self._error(exc) from None
-        self.reader = LineReader(self.sock)
 
     def _error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, RpcError):
+            return _mapped(exc)
         if isinstance(exc, FileNotFoundError | ConnectionRefusedError):
             return AgentDown(f"no agent at {self.path}")
         if isinstance(exc, PermissionError):
@@ -60,22 +78,13 @@ class Stream:
 
     def next(self) -> dict[str, Any]:
         try:
-            data = self.reader.line()
-        except OSError as exc:
+            return self.client.receive()
+        except (RpcError, OSError) as exc:
             raise self._error(exc) from None
-        if not data:
-            raise AgentDown(f"the agent at {self.path} hung up")
-        try:
-            answer = json.loads(data)
-        except json.JSONDecodeError:
-            raise AgentDown(f"the agent at {self.path} sent no valid answer") from None
-        if not answer.get("ok"):
-            raise AgentRefused(answer.get("error", "refused"))
-        return answer
 
     def stop(self) -> None:
         """Ask the agent to stop after what is in flight; answers keep coming."""
-        self.sock.sendall(b'{"cmd": "stop"}\n')
+        self.client.send({"cmd": "stop"})
 
     def close(self) -> None:
         self.sock.close()
@@ -97,19 +106,15 @@ def ask_remote(
 
     ``netns``: open the connection inside that network namespace (the node's, on this
     machine), so that its packets never go out of the caller's own namespace."""
-    # Only here: the local socket (every other request) needs no TLS, cryptography,
-    # msgpack or asyncio (frames), and the CLI starts faster without them.
+    # Only here: the local socket (every other request) needs no TLS or cryptography, and
+    # the CLI starts faster without them.
     import ssl  # noqa: PLC0415
 
-    import msgpack  # noqa: PLC0415
-
-    from pysteer.agent.frames import encode_frame  # noqa: PLC0415
     from pysteer.identity import IdentityError, peer_node  # noqa: PLC0415
 
     where = f"agent {node} at {address[0]}:{address[1]}"
     if netns is not None:
         where += f" in namespace {netns}"
-    request = encode_frame({"op": "control", "request": {"cmd": cmd, **args}})
     try:
         if netns is None:
             raw = socket.create_connection(address, timeout=timeout)
@@ -122,25 +127,13 @@ def ask_remote(
             context.wrap_socket(raw, server_hostname=node) as sock,
         ):
             peer_node(sock, {node, *names}, node)
-            sock.sendall(request)
-            head = _read_exactly(sock, 4)
-            answer = msgpack.unpackb(_read_exactly(sock, int.from_bytes(head, "big")), raw=False)
+            request = {"op": "control", "request": {"cmd": cmd, **args}}
+            return _client(sock, where).call(request)
+    except RpcError as exc:
+        raise _mapped(exc) from None
     except TimeoutError:
         raise AgentDown(f"{where} did not answer within {timeout:g} s") from None
     except IdentityError as exc:  # an impostor, not a node that is down: say which
         raise AgentDown(f"{where}: refused its certificate: {exc}") from None
-    except (ssl.SSLError, OSError, EOFError) as exc:
+    except (ssl.SSLError, OSError) as exc:
         raise AgentDown(f"{where}: {exc}") from None
-    if not isinstance(answer, dict) or not answer.get("ok"):
-        raise AgentRefused(answer.get("error", "refused") if isinstance(answer, dict) else "?")
-    return answer
-
-
-def _read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError("the agent hung up")
-        data += chunk
-    return data

@@ -1,35 +1,28 @@
-"""The agent's long-lived mTLS connections: to a peer agent (msgpack frames) and to the
-steering daemon (JSON lines). Kept open between migrations so that a freeze never waits
-for a TLS handshake; a broken link is dialled again on next use.
+"""The agent's long-lived mTLS connections: to a peer agent and to the steering daemon,
+both in pysteer's RPC (``pysteer.rpc``). Kept open between migrations so that a freeze
+never waits for a TLS handshake or a hello; a broken link is dialled again on next use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import socket
 import ssl
 from collections.abc import AsyncIterator, Collection
 from typing import Any
 
-from pysteer.agent.frames import FrameError, read_frame, write_frame
 from pysteer.identity import IdentityError, peer_node
+from pysteer.rpc import aio
+from pysteer.rpc.errors import Refused, RpcError, check
+from pysteer.rpc.errors import Unreachable as LinkError
 
-LINE_LIMIT = 2 << 20  # the steering daemon's answers (a sync's lists) fit in one read
+__all__ = ["LinkError", "LinkPool", "PeerLink", "Refused", "SteerLink"]
 
-
-class LinkError(ConnectionError):
-    """The other side is unreachable, refused us, or did not answer in time."""
-
-
-class Refused(RuntimeError):
-    """The other side answered, and said no (its reason is the message; ``code``, when it
-    gives one, is for the caller's logic: e.g. ``committed``, ``aborted``, ``pending``)."""
-
-    def __init__(self, message: str, code: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+# LinkError: the other side is unreachable, refused us (its certificate, its version, or
+# busy), or did not answer in time. Refused: it answered, and said no (``code``, when it
+# gives one, is for the caller's logic: e.g. ``committed``, ``aborted``, ``pending``).
+# Both come from the RPC's one error map (``pysteer.rpc.errors``).
 
 
 class _Link:
@@ -46,8 +39,7 @@ class _Link:
         certificate may name no other of them)."""
         self.name, self.address, self.context = name, address, context
         self.names = {name, *names}
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._conn: aio.Connection | None = None
         self._lock = asyncio.Lock()
 
     @property
@@ -61,12 +53,18 @@ class _Link:
             await self._connect(timeout)
 
     async def _connect(self, timeout: float) -> None:
-        if self._writer is not None and not self._writer.is_closing():
+        """Open the link: TLS, the peer's identity, then the RPC's hello (its version)."""
+        if self._conn is not None and not self._conn.closing:
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            self._reader, self._writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
-                    *self.address, ssl=self.context, server_hostname=self.name, limit=LINE_LIMIT
+                    *self.address,
+                    ssl=self.context,
+                    server_hostname=self.name,
+                    limit=aio.STREAM_LIMIT,
                 ),
                 timeout,
             )
@@ -76,19 +74,35 @@ class _Link:
             raise LinkError(f"{self.where}: TLS refused ({exc.reason or exc})") from None
         except OSError as exc:
             raise LinkError(f"{self.where}: {exc.strerror or exc}") from None
+        conn = aio.Connection(reader, writer)
         try:
-            peer_node(self._writer.get_extra_info("ssl_object"), self.names, self.name)
+            peer_node(writer.get_extra_info("ssl_object"), self.names, self.name)
         except IdentityError as exc:
-            self.close()
+            conn.close()
             raise LinkError(f"{self.where}: refused its certificate: {exc}") from None
-        sock = self._writer.get_extra_info("socket")
+        sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.wait_for(conn.hello(self.where), max(deadline - loop.time(), 0.001))
+        except TimeoutError:
+            conn.close()
+            raise LinkError(f"{self.where}: no answer to its hello within {timeout:g} s") from None
+        except RpcError:  # its version, busy, garbage: the message says which
+            conn.close()
+            raise
+        except OSError as exc:
+            conn.close()
+            raise LinkError(f"{self.where}: connection lost ({exc})") from None
+        except BaseException:  # cancelled: a link without its hello is no link
+            conn.close()
+            raise
+        self._conn = conn
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        self._reader = self._writer = None
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
 
     async def call(self, timeout: float, **request: Any) -> dict[str, Any]:
         """One request and its answer; the link is dropped on any failure."""
@@ -97,52 +111,33 @@ class _Link:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout
             await self._connect(timeout)
+            assert self._conn is not None  # noqa: S101
             try:
                 answer = await asyncio.wait_for(
-                    self._exchange(request), max(deadline - loop.time(), 0.001)
+                    self._conn.exchange(request), max(deadline - loop.time(), 0.001)
                 )
             except TimeoutError:
                 self.close()
                 raise LinkError(f"{self.where}: no answer within {timeout:g} s") from None
-            except (OSError, FrameError, ValueError) as exc:
+            except OSError as exc:  # the RPC's Unreachable and ProtocolError among them
                 self.close()
                 raise LinkError(f"{self.where}: connection lost ({exc})") from None
-        if not answer.get("ok"):
-            code = answer.get("code")
-            raise Refused(
-                f"{self.name}: {answer.get('error', 'refused')}",
-                code if isinstance(code, str) else None,
-            )
-        return answer
-
-    async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+            except asyncio.CancelledError:  # its answer would come to the next request
+                self.close()
+                raise
+        return check(answer, self.name)
 
 
 class PeerLink(_Link):
-    """To another node's agent; requests are msgpack maps with an ``op``."""
+    """To another node's agent; requests are maps with an ``op``."""
 
     what = "agent"
 
-    async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self._reader is not None and self._writer is not None  # noqa: S101
-        await write_frame(self._writer, request)
-        return await read_frame(self._reader)
-
 
 class SteerLink(_Link):
-    """To the steering daemon's mTLS listener; requests are JSON lines with a ``cmd``."""
+    """To the steering daemon's mTLS listener; requests are maps with a ``cmd``."""
 
     what = "steering daemon"
-
-    async def _exchange(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self._reader is not None and self._writer is not None  # noqa: S101
-        self._writer.write(json.dumps(request).encode() + b"\n")
-        await self._writer.drain()
-        line = await self._reader.readline()
-        if not line.endswith(b"\n"):
-            raise FrameError("the steering daemon hung up")
-        return json.loads(line)
 
 
 class LinkPool:

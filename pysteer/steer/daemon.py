@@ -11,7 +11,6 @@ import contextlib
 import fcntl
 import functools
 import ipaddress
-import json
 import logging
 import os
 import signal
@@ -28,7 +27,10 @@ from pysteer.identity import IdentityError, peer_node
 from pysteer.metrics import setup_logging
 from pysteer.netns import call_in
 from pysteer.paths import RUN_DIR
-from pysteer.steer.control import LineReader, RequestError, decode_request, socket_path
+from pysteer.rpc import blocking
+from pysteer.rpc.codec import encode
+from pysteer.rpc.errors import Busy, ProtocolError, VersionMismatch, answer_for
+from pysteer.steer.control import MAX_REQUEST, RequestError, socket_path
 from pysteer.steer.loader import AttachError
 from pysteer.steer.maps import Action
 from pysteer.steer.pins import PinError
@@ -56,8 +58,7 @@ MAX_HANDSHAKES_PER_SOURCE = 20  # ... from one address
 HANDSHAKE_TIMEOUT = 5.0  # seconds a whole handshake may take
 MAX_SESSIONS_PER_HOST = 24  # an agent keeps up to 16 links; a few more ride out reconnects
 LOCAL_IDLE_TIMEOUT = 30.0  # a unix client's next request, whole, must arrive within this
-LINE_TIMEOUT = 30.0  # a request that has started to arrive must be complete within this
-SEND_TIMEOUT = 60.0  # a client must take each answer within this
+REQUEST_TIMEOUT = 30.0  # a request that has started to arrive must be complete within this
 REFUSALS_LOG_EVERY = 10.0  # seconds between two log lines about refused connections
 KEEPALIVE = (60, 10, 6)  # TCP idle, interval, probes: a vanished agent's slot frees in ~2 min
 
@@ -147,34 +148,6 @@ class _Slots:
             f"steering daemon busy: {self.limit} control connections are open on "
             f"{self.where}, the most it serves at once; try again shortly"
         )
-
-
-class _Deadline:
-    """A connection as LineReader reads it, giving each request a deadline: ``idle``
-    seconds to arrive whole (None: the client may stay silent as long as it likes, as
-    agents do between migrations), and at most LINE_TIMEOUT once it has started."""
-
-    def __init__(self, conn: socket.socket, idle: float | None) -> None:
-        self.conn, self.idle = conn, idle
-        self.until: float | None = None
-
-    def expect(self, started: bool) -> None:
-        """The next request is awaited; ``started``: part of it has arrived already."""
-        limit = LINE_TIMEOUT if started else self.idle
-        self.until = None if limit is None else time.monotonic() + limit
-
-    def recv(self, size: int) -> bytes:
-        if self.until is None:
-            self.conn.settimeout(None)
-        else:
-            left = self.until - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")
-            self.conn.settimeout(left)
-        data = self.conn.recv(size)
-        if data and self.until is None:
-            self.until = time.monotonic() + LINE_TIMEOUT
-        return data
 
 
 _ACTIONS = (Action.PASS, Action.PARK, Action.TO)
@@ -379,42 +352,39 @@ class Daemon:
     def _client(
         self, conn: socket.socket, idle: float | None = None, who: str | None = None
     ) -> None:
-        """Answer requests, one per line, until the client hangs up (agents keep it open).
-        ``who``: the host a TLS client proved to be (see ``handle``).
+        """Answer requests (pysteer's RPC, its hello first) until the client hangs up
+        (agents keep it open). ``who``: the host a TLS client proved to be (see
+        ``handle``).
 
-        Every line gets an answer: a bad one its error, and an unexpected failure is logged
-        and answered too, so no request can end this thread while its client still talks.
-        A client that takes longer than ``idle`` (None: no limit) to send a request whole,
-        or LINE_TIMEOUT to finish one it started, is hung up on: it holds a slot.
+        Every request gets an answer: a bad one its error, and an unexpected failure is
+        logged and answered too, so no request can end this thread while its client still
+        talks. A client that takes longer than ``idle`` (None: no limit) to send a request
+        whole, or REQUEST_TIMEOUT to finish one it started, is hung up on: it holds a slot.
         """
+
+        def answer(req: dict[str, Any]) -> dict[str, Any]:
+            try:
+                return self.handle(req, who)
+            except Exception as exc:
+                log.exception("control request failed")
+                error = f"internal error ({type(exc).__name__}), see the daemon's log"
+                return {"ok": False, "error": error}
+
         with conn:
-            deadline = _Deadline(conn, idle)
-            reader = LineReader(deadline)  # type: ignore[arg-type] - it needs only recv
-            while True:
-                deadline.expect(started=bool(reader.buffer))
-                try:
-                    data = reader.line()
-                except TimeoutError:
-                    log.info("hung up on a control client: no whole request in time")
-                    return
-                except OSError as exc:  # a TLS client breaking its protocol, for one
-                    log.warning("control connection lost: %s", exc)
-                    return
-                if not data.endswith(b"\n"):
-                    return
-                try:
-                    out = json.dumps(self.handle(decode_request(data), who))
-                except RequestError as exc:
-                    out = json.dumps({"ok": False, "error": str(exc)})
-                except Exception as exc:
-                    log.exception("control request failed")
-                    error = f"internal error ({type(exc).__name__}), see the daemon's log"
-                    out = json.dumps({"ok": False, "error": error})
-                try:
-                    conn.settimeout(SEND_TIMEOUT)
-                    conn.sendall(out.encode() + b"\n")
-                except OSError:
-                    return
+            why = blocking.serve(
+                conn,
+                answer,
+                "this steering daemon",
+                idle=idle,
+                max_frame=MAX_REQUEST,
+                frame_timeout=REQUEST_TIMEOUT,
+            )
+        if isinstance(why, VersionMismatch):  # an operator must upgrade one side
+            log.warning("refused a control client: %s", why)
+        elif isinstance(why, ProtocolError | TimeoutError):
+            log.info("hung up on a control client: %s", why)
+        elif why is not None:  # a TLS client breaking its protocol, for one
+            log.warning("control connection lost: %s", why)
 
     def bind(self) -> None:
         """Create the control socket (mode 0600) now, so it exists once "control at" is
@@ -604,11 +574,11 @@ def run(
 
 
 def _refuse(conn: socket.socket, error: str) -> None:
-    """Answer a connection beyond the bound with one error line, and hang up."""
+    """Answer a connection beyond the bound (in place of its hello's answer), and hang up."""
     with conn:
-        conn.setblocking(False)  # a fresh socket's buffer takes the line; never wait
+        conn.setblocking(False)  # a fresh socket's buffer takes the frame; never wait
         with contextlib.suppress(OSError):
-            conn.sendall(json.dumps({"ok": False, "error": error}).encode() + b"\n")
+            conn.sendall(encode(answer_for(Busy(error))))
 
 
 def _keepalive(sock: socket.socket) -> None:

@@ -30,6 +30,7 @@ from helpers.waiting import wait_until
 from pysteer.lab import Lab
 from pysteer.lab.cluster import STEER_PORT, agent_argv, steer_argv, write_cluster
 from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.rpc.codec import Decoder
 from pysteer.steer import pins
 from pysteer.steer.control import ControlError, request, request_remote, socket_path
 from pysteer.steer.pins import PIN_ROOT
@@ -254,6 +255,16 @@ def hung_up(socks: list[ssl.SSLSocket]) -> list[ssl.SSLSocket]:
     return gone
 
 
+def first_answer(sock: socket.socket) -> dict:
+    """The first answer on ``sock`` (the RPC's, in place of its hello's), its error cut
+    to 45 characters."""
+    decoder = Decoder()
+    decoder.feed(sock.recv(1000))
+    answer = decoder.next()
+    assert answer is not None
+    return answer | {"error": answer["error"][:45]}
+
+
 def connect_unix(path: Path, count: int) -> list[socket.socket]:
     socks = []
     for _ in range(count):
@@ -340,10 +351,11 @@ def test_local_control_connections_are_bounded(steering: Steering) -> None:
             late = "answered"
         except ControlError as exc:
             late = str(exc)
+        late = late.removeprefix(f"steering daemon at {steering.path}: ")
         facts = {
             "refused": len(refused),
             "threads within the bound": threads(pid) <= base + MAX_LOCAL_CLIENTS + SLACK,
-            "why": refused[0].recv(1000).decode()[:69] if refused else None,
+            "why": first_answer(refused[0]) if refused else None,
             "one more, refused at once": (late[:45], time.monotonic() - start < 2),
             "TLS listener serves": steering.remote_ok(),  # it has a budget of its own
         }
@@ -351,7 +363,7 @@ def test_local_control_connections_are_bounded(steering: Steering) -> None:
         assert facts == {
             "refused": extra,
             "threads within the bound": True,
-            "why": '{"ok": false, "error": "' + busy,
+            "why": {"ok": False, "code": "busy", "error": busy},
             "one more, refused at once": (busy, True),
             "TLS listener serves": True,
         }

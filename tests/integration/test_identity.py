@@ -1,4 +1,5 @@
-"""Every control link checks who is calling, not only that the CA signed its certificate.
+"""Every control link checks who is calling, not only that the CA signed its certificate,
+and which version of pysteer's RPC it speaks.
 
 A real cluster on a lab: certificates minted with the cluster's own CA but for the wrong
 purpose or the wrong name (the client-facing service certificate, one without an
@@ -10,21 +11,23 @@ certificate gets through both, so the test can tell a refusal from a broken list
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import msgpack
 import pytest
 from helpers.cluster import Cluster, running_cluster
 from helpers.waiting import wait_until
 
 from pysteer.certs import CertificateAuthority
 from pysteer.lab.cluster import AGENT_PORT, STEER_PORT
+from pysteer.rpc import VERSION
+from pysteer.rpc.codec import Decoder, encode, hello
 
 pytestmark = pytest.mark.integration
 
@@ -57,8 +60,9 @@ def minted(cluster: Cluster, tmp: Path) -> dict[str, tuple[Path, Path]]:
 def call(
     cluster: Cluster, address: tuple[str, int], server: str, cert: tuple[Path, Path], request: bytes
 ) -> bytes:
-    """From host a's namespace: handshake with ``cert``, send ``request``, read the answer
-    (b"" if the server hung up; an SSLError if it refused during the handshake)."""
+    """From host a's namespace: handshake with ``cert``, send ``request``, read what comes
+    back until the server hangs up or stays silent for a second (b"" if it hung up at
+    once; an SSLError if it refused during the handshake)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cluster.dir / "ca.pem")
     ctx.load_cert_chain(*cert)
@@ -68,13 +72,33 @@ def call(
             try:
                 with ctx.wrap_socket(raw, server_hostname=server) as tls:
                     tls.sendall(request)
-                    return tls.recv(4096)
+                    data = tls.recv(65536)
+                    tls.settimeout(1)
+                    with contextlib.suppress(TimeoutError):
+                        while chunk := tls.recv(65536):
+                            data += chunk
+                    return data
             except ssl.SSLError as exc:  # TLS 1.3: the verdict comes after our Finished
                 return f"refused: {exc.reason}".encode()
             except ConnectionError:
                 return b""
 
     return cluster.lab.call("a", go)
+
+
+def rpc(*requests: dict) -> bytes:
+    """A connection's first bytes in pysteer's RPC: the hello, then ``requests``."""
+    return encode(hello()) + b"".join(encode(r) for r in requests)
+
+
+def answers(data: bytes) -> list[dict]:
+    """Every answer in ``data``, its hello's first (checked, and left out)."""
+    decoder, out = Decoder(), []
+    decoder.feed(data)
+    while (message := decoder.next()) is not None:
+        out.append(message)
+    assert out[:1] == [{"ok": True, "rpc": "hello", "version": VERSION}], (data[:200], out)
+    return out[1:]
 
 
 REFUSED = ["service", "no-eku", "server-only", "cn-san-differ", "not-a-node"]
@@ -91,13 +115,13 @@ def test_steering_daemon_checks_identity(cluster: Cluster, tmp_path: Path) -> No
     files = minted(cluster, tmp_path)
     plan = cluster.lab.plan
     address = (str(plan.link(plan.hosts[0]).steer_end.v4.ip), STEER_PORT)
-    line = json.dumps({"cmd": "hosts"}).encode() + b"\n"
-    answer = call(cluster, address, plan.steer, files["node"], line)
-    assert json.loads(answer)["ok"] is True, answer
+    hosts = rpc({"cmd": "hosts"})
+    answer = call(cluster, address, plan.steer, files["node"], hosts)
+    assert answers(answer)[0]["ok"] is True, answer
     for name in REFUSED:
         before = cluster.log(plan.steer).count("refused a control connection")
-        answer = call(cluster, address, plan.steer, files[name], line)
-        assert b'"ok"' not in answer, (name, answer)
+        answer = call(cluster, address, plan.steer, files[name], hosts)
+        assert b"ok" not in answer, (name, answer)
         wait_until(
             lambda n=before: cluster.log(plan.steer).count("refused a control connection") > n,
             timeout=5,
@@ -106,19 +130,18 @@ def test_steering_daemon_checks_identity(cluster: Cluster, tmp_path: Path) -> No
         last = cluster.log(plan.steer).rsplit("refused a control connection", 1)[1]
         assert re.search(REASONS[name], last.splitlines()[0]), (name, last[:300])
     # Still serving: refusals never stop the listener.
-    assert json.loads(call(cluster, address, plan.steer, files["node"], line))["ok"] is True
+    assert answers(call(cluster, address, plan.steer, files["node"], hosts))[0]["ok"] is True
 
 
 def test_agent_checks_identity(cluster: Cluster, tmp_path: Path) -> None:
     files = minted(cluster, tmp_path)
     address = (str(cluster.lab.plan.address("b")), AGENT_PORT)
-    body = msgpack.packb({"op": "hello"})
-    hello = len(body).to_bytes(4, "big") + body
-    assert b"node" in call(cluster, address, "b", files["node"], hello)
+    ask_b = rpc({"op": "hello"})
+    assert answers(call(cluster, address, "b", files["node"], ask_b))[0]["node"] == "b"
     for name in REFUSED:
         before = cluster.log("b").count("refused a peer connection")
-        answer = call(cluster, address, "b", files[name], hello)
-        assert b"node" not in answer, (name, answer)
+        answer = call(cluster, address, "b", files[name], ask_b)
+        assert b"ok" not in answer and b"node" not in answer, (name, answer)
         wait_until(
             lambda n=before: cluster.log("b").count("refused a peer connection") > n,
             timeout=5,
@@ -126,7 +149,7 @@ def test_agent_checks_identity(cluster: Cluster, tmp_path: Path) -> None:
         )
         last = cluster.log("b").rsplit("refused a peer connection", 1)[1]
         assert re.search(REASONS[name], last.splitlines()[0]), (name, last[:300])
-    assert b"node" in call(cluster, address, "b", files["node"], hello)
+    assert answers(call(cluster, address, "b", files["node"], ask_b))[0]["node"] == "b"
 
 
 def test_links_check_the_server_they_reach(cluster: Cluster, tmp_path: Path) -> None:
@@ -194,25 +217,80 @@ def test_a_host_speaks_only_for_itself(cluster: Cluster) -> None:
         "to": ({"cmd": "to", "flow": flow, "host": "a"}, "is not an agent's command"),
         "gc": ({"cmd": "gc"}, "is not an agent's command"),
     }
+    a = (d / "a.pem", d / "a.key")
     for name, (request, error) in refused.items():
-        answer = json.loads(
-            call(
-                cluster,
-                address,
-                plan.steer,
-                (d / "a.pem", d / "a.key"),
-                json.dumps(request).encode() + b"\n",
-            )
-        )
+        (answer,) = answers(call(cluster, address, plan.steer, a, rpc(request)))
         assert answer["ok"] is False and error in answer["error"], (name, answer)
     own = {"cmd": "sync", "host": "a", "flows": [], "done": False}  # a part: changes nothing
-    answer = json.loads(
-        call(
-            cluster,
-            address,
-            plan.steer,
-            (d / "a.pem", d / "a.key"),
-            json.dumps(own).encode() + b"\n",
-        )
-    )
+    (answer,) = answers(call(cluster, address, plan.steer, a, rpc(own)))
     assert answer["ok"] is True, answer
+
+
+def test_listeners_refuse_another_version(cluster: Cluster) -> None:
+    """Every listener of a node (the steering daemon's TLS listener, an agent's peer
+    listener and its local control socket) refuses a client of another RPC version, after
+    its identity is checked: one answer that names both versions, then it hangs up. A
+    client of the JSON lines before gets that answer as a JSON line. Both are logged, and
+    the listeners serve the right version as before."""
+    d, plan = cluster.dir, cluster.lab.plan
+    a = (d / "a.pem", d / "a.key")
+    newer = encode(hello() | {"version": VERSION + 1}) + encode({"cmd": "hosts"})
+    old = json.dumps({"cmd": "hosts"}).encode() + b"\n"
+    steer = (str(plan.link(plan.hosts[0]).steer_end.v4.ip), STEER_PORT)
+    agent_b = (str(plan.address("b")), AGENT_PORT)
+    listeners: list[tuple[str, Callable[[bytes], bytes], str, str]] = [
+        (
+            "this steering daemon",
+            lambda data: call(cluster, steer, plan.steer, a, data),
+            plan.steer,
+            "refused a control client",
+        ),
+        (
+            "this agent (b)",
+            lambda data: call(cluster, agent_b, "b", a, data),
+            "b",
+            "peer link from a dropped",
+        ),
+        ("this agent (b)", lambda data: local(cluster, "b", data), "b", "refused a control client"),
+    ]
+    for speaker, send, log_of, logged in listeners:
+        decoder = Decoder()
+        decoder.feed(send(newer))
+        assert decoder.next() == {
+            "ok": False,
+            "code": "version",
+            "error": f"{speaker} speaks pysteer RPC version {VERSION}; the client speaks "
+            f"version {VERSION + 1}: run the same version on both ends (upgrade the older one)",
+        }
+        assert decoder.next() is None and not decoder.pending  # nothing more: it hung up
+        answer = json.loads(send(old))
+        assert answer["ok"] is False and answer["code"] == "version", answer
+        assert answer["error"].startswith(
+            f"{speaker} speaks pysteer RPC version {VERSION} (length-prefixed msgpack frames); "
+            "the client sent a JSON line, so it speaks version 0"
+        )
+        wait_until(
+            lambda who=log_of, line=f"{logged}: {speaker} speaks pysteer RPC version": (
+                cluster.log(who).count(line) >= 1
+            ),
+            timeout=5,
+            what=f"{log_of} logs the refusal",
+        )
+        assert "Traceback" not in cluster.log(log_of)
+    assert answers(call(cluster, steer, plan.steer, a, rpc({"cmd": "hosts"})))[0]["ok"]
+    assert answers(local(cluster, "b", rpc({"cmd": "status"})))[0]["ok"]
+
+
+def local(cluster: Cluster, node: str, data: bytes) -> bytes:
+    """Send ``data`` to ``node``'s local control socket; what comes back until it hangs up
+    or stays silent for a second."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(f"/run/pysteer/{cluster.lab.prefix}/agent-{node}.sock")
+        sock.sendall(data)
+        got = sock.recv(65536)
+        sock.settimeout(1)
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                got += chunk
+    return got

@@ -23,7 +23,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgpack
 import pytest
 from helpers.blobs import blob
 from helpers.cluster import HELPERS, Cluster, Session, check_ticker_stream, running_cluster
@@ -32,6 +31,8 @@ from helpers.migration import RstCapture
 from pysteer.agent.control import Stream
 from pysteer.certs import CertificateAuthority
 from pysteer.lab.cluster import AGENT_PORT
+from pysteer.rpc import VERSION
+from pysteer.rpc.codec import Decoder, encode, hello
 from pysteer.transfer import new_migration_id, seal
 
 
@@ -202,7 +203,7 @@ def peer_connect(cluster: Cluster, node: str, cert: Path, key: Path, ca: Path) -
     def connect() -> ssl.SSLSocket:
         raw = socket.create_connection((host, AGENT_PORT), timeout=5)
         tls = ctx.wrap_socket(raw, server_hostname="b")
-        tls.sendall(b"\0\0\0\1\x80")  # an empty map: forces the server's verdict
+        tls.sendall(encode(hello()))  # its answer: the server's verdict
         if not tls.recv(100):
             raise ConnectionError("the agent hung up")
         return tls
@@ -210,18 +211,20 @@ def peer_connect(cluster: Cluster, node: str, cert: Path, key: Path, ca: Path) -
     return cluster.lab.call(node, connect)
 
 
-def frame(message: dict) -> bytes:
-    body = msgpack.packb(message, use_bin_type=True)
-    return len(body).to_bytes(4, "big") + body
+def answer_of(sock: socket.socket) -> dict:
+    """The next answer on ``sock`` (one at a time: nothing is left over)."""
+    decoder = Decoder()
+    while (message := decoder.next()) is None:
+        data = sock.recv(65536)
+        assert data, "the agent hung up"
+        decoder.feed(data)
+    assert not decoder.pending
+    return message
 
 
-def ask(sock: ssl.SSLSocket, message: dict) -> dict:
-    sock.sendall(frame(message))
-    size = int.from_bytes(sock.recv(4), "big")
-    data = b""
-    while len(data) < size:
-        data += sock.recv(size - len(data))
-    return msgpack.unpackb(data)
+def ask(sock: socket.socket, message: dict) -> dict:
+    sock.sendall(encode(message))
+    return answer_of(sock)
 
 
 def test_foreign_certificate_refused(cluster: Cluster, tmp_path: Path) -> None:
@@ -418,43 +421,51 @@ def test_cli_reaches_a_remote_agent_over_mtls(cluster: Cluster, client: Client) 
 
 
 # --- bad requests to an agent: an answer, never a traceback ---------------------------------
-def _local(cluster: Cluster, node: str, line: bytes) -> dict:
+def _local(cluster: Cluster, node: str, request: dict | bytes) -> dict:
+    """One request (a map, or a frame as it is) on ``node``'s local control socket."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
         sock.connect(f"/run/pysteer/{cluster.lab.prefix}/agent-{node}.sock")
-        sock.sendall(line + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            assert chunk, "the agent hung up"
-            data += chunk
-    return json.loads(data)
+        sock.sendall(encode(hello()))
+        assert answer_of(sock) == {"ok": True, "rpc": "hello", "version": VERSION}
+        return ask(sock, request) if isinstance(request, dict) else ask_raw(sock, request)
+
+
+def ask_raw(sock: socket.socket, frame: bytes) -> dict:
+    sock.sendall(frame)
+    return answer_of(sock)
+
+
+def framed(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
 
 
 def test_bad_requests_to_an_agent(cluster: Cluster) -> None:
     """Requests of the wrong shape, on the local socket and over mutual TLS, each get a
     clear refusal; the agent keeps serving, and its log holds no traceback. A drain leaves
     none either (its stop watcher is awaited before the next request is read)."""
-    local = [
-        (b'{"cmd": "drain", "to": ["b"]}', "cannot drain a to ['b']"),
-        (b'{"cmd": "drain", "to": "b", "batch": true}', "batch must be 1..4096"),
-        (b'{"cmd": ["flows"]}', "cmd must be a string"),
+    local: list[tuple[dict | bytes, str]] = [
+        ({"cmd": "drain", "to": ["b"]}, "cannot drain a to ['b']"),
+        ({"cmd": "drain", "to": "b", "batch": True}, "batch must be 1..4096"),
+        ({"cmd": ["flows"]}, "cmd must be a string"),
         (
-            b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:443", "to": ["b"]}',
+            {"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:443", "to": ["b"]},
             "to must be a node name",
         ),
         (
-            b'{"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:' + b"9" * 5000 + b'"}',
+            {"cmd": "migrate", "flow": "10.77.1.2:1-10.77.100.1:" + "9" * 5000},
             "malformed flow",
         ),
-        (b'{"cmd": "resolve", "id": ["x"], "keep": "source"}', "id must be a migration id"),
-        (b"[" * 100000, "a request is at most 64 KiB"),
-        (b"[" * 5000, "requests are one JSON object per line"),
-        (b"\xff\xfe", "requests are one JSON object per line"),
+        ({"cmd": "resolve", "id": ["x"], "keep": "source"}, "id must be a migration id"),
+        ({"cmd": "status", "pad": "x" * 100_000}, "bytes is over the 65536-byte limit"),
+        (framed(b"\x81\xa3cmd" + b"\x91" * 5000 + b"\x00"), "the peer sent invalid msgpack"),
+        (framed(b"\x81\xa3cmd" + b"\x91" * 500 + b"\x00"), "a frame nests at most 32"),
+        (framed(b"\xff\xfe"), "the peer sent invalid msgpack"),
+        (framed(b"\x81\xa3cmd\xa2\xff\xfe"), "a frame's strings must be UTF-8"),
     ]
-    for line, message in local:
-        answer = _local(cluster, "a", line)
-        assert answer["ok"] is False and message in answer["error"], (line[:60], answer)
+    for request, message in local:
+        answer = _local(cluster, "a", request)
+        assert answer["ok"] is False and message in answer["error"], (str(request)[:60], answer)
     d = cluster.dir
     sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem")
     with sock:
@@ -481,9 +492,9 @@ def test_bad_requests_to_an_agent(cluster: Cluster) -> None:
             pass
     finally:
         stream.close()
-    assert _local(cluster, "a", b'{"cmd": "undrain"}')["ok"]
+    assert _local(cluster, "a", {"cmd": "undrain"})["ok"]
     time.sleep(0.3)
     for node in ("a", "b"):
         log = cluster.log(node)
         assert "Traceback" not in log and "readuntil" not in log, log[-3000:]
-    assert _local(cluster, "a", b'{"cmd": "flows"}')["ok"]
+    assert _local(cluster, "a", {"cmd": "flows"})["ok"]

@@ -1,4 +1,5 @@
-"""The agent's sans-socket parts: frames, the timeline, the import ledger's outcomes."""
+"""The agent's sans-socket parts: frames as its RPC reads them, the timeline, the import
+ledger's outcomes."""
 
 import asyncio
 import contextlib
@@ -7,9 +8,11 @@ import time
 import msgpack
 import pytest
 
-from pysteer.agent.frames import MAX_FRAME, FrameError, encode_frame, read_frame
 from pysteer.agent.ledger import Ledger, LedgerError
 from pysteer.migration.timeline import Timeline
+from pysteer.rpc.aio import Connection
+from pysteer.rpc.codec import MAX_FRAME, encode
+from pysteer.rpc.errors import ProtocolError
 
 
 def feed(data: bytes) -> asyncio.StreamReader:
@@ -20,14 +23,18 @@ def feed(data: bytes) -> asyncio.StreamReader:
 
 
 async def frames(data: bytes) -> list[dict]:
-    reader, out = feed(data), []
+    """Every message in ``data``, read as the agent reads a peer, until it hangs up."""
+    conn, out = Connection(feed(data), None), []  # type: ignore[arg-type] - reads only
     while True:
         try:
-            out.append(await read_frame(reader))
-        except FrameError as exc:
+            message = await conn.receive()
+        except ProtocolError as exc:
             if "hung up" in str(exc):
                 return out
             raise
+        if message is None:
+            return out
+        out.append(message)
 
 
 def test_frames_round_trip_binary() -> None:
@@ -35,7 +42,7 @@ def test_frames_round_trip_binary() -> None:
         {"op": "prepare", "id": bytes(range(16)), "blob": b"\0\n\xff" * 1000},
         {"op": "hello"},
     ]
-    data = b"".join(encode_frame(m) for m in messages)
+    data = b"".join(encode(m) for m in messages)
     assert asyncio.run(frames(data)) == messages
     assert asyncio.run(frames(data[:-1])) == messages[:1]  # a cut frame is a hang-up
 
@@ -49,12 +56,12 @@ def test_frames_round_trip_binary() -> None:
     ],
 )
 def test_bad_frames(data: bytes, message: str) -> None:
-    with pytest.raises(FrameError, match=message):
+    with pytest.raises(ProtocolError, match=message):
         asyncio.run(frames(data))
 
 
 def test_frame_is_msgpack_with_length() -> None:
-    frame = encode_frame({"a": 1})
+    frame = encode({"a": 1})
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     assert msgpack.unpackb(frame[4:]) == {"a": 1}
 

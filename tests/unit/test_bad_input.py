@@ -1,11 +1,11 @@
 """Bad input that used to reach a traceback: each now gets its module's documented error.
 
-One test per hole that was found: the control line decoder, the daemon's per-client loop,
-flows, agent frames, sealed blobs, and the TCP and TLS state decoders.
+One test per hole that was found: the RPC's request decoder (it replaced the steering
+daemon's control line decoder), the daemon's per-client loop, flows, frames as agents read
+them, sealed blobs, and the TCP and TLS state decoders.
 """
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -21,9 +21,11 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from helpers.blobs import SECRET, blob
 
-from pysteer.agent.frames import FrameError, encode_frame, read_frame
 from pysteer.flow import Flow, FlowSyntaxError
-from pysteer.steer.control import MAX_DEPTH, LineReader, RequestError, decode_request
+from pysteer.rpc import VERSION, aio
+from pysteer.rpc.codec import FRAME_TIMEOUT, MAX_DEPTH, Decoder, decode_body, encode, hello
+from pysteer.rpc.errors import BadFrame, ProtocolError
+from pysteer.steer.control import MAX_REQUEST
 from pysteer.steer.daemon import Daemon
 from pysteer.tcp import StateFormatError, TcpState
 from pysteer.tls.state import TlsState, TlsStateError
@@ -74,61 +76,95 @@ def test_flow_parse_only_takes_strings(value: Any) -> None:
         Flow.parse(value)
 
 
-# --- control lines -----------------------------------------------------------------------------
+# --- requests, as servers decode them -----------------------------------------------------
+def body_frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def request(body: bytes) -> dict[str, Any]:
+    """One frame's request as a server decodes it (numbers finite), within the steering
+    daemon's bound; BadFrame (a ProtocolError) when it holds none."""
+    decoder = Decoder(MAX_REQUEST, finite=True)
+    decoder.feed(body_frame(body))
+    message = decoder.next()
+    assert message is not None and not decoder.pending
+    return message
+
+
 @pytest.mark.parametrize(
-    ("line", "message"),
+    ("body", "message"),
     [
-        (b'{"cmd": "stats", "x": "\xff\xfe"}\n', "must be UTF-8"),
-        (b"[" * 100_000 + b"\n", f"nests at most {MAX_DEPTH} levels"),
-        (b'{"a":' * 100_000 + b"\n", f"nests at most {MAX_DEPTH} levels"),
-        (b'{"cmd": "stats", "port": ' + HUGE.encode() + b"}\n", "at most 20 digits"),
-        (b'{"cmd": "stats", "t": 1e999}\n', "finite"),
-        (b'{"cmd": "stats", "t": NaN}\n', "finite, not NaN"),
-        (b'["stats"]\n', "must be a JSON object, not list"),
-        (b'"stats"\n', "must be a JSON object, not str"),
-        (b"{cmd: stats}\n", "one JSON object per line"),
-        (b"\n", "one JSON object per line"),
+        (b"\x81\xa3cmd\xa5st\xffts", "strings must be UTF-8"),
+        (b"\x81\xa3cmd\xa2\xed\xa0", "strings must be UTF-8"),  # a lone surrogate
+        (packb({"cmd": nested(100)}), f"nests at most {MAX_DEPTH} maps or arrays"),
+        (packb({"cmd": DEEP}), f"nests at most {MAX_DEPTH} maps or arrays"),
+        (b"\x81\xa3cmd" + b"\x91" * 2000 + b"\x00", "invalid msgpack"),  # past msgpack's own
+        (packb({"cmd": "stats", "t": math.inf}), "finite"),
+        (packb({"cmd": "stats", "t": -math.inf}), "finite"),
+        (packb({"cmd": "stats", "t": math.nan}), "finite"),
+        (packb({"cmd": "stats", "x": [[{"t": math.nan}]]}), "finite"),
+        (packb(["stats"]), "must hold a map"),
+        (packb("stats"), "must hold a map"),
+        (b"\x81\xa3cmd\xd3", "invalid msgpack"),  # cut inside a number
+        (b"\x81\xa3cmd\xc1", "invalid msgpack"),  # a byte msgpack never uses
+        (b"\x81\xa3cmd\xc0\xc0", "invalid msgpack"),  # a second value after the map
+        (b"", "invalid msgpack"),
     ],
     ids=[
         "utf8",
-        "deep-array",
-        "deep-object",
-        "huge-int",
+        "surrogate",
+        "deep-100",
+        "deep-1020",
+        "deep-2000",
         "inf",
+        "-inf",
         "nan",
+        "nested-nan",
         "list",
         "str",
-        "not-json",
+        "cut",
+        "never-used",
+        "extra-data",
         "empty",
     ],
 )
-def test_decode_request_refuses(line: bytes, message: str) -> None:
-    with pytest.raises(RequestError, match=message) as info:
-        decode_request(line)
-    assert len(str(info.value)) < 200  # never quotes the line back
+def test_request_frames_refused(body: bytes, message: str) -> None:
+    with pytest.raises(BadFrame, match=message) as info:
+        request(body)
+    assert len(str(info.value)) < 200  # never quotes the frame back
 
 
-def test_decode_request_accepts_requests() -> None:
-    assert decode_request(b'{"cmd": "stats"}\n') == {"cmd": "stats"}
-    line = json.dumps({"cmd": "to", "flow": GOOD, "host": "b", "n": 2**63, "x": [[{}]]})
-    assert decode_request(line.encode())["n"] == 2**63
-    # Brackets inside strings are text, not nesting.
-    assert decode_request(b'{"cmd": "' + b"[" * 1000 + b'"}')["cmd"] == "[" * 1000
-    assert decode_request(json.dumps({"a": nested(MAX_DEPTH - 1)}).encode())["a"]
-    assert decode_request('{"cmd": "stats"}') == {"cmd": "stats"}  # text works too
-    with pytest.raises(RequestError, match="must be UTF-8"):
-        decode_request('{"cmd": "\udc80"}')  # a lone surrogate is no UTF-8
+def test_request_frames_accepted() -> None:
+    assert request(packb({"cmd": "stats"})) == {"cmd": "stats"}
+    got = request(packb({"cmd": "to", "flow": GOOD, "host": "b", "n": 2**64 - 1, "x": [[{}]]}))
+    assert got["n"] == 2**64 - 1 and got["x"] == [[{}]]
+    assert request(packb({"cmd": "[" * 1000}))["cmd"] == "[" * 1000  # text, not nesting
+    assert request(packb({"a": nested(MAX_DEPTH - 1)}))["a"]
+    assert request(packb({"t": 0.5, "b": b"\xff"})) == {"t": 0.5, "b": b"\xff"}
+    decoder = Decoder()  # a client's: answers may carry any float
+    decoder.feed(encode({"t": math.inf}))
+    assert decoder.next() == {"t": math.inf}
+
+
+def test_request_frames_over_the_bound() -> None:
+    decoder = Decoder(MAX_REQUEST, finite=True)
+    decoder.feed((MAX_REQUEST + 1).to_bytes(4, "big"))
+    with pytest.raises(ProtocolError, match=f"over the {MAX_REQUEST}-byte limit"):
+        decoder.next()
+    decoder.feed(encode({"cmd": "stats"}))  # the stream is broken for good
+    with pytest.raises(ProtocolError, match="over the"):
+        decoder.next()
 
 
 def test_request_error_is_a_control_error() -> None:
-    from pysteer.steer.control import ControlError  # noqa: PLC0415
+    from pysteer.steer.control import ControlError, RequestError  # noqa: PLC0415
 
     assert issubclass(RequestError, ControlError)
 
 
 @pytest.fixture
 def daemon_conn(caplog: pytest.LogCaptureFixture) -> Iterator[socket.socket]:
-    """A client socket served by a real ``Daemon._client`` thread.
+    """A client socket served by a real ``Daemon._client`` thread, past its hello.
 
     The daemon has no steerer (that needs BPF): any command reaching the flow table fails
     inside ``handle``, which is exactly the unexpected error the loop must survive.
@@ -139,44 +175,50 @@ def daemon_conn(caplog: pytest.LogCaptureFixture) -> Iterator[socket.socket]:
     thread = threading.Thread(target=daemon._client, args=(theirs,), daemon=True)
     thread.start()
     ours.settimeout(10)
+    assert ask(ours, encode(hello())) == {"ok": True, "rpc": "hello", "version": VERSION}
     yield ours
     ours.close()
     thread.join(10)
     assert not thread.is_alive()
 
 
-def ask(sock: socket.socket, line: bytes) -> dict[str, Any]:
-    sock.sendall(line)
-    return json.loads(LineReader(sock).line())
+def ask(sock: socket.socket, frame: bytes) -> dict[str, Any]:
+    """Send ``frame``, read the one answer frame."""
+    sock.sendall(frame)
+    decoder = Decoder()
+    while (answer := decoder.next()) is None:
+        data = sock.recv(65536)
+        assert data, "the daemon hung up"
+        decoder.feed(data)
+    assert not decoder.pending  # exactly one answer
+    return answer
 
 
-def test_daemon_client_answers_bad_lines_and_keeps_serving(
+def test_daemon_client_answers_bad_frames_and_keeps_serving(
     daemon_conn: socket.socket, caplog: pytest.LogCaptureFixture
 ) -> None:
     bad = [
-        (b'{"cmd": "flows\xff"}\n', "must be UTF-8"),
-        (b"[" * 100_000 + b"\n", "nests at most"),
-        (
-            json.dumps({"cmd": "park", "flow": f"10.0.0.2:{HUGE}-10.0.0.3:80"}).encode() + b"\n",
-            "flow",  # refused by the daemon's field check or by Flow.parse: both name it
-        ),
-        (b'{"cmd": "park", "flow": "x", "n": ' + HUGE.encode() + b"}\n", "at most 20 digits"),
-        (b"[1]\n", "must be a JSON object"),
-        (b'{"cmd": "nope"}\n', "unknown command 'nope'"),
+        (body_frame(b"\x81\xa3cmd\xa5flo\xffs"), "must be UTF-8"),
+        (body_frame(packb({"cmd": DEEP})), "nests at most"),
+        (encode({"cmd": "park", "flow": f"10.0.0.2:{HUGE}-10.0.0.3:80"}), "flow"),
+        (encode({"cmd": "park", "flow": GOOD, "lease": math.inf}), "finite"),
+        (body_frame(b"\x91\x01"), "must hold a map"),
+        (body_frame(b"\x81\xa3cmd\xc1"), "invalid msgpack"),
+        (encode({"cmd": "nope"}), "unknown command 'nope'"),
     ]
-    for line, message in bad:
-        answer = ask(daemon_conn, line)
+    for frame, message in bad:
+        answer = ask(daemon_conn, frame)
         assert answer["ok"] is False
-        assert message in answer["error"]
+        assert message in answer["error"], answer
     # An unexpected failure inside handle (here: no steerer) is answered and logged.
-    answer = ask(daemon_conn, b'{"cmd": "stats"}\n')
+    answer = ask(daemon_conn, encode({"cmd": "stats"}))
     assert answer == {"ok": False, "error": "internal error (AttributeError), see the daemon's log"}
     assert "control request failed" in caplog.text
-    answer = ask(daemon_conn, b'{"cmd": "nope"}\n')  # the thread still serves
+    answer = ask(daemon_conn, encode({"cmd": "nope"}))  # the thread still serves
     assert answer["error"] == "unknown command 'nope'"
 
 
-# --- agent frames ------------------------------------------------------------------------------
+# --- frames, as agents read them ----------------------------------------------------------
 def stalled(data: bytes) -> asyncio.StreamReader:
     """A reader holding ``data`` whose peer then neither sends nor hangs up."""
     reader = asyncio.StreamReader()
@@ -184,14 +226,19 @@ def stalled(data: bytes) -> asyncio.StreamReader:
     return reader
 
 
+def reading(reader: asyncio.StreamReader, **options: Any) -> aio.Connection:
+    return aio.Connection(reader, None, **options)  # type: ignore[arg-type] - reads only
+
+
 @pytest.mark.parametrize("cut", [1, 3, 4, 10], ids=["head-1", "head-3", "head-4", "body"])
 def test_truncated_frame_times_out(cut: int) -> None:
-    frame = encode_frame({"op": "prepare", "blob": b"x" * 100})
+    frame = encode({"op": "prepare", "blob": b"x" * 100})
 
     async def go() -> float:
         start = time.monotonic()
-        with pytest.raises(FrameError, match="part of a frame"):
-            await asyncio.wait_for(read_frame(stalled(frame[:cut]), timeout=0.2), 5)
+        conn = reading(stalled(frame[:cut]), frame_timeout=0.2)
+        with pytest.raises(ProtocolError, match="part of a frame"):
+            await asyncio.wait_for(conn.receive(), 5)
         return time.monotonic() - start
 
     assert 0.15 < asyncio.run(go()) < 3
@@ -199,23 +246,20 @@ def test_truncated_frame_times_out(cut: int) -> None:
 
 def test_idle_wait_for_a_frame_is_unbounded() -> None:
     async def go() -> None:
-        reader = stalled(b"")
-        with pytest.raises(TimeoutError):  # ours: read_frame itself never gives up here
-            await asyncio.wait_for(read_frame(reader, timeout=0.05), 0.5)
+        conn = reading(stalled(b""), frame_timeout=0.05)
+        with pytest.raises(TimeoutError):  # ours: receive itself never gives up here
+            await asyncio.wait_for(conn.receive(), 0.5)
 
     asyncio.run(go())
 
 
 def test_default_frame_timeout_is_finite() -> None:
-    """The agent calls ``read_frame(reader)``: its default must bound a stalled frame."""
+    """The agent reads with the default: it must bound a stalled frame."""
     import inspect  # noqa: PLC0415
 
-    default = inspect.signature(read_frame).parameters["timeout"].default
-    assert 0 < default <= 120
-
-
-def body_frame(body: bytes) -> bytes:
-    return len(body).to_bytes(4, "big") + body
+    assert 0 < FRAME_TIMEOUT <= 120
+    default = inspect.signature(aio.Connection).parameters["frame_timeout"].default
+    assert default == FRAME_TIMEOUT
 
 
 @pytest.mark.parametrize(
@@ -236,10 +280,12 @@ def test_bad_frame_bodies(body: bytes, message: str) -> None:
         reader = asyncio.StreamReader()
         reader.feed_data(body_frame(body))
         reader.feed_eof()
-        await read_frame(reader)
+        await reading(reader).receive()
 
-    with pytest.raises(FrameError, match=message):
+    with pytest.raises(ProtocolError, match=message):
         asyncio.run(go())
+    with pytest.raises(BadFrame, match=message):
+        decode_body(body)
 
 
 # --- sealed blobs ------------------------------------------------------------------------------

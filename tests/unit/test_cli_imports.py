@@ -41,7 +41,9 @@ HEAVY += [
     "pysteer.steer.loader",
     "pysteer.steer.daemon",
     "pysteer.agent.agent",
-    "pysteer.agent.frames",
+    "pysteer.rpc.codec",  # msgpack: a command loads it once it reaches a daemon
+    "pysteer.rpc.aio",
+    "pysteer.rpc.blocking",
 ]
 
 

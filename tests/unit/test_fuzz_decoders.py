@@ -5,9 +5,10 @@ them the way a bug or an attacker would (bit flips, truncation, type swaps of on
 huge integers, NaN, deep nesting, bad UTF-8), which reaches far deeper than random bytes;
 and hypothesis (derandomized) drives the same mutator and generates arbitrary values.
 Targets: ``TcpState.from_wire``, the TLS state decoder, sealed blobs (the envelope, and
-plaintexts sealed with the real key so they get past the AEAD), agent frames read through
-an ``asyncio.StreamReader``, steering control lines (``decode_request``, then
-``Flow.parse`` as the daemon calls it) and a real ``Daemon._client`` loop.
+plaintexts sealed with the real key so they get past the AEAD), RPC frames read through
+an ``asyncio.StreamReader`` and through the sans-IO decoder fed in random pieces (both
+must agree), requests as a server decodes them (then ``Flow.parse`` as the steering daemon
+calls it), and a real ``Daemon._client`` loop, old JSON-line clients included.
 """
 
 import asyncio
@@ -29,9 +30,11 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pysteer.agent.frames import FrameError, encode_frame, read_frame
 from pysteer.flow import Flow, FlowSyntaxError
-from pysteer.steer.control import LineReader, RequestError, decode_request
+from pysteer.rpc import aio
+from pysteer.rpc.codec import Decoder, encode, hello
+from pysteer.rpc.errors import BadFrame, ProtocolError
+from pysteer.steer.control import MAX_REQUEST
 from pysteer.steer.daemon import Daemon
 from pysteer.tcp import RepairWindow, SocketOptions, StateFormatError, TcpState, TcpStateCode
 from pysteer.tls.state import TlsState, TlsStateError
@@ -508,13 +511,24 @@ def check_sealed(data: Any, case: str) -> None:
     assert got is None or (isinstance(got, MigrationBlob) and math.isfinite(got.t)), case
 
 
-def check_line(line: bytes, case: str) -> None:
-    """A control line as the daemon takes it: decoded, then its flow parsed."""
-    req = only(RequestError, lambda: decode_request(line), case)
+def frame_of(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+def check_request(body: bytes, case: str) -> None:
+    """A request frame as the steering daemon takes it: decoded (numbers finite, within
+    its bound), then its flow parsed."""
+
+    def decode() -> Any:
+        decoder = Decoder(MAX_REQUEST, finite=True)
+        decoder.feed(frame_of(body))
+        return decoder.next()
+
+    req = only(ProtocolError, decode, case)
     if req is None:
         return
     assert isinstance(req, dict), case
-    json.dumps(req)  # an accepted request can be echoed back in an answer
+    encode(req)  # an accepted request can be echoed back in an answer
     only(FlowSyntaxError, lambda: Flow.parse(str(req.get("flow", ""))), case)
 
 
@@ -522,29 +536,74 @@ def check_flow(text: Any, case: str) -> None:
     only(FlowSyntaxError, lambda: Flow.parse(text), case)
 
 
-async def read_all(data: bytes, case: str, eof: bool = True) -> None:
-    """Every frame in ``data``, read as an agent reads its peer, until FrameError."""
+def decode_pieces(data: bytes, rng: random.Random, case: str) -> list[Any]:
+    """What the sans-IO decoder makes of ``data`` fed in random pieces (one byte to all
+    of it): messages, "bad" for each bad frame it skips, then "broken" if the stream broke
+    for good. Only a ProtocolError may come out of it."""
+    decoder, out, pos = Decoder(), [], 0
+    while pos < len(data):
+        step = rng.choice((1, 1, 2, 3, 7, 64, len(data)))
+        decoder.feed(data[pos : pos + step])
+        pos += step
+        while True:
+            try:
+                message = decoder.next()
+            except BadFrame:
+                out.append("bad")
+                continue
+            except ProtocolError:
+                return [*out, "broken"]
+            except Exception as exc:
+                pytest.fail(f"{case}: {type(exc).__name__} escaped", pytrace=False)
+            if message is None:
+                break
+            out.append(message)
+    return out
+
+
+async def read_all(data: bytes, case: str, eof: bool = True) -> list[Any]:
+    """Every frame in ``data``, read as an agent's server reads its client (a bad frame
+    is skipped, as the server answers it), until it breaks or the peer hangs up. The same
+    list as ``decode_pieces``, "bad" and "broken" included."""
     reader = asyncio.StreamReader()
     reader.feed_data(data)
     if eof:
         reader.feed_eof()
+    conn = aio.Connection(reader, None, frame_timeout=0.01)  # type: ignore[arg-type]
+    out: list[Any] = []
     for _ in range(64):
         try:
-            message = await asyncio.wait_for(read_frame(reader, timeout=0.01), 2)
-        except FrameError:
-            return
+            message = await asyncio.wait_for(conn.receive(), 2)
+        except BadFrame:
+            out.append("bad")
+            continue
+        except ProtocolError as exc:
+            return (
+                out if "hung up" in str(exc) or "part of a frame" in str(exc) else [*out, "broken"]
+            )
         except TimeoutError:  # only the unbounded wait for a frame to START may take long
-            assert not eof and reader.at_eof() is False and not reader._buffer, case
-            return
+            assert not eof and not conn.decoder.pending, case
+            return out
         except Exception as exc:
             pytest.fail(f"{case}: {type(exc).__name__} escaped: {str(exc)[:300]}", pytrace=False)
+        if message is None:
+            return out
         assert isinstance(message, dict), case
+        out.append(message)
+    return out
 
 
 def check_frames(cases: list[tuple[bytes, str, bool]]) -> None:
+    rng = seeded(SEED + 7)
+
     async def run() -> None:
         for data, case, eof in cases:
-            await read_all(data, case, eof)
+            read = await read_all(data, case, eof)
+            pieces = decode_pieces(data, rng, case)
+            if len(read) < 64:  # read_all stops there
+                assert msgpack.packb(pieces) == msgpack.packb(read), case  # NaN == NaN
+            else:
+                assert msgpack.packb(pieces[:64]) == msgpack.packb(read), case
 
     asyncio.run(run())
 
@@ -603,7 +662,7 @@ def test_sealed_blob_mutations() -> None:
 
 def test_frame_mutations() -> None:
     rng = seeded(SEED + 3)
-    frames = [encode_frame(m) for m in FRAME_SEEDS]
+    frames = [encode(m) for m in FRAME_SEEDS]
     cases: list[tuple[bytes, str, bool]] = [(f, "valid", True) for f in frames]
     for i in range(CASES):
         cases.append((mutate_bytes(rng.choice(frames), rng, MSGPACK_TOKENS), f"bytes #{i}", True))
@@ -617,17 +676,14 @@ def test_frame_mutations() -> None:
     check_frames(cases)
 
 
-def test_control_line_mutations() -> None:
+def test_request_mutations() -> None:
     rng = seeded(SEED + 4)
-    lines = [json.dumps(s).encode() for s in CONTROL_SEEDS]
+    bodies = [msgpack.packb(s) for s in CONTROL_SEEDS]
     for i in range(CASES):
-        check_line(mutate_bytes(rng.choice(lines), rng, JSON_TOKENS), f"line bytes #{i}")
-        req = mutate(rng.choice(CONTROL_SEEDS), rng)
-        try:
-            line = json.dumps(req).encode()
-        except (TypeError, ValueError, RecursionError):  # not expressible as JSON
-            continue
-        check_line(line, f"line structural #{i}")
+        check_request(mutate_bytes(rng.choice(bodies), rng, MSGPACK_TOKENS), f"bytes #{i}")
+        packed = packb(mutate(rng.choice(CONTROL_SEEDS), rng))
+        if packed is not None:
+            check_request(packed, f"structural #{i}")
 
 
 def test_flow_mutations() -> None:
@@ -641,27 +697,61 @@ def test_flow_mutations() -> None:
         check_flow(text, f"flow #{i}")
 
 
-def test_daemon_client_survives_mutated_lines(caplog: pytest.LogCaptureFixture) -> None:
-    """A real ``Daemon._client`` loop: one answer per line, always ``ok: false`` here (there
-    is no steerer, so even good commands fail inside ``handle``), and the thread lives on."""
+def receive_one(sock: socket.socket, decoder: Decoder) -> dict[str, Any]:
+    while (answer := decoder.next()) is None:
+        data = sock.recv(65536)
+        assert data, "the daemon hung up"
+        decoder.feed(data)
+    return answer
+
+
+def test_daemon_client_survives_mutated_frames(caplog: pytest.LogCaptureFixture) -> None:
+    """A real ``Daemon._client`` loop: one answer per frame, always ``ok: false`` here
+    (there is no steerer, so even good commands fail inside ``handle``), and the thread
+    lives on."""
     caplog.set_level(logging.CRITICAL, logger="pysteer.steer")
     rng = seeded(SEED + 6)
-    lines = [json.dumps(s).encode() for s in CONTROL_SEEDS]
+    bodies = [msgpack.packb(s) for s in CONTROL_SEEDS]
     ours, theirs = socket.socketpair()
     daemon = Daemon(None, Path("/nonexistent"))  # type: ignore[arg-type]
     thread = threading.Thread(target=daemon._client, args=(theirs,), daemon=True)
     thread.start()
     ours.settimeout(10)
-    reader = LineReader(ours)
+    decoder = Decoder()
     with ours:
+        ours.sendall(encode(hello()))
+        assert receive_one(ours, decoder)["ok"] is True
         for i in range(300):
-            line = mutate_bytes(rng.choice(lines), rng, JSON_TOKENS).replace(b"\n", b" ")
-            ours.sendall(line + b"\n")
-            answer = json.loads(reader.line())
-            assert answer["ok"] is False and isinstance(answer["error"], str), f"line #{i}"
-            assert thread.is_alive(), f"line #{i}"
+            ours.sendall(frame_of(mutate_bytes(rng.choice(bodies), rng, MSGPACK_TOKENS)))
+            answer = receive_one(ours, decoder)
+            assert answer["ok"] is False and isinstance(answer["error"], str), f"frame #{i}"
+            assert thread.is_alive(), f"frame #{i}"
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_daemon_client_answers_old_clients(caplog: pytest.LogCaptureFixture) -> None:
+    """A client of the JSON lines pysteer spoke before its RPC, sending anything at all:
+    one JSON line that says which versions meet, then the daemon hangs up."""
+    caplog.set_level(logging.CRITICAL, logger="pysteer.steer")
+    rng = seeded(SEED + 8)
+    daemon = Daemon(None, Path("/nonexistent"))  # type: ignore[arg-type]
+    for i in range(40):
+        line = b"{" + mutate_bytes(json.dumps(rng.choice(CONTROL_SEEDS)).encode(), rng, JSON_TOKENS)
+        ours, theirs = socket.socketpair()
+        thread = threading.Thread(target=daemon._client, args=(theirs,), daemon=True)
+        thread.start()
+        with ours:
+            ours.settimeout(10)
+            ours.sendall(line + b"\n")
+            got = b""
+            while chunk := ours.recv(65536):
+                got += chunk
+        thread.join(10)
+        assert not thread.is_alive(), f"line #{i}"
+        answer = json.loads(got)
+        assert answer["ok"] is False and answer["code"] == "version", f"line #{i}"
+        assert "version 1" in answer["error"] and "version 0" in answer["error"]
 
 
 # --- hypothesis: arbitrary values, and the mutator driven by hypothesis' own randomness ------
@@ -701,32 +791,32 @@ mutator_rng = st.randoms(use_true_random=False)
 
 
 @FUZZ
-@given(line=st.binary(max_size=300))
-def test_hypothesis_control_bytes(line: bytes) -> None:
-    check_line(line, f"bytes {line[:60]!r}")
+@given(body=st.binary(max_size=300))
+def test_hypothesis_request_bytes(body: bytes) -> None:
+    check_request(body, f"bytes {body[:60]!r}")
 
 
 @FUZZ
 @given(text=st.text(max_size=300))
-def test_hypothesis_control_text(text: str) -> None:
-    check_line(text.encode("utf-8", "surrogatepass"), "text as bytes")
-    only(RequestError, lambda: decode_request(text), f"text {text[:60]!r}")
+def test_hypothesis_request_text(text: str) -> None:
+    check_request(msgpack.packb({"cmd": "park", "flow": text}), "text as a flow")
+    raw = text.encode("utf-8", "surrogatepass")  # a lone surrogate is no UTF-8
+    check_request(b"\x81\xa3cmd\xda" + len(raw).to_bytes(2, "big") + raw, "raw str")
 
 
 @FUZZ
-@given(value=json_values, depth=st.integers(0, 40))
-def test_hypothesis_control_json(value: Any, depth: int) -> None:
+@given(value=msgpack_values, depth=st.integers(0, 40))
+def test_hypothesis_request_values(value: Any, depth: int) -> None:
     request = {"cmd": "park", "flow": "10.0.0.2:1-10.0.0.3:2", "x": nested(depth, value)}
-    line = json.dumps(request).encode()
-    check_line(line, f"json {line[:60]!r}")
-    check_line(json.dumps(value).encode(), "json value")
+    check_request(msgpack.packb(request, use_bin_type=True), "nested value")
+    check_request(msgpack.packb(value, use_bin_type=True), "value")
 
 
 @FUZZ
 @given(rng=mutator_rng)
-def test_hypothesis_control_mutations(rng: random.Random) -> None:
-    line = json.dumps(rng.choice(CONTROL_SEEDS)).encode()
-    check_line(mutate_bytes(line, rng, JSON_TOKENS), "mutated line")
+def test_hypothesis_request_mutations(rng: random.Random) -> None:
+    body = msgpack.packb(rng.choice(CONTROL_SEEDS))
+    check_request(mutate_bytes(body, rng, MSGPACK_TOKENS), "mutated request")
 
 
 @FUZZ

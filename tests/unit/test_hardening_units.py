@@ -3,7 +3,6 @@ change, and control clients that cannot hold a connection slot forever."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import stat
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pysteer.rpc.codec import Decoder, encode, hello
 from pysteer.steer import daemon as steerd
 from pysteer.steer import pins
 from pysteer.steer.daemon import Daemon
@@ -146,7 +146,7 @@ def test_bad_instance_names_are_refused(bpffs: Path, name: str) -> None:
 # --- control clients: deadlines ----------------------------------------------------------
 @pytest.fixture
 def quick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(steerd, "LINE_TIMEOUT", 0.5, raising=False)  # none before item 13
+    monkeypatch.setattr(steerd, "REQUEST_TIMEOUT", 0.5)
 
 
 def serve(idle: float | None) -> tuple[socket.socket, threading.Thread]:
@@ -156,6 +156,15 @@ def serve(idle: float | None) -> tuple[socket.socket, threading.Thread]:
     thread.start()
     ours.settimeout(10)
     return ours, thread
+
+
+def answer(sock: socket.socket) -> dict:
+    decoder = Decoder()
+    while (message := decoder.next()) is None:
+        data = sock.recv(65536)
+        assert data, "hung up on"
+        decoder.feed(data)
+    return message
 
 
 @pytest.fixture
@@ -179,7 +188,7 @@ def test_a_dribbling_local_client_is_hung_up_on(idle_client) -> None:
     ours, thread = idle_client
     start = time.monotonic()
     with pytest.raises(OSError):  # hung up on while it dribbles
-        for byte in b'{"cmd": "stats", "padding": "' + b"x" * 40:
+        for byte in encode(hello()) + encode({"cmd": "stats", "padding": "x" * 40}):
             ours.send(bytes([byte]))
             time.sleep(0.05)
     assert time.monotonic() - start < 5
@@ -189,24 +198,32 @@ def test_a_dribbling_local_client_is_hung_up_on(idle_client) -> None:
 
 def test_a_local_client_that_talks_is_served(idle_client) -> None:
     ours, _ = idle_client
+    time.sleep(0.3)
+    ours.sendall(encode(hello()))
+    assert answer(ours)["ok"] is True
     for _ in range(3):  # each request gets its own deadline
         time.sleep(0.3)
-        ours.sendall(b'{"cmd": "nope"}\n')
-        assert json.loads(ours.recv(1000))["error"] == "unknown command 'nope'"
+        ours.sendall(encode({"cmd": "nope"}))
+        assert answer(ours)["error"] == "unknown command 'nope'"
 
 
 def test_an_agent_may_stay_silent_but_not_dribble(quick: None) -> None:
     """A TLS client (an agent) keeps its link open between migrations: no idle limit, but
-    a request it started must arrive within LINE_TIMEOUT."""
+    a request it started must arrive within REQUEST_TIMEOUT."""
     ours, thread = serve(idle=None)
     try:
-        time.sleep(1.0)  # twice LINE_TIMEOUT, silent
-        ours.sendall(b'{"cmd": "nope"}\n')
-        assert json.loads(ours.recv(1000))["ok"] is False
-        ours.sendall(b'{"cmd": ')
+        time.sleep(1.0)  # twice REQUEST_TIMEOUT, silent
+        ours.sendall(encode(hello()))
+        assert answer(ours)["ok"] is True
+        time.sleep(1.0)
+        ours.sendall(encode({"cmd": "nope"}))
+        assert answer(ours)["ok"] is False
+        ours.sendall(encode({"cmd": "nope"})[:7])
         start = time.monotonic()
+        last = answer(ours)  # why, then it hangs up
         assert ours.recv(100) == b""
         assert 0.4 < time.monotonic() - start < 5
+        assert last["code"] == "protocol" and "part of a frame" in last["error"]
     finally:
         ours.close()
         thread.join(10)
