@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     total = idle + active
     survived = survived_active + survived_idle
     freeze = summary["freeze_ms"]
+    total_moves = summary["moved"] + summary["rolled_back"] + summary["failed"]
     result = {
         "workers": args.workers,
         "idle": idle,
@@ -197,8 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps_ms": summary.get("steps_ms") or step_durations(timelines),
         "steps_from": {
             "source": "drain summary (every migration)" if "steps_ms" in summary else steps_from,
-            "migrations": len(timelines),
-            "of": summary["moved"] + summary["rolled_back"] + summary["failed"],
+            "migrations": total_moves if "steps_ms" in summary else len(timelines),
+            "of": total_moves,
         },
         "survived": survived,
         "survived_active": survived_active,
