@@ -82,6 +82,27 @@ class Cluster(LabCluster):
             check=False,
         )
 
+    def diagnose(self, flow: str, reports: list[dict[str, Any]] | None = None) -> str:
+        """What to look at when a flow's stream stalls: each move's outcome and steps, the
+        flow's steering entry, its sockets as the kernels see them (a hole in the client's
+        data shows as retransmissions on the client and a stuck rcv_nxt on the server)
+        and the tails of the daemons' logs."""
+        port = flow.split("-", 1)[0].rsplit(":", 1)[1]
+        lines = []
+        for r in reports or []:
+            steps = " ".join(f"{s['step']}@{s['ms']}" for s in r.get("timeline", []))
+            lines.append(f"move {r.get('from')}->{r.get('to')}: {r.get('outcome')} {steps}")
+        with contextlib.suppress(Exception):
+            lines.append(f"steering entry: {self.steer_rows().get(flow)}")
+        for node in ("client", *self.lab.plan.hosts):
+            out = self.lab.run(
+                node, ["ss", "-tinoe", f"( sport = :{port} or dport = :{port} )"], check=False
+            )
+            lines.append(f"--- ss in {node}:\n{out.stdout.strip()}")
+        for name in self.logs:
+            lines.append(f"--- {name} log (tail):\n{self.log(name)[-1500:]}")
+        return "\n".join(lines)
+
     def steer_rows(self) -> dict[str, dict[str, Any]]:
         out = self.steer("flows", "--json")
         assert out.returncode == 0, out.stderr

@@ -134,7 +134,10 @@ def ticker_session(
                 reports += migrate_back_and_forth(cluster, flow, 2)
         time.sleep(0.3)
         session.stop_writing()
-        session.drain()
+        try:
+            session.drain()
+        except AssertionError as exc:  # a stalled stream: say what the kernels and agents saw
+            raise AssertionError(f"{exc}\n{cluster.diagnose(flow, reports)}") from None
     text = session.finish()  # after the capture: a killed client may RST the next tick
     ticks = check_ticker_stream(text, session.sent)
     assert ticks > 10 and len(session.sent) > 20

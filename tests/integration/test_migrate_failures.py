@@ -476,9 +476,29 @@ def test_bad_requests_to_an_agent(cluster: Cluster) -> None:
             ({"op": "control", "request": ["flows"]}, "remote commands"),
             ({"op": "move", "id": "not bytes"}, "needs a 16-byte migration id"),
             ({"op": "nonsense", "id": bytes(16)}, "unknown op 'nonsense'"),
+            ({"op": "batch"}, "requests must be a list of 1..256"),
+            ({"op": "batch", "requests": []}, "requests must be a list of 1..256"),
+            ({"op": "batch", "requests": [{"op": "outcome", "id": bytes(16)}] * 257}, "1..256"),
         ]:
             answer = ask(sock, request)
             assert answer["ok"] is False and message in answer["error"], (request, answer)
+        # A batch answers each request on its own: a bad one never fails the others.
+        mixed = [
+            {"op": "outcome", "id": bytes(16)},
+            {"op": "batch", "requests": [{"op": "hello"}]},
+            {"op": "control", "request": {"cmd": "flows"}},
+            "not a map",
+            {"op": "move", "id": bytes(16), "blob": b"garbage"},
+            {"op": "move", "id": b"short"},
+        ]
+        answers = ask(sock, {"op": "batch", "requests": mixed})["answers"]
+        assert answers[0] == {"ok": True, "outcome": None}
+        assert all(a["ok"] is False for a in answers[1:]), answers
+        assert "a batch holds only move and outcome" in answers[1]["error"]
+        assert "a batch holds only move and outcome" in answers[2]["error"]
+        assert "a batch holds only move and outcome" in answers[3]["error"]
+        assert answers[4]["error"] == "sealed blob too short", answers[4]
+        assert "needs a 16-byte migration id" in answers[5]["error"]
         assert ask(sock, {"op": "hello"})["node"] == "b"  # the same link still serves
     stream = Stream(
         Path(f"/run/pysteer/{cluster.lab.prefix}/agent-a.sock"),
