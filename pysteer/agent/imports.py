@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pysteer.agent")
 
 CLAIM_PATIENCE = 4.0  # seconds a move waits on the steering node before answering "pending"
+MAX_ACTIVE = 1024  # imports in progress at once: a peer's flood (a bug) cannot take it all
 
 
 @dataclass
@@ -93,6 +94,9 @@ class Imports:
             return {"ok": False, "error": "move needs a sealed blob"}
         if mid in self.active:
             return {"ok": False, "error": "this migration is already arriving"}
+        if len(self.active) >= MAX_ACTIVE:  # refused before anything is opened or recorded
+            error = f"{self.node.name} is busy: {len(self.active)} imports in progress"
+            return {"ok": False, "error": error, "code": "aborted"}
         entry = Import(Target(mid=mid, source=who, me=self.node.name), data)
         self.active[mid] = entry
         entry.task = asyncio.get_running_loop().create_task(self._drive(entry))

@@ -77,6 +77,7 @@ def test_batches_are_bounded_by_count_and_bytes(monkeypatch: pytest.MonkeyPatch)
     b = Batcher(far, "op")  # type: ignore[arg-type]
     got = asyncio.run(together(b, [f"f{i}" for i in range(300)]))
     assert [len(c["requests"]) for c in far.calls] == [256, 44] and len(got) == 300
+    assert not b._pending and not b._tasks and not b._scheduled  # nothing kept afterwards
     monkeypatch.setattr(batcher, "MAX_BYTES", 1000)
     far2 = Far()
     b2 = Batcher(far2, "op")  # type: ignore[arg-type]
