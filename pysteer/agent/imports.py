@@ -150,21 +150,25 @@ class Imports:
         machine = entry.machine
         action: Action = machine.start(loop.time())
         took: list[list[Any]] = []  # each step's ms, for the source's timeline
+        crashed = False
         try:
             while not isinstance(action, Finish):
                 t0 = time.perf_counter()
                 try:
                     event = await self._carry_out(entry, action)
+                    took.append([_step_name(action), round((time.perf_counter() - t0) * 1000, 3)])
+                    action = machine.on(event, loop.time())
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a bug: never serve half an import
                     log.exception("import %s failed unexpectedly", machine.short)
-                    action = machine.crashed(
-                        f"internal error on {self.node.name} ({type(exc).__name__})", loop.time()
-                    )
-                    continue
-                took.append([_step_name(action), round((time.perf_counter() - t0) * 1000, 3)])
-                action = machine.on(event, loop.time())
+                    why = f"internal error on {self.node.name} ({type(exc).__name__})"
+                    if crashed:  # its undo failed too: drop the copy and stop
+                        self._discard(entry)
+                        action = Finish("failed", why, {"ok": False, "error": why})
+                        break
+                    crashed = True
+                    action = machine.crashed(why, loop.time())
         finally:
             if self.active.get(machine.mid) is entry:
                 del self.active[machine.mid]

@@ -202,6 +202,7 @@ class Migration:
         while not isinstance(action, Finish):
             try:
                 event = await self._carry_out(action)
+                action = self.machine.on(event, loop.time())
             except Exception as exc:  # a bug must not leave the flow frozen or parked
                 if crashed:
                     log.exception("migration %s: its rollback failed too", self.report.id[:12])
@@ -212,8 +213,6 @@ class Migration:
                     "migration %s of %s failed unexpectedly", self.report.id[:12], self.flow
                 )
                 action = self.machine.crashed(f"internal error: {exc!r:.200}", loop.time())
-                continue
-            action = self.machine.on(event, loop.time())
         r, result = self.report, self.machine.result
         r.outcome, r.error = action.outcome, action.reason
         r.freeze_ms, r.parked_ms = result.freeze_ms, result.parked_ms

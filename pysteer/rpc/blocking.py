@@ -112,11 +112,12 @@ class Client:
         self._greeted = self._welcomed = False
 
     def send(self, request: dict[str, Any]) -> None:
-        if self._greeted:
-            self.channel.send(request, timeout=self.wait)
-        else:
-            self.channel.send(hello(), request, timeout=self.wait)
-            self._greeted = True
+        """Send; a server that hung up meanwhile (a busy daemon refuses so, at once) may
+        have left its reason to read: ``receive`` reports that, not a broken pipe."""
+        messages = (request,) if self._greeted else (hello(), request)
+        self._greeted = True
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # read next
+            self.channel.send(*messages, timeout=self.wait)
 
     def receive(self) -> dict[str, Any]:
         """The next answer if it says yes; the exception the error map gives otherwise
