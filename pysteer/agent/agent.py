@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -67,6 +68,7 @@ REMOTE_COMMANDS = (
     "uncordon",
     "undrain",
 )
+GC_THRESHOLDS = (50_000, 50, 100)  # gc.set_threshold: see run()
 HEARTBEAT = 1.0  # seconds between hellos to the steering node (a restart shows as a new boot)
 FREEZE_SLOTS = 8  # flows this agent's migrations hold frozen at once (see Migration._run)
 CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
@@ -820,5 +822,10 @@ def run(
         metrics=metrics,
         sync_interval=sync_interval,
     )
+    # The collector's full passes over every live object (thousands of connections) were
+    # pauses in a drain's freezes: what start-up made stays out of them, and passes come
+    # less often (measured: a drain's freeze p99 19 ms, 23-28 ms without).
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     asyncio.run(agent.serve())
     return 0

@@ -26,6 +26,7 @@ Run as root: scripts/bench/drain.py [--idle 1000] [--active 200] [--batch 64]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -101,6 +102,17 @@ def cpu_seconds(cluster: LabCluster) -> dict[str, float]:
     return out
 
 
+def rss_mib(cluster: LabCluster) -> dict[str, float]:
+    """Resident memory of each of the cluster's processes, MiB."""
+    out = {}
+    for name, proc in cluster.procs.items():
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+            out[name] = round(kib / 1024, 1)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     idle, active, batch = args.idle, args.active, args.batch
     lab = Lab(prefix=unique_prefix(), plan=load()).up()
@@ -159,6 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"drain failed: {drained.stderr}\n{drained.stdout[-2000:]}")
         summary = json.loads(drained.stdout)
         cpu = {k: round(v - cpu_before.get(k, 0.0), 3) for k, v in cpu_seconds(cluster).items()}
+        rss = rss_mib(cluster)
         timelines, steps_from = drain_timelines(cluster, summary)
         time.sleep(0.5)
         survived_active = 0
@@ -195,6 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "not_moved": summary["not_moved"][:20],
         "freeze_ms": freeze,
         "cpu_seconds": cpu,  # each daemon's CPU time (user + system) during the drain
+        "rss_mib": rss,  # each daemon's resident memory after it
         "steps_ms": summary.get("steps_ms") or step_durations(timelines),
         "steps_from": {
             "source": "drain summary (every migration)" if "steps_ms" in summary else steps_from,
@@ -240,7 +254,7 @@ def main() -> None:
     src = r["steps_from"]
     print(f"steps (ms between consecutive steps; {src['migrations']} migrations, {src['source']}):")
     print("\n".join(steps_table(r["steps_ms"])))
-    print(f"CPU seconds during the drain: {r['cpu_seconds']}")
+    print(f"CPU seconds during the drain: {r['cpu_seconds']}; RSS after, MiB: {r['rss_mib']}")
     print("targets:")
     print("\n".join(target_lines(r["targets"], "  ")))
     print(f"written to {args.out}")
