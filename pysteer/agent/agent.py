@@ -402,7 +402,10 @@ class Agent:
         finally:
             writer.close()
 
-    async def _peer_op(self, who: str, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
+    async def _peer_op(  # noqa: PLR0911
+        self, who: str, req: dict[str, Any], *, batched: bool = False
+    ) -> dict[str, Any]:
+        """One request from peer ``who``; ``batched``: it came in a batch (a drain)."""
         op = req.get("op")
         if not isinstance(op, str):
             return {"ok": False, "error": "op must be a string"}
@@ -424,7 +427,7 @@ class Agent:
         if not isinstance(mid, bytes) or len(mid) != 16:
             return {"ok": False, "error": f"{op[:40]!r} needs a 16-byte migration id"}
         if op == "move":
-            return await self.imports.move(who, mid, req.get("blob"))
+            return await self.imports.move(who, mid, req.get("blob"), batched=batched)
         return self.imports.outcome(mid)
 
     async def _peer_batch(self, who: str, requests: Any) -> dict[str, Any]:
@@ -437,7 +440,7 @@ class Agent:
             if not isinstance(req, dict) or req.get("op") not in ("move", "outcome"):
                 return {"ok": False, "error": "a batch holds only move and outcome"}
             try:
-                return await self._peer_op(who, req)
+                return await self._peer_op(who, req, batched=True)
             except Exception as exc:  # one bad move must not fail the others
                 log.exception("peer request from %s failed", who)
                 return {"ok": False, "error": f"internal error ({type(exc).__name__})"}

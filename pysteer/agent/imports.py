@@ -50,6 +50,7 @@ class Import:
     machine: Target
     data: bytes = field(repr=False)
     since: float = field(default_factory=time.time)
+    batched: bool = False  # it came in a drain's batch: its claim leaves with the others'
     blob: MigrationBlob | None = None
     sock: socket.socket | None = None
     conn: Connection | None = None
@@ -84,7 +85,9 @@ class Imports:
             tgt.DISCARD: self._discard,
         }
 
-    async def move(self, who: str, mid: bytes, data: Any) -> dict[str, Any]:
+    async def move(
+        self, who: str, mid: bytes, data: Any, *, batched: bool = False
+    ) -> dict[str, Any]:
         """A source's ``move``: the answer once B serves the flow or has refused it, or
         ``pending`` if the steering node has not answered the claim within CLAIM_PATIENCE
         (the claim goes on; the source then asks the steering node who won)."""
@@ -97,7 +100,7 @@ class Imports:
         if len(self.active) >= MAX_ACTIVE:  # refused before anything is opened or recorded
             error = f"{self.node.name} is busy: {len(self.active)} imports in progress"
             return {"ok": False, "error": error, "code": "aborted"}
-        entry = Import(Target(mid=mid, source=who, me=self.node.name), data)
+        entry = Import(Target(mid=mid, source=who, me=self.node.name), data, batched=batched)
         self.active[mid] = entry
         entry.task = asyncio.get_running_loop().create_task(self._drive(entry))
         try:
@@ -178,8 +181,9 @@ class Imports:
     async def _carry_out(self, entry: Import, action: Action) -> Event:
         if isinstance(action, Call):
             try:
-                # Claims made together (a drain's batch arriving) leave together.
-                return Answered(await self.node.steer_batch.call(action.timeout, **action.request))
+                # A drain's batch arriving claims together; a single move asks at once.
+                pool = self.node.steer_batch if entry.batched else self.node.steer
+                return Answered(await pool.call(action.timeout, **action.request))
             except Refused as exc:
                 return No(str(exc), exc.code)
             except LinkError as exc:
