@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pysteer.bpfload import BpfBuildError
 from pysteer.flow import Flow, FlowSyntaxError
@@ -542,15 +542,7 @@ def run(
     """
     setup_logging(log_json)
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    lock = open(lock_path(name), "a+")  # noqa: SIM115 - held for our lifetime
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise DaemonError(
-            f"another steering daemon already runs instance {name!r} "
-            f"(pin path /sys/fs/bpf/pysteer/{name})"
-        ) from None
+    lock = _take_lock(name)
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
@@ -571,6 +563,11 @@ def run(
             gc_interval=gc_interval,
         )
     finally:
+        # Gone with us, while still ours: /run keeps no file per instance ever run. A
+        # daemon starting meanwhile finds that its lock is on an unlinked file and
+        # takes the new one (see _take_lock).
+        with contextlib.suppress(FileNotFoundError):
+            lock_path(name).unlink()
         lock.close()
 
 
@@ -626,6 +623,30 @@ def _authorize(req: dict[str, Any], who: str) -> None:
                 f"{cmd}: {name} must be the caller ({who}), the only host "
                 "its certificate speaks for"
             )
+
+
+def _take_lock(name: str) -> IO[str]:
+    """This instance's lock, held for the daemon's lifetime; DaemonError if another
+    daemon holds it. A lock won on a file its exiting holder has just unlinked is no
+    lock: try again on the file now at the path."""
+    path = lock_path(name)
+    for _ in range(100):
+        lock = open(path, "a+")  # noqa: SIM115 - held for our lifetime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise DaemonError(
+                f"another steering daemon already runs instance {name!r} "
+                f"(pin path /sys/fs/bpf/pysteer/{name})"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()
+    raise DaemonError(f"cannot take the lock {path}: it keeps being replaced")
 
 
 def lock_path(name: str) -> Path:

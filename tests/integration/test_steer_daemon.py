@@ -8,6 +8,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from helpers.migration import listen
@@ -15,6 +16,7 @@ from helpers.steerd import PYSTEER, DaemonProc, cli
 
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
+from pysteer.paths import RUN_DIR
 from pysteer.steer import pins
 from pysteer.steer.control import ControlError, request, socket_path
 from pysteer.steer.pins import PIN_ROOT
@@ -285,3 +287,25 @@ def test_a_batch_is_answered_request_by_request(lab: Lab, daemon: DaemonProc) ->
         with pytest.raises(ControlError, match=r"requests must be a list of 1\.\.256"):
             request(path, "batch", requests=bad)
     assert daemon.proc is not None and daemon.proc.poll() is None
+
+
+def test_a_stopped_daemon_leaves_no_lock_behind(lab: Lab) -> None:
+    """The lock holds the daemon's pid while it runs and goes with it: /run keeps no file
+    per instance ever run (a test suite's hundreds of instances left hundreds)."""
+
+    def lock_path(name: str) -> Path:
+        return RUN_DIR / f"steer-{name}.lock"
+
+    d = DaemonProc(lab, unique_prefix())
+    try:
+        d.start()
+        assert d.proc is not None
+        assert lock_path(d.name).read_text().strip() == str(d.proc.pid)
+        d.stop()
+        assert not lock_path(d.name).exists()
+        d.start()  # and it starts again
+        assert lock_path(d.name).read_text().strip() == str(d.proc.pid)
+    finally:
+        d.stop()
+        pins.remove(d.name)
+    assert not lock_path(d.name).exists()
