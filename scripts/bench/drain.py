@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -190,6 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if cluster:
             cluster.close()
         lab.down()
+        shutil.rmtree(directory, ignore_errors=True)  # the cluster's keys and logs
     total = idle + active
     survived = survived_active + survived_idle
     freeze = summary["freeze_ms"]

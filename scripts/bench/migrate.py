@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import shutil
 import socket
 import ssl
 import statistics
@@ -284,6 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if cluster:
             cluster.close()
         lab.down()
+        shutil.rmtree(directory, ignore_errors=True)  # its keys and logs (printed on failure)
     result = summarize(
         args,
         reports=reports,

@@ -159,7 +159,8 @@ def main() -> int:
         suite, impl, mb, pki = args.worker
         print(json.dumps(worker(suite, impl, int(mb), Path(pki))))
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="pysteer-bench-"))
+    keys = tempfile.TemporaryDirectory(prefix="pysteer-bench-")  # removed at exit, whatever happens
+    tmp = Path(keys.name)
     ca = CertificateAuthority()
     leaf = ca.issue("localhost", names=["localhost", "127.0.0.1"], kind="ecdsa")
     (tmp / "ca.pem").write_bytes(ca.cert_pem)
