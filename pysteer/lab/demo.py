@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,8 +47,8 @@ def counters(lab: Lab) -> dict[str, int]:
 
 
 class Demo:
-    def __init__(self, prefix: str, moves: int) -> None:
-        self.prefix, self.moves = prefix, moves
+    def __init__(self, prefix: str, moves: int, keep: bool = False) -> None:
+        self.prefix, self.moves, self.keep = prefix, moves, keep
         self.dir = Path(tempfile.mkdtemp(prefix="pysteer-demo-"))
         self.problems: list[str] = []
         self.lines: list[str] = []
@@ -83,6 +84,10 @@ class Demo:
             self.cluster.close()
             self.lab.down()
         self._report()
+        if self.keep or self.problems:  # the daemons' logs say what went wrong
+            say(f"the cluster's files (logs, certificates and keys) are in {self.dir}")
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)  # a lab's keys do not outlive it
         return 1 if self.problems else 0
 
     def _scenario(self) -> None:
@@ -261,8 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.splitlines()[0])
     p.add_argument("--prefix", default="pdemo", help="lab name (default: pdemo)")
     p.add_argument("--moves", type=int, default=4, help="migrations of the s_client flow")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the cluster's files (logs, certificates, keys) afterwards; "
+        "they are kept anyway when the demo finds a problem",
+    )
     args = p.parse_args(argv)
-    return Demo(args.prefix, args.moves).run()
+    return Demo(args.prefix, args.moves, args.keep).run()
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ class DaemonProc:
             *extra,
         ]
         self.proc: subprocess.Popen | None = None
-        self.log_path = Path(tempfile.mkdtemp(prefix="pysteer-steerd-")) / "steer.log"
+        # Removed with this object (or at exit): hundreds of test daemons left their logs.
+        self._logs = tempfile.TemporaryDirectory(prefix="pysteer-steerd-")
+        self.log_path = Path(self._logs.name) / "steer.log"
 
     def start(self, *more: str) -> None:
         """Start it (with ``more`` options this time) and wait until it serves."""

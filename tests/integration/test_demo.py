@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 from pysteer.lab.pytest_plugin import require_root, unique_prefix
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_demo_passes_and_reports_nothing_lost() -> None:
     require_root()
+    before = set(Path(tempfile.gettempdir()).glob("pysteer-demo-*"))
     out = subprocess.run(
         [str(ROOT / "scripts" / "demo"), "--prefix", unique_prefix()],
         capture_output=True,
@@ -21,6 +23,8 @@ def test_demo_passes_and_reports_nothing_lost() -> None:
     report = out.stdout[out.stdout.index("pysteer demo report") :]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "RESULT: PASS" in report
+    # A passing demo leaves none of its cluster's files (23 MB of logs, private keys).
+    assert set(Path(tempfile.gettempdir()).glob("pysteer-demo-*")) == before
     assert re.search(r"client link: 0 RST to the clients", report)
     assert "retransmission timeouts 0" in report
     assert "24000000 bytes over TLS, sha256 verified" in report

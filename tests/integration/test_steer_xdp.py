@@ -212,7 +212,9 @@ class Daemon:
             f"b=to-b,{lab.mac('b', 'to-steer')}",
             *extra,
         ]
-        self.log_path = Path(tempfile.mkdtemp(prefix="pysteer-xdp-")) / "steer.log"
+        # Removed with this object (or at exit): hundreds of test daemons left their logs.
+        self._logs = tempfile.TemporaryDirectory(prefix="pysteer-xdp-")
+        self.log_path = Path(self._logs.name) / "steer.log"
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
