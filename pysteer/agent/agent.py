@@ -41,7 +41,7 @@ from pysteer.agent.drain import Drain, DrainError
 from pysteer.agent.imports import Imports
 from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
-from pysteer.agent.migrate import Migration, Node, app_signature
+from pysteer.agent.migrate import Migration, Node
 from pysteer.app.runtime import Connection, Runtime, Service
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.flow import Flow, FlowSyntaxError
@@ -417,7 +417,7 @@ class Agent:
                 "node": self.name,
                 "accepting": self.accepting,
                 "services": sorted(self.runtime.services),
-                "apps": app_signature(self.runtime),
+                "apps": self.runtime.signatures(),
             }
         if op == "batch":
             return await self._peer_batch(who, req.get("requests"))

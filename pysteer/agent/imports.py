@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pysteer import tcp
-from pysteer.agent.links import LinkError, Refused
+from pysteer.agent.migrate import wait_for_event
 from pysteer.app.runtime import AdoptError, Connection, Exported
 from pysteer.migration import target as tgt
 from pysteer.migration.events import (
@@ -27,7 +27,6 @@ from pysteer.migration.events import (
     Finish,
     Sleep,
     Unreachable,
-    Woke,
 )
 from pysteer.migration.events import Refused as No
 from pysteer.migration.target import Target
@@ -144,8 +143,8 @@ class Imports:
         for entry in list(self.active.values()):
             if entry.task is not None:
                 entry.task.cancel()
-            if entry.sock is not None and entry.machine.state != "committed":
-                tcp.discard(entry.sock)
+            if entry.machine.state != "committed":
+                self._discard(entry)  # once: close() runs at the stop and again at the end
 
     # --- driving --------------------------------------------------------------------------------
     async def _drive(self, entry: Import) -> dict[str, Any]:
@@ -179,22 +178,17 @@ class Imports:
         return answer | {"steps": took} if answer.get("ok") else answer
 
     async def _carry_out(self, entry: Import, action: Action) -> Event:
-        if isinstance(action, Call):
-            try:
-                # A drain's batch arriving claims together; a single move asks at once.
-                pool = self.node.steer_batch if entry.batched else self.node.steer
-                return Answered(await pool.call(action.timeout, **action.request))
-            except Refused as exc:
-                return No(str(exc), exc.code)
-            except LinkError as exc:
-                if action.timeout and entry.machine.state == "claiming":
-                    log.warning(
-                        "import %s: claim unanswered (%s); asking again", entry.machine.short, exc
-                    )
-                return Unreachable(str(exc))
-        if isinstance(action, Sleep):
-            await asyncio.sleep(action.seconds)
-            return Woke()
+        if isinstance(action, Call | Sleep):
+            # A drain's batch arriving claims together; a single move asks at once.
+            pool = self.node.steer_batch if entry.batched else self.node.steer
+            event = await wait_for_event(pool, action)
+            if isinstance(event, Unreachable):
+                log.warning(
+                    "import %s: claim unanswered (%s); asking again",
+                    entry.machine.short,
+                    event.message,
+                )
+            return event
         assert isinstance(action, Do)  # noqa: S101
         return self._steps[action.what](entry)
 

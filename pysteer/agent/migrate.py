@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pysteer import tcp
 from pysteer.agent.batcher import Batcher
 from pysteer.agent.links import LinkError, LinkPool, Refused
+from pysteer.app.runtime import signature
 from pysteer.migration import source as src
 from pysteer.migration.events import (
     PEER,
@@ -59,19 +60,18 @@ class Node:
     drained_to: str | None = None
 
 
-def app_signature(runtime: Runtime) -> list[list[Any]]:
-    """For ``hello``: each port's app, snapshot version and TLS, so that a source checks
-    before it freezes anything that this node can continue its connection."""
-    from pysteer.app.handlers import HandlerError, load_handler  # noqa: PLC0415
-
-    out: list[list[Any]] = []
-    for port, svc in sorted(runtime.services.items()):
-        try:
-            version = getattr(load_handler(svc.app), "SNAPSHOT_VERSION", 1)
-        except HandlerError:
-            version = None
-        out.append([port, svc.app, version, svc.tls is not None])
-    return out
+async def wait_for_event(pool: LinkPool | Batcher, action: Call | Sleep) -> Event:
+    """A call's answer as the machines' event (a yes, a refusal with its code, or silence),
+    or a sleep's end: what both sides' adapters do alike."""
+    if isinstance(action, Sleep):
+        await asyncio.sleep(action.seconds)
+        return Woke()
+    try:
+        return Answered(await pool.call(action.timeout, **action.request))
+    except Refused as exc:
+        return No(str(exc), exc.code)
+    except LinkError as exc:
+        return Unreachable(str(exc))
 
 
 @dataclass
@@ -219,17 +219,9 @@ class Migration:
         r.replayed, r.blob_bytes = result.replayed, result.blob_bytes
 
     async def _carry_out(self, action: Action) -> Event:
-        if isinstance(action, Call):
-            pool = self.peer if action.to == PEER else self.steer
-            try:
-                return Answered(await pool.call(action.timeout, **action.request))
-            except Refused as exc:
-                return No(str(exc), exc.code)
-            except LinkError as exc:
-                return Unreachable(str(exc))
-        if isinstance(action, Sleep):
-            await asyncio.sleep(action.seconds)
-            return Woke()
+        if isinstance(action, Call | Sleep):
+            to_peer = isinstance(action, Call) and action.to == PEER
+            return await wait_for_event(self.peer if to_peer else self.steer, action)
         assert isinstance(action, Do)  # noqa: S101
         return await self._steps[action.what](action.args)
 
@@ -270,8 +262,7 @@ class Migration:
             return No(f"flow {self.flow} closed before it could move")
         if conn.tls is not None and conn.tls.phase != "open":
             return No(f"flow {self.flow}: its TLS handshake is still running")
-        mine = [conn.service.port, conn.service.app]
-        mine += [getattr(type(conn.handler), "SNAPSHOT_VERSION", 1), conn.tls is not None]
+        mine = signature(conn.service, type(conn.handler))
         theirs = next((a for a in args["hello"].get("apps", []) if a[:1] == mine[:1]), None)
         if theirs is None:  # an older node says less: it checks inside the move
             return Answered()

@@ -99,12 +99,25 @@ class ExportError(RuntimeError):
     and carries on here; the message says why."""
 
 
+def snapshot_version(handler_class: type) -> Any:
+    """The snapshot version a handler class writes and reads (``SNAPSHOT_VERSION``, 1
+    if absent): a target continues only a snapshot of the version it reads."""
+    return getattr(handler_class, "SNAPSHOT_VERSION", 1)
+
+
+def signature(service: Service, handler_class: type | None) -> list[Any]:
+    """What a node must agree on to continue a connection of ``service``: its port, app,
+    snapshot version (None: the app cannot be loaded) and whether it is TLS. A node's
+    hello lists its own; a source compares its connection's before freezing anything."""
+    version = snapshot_version(handler_class) if handler_class is not None else None
+    return [service.port, service.app, version, service.tls is not None]
+
+
 def versioned_snapshot(service: Service, handler: Handler) -> dict[str, Any]:
-    """The handler's snapshot with what a target must agree on: the app and its version
-    (``SNAPSHOT_VERSION`` on the handler class, 1 if absent)."""
+    """The handler's snapshot with what a target must agree on: the app and its version."""
     return {
         "app": service.app,
-        "v": getattr(type(handler), "SNAPSHOT_VERSION", 1),
+        "v": snapshot_version(type(handler)),
         "state": handler.snapshot(),
     }
 
@@ -158,6 +171,21 @@ class Runtime:
         self._tasks: list[asyncio.Task] = []
         self.on_close: Callable[[Connection], None] | None = None
         self._ids = itertools.count(1)  # connection ids, unique within this runtime
+        self._signatures: list[list[Any]] | None = None
+
+    def signatures(self) -> list[list[Any]]:
+        """Each served port's ``signature``, for this node's hello (computed once: the
+        services do not change while the runtime runs)."""
+        if self._signatures is None:
+            out = []
+            for _port, service in sorted(self.services.items()):
+                try:
+                    handler_class: type | None = load_handler(service.app)
+                except HandlerError:
+                    handler_class = None
+                out.append(signature(service, handler_class))
+            self._signatures = out
+        return self._signatures
 
     # --- serving ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -405,7 +433,7 @@ class Runtime:
             handler = load_handler(service.app)()
         except HandlerError as exc:
             raise AdoptError(str(exc)) from None
-        version = getattr(type(handler), "SNAPSHOT_VERSION", 1)
+        version = snapshot_version(type(handler))
         if app["v"] != version:
             raise AdoptError(
                 f"{service.app} snapshot version {str(app['v'])[:20]}: this node "

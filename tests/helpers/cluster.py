@@ -51,6 +51,17 @@ class Cluster(LabCluster):
     def owner(self, flow: str) -> str | None:
         return next((f["node"] for f in self.flows() if f["flow"] == flow), None)
 
+    def ticker(self) -> tuple[Session, str]:
+        """s_client on the VIP's TLS ticker, writing lines: its session and its flow."""
+        before = {f["flow"] for f in self.flows()}
+        argv = ["openssl", "s_client", "-connect", f"{self.lab.plan.vip(4)}:443"]
+        argv += ["-servername", "vip", "-CAfile", str(self.client_ca), "-quiet"]
+        session = Session(self.lab, argv)
+        session.wait_for("ticker ready")
+        flow = self.wait_new_flow(before, 443)["flow"]
+        session.start_writing()
+        return session, flow
+
     def wait_new_flow(self, before: set[str], port: int, timeout: float = 20) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -18,26 +18,14 @@ PYSTEER = [sys.executable, "-m", "pysteer"]
 
 
 class DaemonProc:
-    def __init__(self, lab: Lab, name: str, *extra: str) -> None:
+    def __init__(self, lab: Lab, name: str, *extra: str, mode: str | None = "tc") -> None:
+        """``mode``: the steering mode (None: the daemon's choice, or one in ``extra``)."""
         self.lab, self.name = lab, name
-        self.argv = [
-            *PYSTEER,
-            "steer",
-            "run",
-            "--name",
-            name,
-            "--ifname",
-            "to-client",
-            "--netns",
-            lab.netns("steer"),
-            "--mode",
-            "tc",
-            "--host",
-            f"a=to-a,{lab.mac('a', 'to-steer')}",
-            "--host",
-            f"b=to-b,{lab.mac('b', 'to-steer')}",
-            *extra,
-        ]
+        self.argv = [*PYSTEER, "steer", "run", "--name", name, "--ifname", "to-client"]
+        self.argv += ["--netns", lab.netns("steer"), *(["--mode", mode] if mode else [])]
+        for host in ("a", "b"):
+            self.argv += ["--host", f"{host}=to-{host},{lab.mac(host, 'to-steer')}"]
+        self.argv += extra
         self.proc: subprocess.Popen | None = None
         # Removed with this object (or at exit): hundreds of test daemons left their logs.
         self._logs = tempfile.TemporaryDirectory(prefix="pysteer-steerd-")
@@ -58,6 +46,14 @@ class DaemonProc:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Until the log holds ``text``; the daemon must stay up meanwhile."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            assert self.proc is not None and self.proc.poll() is None, self.log()
+            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log()}"
+            time.sleep(0.05)
 
     def kill(self) -> None:
         assert self.proc is not None

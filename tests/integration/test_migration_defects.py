@@ -43,28 +43,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             os.environ["PYTHONPATH"] = old
 
 
-def ticker(cluster: Cluster) -> tuple[Session, str]:
-    before = {f["flow"] for f in cluster.flows()}
-    session = Session(
-        cluster.lab,
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"{cluster.lab.plan.vip(4)}:443",
-            "-servername",
-            "vip",
-            "-CAfile",
-            str(cluster.client_ca),
-            "-quiet",
-        ],
-    )
-    session.wait_for("ticker ready")
-    flow = cluster.wait_new_flow(before, 443)["flow"]
-    session.start_writing()
-    return session, flow
-
-
 def quiet(session: Session) -> None:
     """Stop sending and wait for every echo (still under an RST capture: ending the client
     comes after it, because a killed client answers the ticks still coming with a RST)."""
@@ -90,7 +68,7 @@ def test_a_snapshot_b_cannot_continue_is_refused_before_the_freeze(cluster: Clus
     text = cluster.config.read_text()
     other.write_text(re.sub(r'(\[services\.443\]\napp = )"ticker"', r'\1"echo"', text))
     restart_b(cluster, config=other)
-    session, flow = ticker(cluster)
+    session, flow = cluster.ticker()
     try:
         with RstCapture(cluster.lab, "client", "to-steer") as capture:
             report = cluster.migrate(flow, "b")
@@ -116,7 +94,7 @@ def test_an_export_error_after_the_freeze_rolls_back(cluster: Cluster) -> None:
     cluster.stop("a")
     cluster.start_agent("a", fault="export:fail")
     try:
-        session, flow = ticker(cluster)
+        session, flow = cluster.ticker()
         report = cluster.migrate(flow, "b")
         assert report["outcome"] == "rolled-back", report
         assert re.search(r"freeze failed here: connection \d+: export failed", report["error"])
@@ -134,7 +112,7 @@ def test_a_failed_thaw_sends_nothing_and_rolls_back(cluster: Cluster) -> None:
     """b leaves repair mode, and the first ACK's injection fails: b freezes the socket
     again and drops it silently (no FIN, no RST reaches the client); a carries on."""
     restart_b(cluster, fault="thaw:fail")
-    session, flow = ticker(cluster)
+    session, flow = cluster.ticker()
     try:
         with RstCapture(cluster.lab, "client", "to-steer") as capture:
             report = cluster.migrate(flow, "b")

@@ -3,7 +3,7 @@ killed (-9), and maybe restarted. Connections on the dead host are lost (the doc
 so); every other one must end intact (byte-exact), with no manual step, and none may hang.
 Nothing may stay parked, in-doubt, or half-imported.
 
-One test per fault, with the counts asserted; and B killed between prepare and commit.
+One test per fault, with the counts asserted; and B killed holding the restored socket.
 """
 
 from __future__ import annotations
@@ -194,31 +194,13 @@ def test_source_killed_mid_drain(cluster: Cluster, restart: bool) -> None:
         fleet.shutdown()
 
 
-def test_target_killed_between_prepare_and_commit(cluster: Cluster) -> None:
-    """B restores the socket (prepare) and dies when the commit comes: A asks the steering
-    node, finds the flow still parked for it, takes it back, and the client notices
-    nothing; then the flow moves to a restarted B."""
+def test_target_killed_holding_the_restored_socket(cluster: Cluster) -> None:
+    """B restores the socket and dies before its thaw and claim: A gets no answer to the
+    move, asks the steering node, finds the flow still parked for it, takes it back, and
+    the client notices nothing; then the flow moves to a restarted B."""
     cluster.stop("b")
     cluster.start_agent("b", fault="thaw:exit")
-    ca = str(cluster.client_ca)
-    before = set(served(cluster))
-    session = Session(
-        cluster.lab,
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"{cluster.lab.plan.vip(4)}:443",
-            "-servername",
-            "vip",
-            "-CAfile",
-            ca,
-            "-quiet",
-        ],
-    )
-    session.wait_for("ticker ready")
-    flow = next(iter(set(served(cluster)) - before))
-    session.start_writing()
+    session, flow = cluster.ticker()
     report = cluster.migrate(flow, "b")
     assert report["outcome"] == "rolled-back", report
     steps = [s["step"] for s in report["timeline"]]
@@ -252,35 +234,13 @@ def migrate_in_background(cluster: Cluster, flow: str) -> subprocess.Popen[str]:
     )
 
 
-def ticker_session(cluster: Cluster) -> tuple[Session, str]:
-    before = set(served(cluster))
-    session = Session(
-        cluster.lab,
-        [
-            "openssl",
-            "s_client",
-            "-connect",
-            f"{cluster.lab.plan.vip(4)}:443",
-            "-servername",
-            "vip",
-            "-CAfile",
-            str(cluster.client_ca),
-            "-quiet",
-        ],
-    )
-    session.wait_for("ticker ready")
-    flow = next(iter(set(served(cluster)) - before))
-    session.start_writing()
-    return session, flow
-
-
 def in_doubt_while_the_steering_node_is_down(cluster: Cluster) -> tuple[Session, str, dict]:
     """B stalls in its commit; the steering daemon dies meanwhile: B cannot claim the flow,
     A cannot learn or decide the outcome. The migration is in-doubt on A (socket frozen)
     and claiming on B (socket thawed, not served)."""
     cluster.stop("b")
     cluster.start_agent("b", fault="thaw:stall")
-    session, flow = ticker_session(cluster)
+    session, flow = cluster.ticker()
     proc = migrate_in_background(cluster, flow)
     time.sleep(1.5)  # B is in its commit's stall
     cluster.procs["steer"].send_signal(signal.SIGKILL)

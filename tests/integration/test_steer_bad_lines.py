@@ -11,9 +11,10 @@ import math
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from helpers.steerd import DaemonProc
 
 from pysteer.lab import Lab
 from pysteer.lab.pytest_plugin import unique_prefix
@@ -21,8 +22,6 @@ from pysteer.rpc import VERSION
 from pysteer.rpc.codec import MAX_DEPTH, Decoder, encode, hello
 from pysteer.steer import pins
 from pysteer.steer.control import request, socket_path
-
-PYSTEER = [sys.executable, "-m", "pysteer"]
 
 
 def connect(path: Path, timeout: float = 10.0) -> socket.socket:
@@ -56,23 +55,7 @@ def answer(sock: socket.socket, decoder: Decoder) -> dict:
 
 def test_bad_requests_are_answered_and_the_daemon_keeps_serving(lab: Lab) -> None:
     name = unique_prefix()
-    argv = [
-        *PYSTEER,
-        "steer",
-        "run",
-        "--name",
-        name,
-        "--ifname",
-        "to-client",
-        "--netns",
-        lab.netns("steer"),
-        "--mode",
-        "tc",
-        "--host",
-        f"a=to-a,{lab.mac('a', 'to-steer')}",
-        "--host",
-        f"b=to-b,{lab.mac('b', 'to-steer')}",
-    ]
+    argv = DaemonProc(lab, name).argv
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None

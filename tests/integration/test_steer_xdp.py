@@ -14,19 +14,14 @@ import contextlib
 import hashlib
 import logging
 import os
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from helpers.migration import listen
+from helpers.steerd import DaemonProc
 from pyroute2 import IPRoute
 
 from pysteer.flow import Flow
@@ -38,7 +33,6 @@ from pysteer.steer.steerer import Host, HostSpec, Steerer, SteerError
 from pysteer.steer.xdp_watch import open_watch
 
 PORT = 8300
-PYSTEER = [sys.executable, "-m", "pysteer"]
 NATIVE_PASS = (loader.XDP_ATTACHED_DRV, loader.PASS_NAME)
 
 
@@ -191,69 +185,6 @@ def test_native_xdp_carries_bytes_when_the_links_take_xdp_frames(lab: Lab, logge
         assert xdp(lab, host, "to-steer") == NATIVE_PASS
 
 
-class Daemon:
-    """``pysteer steer run`` on the lab, its log in a file."""
-
-    def __init__(self, lab: Lab, name: str, *extra: str) -> None:
-        self.name = name
-        self.argv = [
-            *PYSTEER,
-            "steer",
-            "run",
-            "--name",
-            name,
-            "--ifname",
-            "to-client",
-            "--netns",
-            lab.netns("steer"),
-            "--host",
-            f"a=to-a,{lab.mac('a', 'to-steer')}",
-            "--host",
-            f"b=to-b,{lab.mac('b', 'to-steer')}",
-            *extra,
-        ]
-        # Removed with this object (or at exit): hundreds of test daemons left their logs.
-        self._logs = tempfile.TemporaryDirectory(prefix="pysteer-xdp-")
-        self.log_path = Path(self._logs.name) / "steer.log"
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("a") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, text=True)
-        self.wait_for("control at", 60)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            assert self.proc is not None and self.proc.poll() is None, self.log()
-            assert time.monotonic() < deadline, f"{text!r} not logged:\n{self.log()}"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*PYSTEER, "steer", *args, "--name", self.name],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        )
-
-    def stats(self) -> dict[str, Any]:
-        import json  # noqa: PLC0415
-
-        out = self.cli("stats", "--json")
-        assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
-
-
 def test_lost_redirects_are_counted_and_logged_by_the_daemon(lab: Lab) -> None:
     """A flow steered to b by native XDP carries bytes while b's end runs XDP. Once that
     program is removed by hand (GRO stays off), b's link refuses the redirected frames:
@@ -263,7 +194,7 @@ def test_lost_redirects_are_counted_and_logged_by_the_daemon(lab: Lab) -> None:
     no_gro_on_the_hosts(lab)
     for host in lab.plan.hosts:
         lab.call(host, loader.attach_pass, "to-steer")
-    d = Daemon(lab, unique_prefix(), "--mode", "xdp-native", "--gc-interval", "0.2")
+    d = DaemonProc(lab, unique_prefix(), "--mode", "xdp-native", "--gc-interval", "0.2", mode=None)
     vip = str(lab.plan.vip_v4)
     on_b = lab.call("b", listen, socket.AF_INET, vip, PORT)
     on_b.settimeout(5)
