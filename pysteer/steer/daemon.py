@@ -371,7 +371,7 @@ class Daemon:
                 error = f"internal error ({type(exc).__name__}), see the daemon's log"
                 return {"ok": False, "error": error}
 
-        with conn:
+        with conn:  # logged before the hang-up, so whoever sees the hang-up finds the line
             why = blocking.serve(
                 conn,
                 answer,
@@ -380,12 +380,12 @@ class Daemon:
                 max_frame=MAX_REQUEST,
                 frame_timeout=REQUEST_TIMEOUT,
             )
-        if isinstance(why, VersionMismatch):  # an operator must upgrade one side
-            log.warning("refused a control client: %s", why)
-        elif isinstance(why, ProtocolError | TimeoutError):
-            log.info("hung up on a control client: %s", why)
-        elif why is not None:  # a TLS client breaking its protocol, for one
-            log.warning("control connection lost: %s", why)
+            if isinstance(why, VersionMismatch):  # an operator must upgrade one side
+                log.warning("refused a control client: %s", why)
+            elif isinstance(why, ProtocolError | TimeoutError):
+                log.info("hung up on a control client: %s", why)
+            elif why is not None:  # a TLS client breaking its protocol, for one
+                log.warning("control connection lost: %s", why)
 
     def bind(self) -> None:
         """Create the control socket (mode 0600) now, so it exists once "control at" is
