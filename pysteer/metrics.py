@@ -131,27 +131,38 @@ class SteerCollector(Collector):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message."""
+    """One JSON object per line: time, level, logger, message (and the agent's worker)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "t": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(entry)
 
 
-def setup_logging(json_lines: bool) -> None:
+def setup_logging(json_lines: bool, worker: int | None = None) -> None:
+    """Log to stdout; ``worker``: this is one of an agent's worker processes, which share
+    the supervisor's output, so each line says which."""
     handler = logging.StreamHandler(sys.stdout)
     if json_lines:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        tag = "" if worker is None else f"[w{worker}]"
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(name)s{tag} %(levelname)s %(message)s")
+        )
     root = logging.getLogger("pysteer")
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)

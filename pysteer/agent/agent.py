@@ -42,6 +42,7 @@ from pysteer.agent.imports import Imports
 from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration, Node
+from pysteer.agent.reconcile import Reconciler
 from pysteer.app.runtime import Connection, Runtime, Service
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.flow import Flow, FlowSyntaxError
@@ -52,7 +53,7 @@ from pysteer.paths import RUN_DIR
 from pysteer.rpc import aio
 from pysteer.rpc.errors import ProtocolError, VersionMismatch
 from pysteer.tls import ServerConfig
-from pysteer.transfer.blob import KEY_LEN
+from pysteer.transfer.blob import KEY_LEN, worker_of
 
 log = logging.getLogger("pysteer.agent")
 
@@ -69,10 +70,8 @@ REMOTE_COMMANDS = (
     "undrain",
 )
 GC_THRESHOLDS = (50_000, 50, 100)  # gc.set_threshold: see run()
-HEARTBEAT = 1.0  # seconds between hellos to the steering node (a restart shows as a new boot)
 FREEZE_SLOTS = 8  # flows this agent's migrations hold frozen at once (see Migration._run)
 CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
-SYNC_PART = 8000  # flows per sync request (the steering daemon takes at most 1 MiB)
 CLOSED_BATCH = 2000
 MAX_CLOSED = 100_000  # close notices kept while the steering node is unreachable
 MAX_CONTROL_REQUEST = 64 << 10  # bytes of a request on the local control socket
@@ -82,8 +81,19 @@ class AgentError(RuntimeError):
     """The agent cannot start; the message says why."""
 
 
-def control_path(cluster: str, node: str) -> Path:
-    return RUN_DIR / cluster / f"agent-{node}.sock"
+def control_path(cluster: str, node: str, worker: int | None = None) -> Path:
+    """The local control socket of ``node``'s agent, or of one of its workers (which only
+    its supervisor uses)."""
+    suffix = "" if worker is None else f".w{worker}"
+    return RUN_DIR / cluster / f"agent-{node}{suffix}.sock"
+
+
+def ledger_path(cluster: str, node: str, worker: int | None, workers: int) -> Path:
+    """A worker's ledger names the worker count too: with another count, ids route to other
+    workers, and fresh ledgers (fresh epochs) refuse every blob sealed before."""
+    if worker is None:
+        return RUN_DIR / cluster / f"ledger-{node}.log"
+    return RUN_DIR / cluster / f"ledger-{node}.w{worker}of{workers}.log"
 
 
 def read_cluster_key(path: Path) -> bytes:
@@ -129,16 +139,21 @@ class Agent:
         *,
         metrics: tuple[str, int] | None = None,
         sync_interval: float = 30.0,
+        worker: int | None = None,
     ) -> None:
+        """``worker``: this is worker I of the node's ``workers`` (under a supervisor, which
+        keeps the steering node's table in sync and serves the CLI); None: the only one."""
         self.config = config
         self.name = node
         me = config.node(node)
         self.me = me
+        self.worker = worker
+        self.peer_address = me.worker_control(worker or 0)
         self.cluster_key = read_cluster_key(config.cluster_key)
         services = [Service(s.port, s.app, _service_tls(s)) for s in config.services.values()]
-        self.runtime = Runtime(services, [str(v) for v in config.vips])
+        self.runtime = Runtime(services, [str(v) for v in config.vips], shared=worker is not None)
         self.runtime.on_close = self._on_closed
-        self.ledger = Ledger(RUN_DIR / config.name / f"ledger-{node}.log")
+        self.ledger = Ledger(ledger_path(config.name, node, worker, me.workers))
         self.inflight: dict[str, Migration] = {}
         self.in_doubt: dict[str, tuple[Migration, asyncio.Task]] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)
@@ -146,7 +161,10 @@ class Agent:
         self.sync_interval = sync_interval
         self._load_tls()
         self.peers = {
-            n: LinkPool(functools.partial(self._peer_link, n, c.control), size=LINKS)
+            n: [
+                LinkPool(functools.partial(self._peer_link, n, c.worker_control(i)), size=LINKS)
+                for i in range(c.workers)
+            ]
             for n, c in config.nodes.items()
             if n != node
         }
@@ -163,21 +181,27 @@ class Agent:
             self.peers,
             asyncio.Semaphore(FREEZE_SLOTS),
             Batcher(self.steer, "cmd"),
-            {n: Batcher(p, "op") for n, p in self.peers.items()},
+            {n: [Batcher(p, "op") for p in pools] for n, pools in self.peers.items()},
+            worker=worker or 0,
+            workers=me.workers,
         )
         self.imports = Imports(self.node, self.ledger, self._count_import)
+        self.reconciler = Reconciler(self.steer, node, self._served, sync_interval)
         self._tasks: set[asyncio.Task] = set()
         self._handshakes: set[asyncio.Task] = set()
         self._closed: deque[str] = deque(maxlen=MAX_CLOSED)
         self._closed_event = asyncio.Event()
         self._stop = asyncio.Event()
         self._stop_signal: str | None = None
-        self.steer_boot: str | None = None
-        self.control_path = control_path(config.name, node)
+        self.control_path = control_path(config.name, node, worker)
         self.metrics: AgentMetrics | None = None
         if metrics is not None:
             self.metrics = AgentMetrics(node, lambda: len(self.runtime.connections))
             self._metrics_listen = metrics
+
+    @property
+    def _worker_name(self) -> str:
+        return f"agent {self.name} worker {self.worker}/{self.me.workers}"
 
     @property
     def accepting(self) -> bool:
@@ -229,7 +253,7 @@ class Agent:
             await self.runtime.start()
         except OSError as exc:
             raise AgentError(f"cannot serve the VIP: {exc.strerror or exc}") from None
-        host, port = self.me.control
+        host, port = self.peer_address
         loop = asyncio.get_running_loop()
         try:
             peer_server = await loop.create_server(
@@ -253,15 +277,18 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self._spawn(self._reconcile())
+        if self.worker is None:  # a supervisor syncs for all its workers
+            self._spawn(self.reconciler.run(self._stop))
         self._spawn(self._notify_closed())
         log.info(
-            "agent %s: serving %s on %s; peers at %s:%d; control at %s",
-            self.name,
+            "%s: serving %s on %s; peers at %s:%d; %s %s",
+            f"agent {self.name}" if self.worker is None else self._worker_name,
             sorted(self.runtime.services),
             ", ".join(self.runtime.addresses),
             host,
             port,
+            # "control at" is what waits for an agent's start: a supervisor says it last
+            "control at" if self.worker is None else "worker control socket",
             self.control_path,
         )
         try:
@@ -418,6 +445,7 @@ class Agent:
                 "accepting": self.accepting,
                 "services": sorted(self.runtime.services),
                 "apps": self.runtime.signatures(),
+                "workers": self.me.workers,
             }
         if op == "batch":
             return await self._peer_batch(who, req.get("requests"))
@@ -426,6 +454,14 @@ class Agent:
             return {"ok": False, "error": f"unknown op {op[:40]!r}"}
         if not isinstance(mid, bytes) or len(mid) != 16:
             return {"ok": False, "error": f"{op[:40]!r} needs a 16-byte migration id"}
+        if (owner := worker_of(mid, self.me.workers)) != (self.worker or 0):
+            # Nothing was opened or recorded: for a move, that is a safe "aborted".
+            error = (
+                f"migration {mid.hex()[:12]} belongs to worker {owner} of {self.name}, not to "
+                f"worker {self.worker or 0}: do both nodes' cluster files give {self.name} "
+                f"workers = {self.me.workers}?"
+            )
+            return {"ok": False, "error": error} | ({"code": "aborted"} if op == "move" else {})
         if op == "move":
             return await self.imports.move(who, mid, req.get("blob"), batched=batched)
         return self.imports.outcome(mid)
@@ -451,7 +487,22 @@ class Agent:
         if not isinstance(request, dict) or request.get("cmd") not in REMOTE_COMMANDS:
             return {"ok": False, "error": f"remote commands: {', '.join(REMOTE_COMMANDS)}"}
         log.info("remote %s from %s", request["cmd"], who)
+        if self.worker is not None:  # the node's answer, from all its workers
+            return await self._ask_supervisor(request)
         return await self._control_op(request)
+
+    async def _ask_supervisor(self, request: dict[str, Any]) -> dict[str, Any]:
+        path = control_path(self.config.name, self.name)
+        try:
+            conn = await aio.open_unix(path, f"agent {self.name}")
+        except OSError as exc:
+            return {"ok": False, "error": f"{self.name}'s supervisor is unreachable: {exc}"}
+        try:
+            return await asyncio.wait_for(conn.exchange(request), 60.0)
+        except OSError as exc:  # TimeoutError and the RPC's ProtocolError among them
+            return {"ok": False, "error": f"{self.name}'s supervisor: {exc}"}
+        finally:
+            conn.close()
 
     def _count_import(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -491,54 +542,8 @@ class Agent:
         had given it back to its source)."""
         return [str(c.flow) for c in self.runtime.connections.values() if c.flow]
 
-    async def sync(self) -> dict[str, Any]:
-        """List every flow served here to the steering node (in parts); it steers to us what
-        we serve and drops stale entries that point at us."""
-        flows = self.served_flows()
-        parts = [flows[i : i + SYNC_PART] for i in range(0, len(flows), SYNC_PART)] or [[]]
-        answer: dict[str, Any] = {}
-        for i, part in enumerate(parts):
-            answer = await self.steer.call(
-                10.0,
-                cmd="sync",
-                host=self.name,
-                flows=part,
-                interval=self.sync_interval,
-                part=i,
-                done=i == len(parts) - 1,
-            )
-        return answer
-
-    async def _reconcile(self) -> None:
-        """Hello every second; a full sync on start, when the steering daemon restarted
-        (a new boot id), after it was unreachable, and every ``sync_interval``."""
-        loop = asyncio.get_running_loop()
-        next_full, failing = 0.0, False
-        while not self._stop.is_set():
-            try:
-                hello = await self.steer.call(2.0, cmd="hello")
-                boot = hello.get("boot")
-                restarted = self.steer_boot is not None and boot != self.steer_boot
-                if restarted or failing or loop.time() >= next_full:
-                    result = await self.sync()
-                    next_full = loop.time() + self.sync_interval
-                    fixed = len(result.get("steered", [])) + len(result.get("removed", []))
-                    if restarted or failing or fixed:
-                        log.info(
-                            "reconciled with the steering node%s: %d flow(s) served here, "
-                            "%d steered to us, %d stale entr(ies) removed",
-                            " (it restarted)" if restarted else "",
-                            len(self.served_flows()),
-                            len(result.get("steered", [])),
-                            len(result.get("removed", [])),
-                        )
-                self.steer_boot, failing = boot, False
-                await asyncio.sleep(HEARTBEAT)
-            except (LinkError, Refused) as exc:
-                if not failing:
-                    log.warning("steering node unreachable: %s", exc)
-                failing = True
-                await asyncio.sleep(HEARTBEAT)
+    async def _served(self) -> list[str]:
+        return self.served_flows()
 
     # --- local control (unix socket, 0600) ---------------------------------------------------
     async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -575,6 +580,8 @@ class Agent:
             return {"ok": True, "flows": flows}
         if cmd == "status":
             return {"ok": True, "status": await self.status()}
+        if cmd == "served":  # what a supervisor syncs for its workers
+            return {"ok": True, "flows": self.served_flows()}
         if cmd == "migrations":
             return {"ok": True, "migrations": self.migrations(), "recent": list(self.history)[-50:]}
         if cmd == "resolve":
@@ -640,7 +647,8 @@ class Agent:
             known = ", ".join(sorted(self.config.nodes))
             return {"ok": False, "error": f"unknown node {target[:40]!r} (nodes: {known})"}
         if self.runtime.find(flow) is None:
-            return {"ok": False, "error": f"flow {flow} is not served on {self.name}"}
+            error = f"flow {flow} is not served on {self.name}"
+            return {"ok": False, "error": error, "code": "absent"}
         if flow in self._moving:
             return {"ok": False, "error": f"flow {flow} is already moving"}
         return {"ok": True, "migration": await self.migrate_flow(flow, target, float(timeout))}
@@ -816,15 +824,11 @@ def run(
     metrics: tuple[str, int] | None = None,
     log_json: bool = False,
     sync_interval: float = 30.0,
+    worker: int | None = None,
 ) -> int:
-    """``pysteer agent run``: serve until SIGTERM."""
-    setup_logging(log_json)
-    agent = Agent(
-        config,
-        node,
-        metrics=metrics,
-        sync_interval=sync_interval,
-    )
+    """``pysteer agent run``: serve until SIGTERM (``worker``: as that worker of the node)."""
+    setup_logging(log_json, worker)
+    agent = Agent(config, node, metrics=metrics, sync_interval=sync_interval, worker=worker)
     # The collector's full passes over every live object (thousands of connections) were
     # pauses in a drain's freezes: what start-up made stays out of them, and passes come
     # less often (measured: a drain's freeze p99 19 ms, 23-28 ms without).

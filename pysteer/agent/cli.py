@@ -102,7 +102,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--metrics: {exc}") from None
     if not (math.isfinite(args.sync_interval) and 1 <= args.sync_interval <= 3600):
         raise UsageError("--sync-interval must be in [1, 3600] seconds")
-    return run(cfg, node, metrics=metrics, log_json=args.log_json, sync_interval=args.sync_interval)
+    workers = cfg.node(node).workers
+    if args.worker is not None and not 0 <= args.worker < workers:
+        raise UsageError(f"--worker: {node} has workers 0..{workers - 1} (cluster file)")
+    if workers > 1 and args.worker is None:
+        return _supervise(cfg, node, args, metrics)
+    return run(
+        cfg,
+        node,
+        metrics=metrics,
+        log_json=args.log_json,
+        sync_interval=args.sync_interval,
+        worker=args.worker,
+    )
+
+
+def _supervise(
+    cfg: ClusterConfig, node: str, args: argparse.Namespace, metrics: tuple[str, int] | None
+) -> int:
+    """A node with ``workers`` > 1: its supervisor runs them (pysteer.agent.supervisor)."""
+    from pysteer.agent.supervisor import run as supervise  # noqa: PLC0415
+    from pysteer.metrics import setup_logging  # noqa: PLC0415
+
+    if metrics is not None and metrics[1] + cfg.node(node).workers - 1 > 65535:
+        raise UsageError("--metrics: worker I serves on PORT + I, past 65535 here")
+
+    def options(worker: int) -> list[str]:
+        out = ["--sync-interval", str(args.sync_interval)]
+        if metrics is not None:
+            host = f"[{metrics[0]}]" if ":" in metrics[0] else metrics[0]
+            out += ["--metrics", f"{host}:{metrics[1] + worker}"]
+        return out + (["--log-json"] if args.log_json else [])
+
+    setup_logging(args.log_json)
+    return supervise(cfg, node, options=options, sync_interval=args.sync_interval)
 
 
 def cmd_cordon(args: argparse.Namespace) -> int:
@@ -497,6 +530,8 @@ AGENT = Command(
                     help="serve Prometheus metrics at http://HOST:PORT/metrics",
                 ),
                 arg("--log-json", action="store_true", help="log one JSON object per line"),
+                # Run by the supervisor of a node with workers = N: one of them (0..N-1).
+                arg("--worker", type=int, metavar="I", help=argparse.SUPPRESS),
                 arg(
                     "--sync-interval",
                     type=float,

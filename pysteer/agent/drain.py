@@ -59,7 +59,7 @@ class Drain:
         """Check the target, divert new connections to it and stop taking imports."""
         node = self.node
         try:
-            hello = await node.peers[self.target].call(self.timeout, op="hello")
+            hello = await node.peers[self.target][0].call(self.timeout, op="hello")
         except (LinkError, Refused) as exc:
             raise DrainError(f"node {self.target} is unreachable: {exc}") from None
         if not hello.get("accepting"):

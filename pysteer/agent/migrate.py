@@ -35,7 +35,7 @@ from pysteer.migration.events import (
 from pysteer.migration.events import Refused as No
 from pysteer.migration.source import Source
 from pysteer.migration.timeline import Timeline
-from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal
+from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal, worker_of
 
 if TYPE_CHECKING:
     from pysteer.app.runtime import Exported, Runtime
@@ -52,12 +52,14 @@ class Node:
     runtime: Runtime
     cluster_key: bytes
     steer: LinkPool
-    peers: dict[str, LinkPool]
+    peers: dict[str, list[LinkPool]]  # per node, a pool per worker (transfer.worker_of)
     freeze_slots: asyncio.Semaphore
     steer_batch: Batcher  # the same links, with requests made together sent together
-    peer_batch: dict[str, Batcher]
+    peer_batch: dict[str, list[Batcher]]
     accepting: bool = True  # imports are taken (a drain or cordon turns it off)
     drained_to: str | None = None
+    worker: int = 0  # which of this node's agent processes this is
+    workers: int = 1
 
 
 async def wait_for_event(pool: LinkPool | Batcher, action: Call | Sleep) -> Event:
@@ -134,7 +136,10 @@ class Migration:
             hello=hello,
             timeline=self.report.timeline,
         )
-        self.peer: LinkPool | Batcher = node.peer_batch[target] if batch else node.peers[target]
+        pools: list[LinkPool] | list[Batcher] = (
+            node.peer_batch[target] if batch else node.peers[target]
+        )
+        self.peer: LinkPool | Batcher = pools[worker_of(self.mid, len(pools))]
         self.steer: LinkPool | Batcher = node.steer_batch if batch else node.steer
         self.started = time.time()
         self.exported: Exported | None = None

@@ -162,7 +162,12 @@ async def _readable(
 
 
 class Runtime:
-    def __init__(self, services: list[Service], address: str | list[str]) -> None:
+    def __init__(
+        self, services: list[Service], address: str | list[str], *, shared: bool = False
+    ) -> None:
+        """``shared``: other processes (an agent's workers) listen on the same ports, and
+        the kernel spreads new connections among them (SO_REUSEPORT)."""
+        self.shared = shared
         self.services = {s.port: s for s in services}
         self.addresses = [address] if isinstance(address, str) else list(address)
         self.connections: dict[int, Connection] = {}
@@ -195,6 +200,8 @@ class Runtime:
                 family = socket.AF_INET6 if ":" in address else socket.AF_INET
                 listener = socket.socket(family, socket.SOCK_STREAM)
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.shared:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 listener.bind((address, service.port))

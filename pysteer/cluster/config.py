@@ -25,6 +25,7 @@
     remote = true                      # or: netns = "lab-a" (optional, not both)
     drain_to = "b"                     # optional: on SIGTERM, drain to b before stopping
     drain_timeout = 60                 # optional: seconds that drain may take (default 60)
+    workers = 2                        # optional: agent processes (default 1; see below)
 
 Relative paths are relative to the file. Every problem is reported with its TOML path.
 
@@ -38,6 +39,11 @@ out of the default route to a network that is not ours:
 - neither: only the local socket; a missing one means the agent is down, and nothing is sent.
 
 ``[steer]`` takes the same two keys.
+
+``workers = N`` (1..64) runs a node's agent as N worker processes under one supervisor, to
+use N cores: worker I listens for its peers on the control port + I, so every node (and
+every node's copy of the file) must agree on N, and those ports must be free. See
+``pysteer.agent.supervisor``.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from pysteer.netns import netns_path
 
 ENV = "PYSTEER_CONFIG"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MAX_WORKERS = 64
 
 
 class ConfigError(ValueError):
@@ -69,6 +76,11 @@ class NodeConfig:
     remote: bool = False  # another machine: TCP to it from the CLI's own namespace is fine
     drain_to: str | None = None  # where its agent drains to on SIGTERM
     drain_timeout: float = 60.0
+    workers: int = 1  # agent processes; worker I's peer listener is control port + I
+
+    def worker_control(self, worker: int) -> tuple[str, int]:
+        """The peer listener of this node's worker ``worker``."""
+        return self.control[0], self.control[1] + worker
 
 
 @dataclass(frozen=True)
@@ -139,7 +151,17 @@ def _node(name: str, table: Any, base: Path, where: str) -> NodeConfig:
         raise ConfigError(f"{where}: invalid node name {name!r}")
     if not isinstance(table, dict):
         raise ConfigError(f"[{where}] must be a table")
-    keys = {"control", "cert", "key", "name", "netns", "remote", "drain_to", "drain_timeout"}
+    keys = {
+        "control",
+        "cert",
+        "key",
+        "name",
+        "netns",
+        "remote",
+        "drain_to",
+        "drain_timeout",
+        "workers",
+    }
     unknown = sorted(set(table) - keys)
     if unknown:
         raise ConfigError(f"[{where}] has unknown key(s): {', '.join(unknown)}")
@@ -164,15 +186,22 @@ def _node(name: str, table: Any, base: Path, where: str) -> NodeConfig:
     timeout = table.get("drain_timeout", 60.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
         raise ConfigError(f"{where}.drain_timeout must be a number of seconds in (0, 3600]")
+    workers = table.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"{where}.workers must be an integer in [1, {MAX_WORKERS}]")
+    control = _endpoint(_str(table, "control", where), f"{where}.control")
+    if (last := control[1] + workers - 1) > 65535:
+        raise ConfigError(f"{where}: its {workers} workers would listen on ports up to {last}")
     return NodeConfig(
         name=name,
-        control=_endpoint(_str(table, "control", where), f"{where}.control"),
+        control=control,
         cert=_path(base, table, "cert", where),
         key=_path(base, table, "key", where),
         netns=netns,
         remote=remote,
         drain_to=drain_to,
         drain_timeout=float(timeout),
+        workers=workers,
     )
 
 
@@ -193,6 +222,20 @@ def _services(tables: dict[str, Any], base: Path) -> dict[int, Service]:
             cert, key = _path(base, table, "cert", where), _path(base, table, "key", where)
         services[int(port)] = Service(int(port), _str(table, "app", where), tls, cert, key)
     return services
+
+
+def _check_ports(nodes: list[NodeConfig]) -> None:
+    """Two listeners on one address and port: a node's workers take control port + I."""
+    taken: dict[tuple[str, int], str] = {}
+    for node in nodes:
+        for i in range(node.workers):
+            where = taken.setdefault(node.worker_control(i), node.name)
+            if where != node.name:
+                host, port = node.worker_control(i)
+                raise ConfigError(
+                    f"nodes {where} and {node.name} both listen on {host}:{port} (a node with "
+                    "workers = N takes its control port and the N - 1 after it)"
+                )
 
 
 def load_config(path: str | Path | None = None) -> ClusterConfig:
@@ -225,6 +268,8 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
     services = _services(_table(doc, "services"), base)
     steer_table = _table(doc, "steer")
     steer = _node(str(steer_table.get("name", "steer")), steer_table, base, "steer")
+    if steer.workers != 1:
+        raise ConfigError("steer.workers: the steering daemon runs as one process")
     nodes_table = _table(doc, "nodes")
     if not nodes_table:
         raise ConfigError("[nodes] must name at least one node")
@@ -234,6 +279,7 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
     for node in nodes.values():
         if node.drain_to is not None and node.drain_to not in nodes:
             raise ConfigError(f"nodes.{node.name}.drain_to: unknown node {node.drain_to!r}")
+    _check_ports([steer, *nodes.values()])
     name = cluster.get("name", "default")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"cluster.name must match {NAME_RE.pattern}, not {name!r}")

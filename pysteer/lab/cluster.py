@@ -8,7 +8,6 @@ the steering daemon and each host's agent on it.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.certs_cli import write_cluster as write_certs
+from pysteer.deathsig import die_with_parent
 from pysteer.lab.plan import LabPlan
 from pysteer.lab.topology import Lab
 from pysteer.safefile import PUBLIC, private_dir
@@ -46,9 +46,13 @@ def write_cluster(
     *,
     services: dict[int, tuple[str, bool]] | None = None,
     force: bool = False,
+    workers: dict[str, int] | None = None,
 ) -> Path:
-    """Write certificates, the cluster key and ``cluster.toml``; returns the file's path."""
-    return write_plan_cluster(lab.plan, lab.prefix, directory, services=services, force=force)
+    """Write certificates, the cluster key and ``cluster.toml``; returns the file's path.
+    ``workers``: node -> its agent's worker processes (default 1)."""
+    return write_plan_cluster(
+        lab.plan, lab.prefix, directory, services=services, force=force, workers=workers
+    )
 
 
 def write_plan_cluster(
@@ -59,6 +63,7 @@ def write_plan_cluster(
     services: dict[int, tuple[str, bool]] | None = None,
     force: bool = False,
     remote: bool = False,
+    workers: dict[str, int] | None = None,
 ) -> Path:
     """The same for any machines laid out by ``plan`` (the Vagrant VMs): cluster ``name``.
 
@@ -108,6 +113,7 @@ def write_plan_cluster(
             f'cert = "{host}.pem"',
             f'key = "{host}.key"',
             where(host),
+            *([f"workers = {workers[host]}"] if workers and host in workers else []),
             "",
         ]
     with private_dir(directory) as out:
@@ -177,12 +183,14 @@ class LabCluster:
         steer_args: list[str] | None = None,
         agent_args: list[str] | None = None,
         services: dict[int, tuple[str, bool]] | None = None,
+        workers: dict[str, int] | None = None,
     ) -> None:
         """``extra``: options for every daemon (``--log-json``, for instance);
-        ``steer_args``, ``agent_args``: for the steering daemon, for each agent."""
+        ``steer_args``, ``agent_args``: for the steering daemon, for each agent;
+        ``workers``: node -> its agent's worker processes."""
         self.lab = lab
         self.dir = directory
-        self.config = write_cluster(lab, directory, services=services)
+        self.config = write_cluster(lab, directory, services=services, workers=workers)
         self.extra = list(extra or [])
         self.steer_args = list(steer_args or [])
         self.agent_args = list(agent_args or [])
@@ -201,23 +209,11 @@ class LabCluster:
         """A ``preexec_fn`` that makes the kernel SIGKILL the daemon when we die.
 
         A test or benchmark that crashes (one segfaulted) never runs ``close``: its daemons
-        used to run on for good. PR_SET_PDEATHSIG survives the exec of ``ip netns exec``
-        and of its target, but fires when the *thread* that forked exits: start daemons
-        from a thread that lives as long as the cluster (the main thread). SIGKILL, not
-        SIGTERM: nobody is left to wait for an orderly stop, and it cannot be ignored.
+        used to run on for good. SIGKILL, not SIGTERM: nobody is left to wait for an
+        orderly stop, and it cannot be ignored. Daemons start from the main thread, which
+        lives as long as the cluster (see ``die_with_parent``).
         """
-        pr_set_pdeathsig = 1  # prctl(2)
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]
-        parent = os.getpid()
-
-        def tie() -> None:  # in the child, between fork and exec: no imports, no locks
-            if prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-            if os.getppid() != parent:  # we died before the tie was made
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        return tie
+        return die_with_parent(signal.SIGKILL)
 
     def _start(self, name: str, popen: Any, env: dict[str, str] | None = None) -> None:
         log = self.dir / f"{name}.log"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from pysteer.rpc.codec import (
@@ -117,6 +118,21 @@ class Connection:
         if answer is None:
             raise Unreachable("the peer hung up")
         return answer
+
+
+async def open_unix(path: str | Path, where: str, timeout: float = 5.0) -> Connection:
+    """A client connection to a local control socket, its hello done (OSError, including
+    TimeoutError and ProtocolError, if that fails)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_unix_connection(str(path), limit=STREAM_LIMIT), timeout
+    )
+    conn = Connection(reader, writer)
+    try:
+        await asyncio.wait_for(conn.hello(where), timeout)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 async def serve(conn: Connection, handle: Handler, server: str) -> None:

@@ -55,6 +55,16 @@ def new_migration_id() -> bytes:
     return os.urandom(16)
 
 
+def worker_of(mid: bytes, workers: int) -> int:
+    """Which of the target's ``workers`` agent processes takes migration ``mid``.
+
+    Every request of one migration (its move, and later questions about its outcome) goes
+    to the same worker, whose ledger alone then fences replays of that id: the id is
+    authenticated (the blob's header), so a replay cannot pick another worker.
+    """
+    return int.from_bytes(mid[:4], "big") % workers
+
+
 @dataclass(frozen=True)
 class MigrationBlob:
     """Everything B needs to continue one connection."""

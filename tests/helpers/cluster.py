@@ -153,12 +153,19 @@ def running_cluster(
     steer_args: list[str] | None = None,
     agent_args: list[str] | None = None,
     services: dict[int, tuple[str, bool]] | None = None,
+    workers: dict[str, int] | None = None,
 ) -> Iterator[Cluster]:
     """A lab with the steering daemon and both agents running; all removed afterwards."""
     require_root()
     lab = Lab(prefix=unique_prefix(), plan=load()).up()
     cluster = Cluster(
-        lab, directory, extra=extra, steer_args=steer_args, agent_args=agent_args, services=services
+        lab,
+        directory,
+        extra=extra,
+        steer_args=steer_args,
+        agent_args=agent_args,
+        services=services,
+        workers=workers,
     )
     if metrics_port is not None:
         cluster.serve_metrics(metrics_port)
