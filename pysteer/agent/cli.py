@@ -487,6 +487,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
             f"{state}, control {st['control']}"
         )
+        if st.get("workers"):
+            print(
+                "    workers: "
+                + ", ".join(
+                    f"{w['worker']} (pid {w['pid']}, {w['connections']} connection(s)"
+                    + (f", restarted {w['restarts']}x" if w["restarts"] else "")
+                    + ")"
+                    for w in st["workers"]
+                )
+            )
         if st.get("in_doubt"):
             print(
                 f"    IN-DOUBT migration(s): {', '.join(m[:12] for m in st['in_doubt'])} "

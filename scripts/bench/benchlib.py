@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.app.handlers import http_body
+from pysteer.cluster.config import MAX_WORKERS
 from pysteer.lab import Lab
 from pysteer.lab.cluster import LabCluster
 from pysteer.provision import set_sysctls
@@ -74,20 +75,15 @@ def target_lines(targets: list[dict[str, Any]], indent: str = "") -> list[str]:
 
 # --- workers ------------------------------------------------------------------------------
 def check_workers(workers: int, prog: str) -> None:
-    """Exit with one line unless the agent can run ``workers`` worker processes."""
-    if workers != 1:
-        sys.exit(
-            f"{prog}: --workers {workers}: the agent runs a single worker process for now; "
-            "only --workers 1 is supported"
-        )
+    """Exit with one line unless an agent can run ``workers`` worker processes."""
+    if not 1 <= workers <= MAX_WORKERS:
+        sys.exit(f"{prog}: --workers {workers}: an agent runs 1..{MAX_WORKERS} worker processes")
 
 
 def lab_cluster(lab: Lab, directory: Path, workers: int) -> LabCluster:
-    """The lab's steering daemon and agents: the one place the worker count reaches them
-    (once the agent has an option for it, pass it here, e.g. ``agent_args``)."""
-    if workers != 1:
-        raise ValueError(f"the agent runs a single worker process, not {workers}")
-    return LabCluster(lab, directory)
+    """The lab's steering daemon and agents, each host's agent with ``workers`` processes
+    (the cluster file's ``workers``)."""
+    return LabCluster(lab, directory, workers={h: workers for h in lab.plan.hosts})
 
 
 # --- a backed-up client -------------------------------------------------------------------

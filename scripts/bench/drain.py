@@ -18,7 +18,8 @@ Targets (``targets`` in the JSON, each met or not): at least ``--target-rate``
 connections/s (2,000) with a freeze p99 of at most ``--target-freeze-p99`` ms (10; the
 2,000-idle case uses 15), every connection surviving.
 
-``--workers N``: the agent's worker processes (``workers`` in the JSON); only 1 for now.
+``--workers N``: each host's agent runs N worker processes (``workers`` in the JSON; the
+cluster file's ``workers``). With N > 1 the freeze percentiles are the worst worker's.
 
 Run as root: scripts/bench/drain.py [--idle 1000] [--active 200] [--batch 64]
 """
@@ -89,14 +90,26 @@ def drain_timelines(cluster: LabCluster, summary: dict[str, Any]) -> tuple[list,
     return [m["timeline"] for m in recent], "agent history (the drain's last migrations)"
 
 
+def processes(cluster: LabCluster) -> dict[str, int]:
+    """Each of the cluster's processes by name: a daemon, and an agent's workers under its
+    supervisor as ``a/1``, ``a/2``... (children of the daemon's process)."""
+    out = {}
+    for name, proc in cluster.procs.items():
+        out[name] = proc.pid
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            out |= {f"{name}/{i}": int(pid) for i, pid in enumerate(children, 1)}
+    return out
+
+
 def cpu_seconds(cluster: LabCluster) -> dict[str, float]:
     """User + system CPU seconds of each of the cluster's processes so far (a profile of
     where a drain's time goes: source agent, target agent, steering daemon)."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
-    for name, proc in cluster.procs.items():
+    for name, pid in processes(cluster).items():
         try:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
         out[name] = (int(fields[11]) + int(fields[12])) / tick
@@ -106,9 +119,9 @@ def cpu_seconds(cluster: LabCluster) -> dict[str, float]:
 def rss_mib(cluster: LabCluster) -> dict[str, float]:
     """Resident memory of each of the cluster's processes, MiB."""
     out = {}
-    for name, proc in cluster.procs.items():
+    for name, pid in processes(cluster).items():
         with contextlib.suppress(OSError, StopIteration):
-            status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            status = Path(f"/proc/{pid}/status").read_text().splitlines()
             kib = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
             out[name] = round(kib / 1024, 1)
     return out

@@ -24,7 +24,7 @@ Targets (``targets`` in the JSON, each met or not): freeze p50 <= 1 ms and p99 <
 client largest gap p99 <= the baseline's p99 + 1.5 ms; 0 retransmissions; backed-up flow
 freeze p99 <= 30 ms, byte-exact.
 
-``--workers N``: the agent's worker processes (``workers`` in the JSON); only 1 for now.
+``--workers N``: each host's agent runs N worker processes (``workers`` in the JSON).
 
 Run as root: scripts/bench/migrate.py [--moves 50] [--backlog-mib 16] [--out FILE]
 """

@@ -27,12 +27,13 @@ import pytest
 from helpers.blobs import blob
 from helpers.cluster import HELPERS, Cluster, Session, check_ticker_stream, running_cluster
 from helpers.migration import RstCapture
+from helpers.peer import answer_of, ask, peer_connect
 
 from pysteer.agent.control import Stream
 from pysteer.certs import CertificateAuthority
 from pysteer.lab.cluster import AGENT_PORT
 from pysteer.rpc import VERSION
-from pysteer.rpc.codec import Decoder, encode, hello
+from pysteer.rpc.codec import encode, hello
 from pysteer.transfer import new_migration_id, seal
 
 
@@ -195,38 +196,6 @@ def test_steering_unreachable(cluster: Cluster, client: Client) -> None:
 
 
 # --- security ---------------------------------------------------------------------------
-def peer_connect(cluster: Cluster, node: str, cert: Path, key: Path, ca: Path) -> ssl.SSLSocket:
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.load_cert_chain(cert, key)
-    host = str(cluster.lab.plan.address("b"))
-
-    def connect() -> ssl.SSLSocket:
-        raw = socket.create_connection((host, AGENT_PORT), timeout=5)
-        tls = ctx.wrap_socket(raw, server_hostname="b")
-        tls.sendall(encode(hello()))  # its answer: the server's verdict
-        if not tls.recv(100):
-            raise ConnectionError("the agent hung up")
-        return tls
-
-    return cluster.lab.call(node, connect)
-
-
-def answer_of(sock: socket.socket) -> dict:
-    """The next answer on ``sock`` (one at a time: nothing is left over)."""
-    decoder = Decoder()
-    while (message := decoder.next()) is None:
-        data = sock.recv(65536)
-        assert data, "the agent hung up"
-        decoder.feed(data)
-    assert not decoder.pending
-    return message
-
-
-def ask(sock: socket.socket, message: dict) -> dict:
-    sock.sendall(encode(message))
-    return answer_of(sock)
-
-
 def test_foreign_certificate_refused(cluster: Cluster, tmp_path: Path) -> None:
     rogue = CertificateAuthority("rogue CA")
     issued = rogue.issue("a", names=["a"], usage="node")

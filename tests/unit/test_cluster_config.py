@@ -140,6 +140,53 @@ def test_bad_netns_or_remote(tmp_path: Path, extra: str, node: str, message: str
     assert message in str(info.value)
 
 
+def test_workers(tmp_path: Path) -> None:
+    """``workers = N``: worker I of a node listens for peers on its control port + I."""
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.node("a").workers == 1 and cfg.steer.workers == 1
+    text = GOOD.replace('key = "certs/a.key"', 'key = "certs/a.key"\nworkers = 4', 1)
+    a = load_config(write(tmp_path, text)).node("a")
+    assert a.workers == 4
+    assert [a.worker_control(i) for i in range(4)] == [("10.0.2.2", 7701 + i) for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("node", "extra", "message"),
+    [
+        ("a", "workers = 0", "nodes.a.workers must be an integer in [1, 64]"),
+        ("a", "workers = 65", "nodes.a.workers must be an integer in [1, 64]"),
+        ("a", "workers = true", "nodes.a.workers must be an integer in [1, 64]"),
+        ("a", 'workers = "2"', "nodes.a.workers must be an integer in [1, 64]"),
+        ("a", "workers = 2.0", "nodes.a.workers must be an integer in [1, 64]"),
+        ("lb", "workers = 2", "steer.workers: the steering daemon runs as one process"),
+    ],
+)
+def test_bad_workers(tmp_path: Path, node: str, extra: str, message: str) -> None:
+    text = GOOD.replace(f'key = "certs/{node}.key"', f'key = "certs/{node}.key"\n{extra}', 1)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert str(info.value) == message
+
+
+def test_workers_ports_must_not_overlap(tmp_path: Path) -> None:
+    """Two nodes on one address (one machine, or a typo): a's second worker would take b's
+    port. Ports past 65535 are refused too."""
+    text = GOOD.replace('control = "[fd00::3]:7701"', 'control = "10.0.2.2:7702"')
+    load_config(write(tmp_path, text))  # one worker each: no overlap
+    crowded = text.replace('key = "certs/a.key"', 'key = "certs/a.key"\nworkers = 2', 1)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, crowded))
+    assert str(info.value) == (
+        "nodes a and b both listen on 10.0.2.2:7702 (a node with workers = N takes its "
+        "control port and the N - 1 after it)"
+    )
+    high = GOOD.replace('"10.0.2.2:7701"', '"10.0.2.2:65535"')
+    high = high.replace('key = "certs/a.key"', 'key = "certs/a.key"\nworkers = 2', 1)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, high))
+    assert str(info.value) == "nodes.a: its 2 workers would listen on ports up to 65536"
+
+
 @pytest.mark.parametrize("variant", ["lab", "vm"])
 def test_plan_cluster_says_where_each_node_is(tmp_path: Path, variant: str) -> None:
     """The lab's file names each node's namespace; the VMs' file marks every node remote."""
