@@ -200,3 +200,20 @@ def test_sigterm_ends_every_worker(cluster: Cluster) -> None:
     log = cluster.log("a")
     assert "agent a stopped" in log and "Traceback" not in log
     cluster.start_agent("a")  # the module's other tests may follow in any order
+
+
+def test_a_killed_supervisor_takes_its_workers_down(cluster: Cluster) -> None:
+    """kill -9 of the supervisor: the kernel sends its workers SIGTERM (PR_SET_PDEATHSIG);
+    none is left holding the node's ports."""
+    pids = [w["pid"] for w in status(cluster, "a")["workers"]]
+    start = len(cluster.log("a"))
+    assert cluster.stop("a", signal.SIGKILL) == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    for pid in pids:
+        while Path(f"/proc/{pid}").exists():
+            assert time.monotonic() < deadline, cluster.log("a")[-3000:]
+            time.sleep(0.05)
+    log = cluster.log("a")[start:]
+    assert log.count("stopped: 0 connection(s) moved") == 2 and "Traceback" not in log
+    cluster.start_agent("a")
+    assert len(status(cluster, "a")["workers"]) == 2
