@@ -260,7 +260,8 @@ class Agent:
                 lambda: _Held(self._peer_tls, self._handshakes), host, port, reuse_address=True
             )
         except OSError as exc:
-            raise AgentError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)  # not asyncio's wrapping
+            raise AgentError(f"cannot listen on {host}:{port}: {why}") from None
         if self.metrics is not None:
             try:
                 serve_metrics(self.metrics.registry, self._metrics_listen)

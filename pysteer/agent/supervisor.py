@@ -376,6 +376,10 @@ class Supervisor:
                 except OSError as exc:
                     await client.answer({"ok": False, "error": f"worker {worker.index}: {exc}"})
                     return
+            # --batch is the node's migrations in flight at once: each worker takes its part.
+            batch = req.get("batch", 32)
+            if isinstance(batch, int) and not isinstance(batch, bool) and batch >= 1:
+                req = req | {"batch": max(1, batch // len(links))}
             for link in links:
                 await link.send(req)
             await self._relay_drain(links, client)

@@ -23,7 +23,7 @@ from helpers.peer import ask, peer_connect
 from pysteer.agent.control import AgentRefused
 from pysteer.agent.control import ask as ask_agent
 from pysteer.lab.clients import LineClient
-from pysteer.lab.cluster import control_path_for
+from pysteer.lab.cluster import AGENT_PORT, control_path_for
 from pysteer.transfer import new_migration_id, seal
 from pysteer.transfer.blob import worker_of
 
@@ -32,7 +32,11 @@ CLIENTS = 24  # all on one of two workers: a chance of 2 in 2**24
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with running_cluster(tmp_path_factory.mktemp("cluster"), workers={"a": 2, "b": 2}) as c:
+    with running_cluster(
+        tmp_path_factory.mktemp("cluster"),
+        workers={"a": 2, "b": 2},
+        agent_args=["--sync-interval", "1"],
+    ) as c:
         yield c
 
 
@@ -62,6 +66,19 @@ def wait_flows(cluster: Cluster, wanted: set[str], timeout: float = 20) -> list[
             return flows
         time.sleep(0.05)
     raise AssertionError(f"the agents serve {len(flows)} of {len(wanted)} flows")
+
+
+def workers_of(cluster: Cluster, node: str) -> list[int]:
+    """The pids of ``node``'s worker processes in this cluster, from /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--worker" in argv and str(cluster.config).encode() in argv and node.encode() in argv:
+            pids.append(int(entry.name))
+    return pids
 
 
 def status(cluster: Cluster, node: str) -> dict:
@@ -155,6 +172,43 @@ def test_the_supervisor_refuses_as_one_agent(cluster: Cluster, request_: dict, e
     assert "Traceback" not in cluster.log("a")
 
 
+def test_the_supervisor_syncs_every_workers_flows(cluster: Cluster) -> None:
+    """Each second b's supervisor lists both workers' flows to the steering node: an
+    entry for a flow nobody serves goes, and none of the workers' real ones does (a sync of
+    one worker's flows would have the other's removed as stale)."""
+    running = {local_flow(c, cluster): c for c in clients(cluster, CLIENTS)}
+    flows = wait_flows(cluster, set(running))
+    for flow in running:
+        assert cluster.migrate(flow, "b")["outcome"] == "moved"
+    flows = wait_flows(cluster, set(running))
+    assert {(f["node"], f["worker"]) for f in flows} == {("b", 0), ("b", 1)}
+    ghost = f"10.77.1.2:9-{cluster.lab.plan.vip(4)}:443"
+    assert cluster.steer("to", ghost, "b").returncode == 0
+    deadline = time.monotonic() + 15
+    while ghost in (table := cluster.steer_rows()):
+        assert time.monotonic() < deadline, "the stale entry was never removed"
+        time.sleep(0.2)
+    assert "sync: b does not serve " + ghost in cluster.log("steer")
+    assert {table[f]["host"] for f in running} == {"b"}  # every real one kept
+    time.sleep(2.5)  # more syncs: still all there
+    table = cluster.steer_rows()
+    assert {table[f]["host"] for f in running} == {"b"}
+    for client in running.values():
+        check_ticker_stream(client.finish(), client.sent)
+        client.close()
+
+
+def test_remote_control_reaches_the_whole_node(cluster: Cluster) -> None:
+    """The CLI's remote path lands on one worker's peer listener; the answer is the node's."""
+    d = cluster.dir
+    sock = peer_connect(cluster, "a", d / "a.pem", d / "a.key", d / "ca.pem", worker=1)
+    with sock:
+        answer = ask(sock, {"op": "control", "request": {"cmd": "status"}})
+    assert answer["ok"], answer
+    assert [w["worker"] for w in answer["status"]["workers"]] == [0, 1]
+    assert answer["status"]["node"] == "b"
+
+
 def test_a_killed_worker_is_restarted(cluster: Cluster) -> None:
     running = {local_flow(c, cluster): c for c in clients(cluster, CLIENTS)}
     names = set(running)
@@ -215,5 +269,26 @@ def test_a_killed_supervisor_takes_its_workers_down(cluster: Cluster) -> None:
             time.sleep(0.05)
     log = cluster.log("a")[start:]
     assert log.count("stopped: 0 connection(s) moved") == 2 and "Traceback" not in log
+    cluster.start_agent("a")
+    assert len(status(cluster, "a")["workers"]) == 2
+
+
+def test_a_worker_that_cannot_start_stops_the_node_cleanly(cluster: Cluster) -> None:
+    """Worker 1's peer port is taken: the start fails with the reason, worker 0 is not
+    left behind, and nothing prints a traceback."""
+    start = len(cluster.log("a"))
+    assert cluster.stop("a") == 0
+    host = str(cluster.lab.plan.address("a"))
+    squatter = cluster.lab.call("a", socket.create_server, (host, AGENT_PORT + 1))
+    try:
+        with pytest.raises(RuntimeError, match="a did not start"):
+            cluster.start_agent("a")
+    finally:
+        squatter.close()
+    log = cluster.log("a")[start:]
+    assert f"cannot listen on {host}:{AGENT_PORT + 1}: Address already in use" in log
+    assert "agent a: worker 1 exited with 2" in log, log
+    assert "Traceback" not in log
+    assert not workers_of(cluster, "a")  # worker 0 ended too
     cluster.start_agent("a")
     assert len(status(cluster, "a")["workers"]) == 2
