@@ -267,14 +267,7 @@ class Agent:
                 serve_metrics(self.metrics.registry, self._metrics_listen)
             except OSError as exc:
                 raise AgentError(f"cannot serve metrics: {exc.strerror or exc}") from None
-        self.control_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.control_path.unlink()
-        old = os.umask(0o177)
-        try:
-            control_server = await asyncio.start_unix_server(self._control, self.control_path)
-        finally:
-            os.umask(old)
+        control_server = await aio.serve_unix(self.control_path, self._control)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -29,12 +29,12 @@ import logging
 import os
 import signal
 import ssl
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pysteer.agent.agent import LINKS, AgentError, control_path
+from pysteer.agent.argv import agent_argv
 from pysteer.agent.links import LinkPool, SteerLink
 from pysteer.agent.reconcile import NotNow, Reconciler
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
@@ -106,23 +106,6 @@ class Worker:
             conn.close()
 
 
-def worker_argv(config: Path, node: str, worker: int, options: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pysteer",
-        "agent",
-        "run",
-        "--config",
-        str(config),
-        "--node",
-        node,
-        "--worker",
-        str(worker),
-        *options,
-    ]
-
-
 class Supervisor:
     def __init__(
         self,
@@ -137,7 +120,9 @@ class Supervisor:
         me = config.node(node)
         self.workers = [
             Worker(
-                i, worker_argv(config.path, node, i, options(i)), control_path(config.name, node, i)
+                i,
+                agent_argv(config.path, node, "--worker", str(i), *options(i)),
+                control_path(config.name, node, i),
             )
             for i in range(me.workers)
         ]
@@ -187,14 +172,7 @@ class Supervisor:
         except (AgentError, OSError) as exc:
             await self._end_workers()
             raise AgentError(f"agent {self.name}: {exc}") from None
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        old = os.umask(0o177)
-        try:
-            server = await asyncio.start_unix_server(self._control, self.path)
-        finally:
-            os.umask(old)
+        server = await aio.serve_unix(self.path, self._control)
         for worker in self.workers:
             self._spawn(self._watch(worker))
         self._spawn(self.reconciler.run(self._stop))

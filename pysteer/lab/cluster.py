@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pysteer.agent.argv import agent_argv
 from pysteer.certs_cli import write_cluster as write_certs
 from pysteer.deathsig import die_with_parent
 from pysteer.lab.plan import LabPlan
@@ -153,21 +154,6 @@ def steer_argv(lab: Lab, config: Path, mode: str = "tc") -> list[str]:
         str(d / f"{plan.steer}.key"),
         "--tls-ca",
         str(d / "ca.pem"),
-    ]
-
-
-def agent_argv(config: Path, node: str) -> list[str]:
-    """A host's agent; run it inside the host's namespace (``lab.popen(node, ...)``)."""
-    return [
-        sys.executable,
-        "-m",
-        "pysteer",
-        "agent",
-        "run",
-        "--config",
-        str(config),
-        "--node",
-        node,
     ]
 
 

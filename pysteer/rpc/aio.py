@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,21 @@ class Connection:
         if answer is None:
             raise Unreachable("the peer hung up")
         return answer
+
+
+async def serve_unix(
+    path: Path, handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> asyncio.AbstractServer:
+    """A local control socket at ``path``, root's only (mode 0600, its directory 0700),
+    replacing a stale one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    old = os.umask(0o177)
+    try:
+        return await asyncio.start_unix_server(handle, path)
+    finally:
+        os.umask(old)
 
 
 async def open_unix(path: str | Path, where: str, timeout: float = 5.0) -> Connection:
