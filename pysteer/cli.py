@@ -36,7 +36,7 @@ ROOT = Command(
         "Live migration of established TCP and TLS connections between Linux hosts. "
         "Run `pysteer doctor` first to check that this machine can run pysteer."
     ),
-    args=(arg("--version", action="version", version=f"pysteer {__version__}"),),
+    args=(arg("-V", "--version", action="version", version=f"pysteer {__version__}"),),
     actions=(
         doctor.DOCTOR,
         Command("lab", help=LAB_HELP, load=_lab),

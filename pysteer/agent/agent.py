@@ -35,6 +35,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from pysteer.agent.admission import Admission, admission_path
+from pysteer.agent.admission import load as load_admission
 from pysteer.agent.batcher import MAX_ITEMS as MAX_BATCH
 from pysteer.agent.batcher import Batcher
 from pysteer.agent.drain import Drain, DrainError
@@ -184,7 +186,10 @@ class Agent:
             {n: [Batcher(p, "op") for p in pools] for n, pools in self.peers.items()},
             worker=worker or 0,
             workers=me.workers,
+            admission_file=admission_path(config.name, node),
         )
+        admission = load_admission(self.node.admission_file)
+        self.node.accepting, self.node.drained_to = admission.accepting, admission.drained_to
         self.imports = Imports(self.node, self.ledger, self._count_import)
         self.reconciler = Reconciler(self.steer, node, self._served, sync_interval)
         self._tasks: set[asyncio.Task] = set()
@@ -249,6 +254,13 @@ class Agent:
         return task
 
     async def serve(self) -> None:
+        if not self.accepting:  # kept from before a restart (pysteer.agent.admission)
+            log.warning(
+                "%s is %s, as it was before this start: it takes no import until `pysteer %s`",
+                self.name,
+                Admission(self.accepting, self.drained_to).describe(),
+                "undrain" if self.drained_to else "uncordon",
+            )
         try:
             await self.runtime.start()
         except OSError as exc:
@@ -583,7 +595,7 @@ class Agent:
         if cmd == "undrain":
             return await self._undrain()
         if cmd in ("cordon", "uncordon"):
-            self.node.accepting = cmd == "uncordon"
+            self.node.admit(accepting=cmd == "uncordon", drained_to=self.drained_to)
             return {"ok": True, "accepting": self.accepting}
         if cmd == "migrate":
             return await self._migrate(req)
@@ -777,7 +789,7 @@ class Agent:
                 await self.steer.call(5.0, cmd="divert", address=vip, host=None)
         except (LinkError, Refused) as exc:
             return {"ok": False, "error": f"steering node: {exc}"}
-        self.node.accepting, self.node.drained_to = True, None
+        self.node.admit(accepting=True, drained_to=None)
         return {"ok": True}
 
     async def status(self) -> dict[str, Any]:

@@ -457,6 +457,33 @@ def _shown_expiry(c: dict[str, Any]) -> str:
     return "not on this host" if c.get("here") is False else f"unreadable: {c['error']}"
 
 
+def _node_lines(node: str, st: dict[str, Any]) -> list[str]:
+    """A node in the text of ``pysteer status``."""
+    if not st["up"]:
+        return [f"  node {node}: DOWN ({st['error']})"]
+    state = "accepting" if st["accepting"] else "cordoned"
+    if st.get("drained_to"):
+        state = f"drained to {st['drained_to']}"
+    lines = [
+        f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
+        f"{state}, control {st['control']}"
+    ]
+    if st.get("workers"):
+        shown = []
+        for w in st["workers"]:
+            restarts = f", restarted {w['restarts']}x" if w["restarts"] else ""
+            shown.append(
+                f"{w['worker']} (pid {w['pid']}, {w['connections']} connection(s){restarts})"
+            )
+        lines.append(f"    workers: {', '.join(shown)}")
+    if st.get("in_doubt"):
+        lines.append(
+            f"    IN-DOUBT migration(s): {', '.join(m[:12] for m in st['in_doubt'])} "
+            "(see `pysteer migrations`)"
+        )
+    return lines
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     nodes: dict[str, Any] = {}
@@ -479,29 +506,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"cluster {cfg.name} ({cfg.path})")
     for node, st in nodes.items():
-        if not st["up"]:
-            print(f"  node {node}: DOWN ({st['error']})")
-            continue
-        state = "accepting" if st["accepting"] else "cordoned"
-        print(
-            f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
-            f"{state}, control {st['control']}"
-        )
-        if st.get("workers"):
-            print(
-                "    workers: "
-                + ", ".join(
-                    f"{w['worker']} (pid {w['pid']}, {w['connections']} connection(s)"
-                    + (f", restarted {w['restarts']}x" if w["restarts"] else "")
-                    + ")"
-                    for w in st["workers"]
-                )
-            )
-        if st.get("in_doubt"):
-            print(
-                f"    IN-DOUBT migration(s): {', '.join(m[:12] for m in st['in_doubt'])} "
-                "(see `pysteer migrations`)"
-            )
+        print("\n".join(_node_lines(node, st)))
     where = f"{cfg.steer.control[0]}:{cfg.steer.control[1]}"
     if steer["reachable"]:
         stats = steer.get("stats") or {}

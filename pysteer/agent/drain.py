@@ -72,7 +72,7 @@ class Drain:
         except (LinkError, Refused) as exc:
             node.accepting = True
             raise DrainError(f"steering node: {exc}") from None
-        node.drained_to = self.target
+        node.admit(accepting=False, drained_to=self.target)
 
     async def run(self) -> dict[str, Any]:
         started = time.perf_counter()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pysteer import tcp
+from pysteer.agent.admission import Admission, save
 from pysteer.agent.batcher import Batcher
 from pysteer.agent.links import LinkError, LinkPool, Refused
 from pysteer.app.runtime import signature
@@ -38,6 +39,8 @@ from pysteer.migration.timeline import Timeline
 from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal, worker_of
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pysteer.app.runtime import Exported, Runtime
     from pysteer.flow import Flow
 
@@ -60,6 +63,14 @@ class Node:
     drained_to: str | None = None
     worker: int = 0  # which of this node's agent processes this is
     workers: int = 1
+    admission_file: Path | None = None  # where accepting and drained_to are kept
+
+    def admit(self, *, accepting: bool, drained_to: str | None) -> None:
+        """Change whether imports are taken (and where the node was drained to), and keep
+        it on disk: an agent restarted, or the host rebooted, after a drain stays drained."""
+        self.accepting, self.drained_to = accepting, drained_to
+        if self.admission_file is not None:
+            save(self.admission_file, Admission(accepting, drained_to))
 
 
 async def wait_for_event(pool: LinkPool | Batcher, action: Call | Sleep) -> Event:

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pysteer import netns
 from pysteer.lab.plan import LabPlan, from_dict, load
 from pysteer.paths import RUN_DIR
+from pysteer.paths import STATE_DIR as NODE_STATE_DIR
 from pysteer.provision import add_vip, role_sysctls, route_vip, set_sysctls
 
 if TYPE_CHECKING:
@@ -396,10 +397,11 @@ def remove_instance(name: str, grace: float = 2.0) -> list[str]:
         if path.exists() or path.is_symlink():
             path.unlink()
             removed.append(str(path))
-    cluster = run / name  # agents' sockets and ledgers; the lab's keys (lab cluster)
-    if cluster.is_dir() and not cluster.is_symlink():
-        shutil.rmtree(cluster)  # never follows a symlink inside
-        removed.append(str(cluster))
+    # The agents' sockets and ledgers, the lab's keys (lab cluster); the nodes' drained state.
+    for cluster in (run / name, NODE_STATE_DIR / name):
+        if cluster.is_dir() and not cluster.is_symlink():
+            shutil.rmtree(cluster)  # never follows a symlink inside
+            removed.append(str(cluster))
     return removed
 
 

@@ -175,6 +175,14 @@ def _flow_row(flow: Flow, value: Any, hosts: dict[int, str], park: Any) -> dict[
     }
 
 
+LOGGED = ("park", "to", "pass", "forget")  # changes logged at info (divert too)
+
+
+def _asker(who: str | None) -> str:
+    """Who sent a request: an agent over mutual TLS, or the root-only local socket."""
+    return f"agent {who}" if who is not None else "the local control socket"
+
+
 def _text(req: dict[str, Any], key: str) -> str:
     value = req.get(key)
     if not isinstance(value, str) or not value:
@@ -223,9 +231,9 @@ class Daemon:
             if cmd in ("flows", "hosts", "stats"):
                 return {"ok": True, cmd: self._show(cmd)}
             if cmd in ("park", "to", "pass", "forget", "claim", "revert", "decision"):
-                return {"ok": True} | self._change(cmd, req)
+                return {"ok": True} | self._change(cmd, req, who)
             if cmd == "divert":
-                return self._divert(req)
+                return self._divert(req, who)
             if cmd == "diversions":
                 return {"ok": True, "diversions": self.steerer.diversions()}
             if cmd == "hello":
@@ -274,7 +282,7 @@ class Daemon:
         refused = self._local.refused + self._handshakes.refused + self._sessions.refused
         return st.stats() | st.table_usage() | {"control_refused": refused}
 
-    def _divert(self, req: dict[str, Any]) -> dict[str, Any]:
+    def _divert(self, req: dict[str, Any], who: str | None) -> dict[str, Any]:
         try:
             address = ipaddress.ip_address(str(req.get("address")))
         except ValueError:
@@ -284,9 +292,25 @@ class Daemon:
             }
         host = req.get("host")
         self.steerer.divert(address, None if host is None else str(host))
+        where = f"to {host}" if host is not None else "back to its route"
+        log.info("divert new connections to %s %s, asked by %s", address, where, _asker(who))
         return {"ok": True, "diversions": self.steerer.diversions()}
 
-    def _change(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
+    def _change(self, cmd: str, req: dict[str, Any], who: str | None) -> dict[str, Any]:
+        answer = self._apply(cmd, req)
+        if cmd in LOGGED:  # what an operator asks for, or a migration's park: the audit
+            flow, host, owner = req.get("flow"), req.get("host"), req.get("owner")
+            log.info(
+                "%s %s%s%s, asked by %s",
+                cmd,
+                flow,
+                f" to {host}" if cmd == "to" or (cmd == "pass" and host) else "",
+                f" for {str(owner)[:64]}" if cmd == "park" and owner else "",
+                _asker(who),
+            )
+        return answer
+
+    def _apply(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911
         st = self.steerer
         flow = Flow.parse(_text(req, "flow"))
         if cmd == "park":
@@ -321,7 +345,6 @@ class Daemon:
         if cmd == "decision":
             return st.decision(flow, _token(req))
         st.forget(flow)
-        log.info("forgot %s (asked by %s)", flow, req.get("owner") or "an operator")
         return {}
 
     def _report(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:

@@ -190,3 +190,39 @@ def test_a_restarted_agent_serves_the_vip_at_once(cluster: Cluster) -> None:
     assert f"{served} ended" in cluster.log("b")
     cluster.start_agent("b")  # raises if it cannot serve the VIP
     assert "Address already in use" not in cluster.log("b")
+
+
+def test_a_drained_node_stays_drained_after_a_restart(cluster: Cluster) -> None:
+    """A drain is kept on disk: the agent that comes back still refuses imports and says
+    where it was drained to, until `pysteer undrain`; a cordon likewise."""
+    drain(cluster, "a", "b")
+    path = control_path_for(cluster, "a")
+    assert ask(path, "status")["status"]["drained_to"] == "b"
+    start = len(cluster.log("a"))
+    cluster.stop("a")
+    cluster.start_agent("a")
+    st = ask(path, "status")["status"]
+    assert (st["accepting"], st["drained_to"]) == (False, "b")
+    assert "a is drained to b, as it was before this start" in cluster.log("a")[start:]
+    assert "node a: up, pid" in (text := cluster.cli("status").stdout)
+    assert ", drained to b, control" in text, text
+    # A new connection is still diverted to b, and b cannot move it to a.
+    vip = str(cluster.lab.plan.vip(4))
+    with cluster.lab.call("client", socket.create_connection, (vip, ECHO), 5) as sock:
+        local = sock.getsockname()
+        flow = f"{local[0]}:{local[1]}-{vip}:{ECHO}"
+        wait_until(lambda: cluster.owner(flow) == "b", 10, "b to serve the new connection")
+        report = cluster.migrate(flow, "a")
+        assert report["outcome"] == "failed" and "cordoned" in report["error"], report
+        sock.sendall(b"still b\n")
+        assert sock.recv(100) == b"still b\n"
+    undrain(cluster, "a")
+    assert ask(path, "cordon")["accepting"] is False
+    cluster.stop("a")
+    cluster.start_agent("a")
+    st = ask(path, "status")["status"]
+    assert (st["accepting"], st["drained_to"]) == (False, None)
+    assert ask(path, "uncordon")["accepting"] is True
+    cluster.stop("a")
+    cluster.start_agent("a")
+    assert ask(path, "status")["status"]["accepting"] is True

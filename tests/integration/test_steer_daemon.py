@@ -309,3 +309,25 @@ def test_a_stopped_daemon_leaves_no_lock_behind(lab: Lab) -> None:
         d.stop()
         pins.remove(d.name)
     assert not lock_path(d.name).exists()
+
+
+def test_every_change_is_logged_with_who_asked(lab: Lab, daemon: DaemonProc) -> None:
+    """park, to, pass, forget and divert leave an info line each: the flow (or address),
+    what was done, and who asked (here the local control socket; an agent by name)."""
+    vip = str(lab.plan.vip_v4)
+    flow = f"{lab.plan.address('client')}:42999-{vip}:{PORT}"
+    for args in (("park", flow), ("to", flow, "b"), ("pass", flow), ("forget", flow)):
+        out = cli(daemon.name, *args)
+        assert out.returncode == 0, out.stderr
+    assert cli(daemon.name, "divert", vip, "b").returncode == 0
+    assert cli(daemon.name, "divert", vip, "--clear").returncode == 0
+    asked = "asked by the local control socket"
+    for line in (
+        f"INFO park {flow}, {asked}",
+        f"INFO to {flow} to b, {asked}",
+        f"INFO pass {flow}, {asked}",
+        f"INFO forget {flow}, {asked}",
+        f"INFO divert new connections to {vip} to b, {asked}",
+        f"INFO divert new connections to {vip} back to its route, {asked}",
+    ):
+        daemon.wait_for(line, 5)

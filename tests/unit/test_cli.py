@@ -31,9 +31,10 @@ def test_help(args: tuple[str, ...], words: list[str]) -> None:
         assert word in out.stdout
 
 
-def test_version() -> None:
-    out = run("--version")
-    assert out.stdout.strip() == "pysteer 0.1.0"
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str) -> None:
+    out = run(flag)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "pysteer 0.1.0\n", "")
 
 
 @pytest.mark.parametrize(
