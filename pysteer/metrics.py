@@ -31,8 +31,10 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def serve(registry: CollectorRegistry, listen: tuple[str, int]) -> None:
-    """Serve ``/metrics`` for ``registry`` on a background thread."""
+    """Serve ``/metrics`` for ``registry`` on a background thread (and log where)."""
     start_http_server(listen[1], addr=listen[0], registry=registry)
+    host = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
+    logging.getLogger("pysteer").info("metrics at http://%s:%d/metrics", host, listen[1])
 
 
 class AgentMetrics:

@@ -35,6 +35,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from pysteer import __version__
 from pysteer.agent.admission import Admission, admission_path
 from pysteer.agent.admission import load as load_admission
 from pysteer.agent.batcher import MAX_ITEMS as MAX_BATCH
@@ -801,6 +802,7 @@ class Agent:
         return {
             "steer": steer,
             "node": self.name,
+            "version": __version__,
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 1),
             "accepting": self.accepting,

@@ -465,8 +465,8 @@ def _node_lines(node: str, st: dict[str, Any]) -> list[str]:
     if st.get("drained_to"):
         state = f"drained to {st['drained_to']}"
     lines = [
-        f"  node {node}: up, pid {st['pid']}, {st['connections']} connection(s), "
-        f"{state}, control {st['control']}"
+        f"  node {node}: up, pysteer {st.get('version', '?')}, pid {st['pid']}, "
+        f"{st['connections']} connection(s), {state}, control {st['control']}"
     ]
     if st.get("workers"):
         shown = []

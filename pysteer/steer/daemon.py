@@ -1,8 +1,9 @@
-"""``pysteer steer run``: the steering daemon, serving its control API on a unix socket.
+"""``pysteer steer run``: the steering daemon, serving its control API on a unix socket
+(root's) and, with ``--listen``, to the agents over mutual TLS.
 
 The flow table, hosts and counters are pinned maps, so a killed daemon leaves steering
 running in the kernel and a restarted one takes over the same flows. Only one daemon may
-own an instance (a lock next to its socket); it holds no network port.
+own an instance (a lock next to its socket).
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def test_a_drained_node_stays_drained_after_a_restart(cluster: Cluster) -> None:
     st = ask(path, "status")["status"]
     assert (st["accepting"], st["drained_to"]) == (False, "b")
     assert "a is drained to b, as it was before this start" in cluster.log("a")[start:]
-    assert "node a: up, pid" in (text := cluster.cli("status").stdout)
+    assert "node a: up, pysteer 0.1.0, pid" in (text := cluster.cli("status").stdout)
     assert ", drained to b, control" in text, text
     # A new connection is still diverted to b, and b cannot move it to a.
     vip = str(cluster.lab.plan.vip(4))

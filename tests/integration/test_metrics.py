@@ -92,9 +92,12 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
     check_ticker_stream(client.finish(), client.sent)
     client.close()
     for name in ("a", "b", "steer"):
+        messages = []
         for line in cluster.log(name).splitlines():
             entry = json.loads(line)  # every line is one JSON object
             assert set(entry) >= {"t", "level", "logger", "msg"}
+            messages.append(entry["msg"])
+        assert "metrics at http://127.0.0.1:9100/metrics" in messages  # where to scrape
     assert any(
         re.search(r"migration \w+ .* -> b: moved", json.loads(ln)["msg"])
         for ln in cluster.log("a").splitlines()
