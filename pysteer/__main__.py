@@ -1,7 +1,7 @@
-"""``python -m pysteer`` runs the CLI."""
+"""``python -m pysteer`` runs the CLI (through ``console``, quiet about an early Ctrl-C)."""
 
 import sys
 
-from pysteer.cli import main
+from pysteer.console import main
 
 sys.exit(main())

@@ -27,9 +27,11 @@ and not writable by others; every file is written fresh and renamed into place.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -228,8 +230,27 @@ def parse_nodes(specs: list[str]) -> dict[str, list[str]]:
         _check_node(name)
         if name in nodes:
             raise UsageError(f"node {name!r} given twice")
-        nodes[name] = [n for n in names.split(",") if n]
+        nodes[name] = [_check_san(n, name) for n in names.split(",") if n]
     return nodes
+
+
+DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _check_san(text: str, node: str) -> str:
+    """One name a certificate is for: an IP address, or a DNS name (letters, digits and
+    hyphens in dot-separated labels; ``*.`` first for a wildcard)."""
+    import ipaddress  # noqa: PLC0415 - only when certificates are made
+
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(text.strip("[]")))
+    labels = text.removeprefix("*.").rstrip(".").split(".")
+    if len(text) <= 253 and all(DNS_LABEL.fullmatch(label) for label in labels):
+        return text
+    raise UsageError(
+        f"node {node}: {text[:80]!r} is neither an IP address nor a DNS name (letters, "
+        "digits and hyphens, in labels joined by dots)"
+    )
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ imports nothing heavy; ``tests/unit/test_cli_imports.py`` keeps it so.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -63,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     (0 success, 1 a check or operation failed, 2 bad input, 70 a bug...)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler):
+            with contextlib.suppress(ValueError):  # not the main thread: leave it
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # console's until now
         args = build_parser(_command(argv)).parse_args(argv)  # --help prints, too
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as exc:  # SystemExit (argparse's) goes through

@@ -8,6 +8,7 @@ and node names.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -154,10 +155,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class _Output(logging.StreamHandler):
+    """Standard output, and standard error once that is gone (a daemon run with its
+    output piped to a reader that went away): log lines are never a traceback."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)  # a bad record: logging's own report
+        elif self.stream is not sys.stderr:
+            self.setStream(sys.stderr)
+            with contextlib.suppress(Exception):
+                self.emit(record)
+        # else: standard error is gone too; nowhere is left to say it
+
+
 def setup_logging(json_lines: bool, worker: int | None = None) -> None:
     """Log to stdout; ``worker``: this is one of an agent's worker processes, which share
     the supervisor's output, so each line says which."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _Output(sys.stdout)
     if json_lines:
         handler.setFormatter(JsonFormatter(worker))
     else:

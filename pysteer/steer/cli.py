@@ -35,14 +35,10 @@ def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
     return request(args.socket or socket_path(args.name), cmd, **extra)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from pysteer.harden import harden  # noqa: PLC0415
-    from pysteer.identity import server_context  # noqa: PLC0415 - needs cryptography
-    from pysteer.steer.daemon import run  # noqa: PLC0415 - needs BCC
-
-    harden()  # before the TLS key is read: no core dump holds it
+def _hosts(specs: list[str]) -> list[tuple[str, str, str]]:
+    """``--host`` options as (name, interface or address, MAC or "")."""
     hosts = []
-    for spec in args.host:
+    for spec in specs:
         name, _, rest = spec.partition("=")
         ifname, _, mac = rest.partition(",")
         if not mac:
@@ -55,6 +51,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not name or not ifname:
             raise UsageError(f"--host {spec!r}: expected NAME=IFNAME,MAC or NAME=ADDRESS")
         hosts.append((name, ifname, mac))
+    return hosts
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pysteer.harden import harden  # noqa: PLC0415
+    from pysteer.identity import server_context  # noqa: PLC0415 - needs cryptography
+    from pysteer.steer.daemon import run  # noqa: PLC0415 - needs BCC
+
+    harden()  # before the TLS key is read: no core dump holds it
+    from pysteer.steer.pins import PinError, check_name  # noqa: PLC0415
+
+    try:
+        check_name(args.name)  # a bad name is refused before anything is probed or loaded
+    except PinError as exc:
+        raise UsageError(str(exc)) from None
+    hosts = _hosts(args.host)
     if not (math.isfinite(args.idle_timeout) and 0 < args.idle_timeout <= 7 * 86400):
         raise UsageError("--idle-timeout must be in (0, 604800] seconds")
     if not (math.isfinite(args.gc_interval) and 0.05 <= args.gc_interval <= 3600):

@@ -154,6 +154,11 @@ def pin_dir(name: str) -> Path:
     return path
 
 
+def check_name(name: str) -> None:
+    """PinError unless ``name`` can name a steering instance (nothing is made)."""
+    _instance(name)
+
+
 def _instance(name: str) -> Path:
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise PinError(f"invalid steering instance name {name!r}: use [a-z0-9_-], 1-63 chars")

@@ -504,3 +504,30 @@ def test_init_killed_midway_leaves_only_whole_files(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert all((d / f"n{i}.key").exists() for i in range(40))
     assert [p.name for p in d.iterdir() if p.name.endswith(".tmp")] == []  # cleared
+
+
+@pytest.mark.parametrize(
+    ("spec", "names"),
+    [
+        ("a=10.0.0.1,[fd00::1],a.example.com", ["10.0.0.1", "fd00::1", "a.example.com"]),
+        ("b=*.example.com,node-1", ["*.example.com", "node-1"]),
+        ("c", []),
+    ],
+)
+def test_node_names_are_addresses_or_dns_names(spec: str, names: list[str]) -> None:
+    from pysteer.certs_cli import parse_nodes  # noqa: PLC0415
+
+    assert list(parse_nodes([spec]).values()) == [names]
+
+
+@pytest.mark.parametrize("bad", ["not an address!!", "-a.example", "a..b", "x" * 64, "a_b", "*"])
+def test_a_name_that_is_neither_is_refused(bad: str) -> None:
+    from pysteer.certs_cli import parse_nodes  # noqa: PLC0415
+    from pysteer.errors import UsageError  # noqa: PLC0415
+
+    with pytest.raises(UsageError) as info:
+        parse_nodes([f"a=10.0.0.1,{bad}"])
+    assert str(info.value) == (
+        f"node a: {bad!r} is neither an IP address nor a DNS name (letters, digits and "
+        "hyphens, in labels joined by dots)"
+    )
