@@ -26,7 +26,10 @@ T = TypeVar("T")
 
 
 class NetnsError(OSError):
-    """A namespace could not be entered or left."""
+    """A namespace could not be entered or left (its message says which and why)."""
+
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]"
+        return str(self.strerror) if self.strerror else super().__str__()
 
 
 def netns_path(name: str) -> Path:

@@ -249,3 +249,12 @@ def test_naming_puts_the_node_before_the_message() -> None:
         _naming(down="node a is down: "),
     ):
         raise AgentDown("gone")
+
+
+def test_a_namespace_error_is_its_message_alone() -> None:
+    """No "[Errno 2]" in front of what the operator reads."""
+    from pysteer.netns import NetnsError  # noqa: PLC0415
+
+    exc = NetnsError(2, "no network namespace named 'x'")
+    assert str(exc) == "no network namespace named 'x'" and exc.errno == 2
+    assert exitcodes.report(exc) == 1
