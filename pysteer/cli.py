@@ -39,6 +39,7 @@ ROOT = Command(
         "Run `pysteer doctor` first to check that this machine can run pysteer."
     ),
     args=(arg("-V", "--version", action="version", version=f"pysteer {__version__}"),),
+    epilog=exitcodes.SUMMARY,
     actions=(
         doctor.DOCTOR,
         Command("lab", help=LAB_HELP, load=_lab),

@@ -73,13 +73,16 @@ class Command(NamedTuple):
     # every command: loaded only when this command runs; ``pysteer --help`` needs only
     # the name and help given here.
     load: Callable[[], Command] | None = None
+    epilog: str | None = None  # the root's: what follows the options in --help
 
 
 def build(root: Command, expand: str | None = None) -> argparse.ArgumentParser:
     """The argparse tree of ``root`` (its name is the program's). Its commands with
     ``load`` are loaded only if named by ``expand`` (the command about to run) or if
     ``expand`` is None (the whole tree)."""
-    parser = argparse.ArgumentParser(prog=root.name, description=root.description)
+    parser = argparse.ArgumentParser(
+        prog=root.name, description=root.description, epilog=root.epilog
+    )
     _fill(parser, root, "command", "COMMAND", expand)
     return parser
 

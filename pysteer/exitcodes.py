@@ -19,6 +19,7 @@ from typing import NamedTuple
 OK = 0
 FAILED = 1  # a check or an operation ran and failed; also an OSError (as Python exits)
 USAGE = 2  # bad input, or what to ask is not there: nothing was changed
+DOWN = 3  # a node's agent or the steering daemon is down or not answering: nothing changed
 INTERNAL = 70  # a bug (sysexits' EX_SOFTWARE): distinct from every expected outcome
 INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 CLOSED_PIPE = 141  # the reader went away, as a shell reports SIGPIPE
@@ -34,6 +35,14 @@ class Exit(NamedTuple):
 
     code: int
     say: Callable[[BaseException], str | None]
+
+
+SUMMARY = (
+    "exit codes: 0 done; 1 the operation failed or was rolled back, or a check found a "
+    "problem; 2 bad input, nothing changed; 3 a node's agent or the steering daemon is "
+    "down or not answering, nothing changed; 70 a bug (PYSTEER_DEBUG=1 shows its "
+    "traceback); 130 interrupted (Ctrl-C); 141 the output was closed"
+)
 
 
 def _error(exc: BaseException) -> str:
@@ -67,10 +76,12 @@ EXIT_CODES: dict[tuple[str, str], Exit] = {
     # A daemon that cannot start says why, before it changed anything.
     ("pysteer.agent.agent", "AgentError"): Exit(USAGE, _error),
     ("pysteer.steer.daemon", "DaemonError"): Exit(USAGE, _error),
-    # The agent or the steering daemon is down, or said no: nothing was changed.
-    ("pysteer.agent.control", "AgentDown"): Exit(USAGE, _error),
+    # The agent or the steering daemon said no: nothing was changed.
     ("pysteer.agent.control", "AgentRefused"): Exit(USAGE, _error),
     ("pysteer.steer.control", "ControlError"): Exit(USAGE, _error),
+    # It is down, or does not answer: nothing was changed (a script may retry later).
+    ("pysteer.agent.control", "AgentDown"): Exit(DOWN, _error),
+    ("pysteer.steer.control", "SteerDown"): Exit(DOWN, _error),
     # The system said no (permissions, a missing file): the operation failed.
     ("builtins", "OSError"): Exit(FAILED, _os_error),
     ("builtins", "BrokenPipeError"): Exit(CLOSED_PIPE, _closed_pipe),

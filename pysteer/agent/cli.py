@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pysteer import exitcodes
 from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask, ask_remote
 from pysteer.clitable import Command, arg
 from pysteer.cluster.config import ENV, ClusterConfig, load_config
@@ -165,14 +166,15 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be in (0, 600] seconds")
     flows, down = _all_flows(cfg, sorted(cfg.nodes))
     owners = [f["node"] for f in flows if f["flow"] == str(flow)]
+    if not owners and down:  # it may be on a node that does not answer
+        raise AgentDown(f"flow {flow} not found on any node that answers (down: {', '.join(down)})")
     if not owners:
-        extra = f" (down: {', '.join(down)})" if down else ""
-        raise UsageError(f"flow {flow} not found on any node{extra}; see `pysteer flows`")
+        raise UsageError(f"flow {flow} not found on any node; see `pysteer flows`")
     source = owners[0]
     if source == target:
         raise UsageError(f"flow {flow} is already on {target}")
     if target in down:
-        raise UsageError(f"node {target} is down (no agent at {_path(cfg, target)})")
+        raise AgentDown(f"node {target} is down (no agent at {_path(cfg, target)})")
     with _naming(down=f"node {source} is down: "):
         answer = _ask(
             cfg,
@@ -196,11 +198,13 @@ def cmd_drain(args: argparse.Namespace) -> int:
     source, target = cfg.node(args.source).name, cfg.node(args.target).name
     if source == target:
         raise UsageError("--from and --to are the same node")
-    if not 1 <= args.batch <= 4096 or not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
-        raise UsageError("--batch must be 1..4096 and --timeout in (0, 600] seconds")
+    if not 1 <= args.batch <= 4096:
+        raise UsageError(f"--batch must be 1..4096, not {args.batch}")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
+        raise UsageError(f"--timeout must be in (0, 600] seconds, not {args.timeout:g}")
     flows, down = _all_flows(cfg, [source, target])
     for node in down:
-        raise UsageError(f"node {node} is down (no agent at {_path(cfg, node)})")
+        raise AgentDown(f"node {node} is down (no agent at {_path(cfg, node)})")
     mine = sorted(f["flow"] for f in flows if f["node"] == source)
     if args.dry_run:
         for flow in mine:
@@ -337,7 +341,7 @@ def cmd_flows(args: argparse.Namespace) -> int:
     nodes = [cfg.node(args.node).name] if args.node else sorted(cfg.nodes)
     flows, down = _all_flows(cfg, nodes)
     if args.node and down:
-        raise UsageError(f"node {args.node} is down (no agent at {_path(cfg, args.node)})")
+        raise AgentDown(f"node {args.node} is down (no agent at {_path(cfg, args.node)})")
     if args.json:
         print(json.dumps({"flows": flows, "down": down}, indent=2))
         return 0
@@ -500,10 +504,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     certs = {"ca": _expiry(cfg.ca), cfg.steer.name: _expiry(cfg.steer.cert)}
     certs |= {n: _expiry(c.cert) for n, c in cfg.nodes.items()}
     certs |= {f"service {p}": _expiry(s.cert) for p, s in cfg.services.items() if s.cert}
-    result = {"cluster": cfg.name, "nodes": nodes, "steer": steer, "certificates": certs}
+    problems = _problems(nodes, steer, certs)
+    result = {
+        "cluster": cfg.name,
+        "nodes": nodes,
+        "steer": steer,
+        "certificates": certs,
+        "problems": problems,
+    }
+    code = exitcodes.DOWN if any(p["kind"] == "down" for p in problems) else int(bool(problems))
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
+        return code
     print(f"cluster {cfg.name} ({cfg.path})")
     for node, st in nodes.items():
         print("\n".join(_node_lines(node, st)))
@@ -524,7 +536,38 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  steering {cfg.steer.name} at {where}: UNREACHABLE ({steer['error']})")
     for name, c in certs.items():
         print(f"  certificate {name}: {_shown_expiry(c)}")
-    return 0
+    for p in problems:
+        print(f"PROBLEM: {p['what']}")
+    return code
+
+
+CERT_WARN_DAYS = 30  # status fails when a certificate expires sooner (rotate it: security.md)
+
+
+def _problems(
+    nodes: dict[str, Any], steer: dict[str, Any], certs: dict[str, Any]
+) -> list[dict[str, str]]:
+    """What makes ``pysteer status`` fail: 3 if anything is down, else 1."""
+    out = [
+        {"kind": "down", "what": f"node {n} is down ({st['error']})"}
+        for n, st in nodes.items()
+        if not st["up"]
+    ]
+    if not steer["reachable"]:
+        out.append(
+            {"kind": "down", "what": f"the steering daemon is unreachable ({steer['error']})"}
+        )
+    out += [
+        {"kind": "in-doubt", "what": f"migration {m[:12]} on {n} is in doubt (pysteer migrations)"}
+        for n, st in nodes.items()
+        for m in st.get("in_doubt", [])
+    ]
+    out += [
+        {"kind": "certificate", "what": f"certificate {name} expires in {c['days_left']} days"}
+        for name, c in certs.items()
+        if "days_left" in c and c["days_left"] < CERT_WARN_DAYS
+    ]
+    return out
 
 
 AGENT = Command(

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pysteer.paths import RUN_DIR
-from pysteer.rpc.errors import RpcError
+from pysteer.rpc.errors import RpcError, Unreachable
 
 if TYPE_CHECKING:
     import ssl
@@ -28,6 +28,10 @@ def socket_path(name: str) -> Path:
 class ControlError(RpcError, RuntimeError):
     """The daemon could not be reached, or refused the request (its message is kept;
     ``code`` is the error map's, see ``pysteer.rpc.errors``)."""
+
+
+class SteerDown(ControlError):
+    """No steering daemon answers there: it is not running, or does not answer in time."""
 
 
 class RequestError(ControlError):
@@ -46,11 +50,13 @@ def _call(sock: socket.socket, where: str, cmd: str, args: dict[str, Any]) -> di
 
     try:
         return Client(sock, f"steering daemon at {where}").call({"cmd": cmd, **args})
+    except Unreachable as exc:  # hung up, or broke the protocol
+        raise SteerDown(str(exc), exc.code) from None
     except RpcError as exc:
         raise ControlError(str(exc), exc.code) from None
     except TimeoutError:
         timeout = sock.gettimeout()
-        raise ControlError(
+        raise SteerDown(
             f"steering daemon at {where}: no answer within {timeout or 0:g} s"
         ) from None
 
@@ -78,8 +84,10 @@ def request_remote(
         ):
             peer_node(sock, {server_name, *names}, server_name)
             return _call(sock, where, cmd, args)
-    except (ssl.SSLError, OSError) as exc:
+    except ssl.SSLError as exc:  # it answered, and one side refused the other
         raise ControlError(f"steering daemon at {where}: {exc}") from None
+    except OSError as exc:
+        raise SteerDown(f"steering daemon at {where}: {exc}") from None
 
 
 def request(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
@@ -89,6 +97,8 @@ def request(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> dict[st
             sock.connect(str(path))
             return _call(sock, str(path), cmd, args)
     except (FileNotFoundError, ConnectionRefusedError):
-        raise ControlError(f"no steering daemon at {path} (is `pysteer steer run` up?)") from None
+        raise SteerDown(f"no steering daemon at {path} (is `pysteer steer run` up?)") from None
+    except PermissionError as exc:
+        raise ControlError(f"steering daemon at {path}: {exc.strerror}") from None
     except OSError as exc:
-        raise ControlError(f"steering daemon at {path}: {exc.strerror or exc}") from None
+        raise SteerDown(f"steering daemon at {path}: {exc.strerror or exc}") from None

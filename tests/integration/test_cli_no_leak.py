@@ -167,7 +167,7 @@ def test_agent_down_no_packet_leaves_the_root_namespace(
     cluster.stop("b")
     try:
         status = run("status")
-        assert status.returncode == 0, status.stderr
+        assert status.returncode == 3, status.stderr  # a node is down
         line = next(ln for ln in status.stdout.splitlines() if "node b:" in ln)
         assert "DOWN" in line and f"in namespace {cluster.lab.netns('b')}" in line, line
         assert re.search(r"node a: up", status.stdout), status.stdout
@@ -176,17 +176,17 @@ def test_agent_down_no_packet_leaves_the_root_namespace(
         flows = run("flows")
         assert flows.returncode == 0 and flow in flows.stdout and "(b: down)" in flows.stdout
         only_b = run("flows", "--node", "b")
-        assert only_b.returncode == 2 and "node b is down" in only_b.stderr, only_b.stderr
+        assert only_b.returncode == 3 and "node b is down" in only_b.stderr, only_b.stderr
         mig = run("migrate", "--flow", flow, "--to", "b")
-        assert mig.returncode == 2 and "node b is down" in mig.stderr, mig.stderr
+        assert mig.returncode == 3 and "node b is down" in mig.stderr, mig.stderr
         assert mig.stdout == ""
         # No netns, no remote: the local socket only, and a clear "down" without any TCP.
         status = run("status", config=local_only)
-        assert status.returncode == 0, status.stderr
+        assert status.returncode == 3, status.stderr
         line = next(ln for ln in status.stdout.splitlines() if "node b:" in ln)
         assert "DOWN" in line and "not asked over TCP" in line, line
         mig = run("migrate", "--flow", flow, "--to", "b", config=local_only)
-        assert mig.returncode == 2 and "node b is down" in mig.stderr, mig.stderr
+        assert mig.returncode == 3 and "node b is down" in mig.stderr, mig.stderr
         # A namespace that does not exist (a lab taken down): down, and still nothing sent.
         status = run("status", config=gone)
         line = next(ln for ln in status.stdout.splitlines() if "node b:" in ln)

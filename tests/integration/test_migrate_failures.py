@@ -338,11 +338,12 @@ def test_bad_cli_input(cluster: Cluster, client: Client) -> None:
     cluster.stop("b")
     try:
         out = cluster.cli("migrate", "--flow", client.flow, "--to", "b")
-        assert out.returncode == 2 and "node b is down" in out.stderr, out.stderr
+        assert out.returncode == 3 and "node b is down" in out.stderr, out.stderr
         flows = cluster.cli("flows", "--node", "b")
-        assert flows.returncode == 2 and "node b is down" in flows.stderr
+        assert flows.returncode == 3 and "node b is down" in flows.stderr
         status = cluster.cli("status")
-        assert status.returncode == 0 and "node b: DOWN" in status.stdout
+        assert status.returncode == 3 and "node b: DOWN" in status.stdout
+        assert "PROBLEM: node b is down (" in status.stdout
     finally:
         cluster.start_agent("b")
     client.check_served_by("a")

@@ -103,7 +103,7 @@ def test_bad_input(lab: Lab, daemon: DaemonProc) -> None:
     assert insecure.returncode == 2
     assert "--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)" in insecure.stderr
     gone = cli("nosuchdaemon", "flows")
-    assert gone.returncode == 2
+    assert gone.returncode == 3  # down: distinct from bad input
     assert "no steering daemon at /run/pysteer/steer-nosuchdaemon.sock" in gone.stderr
 
 

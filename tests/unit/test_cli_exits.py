@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -28,9 +29,10 @@ EXPECTED = {
     ("pysteer.steer.pins", "PinError"): 2,
     ("pysteer.agent.agent", "AgentError"): 2,
     ("pysteer.steer.daemon", "DaemonError"): 2,
-    ("pysteer.agent.control", "AgentDown"): 2,
     ("pysteer.agent.control", "AgentRefused"): 2,
     ("pysteer.steer.control", "ControlError"): 2,
+    ("pysteer.agent.control", "AgentDown"): 3,
+    ("pysteer.steer.control", "SteerDown"): 3,
     ("builtins", "OSError"): 1,
     ("builtins", "BrokenPipeError"): 141,
     ("builtins", "KeyboardInterrupt"): 130,
@@ -99,7 +101,7 @@ def test_a_closed_pipe_is_quiet() -> None:
     ("exc", "code", "line"),
     [
         # AgentDown is a ConnectionError, an OSError: its own entry wins.
-        (AgentDown("node b is down: x"), 2, "pysteer: error: node b is down: x"),
+        (AgentDown("node b is down: x"), 3, "pysteer: error: node b is down: x"),
         (BrokenPipeError(), 141, None),
         (
             ConnectionResetError(104, "Connection reset by peer"),
@@ -207,30 +209,36 @@ key = "b.key"
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "code", "message"),
     [
-        (["agent", "cordon", "a"], "node a is down: no agent at {sock}a.sock; not asked over TCP"),
-        (["undrain", "b"], "node b is down: no agent at {sock}b.sock; not asked over TCP"),
-        (["flows", "--node", "b"], "node b is down (no agent at {sock}b.sock)"),
-        (["flows", "--node", "c"], "unknown node 'c' (nodes: a, b)"),
-        (["migrate", "--flow", "x", "--to", "b"], "malformed flow 'x'"),
+        (
+            ["agent", "cordon", "a"],
+            3,
+            "node a is down: no agent at {sock}a.sock; not asked over TCP",
+        ),
+        (["undrain", "b"], 3, "node b is down: no agent at {sock}b.sock; not asked over TCP"),
+        (["flows", "--node", "b"], 3, "node b is down (no agent at {sock}b.sock)"),
+        (["flows", "--node", "c"], 2, "unknown node 'c' (nodes: a, b)"),
+        (["migrate", "--flow", "x", "--to", "b"], 2, "malformed flow 'x'"),
         (
             ["migrate", "--flow", "10.0.0.2:5-10.0.0.100:443", "--to", "b"],
-            "flow 10.0.0.2:5-10.0.0.100:443 not found on any node (down: a, b)",
+            3,
+            "flow 10.0.0.2:5-10.0.0.100:443 not found on any node that answers (down: a, b)",
         ),
-        (["status", "--config", "/nonexistent.toml"], "cannot read /nonexistent.toml"),
+        (["status", "--config", "/nonexistent.toml"], 2, "cannot read /nonexistent.toml"),
     ],
 )
 def test_agent_commands_report_through_the_map(
-    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    args: list[str], code: int, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A cluster whose agents are all down (and never asked over TCP: neither netns nor
-    remote): each command ends with 2 and its one line, nothing on stdout."""
+    remote): each command ends with its code (3: down, 2: bad input) and its one line,
+    nothing on stdout."""
     name = f"t{os.getpid()}"
     (tmp_path / "cluster.toml").write_text(CLUSTER.format(name=name))
     if "--config" not in args:
         args = [*args, "--config", str(tmp_path / "cluster.toml")]
-    assert cli.main(args) == 2
+    assert cli.main(args) == code
     out = capsys.readouterr()
     assert out.out == ""
     assert out.err.startswith(
@@ -258,3 +266,37 @@ def test_a_namespace_error_is_its_message_alone() -> None:
     exc = NetnsError(2, "no network namespace named 'x'")
     assert str(exc) == "no network namespace named 'x'" and exc.errno == 2
     assert exitcodes.report(exc) == 1
+
+
+def test_status_fails_when_anything_is_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both agents down (so no steering daemon was asked either): 3, each said."""
+    name = f"t{os.getpid()}"
+    (tmp_path / "cluster.toml").write_text(CLUSTER.format(name=name))
+    assert cli.main(["status", "--config", str(tmp_path / "cluster.toml")]) == 3
+    out = capsys.readouterr().out
+    assert "PROBLEM: node a is down (no agent at" in out
+    assert "PROBLEM: the steering daemon is unreachable (no agent is up to ask)" in out
+    assert cli.main(["status", "--json", "--config", str(tmp_path / "cluster.toml")]) == 3
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert [p["kind"] for p in problems] == ["down", "down", "down"]
+
+
+def test_status_problems() -> None:
+    """In doubt or a certificate about to expire: 1 (a check found a problem)."""
+    from pysteer.agent.cli import _problems  # noqa: PLC0415
+
+    up = {"up": True, "in_doubt": []}
+    steer = {"reachable": True}
+    fine = {"days_left": 30.5}
+    assert _problems({"a": up}, steer, {"ca": fine, "b": {"here": False}}) == []
+    doubt = {"up": True, "in_doubt": ["0123456789abcdef"]}
+    found = _problems({"a": doubt}, steer, {"ca": {"days_left": 29.9}})
+    assert found == [
+        {
+            "kind": "in-doubt",
+            "what": "migration 0123456789ab on a is in doubt (pysteer migrations)",
+        },
+        {"kind": "certificate", "what": "certificate ca expires in 29.9 days"},
+    ]

@@ -82,7 +82,7 @@ def heavy(modules: list[str]) -> list[str]:
         ("certs --help", 0, "bundle"),
         ("doctor --help", 0, "--json"),
         ("steer --help", 0, "divert"),
-        ("steer flows --name nonexistent", 2, "no steering daemon"),
+        ("steer flows --name nonexistent", 3, "no steering daemon"),
         ("status", 2, "no cluster file"),
         ("migrate --flow 1.2.3.4:5-6.7.8.9:10 --to b", 2, "no cluster file"),
         ("lab --help", 0, "status"),
