@@ -6,10 +6,12 @@ import argparse
 import ipaddress
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 from pysteer.clitable import Command, LazyChoices, arg
+from pysteer.cluster.config import ENV, load_config
 from pysteer.errors import UsageError
 from pysteer.flow import Flow
 from pysteer.steer.control import request, socket_path
@@ -21,18 +23,33 @@ def _modes() -> tuple[str, ...]:
     return MODES
 
 
-# The arguments of every command that asks a running daemon.
-NAME = arg("--name", default="default", help="daemon instance (default: %(default)s)")
+# Which steering instance: --name, else the cluster file's name ([cluster] name, as the
+# lab and `pysteer-steer@NAME` name it), else "default".
+NAME = arg(
+    "--name",
+    help="daemon instance (default: the cluster's name, from --config or $PYSTEER_CONFIG; "
+    "else 'default')",
+)
+CONFIG = arg("--config", type=Path, help="the cluster file (default: $PYSTEER_CONFIG)")
 ASKING = (
     NAME,
+    CONFIG,
     arg("--socket", type=Path, help="control socket (default: from --name)"),
     arg("--json", action="store_true", help="machine-readable output"),
 )
 FLOW = arg("flow", metavar="FLOW")
 
 
+def instance(args: argparse.Namespace) -> str:
+    """The steering instance a command means (see NAME)."""
+    if args.name:
+        return str(args.name)
+    path = getattr(args, "config", None) or os.environ.get(ENV)
+    return load_config(path).name if path else "default"
+
+
 def _ask(args: argparse.Namespace, cmd: str, **extra: Any) -> dict[str, Any]:
-    return request(args.socket or socket_path(args.name), cmd, **extra)
+    return request(args.socket or socket_path(instance(args)), cmd, **extra)
 
 
 def _hosts(specs: list[str]) -> list[tuple[str, str, str]]:
@@ -62,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     harden()  # before the TLS key is read: no core dump holds it
     from pysteer.steer.pins import PinError, check_name  # noqa: PLC0415
 
+    args.name = instance(args)
     try:
         check_name(args.name)  # a bad name is refused before anything is probed or loaded
     except PinError as exc:
@@ -162,6 +180,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from pysteer.steer import pins  # noqa: PLC0415
     from pysteer.steer.daemon import lock_path  # noqa: PLC0415
 
+    args.name = instance(args)
     pins.pin_dir(args.name)  # validates the name
     path = lock_path(args.name)
     if path.exists():
@@ -222,7 +241,8 @@ def cmd_change(args: argparse.Namespace) -> int:
 
 
 RUN_ARGS = (
-    arg("--name", default="default", help="instance name (pin path, socket)"),
+    NAME,
+    CONFIG,
     arg("--ifname", required=True, help="the client-facing interface"),
     arg("--netns", help="network namespace of the interfaces"),
     arg(
@@ -330,6 +350,7 @@ STEER = Command(
             "pinned maps under /sys/fs/bpf/pysteer/NAME. Steered flows go back to normal routing.",
             args=(
                 NAME,
+                CONFIG,
                 arg("--ifname", help="also detach pysteer's programs from this interface"),
                 arg("--netns", help="network namespace of --ifname"),
             ),

@@ -5,14 +5,17 @@ flows (idle or not) and the table true (sync), and a restarted agent serves at o
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers.cluster import Cluster, running_cluster
+from helpers.cluster import PYSTEER, Cluster, running_cluster
 from helpers.fleet import Fleet
 from helpers.waiting import wait_until
 
@@ -226,3 +229,26 @@ def test_a_drained_node_stays_drained_after_a_restart(cluster: Cluster) -> None:
     cluster.stop("a")
     cluster.start_agent("a")
     assert ask(path, "status")["status"]["accepting"] is True
+
+
+def test_steer_commands_find_their_daemon_from_the_cluster_file(cluster: Cluster) -> None:
+    """The lab's steering daemon is named like its cluster: with the cluster file (option
+    or environment), no --name is needed; an explicit --name still wins."""
+    env = dict(os.environ, PYSTEER_CONFIG=str(cluster.config))
+    for argv, extra_env in (
+        (["steer", "hosts", "--json"], env),
+        (["steer", "hosts", "--json", "--config", str(cluster.config)], None),
+    ):
+        out = subprocess.run(
+            [*PYSTEER, *argv], capture_output=True, text=True, env=extra_env, check=False
+        )
+        assert out.returncode == 0, out.stderr
+        assert sorted(h["name"] for h in json.loads(out.stdout)) == ["a", "b"]
+    other = subprocess.run(
+        [*PYSTEER, "steer", "stats", "--name", "nosuchdaemon"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert other.returncode == 3 and "steer-nosuchdaemon.sock" in other.stderr
