@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import json
 import math
@@ -91,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("--gc-interval must be in [0.05, 3600] seconds")
     if args.max_flows is not None and not 1 <= args.max_flows <= 1 << 24:
         raise UsageError(f"--max-flows must be 1..{1 << 24}")
-    listen = tls = None
+    listen = tls = reload_tls = None
     if args.listen:
         host, _, port = args.listen.rpartition(":")
         if not host or not port.isdigit():
@@ -99,7 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not (args.tls_cert and args.tls_key and args.tls_ca):
             raise UsageError("--listen needs --tls-cert, --tls-key and --tls-ca (mutual TLS)")
         listen = (host.strip("[]"), int(port))
-        tls = server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        reload_tls = functools.partial(server_context, args.tls_cert, args.tls_key, args.tls_ca)
+        tls = reload_tls()
     metrics = None
     if args.metrics:
         from pysteer.metrics import parse_listen  # noqa: PLC0415
@@ -122,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_json=args.log_json,
         idle_timeout=args.idle_timeout,
         gc_interval=args.gc_interval,
+        reload_tls=reload_tls,
     )
 
 

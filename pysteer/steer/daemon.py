@@ -20,6 +20,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -208,6 +209,7 @@ class Daemon:
         self.steerer, self.path = steerer, path
         self._stop = threading.Event()
         self._tls_server: socket.socket | None = None
+        self.tls_context: ssl.SSLContext | None = None  # of the mutual-TLS listener
         self._server: socket.socket | None = None
         self._syncs: dict[str, tuple[int, set[Flow]]] = {}  # host -> (next part, flows so far)
         self._sync_lock = threading.Lock()
@@ -462,6 +464,7 @@ class Daemon:
             ) from None
         server.settimeout(0.2)
         self._tls_server = server
+        self.tls_context = context  # SIGHUP may swap it: each new connection takes the latest
 
         def accept_loop() -> None:
             while not self._stop.is_set():
@@ -476,7 +479,7 @@ class Daemon:
                 _keepalive(raw)
                 self._spawn(
                     self._tls_client,
-                    (raw, context, source),
+                    (raw, self.tls_context, source),
                     functools.partial(self._handshakes.give, source),
                 )
             server.close()
@@ -557,8 +560,11 @@ def run(
     log_json: bool = False,
     idle_timeout: float = 300.0,
     gc_interval: float = 5.0,
+    reload_tls: Callable[[], ssl.SSLContext] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned.
+    SIGHUP makes a new TLS context with ``reload_tls`` (the certificate, key and CA read
+    again) for the agents' connections from then on; the ones up stay up.
 
     Everything is checked before anything running is touched: a daemon that cannot start
     (a wrong host, interface, MAC, or flow table size) leaves the attached programs and
@@ -585,6 +591,7 @@ def run(
             metrics=metrics,
             idle_timeout=idle_timeout,
             gc_interval=gc_interval,
+            reload_tls=reload_tls,
         )
     finally:
         # Gone with us, while still ours: /run keeps no file per instance ever run. A
@@ -593,6 +600,21 @@ def run(
         with contextlib.suppress(FileNotFoundError):
             lock_path(name).unlink()
         lock.close()
+
+
+def _reload(daemon: Daemon, reload_tls: Callable[[], ssl.SSLContext] | None, *_: Any) -> None:
+    """SIGHUP: the TLS certificate, key and CA read again, for connections from now on (a
+    certificate rotated, a CA bundle with the next CA). A bad file keeps the current."""
+    if reload_tls is None or daemon.tls_context is None:
+        log.info("SIGHUP: nothing to reload (no --listen)")
+        return
+    try:
+        context = reload_tls()
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        log.error("reload refused, keeping the current certificate and CA: %s", exc)
+        return
+    daemon.tls_context = context
+    log.info("reloaded the TLS certificate, key and CA: new agent connections use them")
 
 
 def _refuse(conn: socket.socket, error: str) -> None:
@@ -692,6 +714,7 @@ def _serve(
     metrics: tuple[str, int] | None,
     idle_timeout: float,
     gc_interval: float,
+    reload_tls: Callable[[], ssl.SSLContext] | None,
 ) -> int:
     specs = []
     for host, where, given_mac in hosts:
@@ -732,7 +755,7 @@ def _serve(
         raise
     signal.signal(signal.SIGTERM, daemon.stop)
     signal.signal(signal.SIGINT, daemon.stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nothing to reload: never die of it
+    signal.signal(signal.SIGHUP, functools.partial(_reload, daemon, reload_tls))
     collector = threading.Thread(target=daemon.collect, args=(gc_interval,), daemon=True)
     collector.start()
     log.info(
