@@ -14,6 +14,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -38,9 +39,71 @@ def serve(registry: CollectorRegistry, listen: tuple[str, int]) -> None:
     logging.getLogger("pysteer").info("metrics at http://%s:%d/metrics", host, listen[1])
 
 
+def certificate_expiry(paths: dict[str, Path], node: str) -> GaugeMetricFamily:
+    """Seconds until each certificate in these PEM files expires, read at each scrape (a
+    rotated file shows at once). A bundle's certificates each get their own series,
+    named by their CN: a CA being retired must not hide the next one."""
+    import datetime  # noqa: PLC0415
+
+    from cryptography import x509  # noqa: PLC0415
+
+    family = GaugeMetricFamily(
+        "pysteer_certificate_expiry_seconds",
+        "Seconds until a certificate this daemon uses expires (negative: expired)",
+        labels=["node", "certificate", "subject"],
+    )
+    now = datetime.datetime.now(datetime.UTC)
+    for name, path in paths.items():
+        try:
+            certs = x509.load_pem_x509_certificates(path.read_bytes())
+        except (OSError, ValueError):
+            continue  # unreadable: the daemon's own reload or start says why
+        for cert in certs if name == "ca" else certs[:1]:
+            cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+            subject = str(cns[0].value) if cns else cert.subject.rfc4514_string()
+            left = (cert.not_valid_after_utc - now).total_seconds()
+            family.add_metric([node, name, subject], left)
+    return family
+
+
+class _Certificates(Collector):
+    def __init__(self, paths: dict[str, Path], node: str) -> None:
+        self.paths, self.node = paths, node
+
+    def collect(self) -> Iterator[Any]:
+        yield certificate_expiry(self.paths, self.node)
+
+
 class AgentMetrics:
-    def __init__(self, node: str, flows: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        node: str,
+        flows: Callable[[], int],
+        *,
+        accepting: Callable[[], bool] = lambda: True,
+        drained: Callable[[], bool] = lambda: False,
+        in_doubt: Callable[[], int] = lambda: 0,
+        certificates: dict[str, Path] | None = None,
+    ) -> None:
+        """``certificates``: name ("node", "ca") -> the PEM file it uses."""
         self.registry = CollectorRegistry()
+        for name, help_, read in (
+            (
+                "pysteer_node_accepting",
+                "1 if this node takes imports (not drained, cordoned)",
+                accepting,
+            ),
+            (
+                "pysteer_node_drained",
+                "1 if this node was drained (new connections diverted)",
+                drained,
+            ),
+            ("pysteer_migrations_in_doubt", "Migrations whose outcome is not known yet", in_doubt),
+        ):
+            gauge = Gauge(name, help_, ["node"], registry=self.registry)
+            gauge.labels(node).set_function(lambda read=read: float(read()))
+        if certificates:
+            self.registry.register(_Certificates(certificates, node))
         self.migrations = Counter(
             "pysteer_migrations",
             "Migrations started here, by outcome",
@@ -78,8 +141,10 @@ class AgentMetrics:
 class SteerCollector(Collector):
     """The steering daemon's counters, read from its maps at each scrape."""
 
-    def __init__(self, steerer: Any) -> None:
-        self.steerer = steerer
+    def __init__(
+        self, steerer: Any, certificates: dict[str, Path] | None = None, node: str = "steer"
+    ) -> None:
+        self.steerer, self.certificates, self.node = steerer, certificates, node
 
     def collect(self) -> Iterator[Any]:
         st = self.steerer
@@ -107,6 +172,15 @@ class SteerCollector(Collector):
                 "New connections not diverted because the flow table was full",
             ),
             ("table_full_errors", "table_full", "Changes refused because the flow table was full"),
+            ("no_host_dropped_packets", "drop_no_host", "Packets dropped: their host is unknown"),
+            ("ttl_dropped_packets", "drop_ttl", "Packets dropped: TTL or hop limit ran out"),
+            (
+                "park_full_dropped_packets",
+                "drop_park_full",
+                "Packets dropped by the program: the flow's park queue was full",
+            ),
+            ("park_lost_packets", "park_lost", "Parked packets lost before their replay"),
+            ("xdp_fallback_packets", "xdp_fallback", "Packets XDP passed on to the tc program"),
             ("closed_flows", "closed_fin", "Entries removed at a connection's last ACK"),
             ("reset_flows", "closed_rst", "Entries removed at a connection's RST"),
             ("stale_syn_flows", "stale_syn", "Entries replaced by a new SYN on their 4-tuple"),
@@ -131,6 +205,14 @@ class SteerCollector(Collector):
         capacity = GaugeMetricFamily("pysteer_steer_flow_capacity", "Size of the flow table")
         capacity.add_metric([], st.max_flows)
         yield capacity
+        usage = st.table_usage()
+        fill = GaugeMetricFamily(
+            "pysteer_steer_flow_table_fill", "Share of the flow table in use (0 to 1)"
+        )
+        fill.add_metric([], usage["flows"] / max(usage["capacity"], 1))
+        yield fill
+        if self.certificates:
+            yield certificate_expiry(self.certificates, self.node)
 
 
 class JsonFormatter(logging.Formatter):

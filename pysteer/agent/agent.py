@@ -202,7 +202,14 @@ class Agent:
         self.control_path = control_path(config.name, node, worker)
         self.metrics: AgentMetrics | None = None
         if metrics is not None:
-            self.metrics = AgentMetrics(node, lambda: len(self.runtime.connections))
+            self.metrics = AgentMetrics(
+                node,
+                lambda: len(self.runtime.connections),
+                accepting=lambda: self.accepting,
+                drained=lambda: self.drained_to is not None,
+                in_doubt=lambda: len(self.in_doubt),
+                certificates={"node": me.cert, "ca": config.ca},
+            )
             self._metrics_listen = metrics
 
     @property

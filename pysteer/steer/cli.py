@@ -125,6 +125,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         gc_interval=args.gc_interval,
         reload_tls=reload_tls,
+        certificates={"node": args.tls_cert, "ca": args.tls_ca} if listen else None,
     )
 
 

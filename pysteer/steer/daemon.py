@@ -561,6 +561,7 @@ def run(
     idle_timeout: float = 300.0,
     gc_interval: float = 5.0,
     reload_tls: Callable[[], ssl.SSLContext] | None = None,
+    certificates: dict[str, Path] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned.
     SIGHUP makes a new TLS context with ``reload_tls`` (the certificate, key and CA read
@@ -592,6 +593,7 @@ def run(
             idle_timeout=idle_timeout,
             gc_interval=gc_interval,
             reload_tls=reload_tls,
+            certificates=certificates,
         )
     finally:
         # Gone with us, while still ours: /run keeps no file per instance ever run. A
@@ -715,6 +717,7 @@ def _serve(
     idle_timeout: float,
     gc_interval: float,
     reload_tls: Callable[[], ssl.SSLContext] | None,
+    certificates: dict[str, Path] | None,
 ) -> int:
     specs = []
     for host, where, given_mac in hosts:
@@ -746,7 +749,7 @@ def _serve(
                 raise DaemonError("a TCP control listener needs mutual TLS (certificate, key, CA)")
             daemon.listen_tls(listen, tls, namespace)
         if metrics is not None:
-            _serve_metrics(steerer, metrics, namespace)
+            _serve_metrics(steerer, metrics, namespace, certificates or {}, name)
     except OSError as exc:
         steerer.close()
         raise DaemonError(f"cannot serve control at {daemon.path}: {exc.strerror or exc}") from None
@@ -780,13 +783,19 @@ def _serve(
     return 0
 
 
-def _serve_metrics(steerer: Steerer, metrics: tuple[str, int], namespace: str | None) -> None:
+def _serve_metrics(
+    steerer: Steerer,
+    metrics: tuple[str, int],
+    namespace: str | None,
+    certificates: dict[str, Path],
+    name: str,
+) -> None:
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
     from pysteer.metrics import SteerCollector, serve  # noqa: PLC0415
 
     registry = CollectorRegistry()
-    registry.register(SteerCollector(steerer))
+    registry.register(SteerCollector(steerer, certificates, name))
     try:
         if namespace:
             call_in(namespace, serve, registry, metrics)

@@ -16,9 +16,11 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from helpers.cluster import PYSTEER, Cluster, running_cluster
 
 from pysteer.lab.clients import LineClient, check_ticker_stream
+from pysteer.paths import repo_root
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,8 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
     assert cluster.cli("agent", "cordon", "b").returncode == 0
     failed = cluster.migrate(flow, "b")
     assert failed["outcome"] == "failed"
+    cordoned = scrape(cluster, "b")
+    assert cordoned['pysteer_node_accepting{node="b"}'] == 0
     assert cluster.cli("agent", "uncordon", "b").returncode == 0
 
     a, b = scrape(cluster, "a"), scrape(cluster, "b")
@@ -73,6 +77,14 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
         reports[0]["freeze_ms"] / 1000, rel=1e-6
     )
     assert a['pysteer_flows{node="a"}'] == 1 and b['pysteer_flows{node="b"}'] == 0
+    assert b['pysteer_node_accepting{node="b"}'] == 1 and a['pysteer_node_drained{node="a"}'] == 0
+    assert a['pysteer_migrations_in_doubt{node="a"}'] == 0
+    days = 86400
+    expiry = "pysteer_certificate_expiry_seconds"
+    cert = a[f'{expiry}{{certificate="node",node="a",subject="a"}}']
+    assert 364 * days < cert <= 365 * days  # the lab issues them for 365 days
+    ca = a[f'{expiry}{{certificate="ca",node="a",subject="pysteer control-plane CA"}}']
+    assert 364 * days < ca <= 365 * days
 
     steer = scrape(cluster, "steer")
     stats = json.loads(
@@ -88,9 +100,24 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
     assert steer["pysteer_steer_park_dropped_packets_total"] == stats["park_dropped"] == 0
     assert steer["pysteer_steer_replayed_packets_total"] == sum(r["replayed"] for r in reports)
     assert steer['pysteer_steer_flows{action="TO"}'] == 1  # our flow, back on a by TO(a)
+    for name, key in (
+        ("no_host_dropped_packets", "drop_no_host"),
+        ("ttl_dropped_packets", "drop_ttl"),
+        ("park_full_dropped_packets", "drop_park_full"),
+        ("table_full_errors", "table_full"),
+        ("park_lost_packets", "park_lost"),
+    ):
+        assert steer[f"pysteer_steer_{name}_total"] == stats[key], name
+    usage = sum(v for k, v in steer.items() if k.startswith("pysteer_steer_flows{"))
+    assert steer["pysteer_steer_flow_table_fill"] == usage / steer["pysteer_steer_flow_capacity"]
+    prefix = cluster.lab.prefix
+    steer_cert = steer[f'{expiry}{{certificate="node",node="{prefix}",subject="steer"}}']
+    assert 364 * days < steer_cert <= 365 * days
 
     check_ticker_stream(client.finish(), client.sent)
     client.close()
+    exported = {k.split("{")[0] for k in (*a, *b, *steer)}
+    check_monitoring_files(exported)
     for name in ("a", "b", "steer"):
         messages = []
         for line in cluster.log(name).splitlines():
@@ -102,3 +129,30 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
         re.search(r"migration \w+ .* -> b: moved", json.loads(ln)["msg"])
         for ln in cluster.log("a").splitlines()
     )
+
+
+MONITORING = repo_root() / "docs" / "monitoring"
+PROMETHEUS_OWN = {"up"}  # what Prometheus itself records for each scrape
+
+
+def check_monitoring_files(exported: set[str]) -> None:
+    """The shipped Grafana dashboard and alerting rules use only metric names that the
+    daemons export (as scraped above), so neither can silently show nothing."""
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((MONITORING / "prometheus-alerts.yml").read_text())
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert {r["alert"] for r in alerts} >= {
+        "PysteerNodeDown",
+        "PysteerFlowTableFilling",
+        "PysteerMigrationInDoubt",
+        "PysteerCertificateExpiring",
+    }
+    exprs += [r["expr"] for r in alerts]
+    assert all(r["labels"]["severity"] and r["annotations"]["summary"] for r in alerts)
+    used = {
+        name for e in exprs for name in re.findall(r"\b(?:pysteer_[a-z_]+|up)\b(?=[{\[ )]|$)", e)
+    }
+    assert len(used) > 20
+    missing = sorted(used - exported - PROMETHEUS_OWN)
+    assert not missing, f"not exported: {missing}"
