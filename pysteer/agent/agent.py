@@ -46,6 +46,7 @@ from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration, Node
 from pysteer.agent.reconcile import Reconciler
+from pysteer.app.handlers import HandlerError, load_handler
 from pysteer.app.runtime import Connection, Runtime, Service
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.flow import Flow, FlowSyntaxError
@@ -269,6 +270,11 @@ class Agent:
                 Admission(self.accepting, self.drained_to).describe(),
                 "undrain" if self.drained_to else "uncordon",
             )
+        for port, service in sorted(self.runtime.services.items()):
+            try:  # an app that cannot be loaded is said now, not at the first client
+                load_handler(service.app)
+            except HandlerError as exc:
+                raise AgentError(f"service {port}: {exc}") from None
         try:
             await self.runtime.start()
         except OSError as exc:

@@ -16,9 +16,10 @@ Users load their own as ``module:Class``.
 the runtime asks for more only as the socket drains, so the output owed to the peer
 (which travels in a migration) stays small.
 
-``restore`` checks every field's type and range and raises ``HandlerError`` (the runtime
-refuses the move at prepare time): a snapshot comes from another host, and one bad value
-must not hang or exhaust the daemon that continues the connection.
+``restore`` checks every field's type and range and raises ``HandlerError`` (the target
+refuses the move before it thaws anything, and the source keeps the connection): a
+snapshot comes from another host, and one bad value must not hang or exhaust the daemon
+that continues the connection. docs/handlers.md shows how to write one.
 """
 
 from __future__ import annotations
