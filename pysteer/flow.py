@@ -46,6 +46,11 @@ class Flow:
             raise FlowSyntaxError(f"a flow is a string, not {type(text).__name__}")
         shown = _quote(text)
         m = _FLOW_RE.fullmatch(text.strip())
+        if not m and "[" not in text and text.count(":") > 2:
+            raise FlowSyntaxError(
+                f"malformed flow {shown}: put IPv6 addresses in brackets, e.g. "
+                "[fd00::2]:51000-[fd00::64]:443"
+            )
         if not m:
             raise FlowSyntaxError(
                 f"malformed flow {shown}: expected SRC:PORT-DST:PORT, "
@@ -59,8 +64,12 @@ class Flow:
             except ValueError:
                 bad = _quote(host)
                 raise FlowSyntaxError(f"malformed flow {shown}: bad address {bad}") from None
-            if (m.group(f"{side}6") is not None) != (addr.version == 6):
-                raise FlowSyntaxError(f"malformed flow {shown}: IPv6 goes in brackets")
+            if m.group(f"{side}6") is not None and addr.version == 4:
+                raise FlowSyntaxError(
+                    f"malformed flow {shown}: {addr} is an IPv4 address, written without brackets"
+                )
+            if m.group(f"{side}6") is None and addr.version == 6:
+                raise FlowSyntaxError(f"malformed flow {shown}: put IPv6 addresses in brackets")
             port = int(m.group(f"{side}port"))
             if not 1 <= port <= 65535:
                 raise FlowSyntaxError(f"malformed flow {shown}: port {port} out of 1..65535")

@@ -79,6 +79,7 @@ CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answe
 CLOSED_BATCH = 2000
 MAX_CLOSED = 100_000  # close notices kept while the steering node is unreachable
 MAX_CONTROL_REQUEST = 64 << 10  # bytes of a request on the local control socket
+MIN_TIMEOUT = 0.1  # seconds: a move's budget below this could only time out and roll back
 
 
 class AgentError(RuntimeError):
@@ -658,9 +659,9 @@ class Agent:
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)
-            or not 0 < timeout <= 600
+            or not MIN_TIMEOUT <= timeout <= 600
         ):
-            return {"ok": False, "error": "timeout must be a number of seconds in (0, 600]"}
+            return {"ok": False, "error": f"timeout must be in [{MIN_TIMEOUT:g}, 600] seconds"}
         if target == self.name:
             return {"ok": False, "error": f"flow {flow} is already on {target}"}
         if target not in self.peers:
@@ -751,9 +752,9 @@ class Agent:
         elif (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)
-            or not 0 < timeout <= 600
+            or not MIN_TIMEOUT <= timeout <= 600
         ):
-            error = "timeout must be a number of seconds in (0, 600]"
+            error = f"timeout must be in [{MIN_TIMEOUT:g}, 600] seconds"
         stop = asyncio.Event()
         if error:
             await send({"ok": False, "error": error})

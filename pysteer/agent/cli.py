@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pysteer import exitcodes
-from pysteer.agent.control import AgentDown, AgentRefused, Stream, ask, ask_remote
+from pysteer.agent.control import AgentDown, AgentRefused, AgentSilent, Stream, ask, ask_remote
 from pysteer.clitable import Command, arg
 from pysteer.cluster.config import ENV, ClusterConfig, load_config
 from pysteer.errors import UsageError
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 CONFIG = arg("--config", type=Path, help=f"the cluster file (default: ${ENV})")
 JSON = arg("--json", action="store_true", help="machine-readable output")
+# A move takes milliseconds, but a budget below this would only ever time out and roll back.
+MIN_TIMEOUT = 0.1
 
 
 def _path(cfg: ClusterConfig, node: str) -> Path:
@@ -83,6 +85,8 @@ def _naming(down: str = "", refused: str = "") -> Iterator[None]:
     before their message; the exit-code map reports them."""
     try:
         yield
+    except AgentSilent as exc:  # there, but silent: not "down"
+        raise AgentSilent(down.replace(" is down: ", " is not answering: ") + str(exc)) from None
     except AgentDown as exc:
         raise AgentDown(f"{down}{exc}") from None
     except AgentRefused as exc:
@@ -162,8 +166,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     flow = Flow.parse(args.flow)
     target = cfg.node(args.to).name
-    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
-        raise UsageError("--timeout must be in (0, 600] seconds")
+    if not (math.isfinite(args.timeout) and MIN_TIMEOUT <= args.timeout <= 600):
+        raise UsageError(
+            f"--timeout must be in [{MIN_TIMEOUT:g}, 600] seconds, not {args.timeout:g}"
+        )
     flows, down = _all_flows(cfg, sorted(cfg.nodes))
     owners = [f["node"] for f in flows if f["flow"] == str(flow)]
     if not owners and down:  # it may be on a node that does not answer
@@ -200,8 +206,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
         raise UsageError("--from and --to are the same node")
     if not 1 <= args.batch <= 4096:
         raise UsageError(f"--batch must be 1..4096, not {args.batch}")
-    if not (math.isfinite(args.timeout) and 0 < args.timeout <= 600):
-        raise UsageError(f"--timeout must be in (0, 600] seconds, not {args.timeout:g}")
+    if not (math.isfinite(args.timeout) and MIN_TIMEOUT <= args.timeout <= 600):
+        raise UsageError(
+            f"--timeout must be in [{MIN_TIMEOUT:g}, 600] seconds, not {args.timeout:g}"
+        )
     flows, down = _all_flows(cfg, [source, target])
     for node in down:
         raise AgentDown(f"node {node} is down (no agent at {_path(cfg, node)})")

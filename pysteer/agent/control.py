@@ -21,6 +21,11 @@ class AgentDown(Unreachable):
     """No agent answers on the socket (or none that speaks this version)."""
 
 
+class AgentSilent(AgentDown):
+    """An agent is there (its socket takes the connection) but answers nothing in time:
+    stopped (SIGSTOP), or overloaded."""
+
+
 class AgentRefused(Refused):
     """The agent answered no; the message is its reason (``code``, the error map's)."""
 
@@ -71,7 +76,10 @@ class Stream:
         if isinstance(exc, PermissionError):
             return AgentRefused(f"{self.path}: permission denied (the control socket is root's)")
         if isinstance(exc, TimeoutError):
-            return AgentDown(f"the agent at {self.path} did not answer within {self.timeout:g} s")
+            return AgentSilent(
+                f"the agent at {self.path} took the connection but answered nothing within "
+                f"{self.timeout:g} s (stopped, or overloaded?)"
+            )
         if isinstance(exc, OSError):
             return AgentDown(f"agent at {self.path}: {exc.strerror or exc}")
         return exc

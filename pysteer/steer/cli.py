@@ -219,8 +219,10 @@ def cmd_divert(args: argparse.Namespace) -> int:
         address = str(ipaddress.ip_address(args.address))
     except ValueError:
         raise UsageError(f"not an IP address: {args.address!r}") from None
-    if args.clear == bool(args.host):
-        raise UsageError("give HOST, or --clear (not both)")
+    if args.clear and args.host:
+        raise UsageError("give HOST or --clear, not both")
+    if not args.clear and not args.host:
+        raise UsageError("give HOST (where new connections go), or --clear to end the diversion")
     answer = _ask(args, "divert", address=address, host=None if args.clear else args.host)
     if args.json:
         print(json.dumps(answer["diversions"]))

@@ -300,3 +300,54 @@ def test_status_problems() -> None:
         },
         {"kind": "certificate", "what": "certificate ca expires in 29.9 days"},
     ]
+
+
+def test_an_agent_that_answers_nothing_is_not_answering(tmp_path: Path) -> None:
+    """A stopped agent (SIGSTOP) still takes connections on its socket: "not answering",
+    not "no agent at" (which is for a socket nobody listens on); both exit 3."""
+    import socket  # noqa: PLC0415
+
+    from pysteer.agent.cli import _naming  # noqa: PLC0415
+    from pysteer.agent.control import AgentSilent, Stream  # noqa: PLC0415
+
+    path = tmp_path / "agent-a.sock"
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.bind(str(path))
+        silent.listen()
+        with (
+            pytest.raises(AgentSilent) as info,
+            _naming(down="node a is down: "),
+        ):
+            Stream(path, "status", timeout=0.2).next()
+    assert str(info.value) == (
+        f"node a is not answering: the agent at {path} took the connection but answered "
+        "nothing within 0.2 s (stopped, or overloaded?)"
+    )
+    assert exitcodes.report(info.value) == 3
+    with (
+        pytest.raises(AgentDown, match=r"^node a is down: no agent at "),
+        _naming(down="node a is down: "),
+    ):
+        Stream(path, "status", timeout=0.2).next()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["migrate", "--flow", "10.0.0.2:5-10.0.0.100:443", "--to", "b", "--timeout", "0.001"],
+            "--timeout must be in [0.1, 600] seconds, not 0.001",
+        ),
+        (["drain", "--from", "a", "--to", "b", "--batch", "0"], "--batch must be 1..4096, not 0"),
+        (["steer", "divert", "10.0.0.1"], "give HOST (where new connections go), or --clear"),
+        (["steer", "divert", "10.0.0.1", "b", "--clear"], "give HOST or --clear, not both"),
+    ],
+)
+def test_each_bad_option_is_blamed_alone(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "cluster.toml").write_text(CLUSTER.format(name=f"t{os.getpid()}"))
+    if args[0] != "steer":
+        args = [*args, "--config", str(tmp_path / "cluster.toml")]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err.startswith(f"pysteer: error: {message}")
