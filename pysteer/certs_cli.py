@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import json
 import os
 import re
 from collections.abc import Callable
@@ -273,6 +274,14 @@ def cmd_init(args: argparse.Namespace) -> int:
         force=args.force,
     )
     made = "service certificate" if service or service_names else "no service certificate"
+    if args.json:
+        out = {
+            "dir": str(args.dir),
+            "nodes": sorted(nodes),
+            "service": made == "service certificate",
+        }
+        print(json.dumps(out))
+        return 0
     print(
         f"cluster in {args.dir}: control-plane CA, {len(nodes)} node certificate(s), "
         f"cluster.key, {made}"
@@ -310,6 +319,13 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if args.days < 1:
         raise UsageError("--days must be at least 1")
     issue_node(args.dir, name, names, kind=args.kind, days=args.days)
+    if args.json:
+        print(
+            json.dumps(
+                {"dir": str(args.dir), "node": name, "files": [f"{name}.pem", f"{name}.key"]}
+            )
+        )
+        return 0
     print(
         f"{args.dir}: new {name}.pem and {name}.key; hand them out with "
         f"pysteer certs bundle --dir {args.dir} --node {name} --out DIR"
@@ -319,8 +335,14 @@ def cmd_issue(args: argparse.Namespace) -> int:
 
 def cmd_bundle(args: argparse.Namespace) -> int:
     names = write_bundle(args.dir, args.node, args.out, role=args.role, force=args.force)
-    print(f"{args.out}: {' '.join(names)}")
+    if args.json:
+        print(json.dumps({"out": str(args.out), "node": args.node, "files": list(names)}))
+    else:
+        print(f"{args.out}: {' '.join(names)}")
     return 0
+
+
+JSON = arg("--json", action="store_true", help="machine-readable output")
 
 
 CERTS = Command(
@@ -367,6 +389,7 @@ CERTS = Command(
                 KIND,
                 DAYS,
                 arg("--force", action="store_true", help="replace an existing cluster"),
+                JSON,
             ),
             run=cmd_init,
         ),
@@ -386,6 +409,7 @@ CERTS = Command(
                 ),
                 KIND,
                 DAYS,
+                JSON,
             ),
             run=cmd_issue,
         ),
@@ -412,6 +436,7 @@ CERTS = Command(
                     "says (without one, --role is needed)",
                 ),
                 arg("--force", action="store_true", help="replace files already in OUT"),
+                JSON,
             ),
             run=cmd_bundle,
         ),

@@ -147,8 +147,11 @@ def cmd_cordon(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     node = cfg.node(args.node).name
     with _naming(down=f"node {node} is down: ", refused=f"node {node}: "):
-        _ask(cfg, node, args.what)
-    print(f"{node}: {'refuses' if args.what == 'cordon' else 'accepts'} imports")
+        answer = _ask(cfg, node, args.what)
+    if args.json:
+        print(json.dumps({"node": node, "accepting": answer["accepting"]}))
+    else:
+        print(f"{node}: {'accepts' if answer['accepting'] else 'refuses'} imports")
     return 0
 
 
@@ -214,6 +217,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
     for node in down:
         raise AgentDown(f"node {node} is down (no agent at {_path(cfg, node)})")
     mine = sorted(f["flow"] for f in flows if f["node"] == source)
+    if args.dry_run and args.json:
+        print(json.dumps({"dry_run": True, "from": source, "to": target, "flows": mine}))
+        return 0
     if args.dry_run:
         for flow in mine:
             print(flow)
@@ -320,7 +326,10 @@ def cmd_undrain(args: argparse.Namespace) -> int:
     node = cfg.node(args.node).name
     with _naming(down=f"node {node} is down: "):
         _ask(cfg, node, "undrain")
-    print(f"{node} takes new connections again")
+    if args.json:
+        print(json.dumps({"node": node, "accepting": True, "drained_to": None}))
+    else:
+        print(f"{node} takes new connections again")
     return 0
 
 
@@ -615,7 +624,7 @@ AGENT = Command(
             Command(
                 name,
                 help=help_,
-                args=(CONFIG, arg("node", metavar="NODE")),
+                args=(CONFIG, arg("node", metavar="NODE"), JSON),
                 run=cmd_cordon,
                 defaults={"what": name},
             )
@@ -711,7 +720,7 @@ COMMANDS = (
     Command(
         "undrain",
         help="let a drained node take new connections again",
-        args=(CONFIG, arg("node", metavar="NODE")),
+        args=(CONFIG, arg("node", metavar="NODE"), JSON),
         run=cmd_undrain,
     ),
     Command(

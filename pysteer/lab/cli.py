@@ -53,7 +53,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix)
     removed = lab.down()
-    if removed:
+    if args.json:
+        print(json.dumps({"lab": lab.prefix, "removed": removed}, indent=2))
+    elif removed:
         print(f"lab {lab.prefix}: removed {', '.join(removed)}")
     else:
         print(f"lab {lab.prefix}: nothing to remove")
@@ -69,7 +71,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_vm_setup(args: argparse.Namespace) -> int:
     from pysteer.lab.vm import setup_node  # noqa: PLC0415
 
-    for line in setup_node(load(args.variant), args.node):
+    done = list(setup_node(load(args.variant), args.node))
+    if args.json:
+        print(json.dumps({"node": args.node, "done": done}, indent=2))
+    for line in [] if args.json else done:
         print(f"vm-setup {args.node}: {line}")
     return 0
 
@@ -87,6 +92,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         path = write_plan_cluster(
             plan, args.variant, args.dir.absolute(), force=args.force, remote=True
         )
+        if args.json:
+            print(json.dumps({"config": str(path), "dir": str(args.dir.absolute())}))
+            return 0
         print(
             f"cluster file: {path}; the CA key stays here: give each machine only its "
             f"own files with pysteer certs bundle --dir {args.dir} --node NODE"
@@ -97,12 +105,18 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         raise UsageError(f"lab {args.prefix!r} is not up (pysteer lab up --prefix {args.prefix})")
     directory = args.dir or RUN_DIR / lab.prefix / "cluster"
     path = write_cluster(lab, directory.absolute(), force=args.force)
-    print(f"cluster file: {path}")
-    print("start the steering daemon and the agents (each runs until SIGTERM):")
-    print("  " + shlex.join(["pysteer", *steer_argv(lab, path)[3:]]) + " &")
+    commands = [shlex.join(["pysteer", *steer_argv(lab, path)[3:]])]
     for host in lab.plan.hosts:
         argv = ["ip", "netns", "exec", lab.netns(host), "pysteer", *agent_argv(path, host)[3:]]
-        print("  " + shlex.join(argv) + " &")
+        commands.append(shlex.join(argv))
+    if args.json:
+        out = {"config": str(path), "dir": str(directory.absolute()), "commands": commands}
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"cluster file: {path}")
+    print("start the steering daemon and the agents (each runs until SIGTERM):")
+    for command in commands:
+        print(f"  {command} &")
     print(f"then: export PYSTEER_CONFIG={shlex.quote(str(path))}; pysteer status")
     return 0
 
@@ -140,6 +154,9 @@ def _print_summary(status: dict[str, Any], out: Any = sys.stdout) -> None:
         print(f"  {node:<7} {entry['netns']:<18} {'  '.join(addrs)}{procs}", file=out)
 
 
+JSON = arg("--json", action="store_true", help="machine-readable output")
+
+
 LAB = Command(
     "lab",
     help=LAB_HELP,
@@ -167,7 +184,7 @@ LAB = Command(
         Command(
             "down",
             help="remove every namespace, link and process of the lab",
-            args=(PREFIX,),
+            args=(PREFIX, JSON),
             run=cmd_down,
         ),
         Command(
@@ -193,13 +210,17 @@ LAB = Command(
                     help="for machines laid out by this plan variant (vm) "
                     "instead of a lab; the cluster is named after it",
                 ),
+                JSON,
             ),
             run=cmd_cluster,
         ),
         Command(
             "plan",
             help="print a plan variant's derived addresses (JSON)",
-            args=(arg("--variant", default=DEFAULT_VARIANT, help="plan variant (lab, vm)"),),
+            args=(
+                arg("--variant", default=DEFAULT_VARIANT, help="plan variant (lab, vm)"),
+                arg("--json", action="store_true", help="accepted: the plan is always JSON"),
+            ),
             run=cmd_plan,
         ),
         Command(
@@ -211,13 +232,14 @@ LAB = Command(
             args=(
                 arg("--node", required=True, help="this machine's node name in the plan"),
                 arg("--variant", default="vm", help="plan variant (default: vm)"),
+                JSON,
             ),
             run=cmd_vm_setup,
         ),
         Command(
             "status",
             help="show what exists of the lab",
-            args=(PREFIX, arg("--json", action="store_true", help="machine-readable output")),
+            args=(PREFIX, JSON),
             run=cmd_status,
         ),
     ),

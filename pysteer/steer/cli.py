@@ -131,8 +131,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     answer = _ask(args, args.what)
-    if args.json:
-        print(json.dumps(answer[args.what], indent=2))
+    if args.json:  # one object, the list or map under its name, as every --json
+        print(json.dumps({args.what: answer[args.what]}, indent=2))
     elif args.what == "flows":
         print(f"{'FLOW':<48} {'ACTION':<6} {'HOST':<6} {'PKTS':>8} {'PARKED':>7}")
         for row in answer["flows"]:
@@ -210,7 +210,10 @@ def cmd_destroy(args: argparse.Namespace) -> int:
             detach_pass_hosts(pin)
     pins.remove(args.name)
     path.unlink(missing_ok=True)
-    print(f"steering instance {args.name!r}: pinned maps removed")
+    if args.json:
+        print(json.dumps({"destroyed": args.name, "detached_from": args.ifname}))
+    else:
+        print(f"steering instance {args.name!r}: pinned maps removed")
     return 0
 
 
@@ -225,7 +228,7 @@ def cmd_divert(args: argparse.Namespace) -> int:
         raise UsageError("give HOST (where new connections go), or --clear to end the diversion")
     answer = _ask(args, "divert", address=address, host=None if args.clear else args.host)
     if args.json:
-        print(json.dumps(answer["diversions"]))
+        print(json.dumps({"diversions": answer["diversions"]}))
     else:
         print(f"new connections to {address}: {'routed' if args.clear else 'to ' + args.host}")
     return 0
@@ -359,6 +362,7 @@ STEER = Command(
                 CONFIG,
                 arg("--ifname", help="also detach pysteer's programs from this interface"),
                 arg("--netns", help="network namespace of --ifname"),
+                arg("--json", action="store_true", help="machine-readable output"),
             ),
             run=cmd_destroy,
         ),

@@ -33,7 +33,7 @@ COMMANDS: list[tuple[list[str], int]] = [
     (["--help"], 0),
     (["flows", "--help"], 0),
     (["status"], 2),  # no cluster file: "give --config or set PYSTEER_CONFIG"
-    (["steer", "flows", "--name", "nonexistent"], 2),  # no steering daemon
+    (["steer", "flows", "--name", "nonexistent"], 3),  # no steering daemon (down)
     (["certs", "--help"], 0),
     (["lab", "--help"], 0),
     (["migrate", "--help"], 0),

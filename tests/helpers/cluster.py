@@ -117,12 +117,12 @@ class Cluster(LabCluster):
     def steer_rows(self) -> dict[str, dict[str, Any]]:
         out = self.steer("flows", "--json")
         assert out.returncode == 0, out.stderr
-        return {r["flow"]: r for r in json.loads(out.stdout)}
+        return {r["flow"]: r for r in json.loads(out.stdout)["flows"]}
 
     def steer_stats(self) -> dict[str, Any]:
         out = self.steer("stats", "--json")
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return json.loads(out.stdout)["stats"]
 
     def steer_row(self, flow: str) -> dict[str, Any] | None:
         out = subprocess.run(
@@ -131,7 +131,7 @@ class Cluster(LabCluster):
             text=True,
             check=True,
         )
-        return next((r for r in json.loads(out.stdout) if r["flow"] == flow), None)
+        return next((r for r in json.loads(out.stdout)["flows"] if r["flow"] == flow), None)
 
     def client_counters(self) -> dict[str, int]:
         ext = self.lab.call("client", netstat, "TcpExt")

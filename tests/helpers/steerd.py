@@ -71,12 +71,12 @@ class DaemonProc:
     def rows(self) -> list[dict[str, Any]]:
         out = self.cli("flows", "--json")
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return json.loads(out.stdout)["flows"]
 
     def stats(self) -> dict[str, Any]:
         out = self.cli("stats", "--json")
         assert out.returncode == 0, out.stderr
-        return json.loads(out.stdout)
+        return json.loads(out.stdout)["stats"]
 
 
 def cli(name: str, *args: str) -> subprocess.CompletedProcess[str]:

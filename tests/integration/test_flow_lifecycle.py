@@ -366,7 +366,9 @@ def test_a_failed_start_leaves_steering_running(lab: Lab) -> None:
         d.argv = base + swapped
         d.start()
         assert entries(d)[flow]["host"] == "b"
-        assert {h["name"]: h["id"] for h in json.loads(d.cli("hosts", "--json").stdout)} == {
+        assert {
+            h["name"]: h["id"] for h in json.loads(d.cli("hosts", "--json").stdout)["hosts"]
+        } == {
             "a": 0,
             "b": 1,
         }

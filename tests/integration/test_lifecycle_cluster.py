@@ -243,7 +243,7 @@ def test_steer_commands_find_their_daemon_from_the_cluster_file(cluster: Cluster
             [*PYSTEER, *argv], capture_output=True, text=True, env=extra_env, check=False
         )
         assert out.returncode == 0, out.stderr
-        assert sorted(h["name"] for h in json.loads(out.stdout)) == ["a", "b"]
+        assert sorted(h["name"] for h in json.loads(out.stdout)["hosts"]) == ["a", "b"]
     other = subprocess.run(
         [*PYSTEER, "steer", "stats", "--name", "nosuchdaemon"],
         capture_output=True,

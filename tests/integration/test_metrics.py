@@ -94,7 +94,7 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
             text=True,
             check=True,
         ).stdout
-    )
+    )["stats"]
     assert steer["pysteer_steer_parked_packets_total"] == stats["parked"]
     assert steer["pysteer_steer_replayed_packets_total"] == stats["replayed"]
     assert steer["pysteer_steer_park_dropped_packets_total"] == stats["park_dropped"] == 0

@@ -64,14 +64,14 @@ def test_restart_keeps_steering(lab: Lab, daemon: DaemonProc) -> None:
     exchange(client, server, b"while no daemon runs" * 1000)  # pinned maps keep steering
     daemon.start()
     exchange(client, server, b"after the restart")
-    rows = json.loads(cli(daemon.name, "flows", "--json").stdout)
+    rows = json.loads(cli(daemon.name, "flows", "--json").stdout)["flows"]
     assert [(r["flow"], r["action"], r["host"]) for r in rows] == [(flow, "TO", "b")]
     assert rows[0]["packets"]["to"] >= 6
     human = cli(daemon.name, "flows").stdout.splitlines()
     assert human[1].startswith(flow) and " TO " in human[1]
-    stats = json.loads(cli(daemon.name, "stats", "--json").stdout)
+    stats = json.loads(cli(daemon.name, "stats", "--json").stdout)["stats"]
     assert stats["redirected"] >= rows[0]["packets"]["to"]
-    hosts = json.loads(cli(daemon.name, "hosts", "--json").stdout)
+    hosts = json.loads(cli(daemon.name, "hosts", "--json").stdout)["hosts"]
     assert [h["name"] for h in hosts] == ["a", "b"]
     for s in (client, server, on_b):
         s.close()
@@ -117,7 +117,7 @@ def test_full_flow_table_is_an_error(lab: Lab) -> None:
         out = cli(d.name, "park", f"{base}:43003-{lab.plan.vip_v4}:80")
         assert out.returncode == 2
         assert "flow table is full" in out.stderr
-        rows = json.loads(cli(d.name, "flows", "--json").stdout)
+        rows = json.loads(cli(d.name, "flows", "--json").stdout)["flows"]
         assert len(rows) == 2
     finally:
         d.stop()
@@ -197,7 +197,7 @@ def test_cli_park_then_to_replays_the_syn(lab: Lab, daemon: DaemonProc) -> None:
     with contextlib.suppress(BlockingIOError):
         client.connect((vip, PORT))  # the SYN is parked
     deadline = time.monotonic() + 5
-    while not json.loads(cli(daemon.name, "flows", "--json").stdout)[0]["parked"]:
+    while not json.loads(cli(daemon.name, "flows", "--json").stdout)["flows"][0]["parked"]:
         assert time.monotonic() < deadline, "the SYN was never parked"
         time.sleep(0.05)
     out = cli(daemon.name, "to", flow, "b", "--json")
@@ -208,7 +208,7 @@ def test_cli_park_then_to_replays_the_syn(lab: Lab, daemon: DaemonProc) -> None:
     client.setblocking(True)
     client.settimeout(5)
     exchange(client, server, b"established through the replayed SYN")
-    row = json.loads(cli(daemon.name, "flows", "--json").stdout)[0]
+    row = json.loads(cli(daemon.name, "flows", "--json").stdout)["flows"][0]
     assert row["parked"] == row["replayed"] >= 1
     assert (row["park_dropped"], row["park_lost"]) == (0, 0)
     for s in (client, server, on_b):
@@ -228,7 +228,7 @@ def test_hosts_by_address(lab: Lab) -> None:
     ]
     d.start()
     try:
-        hosts = json.loads(cli(name, "hosts", "--json").stdout)
+        hosts = json.loads(cli(name, "hosts", "--json").stdout)["hosts"]
         assert [(h["name"], h["ifname"], h["mac"]) for h in hosts] == [
             ("a", "to-a", lab.mac("a", "to-steer")),
             ("b", "to-b", lab.mac("b", "to-steer")),

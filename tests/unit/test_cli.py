@@ -1,7 +1,10 @@
 """The CLI's help and its bad-input errors (exit 2, a clear message, nothing changed)."""
 
+import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +75,61 @@ def test_a_closed_pipe_is_no_traceback(args: list[str]) -> None:
     err = proc.stderr.read()  # type: ignore[union-attr]
     proc.stderr.close()  # type: ignore[union-attr]
     assert (proc.wait(30), err) == (141, b"")
+
+
+def _leaves() -> dict[str, argparse.ArgumentParser]:
+    from pysteer.cli import build_parser  # noqa: PLC0415
+
+    found: dict[str, argparse.ArgumentParser] = {}
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if path and (not subs or parser.get_default("func") is not None):
+            found[" ".join(path)] = parser
+        for sub in subs:
+            for name, child in sub.choices.items():
+                walk(child, [*path, name])
+
+    walk(build_parser("lab"), [])
+    return found
+
+
+def test_every_command_but_the_daemons_takes_json() -> None:
+    """One convention: --json everywhere (the daemons log JSON with --log-json)."""
+    without = {
+        name
+        for name, parser in _leaves().items()
+        if not any("--json" in a.option_strings for a in parser._actions)
+    }
+    assert without == {"agent run", "steer run"}
+    for daemon in without:
+        parser = _leaves()[daemon]
+        assert any("--log-json" in a.option_strings for a in parser._actions)
+
+
+def test_json_output_is_one_object(tmp_path: Path) -> None:
+    """A map, never a bare list: the same shape for every command."""
+    ca = tmp_path / "ca"
+    outputs = [
+        run("lab", "plan", "--json"),
+        run("certs", "init", "--dir", str(ca), "--node", "a=10.0.0.1", "--json"),
+        run("certs", "issue", "--dir", str(ca), "--node", "a=10.0.0.1", "--json"),
+        run(
+            "certs",
+            "bundle",
+            "--dir",
+            str(ca),
+            "--node",
+            "a",
+            "--out",
+            str(tmp_path / "b"),
+            "--role",
+            "host",
+            "--json",
+        ),
+    ]
+    for out in outputs:
+        assert out.returncode == 0, out.stderr
+        assert isinstance(json.loads(out.stdout), dict), out.stdout
+    assert json.loads(outputs[1].stdout)["nodes"] == ["a"]
+    assert json.loads(outputs[2].stdout)["files"] == ["a.pem", "a.key"]
