@@ -144,6 +144,11 @@ def test_drain_moves_everything_and_new_connections_go_to_b(cluster: Cluster) ->
         dry = cluster.cli("drain", "--from", "a", "--to", "b", "--dry-run")
         assert dry.returncode == 0
         assert f"would move {clients.total()} flow(s) from a to b" in dry.stdout
+        dry_json = json.loads(
+            cluster.cli("drain", "--from", "a", "--to", "b", "--dry-run", "--json").stdout
+        )
+        assert (dry_json["dry_run"], dry_json["from"], dry_json["to"]) == (True, "a", "b")
+        assert len(dry_json["flows"]) == clients.total()
         proc = subprocess.Popen(
             drain_argv(cluster, "a", "b", "--json"),
             stdout=subprocess.PIPE,
