@@ -355,8 +355,13 @@ CERTS = Command(
             "init",
             help="create the control-plane CA, a certificate per node, the cluster key and the "
             "service certificate",
-            description=__doc__,
-            verbatim=True,
+            description="Make, in DIR (created 0700; an existing one must be yours and not "
+            "writable by others): the control-plane CA (ca.pem, ca.key: keep the key offline), "
+            "NODE.pem and NODE.key for every --node (its identity for mutual TLS: CN and DNS "
+            "name are the node's name), cluster.key (seals migration blobs) and the service "
+            "certificate clients of the VIP see (--service-cert/--service-key, or one made "
+            "for --service-name under a service CA of its own). Then give each host only its "
+            "own files with `pysteer certs bundle`. See `pysteer certs --help`.",
             args=(
                 arg(
                     "--dir",

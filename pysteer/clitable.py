@@ -81,7 +81,7 @@ def build(root: Command, expand: str | None = None) -> argparse.ArgumentParser:
     ``load`` are loaded only if named by ``expand`` (the command about to run) or if
     ``expand`` is None (the whole tree)."""
     parser = argparse.ArgumentParser(
-        prog=root.name, description=root.description, epilog=root.epilog
+        prog=root.name, description=described(root), epilog=root.epilog
     )
     _fill(parser, root, "command", "COMMAND", expand)
     return parser
@@ -113,12 +113,20 @@ def _fill(
         child = sub.add_parser(
             action.name,
             help=action.help,
-            description=action.description,
+            description=described(action),
             formatter_class=(
                 argparse.RawDescriptionHelpFormatter if action.verbatim else argparse.HelpFormatter
             ),
         )
         _fill(child, action, f"{action.name}_command", "ACTION")
+
+
+def described(cmd: Command) -> str:
+    """What ``--help`` says above the options: the description without its docstring
+    markup (``literal`` quotes), or, for a command declared without one, its help line."""
+    if cmd.description:
+        return cmd.description.replace("``", "")
+    return f"{cmd.help[:1].upper()}{cmd.help[1:]}."
 
 
 def walk(cmd: Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Command]]:
@@ -127,3 +135,10 @@ def walk(cmd: Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, 
         loaded = action.load() if action.load else action
         yield (*path, action.name), loaded
         yield from walk(loaded, (*path, action.name))
+
+
+def print_table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell (an IPv6 flow too); the first row is the header."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pysteer import exitcodes
 from pysteer.agent.control import AgentDown, AgentRefused, AgentSilent, Stream, ask, ask_remote
-from pysteer.clitable import Command, arg
+from pysteer.clitable import Command, arg, print_table
 from pysteer.cluster.config import ENV, ClusterConfig, load_config
 from pysteer.errors import UsageError
 from pysteer.flow import Flow
@@ -376,17 +376,10 @@ def cmd_flows(args: argparse.Namespace) -> int:
                 f["app"],
             )
         )
-    _print_table(rows)
+    print_table(rows)
     for node in down:
         print(f"({node}: down)")
     return 0
-
-
-def _print_table(rows: list[tuple[str, ...]]) -> None:
-    """Columns padded to their widest cell; the first row is the header."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_migrations(args: argparse.Namespace) -> int:
@@ -418,7 +411,7 @@ def cmd_migrations(args: argparse.Namespace) -> int:
     if len(table) == 1:
         print("no migration in flight or in-doubt")
     else:
-        _print_table(table)
+        print_table(table)
     for node in down:
         print(f"({node}: down)")
     return 0

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pysteer.clitable import Command, LazyChoices, arg
+from pysteer.clitable import Command, LazyChoices, arg, print_table
 from pysteer.cluster.config import ENV, load_config
 from pysteer.errors import UsageError
 from pysteer.flow import Flow
@@ -134,19 +134,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:  # one object, the list or map under its name, as every --json
         print(json.dumps({args.what: answer[args.what]}, indent=2))
     elif args.what == "flows":
-        print(f"{'FLOW':<48} {'ACTION':<6} {'HOST':<6} {'PKTS':>8} {'PARKED':>7}")
+        rows = [("FLOW", "ACTION", "HOST", "PACKETS", "PARKED")]
         for row in answer["flows"]:
             total = sum(row["packets"].values())
-            print(
-                f"{row['flow']:<48} {row['action']:<6} {row['host'] or '-':<6} {total:>8} "
-                f"{row['packets']['park']:>7}"
-            )
+            park = row["packets"]["park"]
+            rows.append((row["flow"], row["action"], row["host"] or "-", str(total), str(park)))
+        print_table(rows)
     elif args.what == "hosts":
-        for row in answer["hosts"]:
-            print(f"{row['name']:<10} {row['ifname']:<12} {row['mac']}")
+        rows = [("HOST", "ID", "LINK", "MAC")]
+        rows += [(r["name"], str(r["id"]), r["ifname"], r["mac"]) for r in answer["hosts"]]
+        print_table(rows)
     elif args.what == "diversions":
-        for address, host in answer["diversions"].items():
-            print(f"{address:<40} -> {host}")
+        rows = [("ADDRESS", "HOST")]
+        rows += [(address, str(host)) for address, host in answer["diversions"].items()]
+        print_table(rows)
     else:
         stats = answer["stats"]
         for key, value in stats.items():

@@ -73,6 +73,8 @@ def test_restart_keeps_steering(lab: Lab, daemon: DaemonProc) -> None:
     assert stats["redirected"] >= rows[0]["packets"]["to"]
     hosts = json.loads(cli(daemon.name, "hosts", "--json").stdout)["hosts"]
     assert [h["name"] for h in hosts] == ["a", "b"]
+    text = cli(daemon.name, "hosts").stdout.splitlines()
+    assert [line.split()[:2] for line in text] == [["HOST", "ID"], ["a", "0"], ["b", "1"]]
     for s in (client, server, on_b):
         s.close()
 

@@ -133,3 +133,19 @@ def test_json_output_is_one_object(tmp_path: Path) -> None:
         assert isinstance(json.loads(out.stdout), dict), out.stdout
     assert json.loads(outputs[1].stdout)["nodes"] == ["a"]
     assert json.loads(outputs[2].stdout)["files"] == ["a.pem", "a.key"]
+
+
+def test_every_command_describes_itself_without_markup() -> None:
+    for name, parser in _leaves().items():
+        assert parser.description, name
+        assert "``" not in parser.format_help(), name
+
+
+def test_a_table_fits_its_widest_cell(capsys: pytest.CaptureFixture[str]) -> None:
+    """An IPv6 flow is longer than any fixed column: the columns follow it."""
+    from pysteer.clitable import print_table  # noqa: PLC0415
+
+    v6 = "[fd70:7374:6565:1::2]:51090-[fd70:7374:6565:64::1]:443"
+    print_table([("FLOW", "ACTION"), (v6, "TO"), ("10.0.0.2:1-10.0.0.100:443", "PASS")])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.index(line.split()[1]) for line in lines] == [len(v6) + 2] * 3
