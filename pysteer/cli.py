@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Sequence
 
-from pysteer import __version__, certs_cli, doctor, exitcodes
+from pysteer import __version__, certs_cli, doctor, exitcodes, manual
 from pysteer.agent import cli as agent_cli
 from pysteer.clitable import Command, arg, build
 from pysteer.steer import cli as steer_cli
@@ -46,6 +47,8 @@ ROOT = Command(
         steer_cli.STEER,
         certs_cli.CERTS,
         *agent_cli.COMMANDS,
+        manual.COMPLETION,
+        manual.MANPAGE,
     ),
 )
 
@@ -69,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if signal.getsignal(signal.SIGINT) not in (signal.SIG_IGN, signal.default_int_handler):
             with contextlib.suppress(ValueError):  # not the main thread: leave it
                 signal.signal(signal.SIGINT, signal.default_int_handler)  # console's until now
+        if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions: answer, exit
+            import argcomplete  # noqa: PLC0415 - only then
+
+            argcomplete.autocomplete(build_parser(None))
         args = build_parser(_command(argv)).parse_args(argv)  # --help prints, too
         return int(args.func(args) or 0)
     except (Exception, KeyboardInterrupt) as exc:  # SystemExit (argparse's) goes through

@@ -103,6 +103,8 @@ CASES: dict[str, list[list[str]]] = {
         ["migrations", "resolve", "--config", MISSING, "--keep", "source", "abc"]
     ],
     "status": [["status", "--config", GARBAGE, "--json"], ["status", "--config", "/proc"]],
+    "completion": [["completion", "nosh"], ["completion"]],
+    "manpage": [["manpage", "--bogus"]],
 }
 
 
@@ -178,7 +180,7 @@ def test_bad_input_is_one_line(argv: list[str], closed_stdout: bool, tmp_path: P
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["lab", "plan"], ["doctor", "--json"]]
+    [["--help"], ["lab", "plan"], ["doctor", "--json"], ["manpage"], ["completion", "bash"]]
     + [[*leaf.split(), "--help"] for leaf in CASES],
     ids=lambda argv: " ".join(argv)[:60],
 )

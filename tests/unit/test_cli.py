@@ -95,14 +95,15 @@ def _leaves() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_every_command_but_the_daemons_takes_json() -> None:
-    """One convention: --json everywhere (the daemons log JSON with --log-json)."""
+    """One convention: --json everywhere (the daemons log JSON with --log-json; completion
+    and manpage print shell code and roff, no data)."""
     without = {
         name
         for name, parser in _leaves().items()
         if not any("--json" in a.option_strings for a in parser._actions)
     }
-    assert without == {"agent run", "steer run"}
-    for daemon in without:
+    assert without == {"agent run", "steer run", "completion", "manpage"}
+    for daemon in ("agent run", "steer run"):
         parser = _leaves()[daemon]
         assert any("--log-json" in a.option_strings for a in parser._actions)
 
