@@ -59,7 +59,9 @@ def test_agent_unit() -> None:
     assert d["Environment"] == "PYSTEER_CONFIG=/etc/pysteer/cluster.toml"
     caps = "CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE"
     assert d["CapabilityBoundingSet"] == d["AmbientCapabilities"] == caps
-    assert d["ReadWritePaths"] == "/run/pysteer /var/lib/pysteer"
+    # The ledger and socket (/run/pysteer, kept at a stop), the drained state (/var/lib):
+    assert (d["RuntimeDirectory"], d["RuntimeDirectoryPreserve"]) == ("pysteer", "yes")
+    assert d["StateDirectory"] == "pysteer" and "ReadWritePaths" not in d
     assert d["ProtectSystem"] == "strict" and d["NoNewPrivileges"] == "yes"
     # Stopping drains first (drain_timeout, 60 s by default): systemd must wait for it.
     assert int(d["TimeoutStopSec"]) >= 90
@@ -72,7 +74,9 @@ def test_steer_unit() -> None:
     assert d["Restart"] == "on-failure"
     assert "CAP_BPF" in d["CapabilityBoundingSet"].split()
     assert d["CapabilityBoundingSet"] == d["AmbientCapabilities"]
-    assert d["ReadWritePaths"] == "/run/pysteer /sys/fs/bpf"
+    assert d["ReadWritePaths"] == "/sys/fs/bpf"
+    assert (d["RuntimeDirectory"], d["RuntimeDirectoryPreserve"]) == ("pysteer", "yes")
+    assert "ProtectKernelModules" not in d  # BCC reads the headers under /lib/modules
 
 
 @pytest.mark.parametrize(("command", "option"), [("agent", "--node"), ("steer", "--name")])
