@@ -142,3 +142,16 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def one_of(option: str | None, old: str | None, flag: str) -> str:
+    """The value of ``flag`` (the spelling every command uses), or of the positional form
+    it replaced (kept as a deprecated alias); exactly one of them."""
+    from pysteer.errors import UsageError  # noqa: PLC0415
+
+    if option is not None and old is not None:
+        raise UsageError(f"give {flag} once (the positional form is its old spelling)")
+    value = option if option is not None else old
+    if value is None:
+        raise UsageError(f"{flag} is required")
+    return value

@@ -93,7 +93,7 @@ sleep 2
 on host-a "pysteer migrate $cfg --flow $flow --to a"
 sleep 2
 on host-a "pysteer drain $cfg --from a --to b"
-on host-a "pysteer undrain $cfg a"
+on host-a "pysteer undrain $cfg --node a"
 
 echo "== once the client has sent its 150 lines, judging what it saw"
 wait_for 60 "the client's 150 lines" client "[ \$(wc -l </tmp/sent) -ge 150 ]"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pysteer import exitcodes
 from pysteer.agent.control import AgentDown, AgentRefused, AgentSilent, Stream, ask, ask_remote
-from pysteer.clitable import Command, arg, print_table
+from pysteer.clitable import Command, arg, one_of, print_table
 from pysteer.cluster.config import ENV, ClusterConfig, load_config
 from pysteer.errors import UsageError
 from pysteer.flow import Flow
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 CONFIG = arg("--config", type=Path, help=f"the cluster file (default: ${ENV})")
 JSON = arg("--json", action="store_true", help="machine-readable output")
+# --node NODE, as everywhere; the positional NODE is its old spelling (a deprecated alias).
+NODE = (
+    arg("--node", metavar="NODE", help="the node, by its name in the cluster file"),
+    arg("old_node", metavar="NODE", nargs="?", help="(deprecated: use --node)"),
+)
 # A move takes milliseconds, but a budget below this would only ever time out and roll back.
 MIN_TIMEOUT = 0.1
 
@@ -145,7 +150,7 @@ def _supervise(
 
 def cmd_cordon(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    node = cfg.node(args.node).name
+    node = cfg.node(one_of(args.node, args.old_node, "--node NODE")).name
     with _naming(down=f"node {node} is down: ", refused=f"node {node}: "):
         answer = _ask(cfg, node, args.what)
     if args.json:
@@ -323,7 +328,7 @@ def _print_drain(s: dict[str, Any]) -> None:
 
 def cmd_undrain(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    node = cfg.node(args.node).name
+    node = cfg.node(one_of(args.node, args.old_node, "--node NODE")).name
     with _naming(down=f"node {node} is down: "):
         _ask(cfg, node, "undrain")
     if args.json:
@@ -617,7 +622,7 @@ AGENT = Command(
             Command(
                 name,
                 help=help_,
-                args=(CONFIG, arg("node", metavar="NODE"), JSON),
+                args=(CONFIG, *NODE, JSON),
                 run=cmd_cordon,
                 defaults={"what": name},
             )
@@ -713,7 +718,7 @@ COMMANDS = (
     Command(
         "undrain",
         help="let a drained node take new connections again",
-        args=(CONFIG, arg("node", metavar="NODE"), JSON),
+        args=(CONFIG, *NODE, JSON),
         run=cmd_undrain,
     ),
     Command(

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pysteer.clitable import Command, LazyChoices, arg, print_table
+from pysteer.clitable import Command, LazyChoices, arg, one_of, print_table
 from pysteer.cluster.config import ENV, load_config
 from pysteer.errors import UsageError
 from pysteer.flow import Flow
@@ -38,7 +38,16 @@ ASKING = (
     arg("--socket", type=Path, help="control socket (default: from --name)"),
     arg("--json", action="store_true", help="machine-readable output"),
 )
-FLOW = arg("flow", metavar="FLOW")
+# One vocabulary (docs/cli.md): --flow FLOW, --to NODE, --node NODE. The positional forms
+# are the old spellings, kept as deprecated aliases.
+FLOW = (
+    arg("--flow", metavar="FLOW", help="the flow, SRC:PORT-DST:PORT"),
+    arg("old_flow", metavar="FLOW", nargs="?", help="(deprecated: use --flow)"),
+)
+TO = (
+    arg("--to", metavar="NODE", help="the node (a --host of the daemon)"),
+    arg("old_to", metavar="HOST", nargs="?", help="(deprecated: use --to)"),
+)
 
 
 def instance(args: argparse.Namespace) -> str:
@@ -223,26 +232,32 @@ def cmd_divert(args: argparse.Namespace) -> int:
         address = str(ipaddress.ip_address(args.address))
     except ValueError:
         raise UsageError(f"not an IP address: {args.address!r}") from None
-    if args.clear and args.host:
-        raise UsageError("give HOST or --clear, not both")
-    if not args.clear and not args.host:
-        raise UsageError("give HOST (where new connections go), or --clear to end the diversion")
-    answer = _ask(args, "divert", address=address, host=None if args.clear else args.host)
+    to = args.to if args.to is not None else args.old_to
+    if args.to is not None and args.old_to is not None:
+        raise UsageError("give --to once (the positional form is its old spelling)")
+    if args.clear and to:
+        raise UsageError("give --to NODE or --clear, not both")
+    if not args.clear and not to:
+        raise UsageError(
+            "give --to NODE (where new connections go), or --clear to end the diversion"
+        )
+    answer = _ask(args, "divert", address=address, host=None if args.clear else to)
     if args.json:
         print(json.dumps({"diversions": answer["diversions"]}))
     else:
-        print(f"new connections to {address}: {'routed' if args.clear else 'to ' + args.host}")
+        print(f"new connections to {address}: {'routed' if args.clear else f'to {to}'}")
     return 0
 
 
 def cmd_change(args: argparse.Namespace) -> int:
-    flow = str(Flow.parse(args.flow))
-    extra = {"flow": flow} | ({"host": args.host} if args.what == "to" else {})
+    flow = str(Flow.parse(one_of(args.flow, args.old_flow, "--flow FLOW")))
+    to = one_of(args.to, args.old_to, "--to NODE") if args.what == "to" else None
+    extra = {"flow": flow} | ({"host": to} if to is not None else {})
     answer = _ask(args, args.what, **extra)
     if args.json:
         print(json.dumps(answer))
     elif args.what == "to":
-        print(f"{flow} -> {args.host} ({answer['replayed']} parked packets replayed)")
+        print(f"{flow} -> {to} ({answer['replayed']} parked packets replayed)")
     elif args.what == "forget":
         print(f"{flow}: forgotten (its packets are routed normally)")
     else:
@@ -333,14 +348,10 @@ STEER = Command(
                 name, help=help_, args=(*ASKING, *extra), run=cmd_change, defaults={"what": name}
             )
             for name, help_, extra in (
-                ("park", "hold FLOW's packets", (FLOW,)),
-                ("pass", "route FLOW normally", (FLOW,)),
-                (
-                    "to",
-                    "replay FLOW's parked packets to HOST, then redirect",
-                    (FLOW, arg("host", metavar="HOST")),
-                ),
-                ("forget", "remove FLOW's entry (its packets are routed normally)", (FLOW,)),
+                ("park", "hold FLOW's packets", FLOW),
+                ("pass", "route FLOW normally", FLOW),
+                ("to", "replay FLOW's parked packets to NODE, then redirect", (*FLOW, *TO)),
+                ("forget", "remove FLOW's entry (its packets are routed normally)", FLOW),
             )
         ),
         Command(
@@ -369,11 +380,11 @@ STEER = Command(
         ),
         Command(
             "divert",
-            help="send new connections to ADDRESS to HOST (a drain)",
+            help="send new connections to ADDRESS to NODE (a drain)",
             args=(
                 *ASKING,
                 arg("address", metavar="ADDRESS", help="a service address (VIP)"),
-                arg("host", metavar="HOST", nargs="?", help="the host new connections go to"),
+                *TO,
                 arg("--clear", action="store_true", help="route new connections normally again"),
             ),
             run=cmd_divert,

@@ -339,8 +339,19 @@ def test_an_agent_that_answers_nothing_is_not_answering(tmp_path: Path) -> None:
             "--timeout must be in [0.1, 600] seconds, not 0.001",
         ),
         (["drain", "--from", "a", "--to", "b", "--batch", "0"], "--batch must be 1..4096, not 0"),
-        (["steer", "divert", "10.0.0.1"], "give HOST (where new connections go), or --clear"),
-        (["steer", "divert", "10.0.0.1", "b", "--clear"], "give HOST or --clear, not both"),
+        (["steer", "divert", "10.0.0.1"], "give --to NODE (where new connections go), or --clear"),
+        (
+            ["steer", "divert", "10.0.0.1", "--to", "b", "--clear"],
+            "give --to NODE or --clear, not both",
+        ),
+        (["steer", "divert", "10.0.0.1", "b", "--to", "b"], "give --to once"),
+        (["steer", "to", "--to", "b"], "--flow FLOW is required"),
+        (
+            ["steer", "park", "--flow", "10.0.0.2:1-10.0.0.1:2", "10.0.0.2:1-10.0.0.1:2"],
+            "give --flow FLOW once",
+        ),
+        (["agent", "cordon"], "--node NODE is required"),
+        (["undrain", "--node", "a", "b"], "give --node NODE once"),
     ],
 )
 def test_each_bad_option_is_blamed_alone(

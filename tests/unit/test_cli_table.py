@@ -37,8 +37,10 @@ def test_the_table_lists_every_command() -> None:
         "flows",
         "migrations",
         "status",
+        "completion",
+        "manpage",
     ]
-    assert len(TABLE) == 36
+    assert len(TABLE) == 38
 
 
 @pytest.mark.parametrize("path", list(TABLE), ids=" ".join)
