@@ -160,14 +160,25 @@ def cmd_cordon(args: argparse.Namespace) -> int:
     return 0
 
 
-def _all_flows(cfg: ClusterConfig, nodes: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    flows, down = [], []
+def _all_flows(
+    cfg: ClusterConfig, nodes: list[str]
+) -> tuple[list[dict[str, Any]], dict[str, AgentDown | AgentRefused]]:
+    """Every flow the ``nodes`` serve, and why each node that did not answer did not."""
+    flows: list[dict[str, Any]] = []
+    down: dict[str, AgentDown | AgentRefused] = {}
     for node in nodes:
         try:
             flows += _ask(cfg, node, "flows")["flows"]
-        except (AgentDown, AgentRefused):
-            down.append(node)
+        except (AgentDown, AgentRefused) as exc:
+            down[node] = exc
     return flows, down
+
+
+def _unreachable(node: str, why: AgentDown | AgentRefused) -> AgentDown:
+    """The error for a node that did not answer, with its reason (a version refused, say)."""
+    if isinstance(why, AgentSilent):
+        return AgentSilent(f"node {node} is not answering: {why}")
+    return AgentDown(f"node {node} is down: {why}")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -188,7 +199,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if source == target:
         raise UsageError(f"flow {flow} is already on {target}")
     if target in down:
-        raise AgentDown(f"node {target} is down (no agent at {_path(cfg, target)})")
+        raise _unreachable(target, down[target])
     with _naming(down=f"node {source} is down: "):
         answer = _ask(
             cfg,
@@ -219,8 +230,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
             f"--timeout must be in [{MIN_TIMEOUT:g}, 600] seconds, not {args.timeout:g}"
         )
     flows, down = _all_flows(cfg, [source, target])
-    for node in down:
-        raise AgentDown(f"node {node} is down (no agent at {_path(cfg, node)})")
+    for node, why in down.items():
+        raise _unreachable(node, why)
     mine = sorted(f["flow"] for f in flows if f["node"] == source)
     if args.dry_run and args.json:
         print(json.dumps({"dry_run": True, "from": source, "to": target, "flows": mine}))
@@ -363,9 +374,9 @@ def cmd_flows(args: argparse.Namespace) -> int:
     nodes = [cfg.node(args.node).name] if args.node else sorted(cfg.nodes)
     flows, down = _all_flows(cfg, nodes)
     if args.node and down:
-        raise AgentDown(f"node {args.node} is down (no agent at {_path(cfg, args.node)})")
+        raise _unreachable(args.node, down[args.node])
     if args.json:
-        print(json.dumps({"flows": flows, "down": down}, indent=2))
+        print(json.dumps({"flows": flows, "down": sorted(down)}, indent=2))
         return 0
     rows = [("NODE", "FLOW", "KIND", "AGE", "IN", "OUT", "APP")]
     for f in sorted(flows, key=lambda f: (f["node"], f["flow"])):

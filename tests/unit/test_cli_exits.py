@@ -217,7 +217,11 @@ key = "b.key"
             "node a is down: no agent at {sock}a.sock; not asked over TCP",
         ),
         (["undrain", "b"], 3, "node b is down: no agent at {sock}b.sock; not asked over TCP"),
-        (["flows", "--node", "b"], 3, "node b is down (no agent at {sock}b.sock)"),
+        (
+            ["flows", "--node", "b"],
+            3,
+            "node b is down: no agent at {sock}b.sock; not asked over TCP",
+        ),
         (["flows", "--node", "c"], 2, "unknown node 'c' (nodes: a, b)"),
         (["migrate", "--flow", "x", "--to", "b"], 2, "malformed flow 'x'"),
         (
