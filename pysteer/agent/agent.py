@@ -55,7 +55,7 @@ from pysteer.metrics import AgentMetrics, setup_logging
 from pysteer.metrics import serve as serve_metrics
 from pysteer.paths import RUN_DIR
 from pysteer.rpc import aio
-from pysteer.rpc.errors import ProtocolError, VersionMismatch
+from pysteer.rpc.errors import ProtocolError
 from pysteer.tls import ServerConfig
 from pysteer.transfer.blob import KEY_LEN, worker_of
 
@@ -576,14 +576,7 @@ class Agent:
                 return None
             return await self._control_op(req)
 
-        try:
-            await aio.serve(conn, answer, f"this agent ({self.name})")
-        except VersionMismatch as exc:
-            log.warning("refused a control client: %s", exc)
-        except OSError:  # garbage or a stall (answered), or the client went away
-            pass
-        finally:
-            writer.close()
+        await aio.serve_local(conn, answer, f"this agent ({self.name})", log)
 
     async def _control_op(self, req: dict[str, Any]) -> dict[str, Any]:
         try:

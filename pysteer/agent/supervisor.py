@@ -41,7 +41,6 @@ from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.deathsig import die_with_parent
 from pysteer.identity import client_context
 from pysteer.rpc import aio
-from pysteer.rpc.errors import VersionMismatch
 
 log = logging.getLogger("pysteer.agent")
 
@@ -273,14 +272,7 @@ class Supervisor:
                 log.exception("control request %.40r failed", req.get("cmd"))
                 return {"ok": False, "error": f"internal error ({type(exc).__name__}); see the log"}
 
-        try:
-            await aio.serve(conn, answer, f"this agent ({self.name})")
-        except VersionMismatch as exc:
-            log.warning("refused a control client: %s", exc)
-        except OSError:  # garbage or a stall (answered), or the client went away
-            pass
-        finally:
-            writer.close()
+        await aio.serve_local(conn, answer, f"this agent ({self.name})", log)
 
     async def _fan_out(self, req: dict[str, Any]) -> dict[str, Any]:  # noqa: PLR0911 - dispatch
         cmd = req.get("cmd")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -150,6 +151,20 @@ async def open_unix(path: str | Path, where: str, timeout: float = 5.0) -> Conne
         conn.close()
         raise
     return conn
+
+
+async def serve_local(conn: Connection, handle: Handler, server: str, log: logging.Logger) -> None:
+    """Serve one client of a local control socket until it hangs up, then close: a client
+    of another version is refused and logged (an operator must upgrade one side); garbage
+    or a stall was answered, and ends the connection quietly."""
+    try:
+        await serve(conn, handle, server)
+    except VersionMismatch as exc:
+        log.warning("refused a control client: %s", exc)
+    except OSError:
+        pass
+    finally:
+        conn.close()
 
 
 async def serve(conn: Connection, handle: Handler, server: str) -> None:
