@@ -42,7 +42,11 @@ class Reconciler:
         self.boot: str | None = None  # the steering daemon's boot id, last seen
 
     async def sync(self) -> tuple[int, dict[str, Any]]:
-        """One full sync: how many flows were listed, and the steering node's answer."""
+        """One full sync: how many flows were listed, and the steering node's answer. Each
+        part says how old the list is, so the steering node leaves alone what changed
+        since (a move that committed while the list was on its way)."""
+        loop = asyncio.get_running_loop()
+        listed = loop.time()  # before asking: a list gathered from workers is older still
         flows = await self.served()
         parts = [flows[i : i + SYNC_PART] for i in range(0, len(flows), SYNC_PART)] or [[]]
         answer: dict[str, Any] = {}
@@ -55,6 +59,7 @@ class Reconciler:
                 interval=self.interval,
                 part=i,
                 done=i == len(parts) - 1,
+                age=round(loop.time() - listed, 3),
             )
         return len(flows), answer
 

@@ -45,7 +45,11 @@ from pysteer.rpc import aio
 log = logging.getLogger("pysteer.agent")
 
 START_TIMEOUT = 60.0  # seconds a worker may take to answer on its control socket
-ASK_TIMEOUT = 60.0  # seconds a worker may take to answer one forwarded request
+# Seconds a worker may take to answer a forwarded request: less than the CLI waits (10 s),
+# so that a stopped or stuck worker is named in the answer, not a silent node. A move may
+# take its own timeout, and then some to learn its outcome.
+ASK_TIMEOUT = 6.0
+MOVE_SLACK = 25.0
 RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # back-off of a worker that keeps dying
 HEALTHY = 60.0  # seconds a restarted worker must live for its back-off to start again
 MAX_CONTROL_REQUEST = 64 << 10
@@ -86,6 +90,10 @@ class Worker:
             conn.close()
             return
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
@@ -93,14 +101,28 @@ class Worker:
 
     async def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request's answer (``ok`` False with the reason if the worker cannot say)."""
+        silent = {
+            "ok": False,
+            "error": f"worker {self.index} (pid {self.pid}) answered nothing within "
+            f"{ASK_TIMEOUT:g} s (stopped, or overloaded?)",
+        }
         try:
-            conn = await aio.open_unix(self.path, f"worker {self.index}")
+            conn = await aio.open_unix(self.path, f"worker {self.index}", ASK_TIMEOUT)
+        except TimeoutError:
+            return silent
         except OSError as exc:
-            return {"ok": False, "error": f"worker {self.index} is unreachable: {exc}"}
+            why = str(exc) or type(exc).__name__
+            return {"ok": False, "error": f"worker {self.index} is unreachable: {why}"}
+        limit = ASK_TIMEOUT
+        if request.get("cmd") == "migrate":
+            move = request.get("timeout_s", 5.0)
+            limit = (move if isinstance(move, int | float) else 5.0) + MOVE_SLACK
         try:
-            return await asyncio.wait_for(conn.exchange(request), ASK_TIMEOUT)
-        except OSError as exc:  # TimeoutError and the RPC's ProtocolError among them
-            return {"ok": False, "error": f"worker {self.index}: {exc}"}
+            return await asyncio.wait_for(conn.exchange(request), limit)
+        except TimeoutError:
+            return silent | {"error": silent["error"].replace(f"{ASK_TIMEOUT:g} s", f"{limit:g} s")}
+        except OSError as exc:  # the RPC's ProtocolError among them
+            return {"ok": False, "error": f"worker {self.index}: {str(exc) or type(exc).__name__}"}
         finally:
             conn.close()
 

@@ -365,6 +365,9 @@ class Daemon:
         part, done = req.get("part", 0), req.get("done", True)
         if not isinstance(part, int) or not isinstance(done, bool):
             raise RequestError("sync: part must be an integer and done a boolean")
+        age = req.get("age", 0.0)  # seconds since the agent listed its flows
+        if isinstance(age, bool) or not isinstance(age, int | float) or not 0 <= age <= 3600:
+            raise RequestError("sync: age must be a number of seconds in [0, 3600]")
         with self._sync_lock:
             pending = self._syncs.get(host)
             if part == 0 or pending is None or pending[0] != part:
@@ -374,7 +377,7 @@ class Daemon:
                 self._syncs[host] = (part + 1, served)
                 return {"part": part}
             self._syncs.pop(host, None)
-        return self.steerer.sync(host, served, float(interval))
+        return self.steerer.sync(host, served, float(interval), time.monotonic() - age)
 
     def _client(
         self, conn: socket.socket, idle: float | None = None, who: str | None = None

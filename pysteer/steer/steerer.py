@@ -732,16 +732,26 @@ class Steerer:
         self.events["closed_by_agents"] += removed
         return removed
 
-    def sync(self, host: str, served: Iterable[Flow], interval: float) -> dict[str, Any]:
+    def sync(
+        self, host: str, served: Iterable[Flow], interval: float, taken: float | None = None
+    ) -> dict[str, Any]:
         """Reconcile the table with what ``host``'s agent really serves.
 
         A flow it serves that is steered elsewhere (or routed elsewhere, with no entry) is
-        steered to it; an entry TO(host) for a flow it does not serve, untouched and quiet
-        for ``CLAIM_GRACE`` s, is stale and goes. Parked flows are left to their
-        migration (and its lease). Its flows are claimed for 3 intervals: gc keeps them.
+        steered to it; an entry TO(host) for a flow it does not serve, quiet for
+        ``CLAIM_GRACE`` s, is stale and goes. Parked flows are left to their migration
+        (and its lease). Its flows are claimed for 3 intervals: gc keeps them.
+
+        ``taken`` (this clock) is when the agent listed its flows. A flow the control plane
+        changed since then (or ``CLAIM_GRACE`` s before: the age is measured by the agent)
+        is left alone: the list is older than that change. A move that committed while the
+        list travelled once had its flow steered back to its source, which answered the
+        client with a RST.
         """
         target = self._host(host)
         now = time.monotonic()
+        cutoff = (now if taken is None else min(taken, now)) - CLAIM_GRACE
+        changed = lambda flow: self._touched.get(flow, 0.0) > cutoff  # noqa: E731
         served = set(served)
         until = now + 3 * max(interval, 1.0)
         steered, removed = [], []
@@ -749,7 +759,7 @@ class Steerer:
         # claim and revert must never wait behind a sync of a large table).
         for flow in served:
             self._claims[flow] = (host, until)
-            if not self._misrouted(flow, host, target):
+            if not self._misrouted(flow, host, target) or changed(flow):
                 continue
             with self._control:
                 cur = self.get(flow)
@@ -772,7 +782,7 @@ class Steerer:
         for flow, view in self.items():
             if view.action != Action.TO or view.host != target.id or flow in served:
                 continue
-            if now - self._touched.get(flow, 0.0) < CLAIM_GRACE or view.last_ns > quiet_ns:
+            if changed(flow) or view.last_ns > quiet_ns:
                 continue
             if self._remove_if_unchanged(flow, view):
                 removed.append(str(flow))

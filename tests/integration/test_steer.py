@@ -378,3 +378,27 @@ def test_auto_mode_picks_tc_on_veth_and_falls_back_without_native_xdp(lab: Lab) 
         assert st.mode == "tc"
     finally:
         st.destroy()
+
+
+def test_a_sync_older_than_a_move_leaves_the_move_alone(steered: tuple[Lab, Steerer]) -> None:
+    """A host's list of flows is a snapshot: a move that committed after it was taken
+    must not be undone by it (the flow would go back to a host that let it go, and that
+    host's kernel would answer the client with a RST). A change older than the list (and
+    the margin) is the list's to correct."""
+    lab, st = steered
+    flow = Flow.parse(f"{lab.plan.address('client')}:41777-{lab.plan.vip_v4}:{PORT}")
+    st.to(flow, "b")  # the move to b, just committed
+    now = time.monotonic()
+    # a's list, taken 0.5 s before the move, arrives after it: left alone.
+    assert st.sync("a", [flow], 30.0, taken=now - 0.5)["steered"] == []
+    assert st.get(flow).host == st.hosts["b"].id
+    # The same without an age (an agent of before): the grace still covers a fresh move.
+    assert st.sync("a", [flow], 30.0)["steered"] == []
+    # b's list, taken before the import, does not list it: not removed as stale either.
+    assert st.sync("b", [], 30.0, taken=now - 0.5)["removed"] == []
+    assert st.get(flow).host == st.hosts["b"].id
+    # A list taken well after the change does correct it: a serves the flow, so it is a's.
+    st._touched[flow] = now - 10  # the move was long ago
+    assert st.sync("a", [flow], 30.0, taken=now)["steered"] == [str(flow)]
+    assert st.get(flow).host == st.hosts["a"].id
+    st.forget(flow)

@@ -292,3 +292,19 @@ def test_a_worker_that_cannot_start_stops_the_node_cleanly(cluster: Cluster) -> 
     assert not workers_of(cluster, "a")  # worker 0 ended too
     cluster.start_agent("a")
     assert len(status(cluster, "a")["workers"]) == 2
+
+
+def test_a_stopped_worker_is_named_not_waited_for(cluster: Cluster) -> None:
+    """SIGSTOP on one worker: the node's answers fail within the supervisor's bound, name
+    that worker, and everything works again after SIGCONT."""
+    victim = status(cluster, "a")["workers"][1]["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        out = cluster.cli("flows", "--node", "a")
+        assert time.monotonic() - started < 9  # the CLI waits 10 s: the node answered
+        assert out.returncode == 3, out.stderr
+        assert f"worker 1 (pid {victim}) answered nothing within 6 s" in out.stderr
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert status(cluster, "a")["workers"][1]["pid"] == victim
