@@ -195,7 +195,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
     from pysteer.steer.daemon import lock_path  # noqa: PLC0415
 
     args.name = instance(args)
-    pins.pin_dir(args.name)  # validates the name
+    pins.check_name(args.name)  # makes nothing: a destroy must not create what it removes
     path = lock_path(args.name)
     if path.exists():
         with open(path, "a") as lock:

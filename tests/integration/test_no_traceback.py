@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pysteer.cli import ROOT
+from pysteer.steer.pins import PIN_ROOT
 
 MISSING = "/nonexistent/cluster.toml"
 GARBAGE = "garbage.toml"  # written into the test's directory: not TOML
@@ -170,7 +171,10 @@ def run(argv: list[str], cwd: Path, *, closed_stdout: bool) -> tuple[int, str, s
 @pytest.mark.parametrize("closed_stdout", [False, True], ids=["stdout", "closed-stdout"])
 def test_bad_input_is_one_line(argv: list[str], closed_stdout: bool, tmp_path: Path) -> None:
     (tmp_path / GARBAGE).write_text("this is [not toml")
+    pinned = sorted(PIN_ROOT.iterdir()) if PIN_ROOT.is_dir() else []
     code, stdout, stderr = run(argv, tmp_path, closed_stdout=closed_stdout)
+    # Bad input changes nothing: not even an empty pin directory for a bad instance.
+    assert (sorted(PIN_ROOT.iterdir()) if PIN_ROOT.is_dir() else []) == pinned
     assert "Traceback" not in stderr + stdout, stderr
     assert code in (1, 2, 3, 141), (code, stderr)  # failed, bad input, down, closed pipe
     lines = stderr.strip().splitlines()
