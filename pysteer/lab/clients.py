@@ -92,13 +92,17 @@ class Session:
             "client", argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         self.out = bytearray()
+        self.err = bytearray()
         self.arrivals: list[float] = []  # monotonic time of each chunk read
         self.sent: list[bytes] = []
         self.interval = interval
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # one writer of stdin at a time: lines, commands
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        self._err_reader = threading.Thread(target=self._read_err, daemon=True)
+        self._err_reader.start()
         self._writer: threading.Thread | None = None
 
     def _read(self) -> None:
@@ -106,6 +110,11 @@ class Session:
             with self._lock:
                 self.out += chunk
                 self.arrivals.append(time.monotonic())
+
+    def _read_err(self) -> None:
+        while chunk := self.proc.stderr.read1(65536):
+            with self._lock:
+                self.err += chunk
 
     def largest_gap(self, start: float, end: float) -> float:
         """The longest silence (s) between outputs within [start, end]."""
@@ -125,14 +134,35 @@ class Session:
             time.sleep(0.02)
 
     def send(self, line: bytes) -> None:
-        self.proc.stdin.write(line)
-        self.proc.stdin.flush()
-        self.sent.append(line)
+        with self._writing:
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+            self.sent.append(line)
 
-    def command(self, line: bytes) -> None:
-        """Input the client itself acts on (s_client's K): not sent as data."""
-        self.proc.stdin.write(line)
-        self.proc.stdin.flush()
+    def command(self, line: bytes, done: str, timeout: float = 20) -> None:
+        """Input the client itself acts on (s_client's K), alone: not sent as data.
+
+        s_client acts on a command only at the start of what one read() of its stdin
+        returns, and then drops the whole read: a line written just before or after would
+        be taken for data or lost (a test once waited for an echo of a line s_client had
+        dropped with its K). So the lines stop, the client is seen to have sent every one
+        (its echo came back), the command goes in alone, and the lines resume only once the
+        client says ``done`` on stderr (s_client: "KEYUPDATE")."""
+        with self._writing:
+            if self.sent:
+                self.wait_for(f"echo {len(self.sent)} ", timeout)
+            with self._lock:
+                before = self.err.count(done.encode())
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+            deadline = time.monotonic() + timeout
+            while True:
+                with self._lock:
+                    if self.err.count(done.encode()) > before:
+                        break
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise AssertionError(f"{done!r} not seen on stderr after {line!r}")
+                time.sleep(0.01)
 
     def start_writing(self) -> None:
         def write() -> None:
@@ -163,6 +193,7 @@ class Session:
             self.proc.kill()
             self.proc.wait()
         self._reader.join(5)
+        self._err_reader.join(5)
         self.proc.stdin.close()
         self.proc.stderr.close()
         return self.text()

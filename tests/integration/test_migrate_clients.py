@@ -127,7 +127,8 @@ def ticker_session(
         reports = migrate_back_and_forth(cluster, flow, 1 if keyupdate else MOVES)
         if keyupdate:
             for _ in range(2):
-                session.command(b"K\n")  # s_client: KeyUpdate, and ask the server for one too
+                # s_client: KeyUpdate, and ask the server for one too
+                session.command(b"K\n", done="KEYUPDATE")
                 time.sleep(0.3)
                 row = next(f for f in cluster.flows() if f["flow"] == flow)
                 assert row["tls"]["key_updates"] == 1, row
