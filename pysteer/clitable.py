@@ -144,14 +144,21 @@ def print_table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
-def one_of(option: str | None, old: str | None, flag: str) -> str:
+def given(option: str | None, old: str | None, flag: str) -> str | None:
     """The value of ``flag`` (the spelling every command uses), or of the positional form
-    it replaced (kept as a deprecated alias); exactly one of them."""
-    from pysteer.errors import UsageError  # noqa: PLC0415
-
+    it replaced (kept as a deprecated alias); not both. None if neither was given."""
     if option is not None and old is not None:
+        from pysteer.errors import UsageError  # noqa: PLC0415
+
         raise UsageError(f"give {flag} once (the positional form is its old spelling)")
-    value = option if option is not None else old
+    return option if option is not None else old
+
+
+def one_of(option: str | None, old: str | None, flag: str) -> str:
+    """``given``, and required."""
+    value = given(option, old, flag)
     if value is None:
+        from pysteer.errors import UsageError  # noqa: PLC0415
+
         raise UsageError(f"{flag} is required")
     return value

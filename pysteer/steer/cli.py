@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pysteer.clitable import Command, LazyChoices, arg, one_of, print_table
+from pysteer.clitable import Command, LazyChoices, arg, given, one_of, print_table
 from pysteer.cluster.config import ENV, load_config
 from pysteer.errors import UsageError
 from pysteer.flow import Flow
@@ -232,9 +232,7 @@ def cmd_divert(args: argparse.Namespace) -> int:
         address = str(ipaddress.ip_address(args.address))
     except ValueError:
         raise UsageError(f"not an IP address: {args.address!r}") from None
-    to = args.to if args.to is not None else args.old_to
-    if args.to is not None and args.old_to is not None:
-        raise UsageError("give --to once (the positional form is its old spelling)")
+    to = given(args.to, args.old_to, "--to")
     if args.clear and to:
         raise UsageError("give --to NODE or --clear, not both")
     if not args.clear and not to:

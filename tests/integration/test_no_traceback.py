@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pysteer.cli import ROOT
+from pysteer.clitable import walk
 from pysteer.steer.pins import PIN_ROOT
 
 MISSING = "/nonexistent/cluster.toml"
@@ -110,21 +111,9 @@ CASES: dict[str, list[list[str]]] = {
 
 
 def leaves() -> list[str]:
-    """Every command that runs something: "steer park", "lab up"..."""
-    from pysteer.cli import build_parser  # noqa: PLC0415 - the lab's subtree expanded
-
-    found = []
-
-    def walk(parser, path: list[str]) -> None:
-        subs = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-        if path and (not subs or parser.get_default("func") is not None):
-            found.append(" ".join(path))
-        for sub in subs:
-            for name, child in sub.choices.items():
-                walk(child, [*path, name])
-
-    walk(build_parser("lab"), [])
-    return found
+    """Every command that runs something: "steer park", "lab up"... (the CLI's own walk
+    of its command table, which loads the lab's subtree too)."""
+    return [" ".join(path) for path, cmd in walk(ROOT) if cmd.run is not None]
 
 
 def test_every_command_is_covered() -> None:
