@@ -89,5 +89,29 @@ def test_certificates_and_ca_rotate_under_live_connections(tmp_path: Path) -> No
         for client in clients:
             check_ticker_stream(client.finish(), client.sent)
             client.close()
+        # A bad file at a reload keeps what runs: the daemons say so, links still open.
+        good_ca = (d / "ca.pem").read_bytes()
+        with private_dir(d) as out:
+            out.write("ca.pem", b"not a certificate", PUBLIC)
+        for name in NODES:
+            cluster.procs[name].send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        for name in NODES:
+            while "reload refused" not in cluster.log(name):
+                assert time.monotonic() < deadline, cluster.log(name)[-2000:]
+                time.sleep(0.05)
+        with private_dir(d) as out:
+            out.write("ca.pem", good_ca, PUBLIC)
+        cluster.stop("b")  # fresh links to a and to the steering daemon, as they were
+        cluster.start_agent("b")
+        raw = cluster.lab.call("client", socket.create_connection, (vip, 443))
+        last = LineClient(raw, ssl=ctx, server_hostname="vip")
+        last.start()
+        host, port = last.sock.getsockname()[:2]
+        time.sleep(0.3)
+        report = cluster.migrate(f"{host}:{port}-{vip}:443", "b")
+        assert report["outcome"] == "moved", report
+        check_ticker_stream(last.finish(), last.sent)
+        last.close()
         for name in NODES:
             assert "Traceback" not in cluster.log(name)
