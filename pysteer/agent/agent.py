@@ -46,7 +46,7 @@ from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration, Node
 from pysteer.agent.reconcile import Reconciler
-from pysteer.app.handlers import HandlerError, load_handler
+from pysteer.app.handlers import HandlerError
 from pysteer.app.runtime import Connection, Runtime, Service
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.flow import Flow, FlowSyntaxError
@@ -155,7 +155,9 @@ class Agent:
         self.worker = worker
         self.peer_address = me.worker_control(worker or 0)
         self.cluster_key = read_cluster_key(config.cluster_key)
-        services = [Service(s.port, s.app, _service_tls(s)) for s in config.services.values()]
+        services = [
+            Service(s.port, s.app, _service_tls(s), proxy=s.proxy) for s in config.services.values()
+        ]
         self.runtime = Runtime(services, [str(v) for v in config.vips], shared=worker is not None)
         self.runtime.on_close = self._on_closed
         self.ledger = Ledger(ledger_path(config.name, node, worker, me.workers))
@@ -273,7 +275,7 @@ class Agent:
             )
         for port, service in sorted(self.runtime.services.items()):
             try:  # an app that cannot be loaded is said now, not at the first client
-                load_handler(service.app)
+                service.handler_class()
             except HandlerError as exc:
                 raise AgentError(f"service {port}: {exc}") from None
         try:

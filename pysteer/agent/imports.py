@@ -265,6 +265,8 @@ class Imports:
         return Answered()
 
     def _discard(self, entry: Import) -> Event:
+        if entry.conn is not None and entry.conn.id not in self.node.runtime.connections:
+            self.node.runtime.unbuild(entry.conn)  # built, never served: its backend too
         if entry.sock is not None:
             with contextlib.suppress(OSError):
                 tcp.discard(entry.sock)  # repair mode first: no FIN, no RST, whatever its state

@@ -19,6 +19,7 @@ from pysteer import tcp
 from pysteer.agent.admission import Admission, save
 from pysteer.agent.batcher import Batcher
 from pysteer.agent.links import LinkError, LinkPool, Refused
+from pysteer.app.proxy_io import QuiesceError
 from pysteer.app.runtime import signature
 from pysteer.migration import source as src
 from pysteer.migration.events import (
@@ -95,7 +96,7 @@ class Report:
     flow: str
     source: str
     target: str
-    outcome: str = "failed"  # moved | rolled-back | failed | in-doubt | lost
+    outcome: str = "failed"  # moved | rolled-back | failed | in-doubt | lost | not-movable
     error: str | None = None
     freeze_ms: float | None = None
     parked_ms: float | None = None
@@ -159,6 +160,8 @@ class Migration:
             src.CONNECT: self._connect,
             src.CHECK: self._check,
             src.SLOT: self._take_slot,
+            src.QUIESCE: self._quiesce,
+            src.UNQUIESCE: self._unquiesce,
             src.FREEZE: self._freeze,
             src.SEAL: self._seal,
             src.RELEASE: self._release,
@@ -204,7 +207,7 @@ class Migration:
         action, outcome, why = self.machine.force(keep)
         assert isinstance(action, Do) and self.exported is not None  # noqa: S101
         if action.what == src.RELEASE:
-            tcp.release(self.exported.sock)
+            self.node.runtime.release(self.exported)
         else:
             self.node.runtime.resume(self.exported)
         self.machine.state = outcome
@@ -309,6 +312,18 @@ class Migration:
             self._slot = False
             self.node.freeze_slots.release()
 
+    async def _quiesce(self, args: dict[str, Any]) -> Event:
+        """A proxy connection waits for its request boundary (others answer at once)."""
+        try:
+            waited = await self.node.runtime.quiesce(self.flow, float(args["timeout"]))
+        except QuiesceError as exc:
+            return No(str(exc), exc.code)
+        return Answered({} if waited is None else {"waited_ms": waited})
+
+    async def _unquiesce(self, _args: dict[str, Any]) -> Event:
+        self.node.runtime.unquiesce(self.flow)
+        return Answered()
+
     async def _freeze(self, _args: dict[str, Any]) -> Event:
         conn = self.node.runtime.find(self.flow)
         if conn is None:
@@ -338,7 +353,7 @@ class Migration:
 
     async def _release(self, _args: dict[str, Any]) -> Event:
         assert self.exported is not None  # noqa: S101
-        tcp.release(self.exported.sock)
+        self.node.runtime.release(self.exported)
         self._free_slot()
         return Answered()
 
@@ -353,5 +368,5 @@ class Migration:
 
     async def _discard(self, _args: dict[str, Any]) -> Event:
         assert self.exported is not None  # noqa: S101
-        tcp.discard(self.exported.sock)
+        self.node.runtime.discard(self.exported)
         return Answered()

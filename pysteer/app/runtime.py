@@ -20,8 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pysteer import tcp
+from pysteer.app import proxy_io
 from pysteer.app.handlers import Handler, HandlerError, load_handler
+from pysteer.app.proxy_io import Backend, NotMovable, QuiesceError
 from pysteer.flow import Flow
+from pysteer.proxy import ProxySpec, core_class, new_core
 from pysteer.tls import (
     ConnectionClosed,
     DataReceived,
@@ -48,6 +51,16 @@ class Service:
     app: str
     tls: ServerConfig | None = None
     tick: float = 0.05  # seconds between on_tick calls
+    proxy: ProxySpec | None = None  # app = "proxy": the local backend and how to relay
+
+    @property
+    def kind(self) -> str:
+        """The app both ends of a move must agree on (a proxy's protocol, not its backend)."""
+        return self.proxy.kind if self.proxy is not None else self.app
+
+    def handler_class(self) -> type:
+        """The handler class (a proxy's core class); HandlerError if it cannot load."""
+        return core_class(self.proxy) if self.proxy is not None else load_handler(self.app)
 
 
 @dataclass
@@ -66,6 +79,10 @@ class Connection:
     flow: Flow | None = None
     key_updates: int = 0  # the peer's TLS 1.3 KeyUpdates since the connection came here
     ending: bool = False  # the peer closed (e.g. in records that came with a move): finish
+    backend: Backend | None = None  # a proxy's connection to its backend
+    held: bool = False  # a proxy at a boundary, its client not read: a move may freeze it
+    quiet: asyncio.Future | None = None  # a move waiting for ``held``
+    poke: asyncio.Future | None = None  # wakes a proxy's task (proxy_io)
 
     def __post_init__(self) -> None:
         with contextlib.suppress(OSError):
@@ -86,7 +103,7 @@ class Connection:
             "bytes_out": self.bytes_out,
             "app": self.service.app,
             "flow": str(self.flow) if self.flow else None,
-        }
+        } | ({"proxy": self.handler.describe()} if self.service.proxy is not None else {})
 
 
 class AdoptError(ValueError):
@@ -110,13 +127,13 @@ def signature(service: Service, handler_class: type | None) -> list[Any]:
     snapshot version (None: the app cannot be loaded) and whether it is TLS. A node's
     hello lists its own; a source compares its connection's before freezing anything."""
     version = snapshot_version(handler_class) if handler_class is not None else None
-    return [service.port, service.app, version, service.tls is not None]
+    return [service.port, service.kind, version, service.tls is not None]
 
 
 def versioned_snapshot(service: Service, handler: Handler) -> dict[str, Any]:
     """The handler's snapshot with what a target must agree on: the app and its version."""
     return {
-        "app": service.app,
+        "app": service.kind,
         "v": snapshot_version(type(handler)),
         "state": handler.snapshot(),
     }
@@ -136,6 +153,18 @@ class Exported:
     pending: bytes = field(repr=False)
     service_port: int
     meta: dict[str, Any]
+    backend: Backend | None = field(default=None, repr=False)  # a proxy's, until released
+
+
+def _open_backend(spec: ProxySpec) -> Backend:
+    """A moved proxy connection's backend connection on this host, opened before the
+    move commits: a backend that is down refuses the move (AdoptError)."""
+    try:
+        return Backend(proxy_io.connect_now(spec))
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        name = proxy_io.backend_name(spec)
+        raise AdoptError(f"backend {name} is not reachable here: {why}") from None
 
 
 async def _readable(
@@ -185,7 +214,7 @@ class Runtime:
             out = []
             for _port, service in sorted(self.services.items()):
                 try:
-                    handler_class: type | None = load_handler(service.app)
+                    handler_class: type | None = service.handler_class()
                 except HandlerError:
                     handler_class = None
                 out.append(signature(service, handler_class))
@@ -214,19 +243,41 @@ class Runtime:
         loop = asyncio.get_running_loop()
         while True:
             sock, _ = await loop.sock_accept(listener)
-            handler = load_handler(service.app)()
+            try:
+                handler = self._new_handler(service, sock)
+            except OSError:  # the client left already
+                sock.close()
+                continue
             tls = TlsServerConnection(service.tls) if service.tls else None
             conn = Connection(next(self._ids), sock, service, handler, tls)
             if tls is None:
                 conn.out += handler.on_connect()
             self._run(conn)
 
+    @staticmethod
+    def _new_handler(service: Service, sock: socket.socket) -> Handler:
+        """A fresh handler for a connection of ``service`` (a proxy's core knows the
+        client's address, for PROXY v2 and X-Forwarded-For)."""
+        if service.proxy is not None:
+            client, local = sock.getpeername(), sock.getsockname()
+            return new_core(service.proxy, client[:2], local[:2], service.tls is not None)
+        return load_handler(service.app)()
+
     def _run(self, conn: Connection) -> None:
         conn.sock.setblocking(False)
         self.connections[conn.id] = conn
         if conn.flow is not None:
             self._by_flow[conn.flow] = conn
-        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
+        serve = self._serve_proxy if conn.service.proxy is not None else self._serve
+        conn.task = asyncio.get_running_loop().create_task(serve(conn))
+
+    def app_output(self, conn: Connection, data: bytes) -> None:
+        """Bytes the app sends the peer (TLS-protected when the connection has it)."""
+        self._app_output(conn, data)
+
+    def feed(self, conn: Connection, data: bytes) -> bool:
+        """Bytes from the peer (``_feed``), for the proxy adapter."""
+        return self._feed(conn, data)
 
     def _app_output(self, conn: Connection, data: bytes) -> None:
         if not data:
@@ -325,6 +376,28 @@ class Runtime:
             self._say_goodbye(conn, failed=True)
         self._finish(conn)
 
+    async def _serve_proxy(self, conn: Connection) -> None:
+        try:
+            await proxy_io.serve(self, conn)
+        except (ConnectionError, OSError):
+            pass
+        except TlsEnded as exc:
+            log.warning("connection %s (%s): %s; closing it", conn.id, conn.flow, exc)
+            self._say_goodbye(conn, failed=True)
+        except Exception as exc:  # the proxy core (or its TLS) failed: say so, end it
+            log.error(
+                "connection %s (%s): proxy failed: %s: %.200s; closing it",
+                conn.id,
+                conn.flow,
+                type(exc).__name__,
+                exc,
+            )
+            self._say_goodbye(conn, failed=True)
+        else:
+            if not conn.closed and conn.handler.finished():
+                self._say_goodbye(conn, failed=False)
+        self._finish(conn)
+
     def _say_goodbye(self, conn: Connection, *, failed: bool) -> None:
         """A last word before the FIN: close_notify, or a fatal alert when ``failed``; sent
         as far as the socket takes it without waiting."""
@@ -355,8 +428,17 @@ class Runtime:
             )
         self._forget(conn)
         conn.sock.close()
+        self._drop_backend(conn)
+        if conn.quiet is not None and not conn.quiet.done():
+            conn.quiet.set_exception(QuiesceError("the connection closed"))
         if self.on_close:
             self.on_close(conn)
+
+    @staticmethod
+    def _drop_backend(conn: Connection) -> None:
+        if conn.backend is not None:
+            conn.backend.close(conn.flow)
+            conn.backend = None
 
     def find(self, flow: Flow) -> Connection | None:
         """The served connection of ``flow`` (client to service address), if any."""
@@ -368,6 +450,67 @@ class Runtime:
             del self._by_flow[conn.flow]
 
     # --- moving ----------------------------------------------------------------------
+    async def quiesce(self, flow: Flow, timeout: float) -> float | None:
+        """Wait until a proxy connection may freeze: between requests (or idle, for tcp),
+        its client no longer read. Returns the milliseconds waited, or None for other
+        apps (they pause anywhere: nothing is held). QuiesceError (NotMovable) says why
+        not; then nothing is held."""
+        conn = self.find(flow)
+        if conn is None:
+            raise QuiesceError(f"flow {flow} closed before it could move")
+        if conn.service.proxy is None:
+            return None
+        if conn.held:
+            return 0.0
+        core = conn.handler
+        if core.not_movable:
+            raise NotMovable(f"not movable: {core.not_movable}")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        core.hold = True
+        conn.quiet = quiet = loop.create_future()
+        proxy_io.poke(conn)
+        try:
+            await asyncio.wait_for(asyncio.shield(quiet), timeout)
+        except TimeoutError:
+            self.unquiesce(flow)
+            raise QuiesceError(
+                f"a request was still in flight after {timeout:g} s (it goes on here)"
+            ) from None
+        except QuiesceError:
+            self.unquiesce(flow)
+            raise
+        return round((loop.time() - started) * 1000, 3)
+
+    def unquiesce(self, flow: Flow) -> None:
+        """Undo ``quiesce``: the connection reads its client again."""
+        conn = self.find(flow)
+        if conn is None or conn.service.proxy is None:
+            return
+        conn.handler.hold = False
+        conn.held = False
+        if conn.quiet is not None and not conn.quiet.done():
+            conn.quiet.cancel()
+        conn.quiet = None
+        proxy_io.poke(conn)
+
+    def release(self, exported: Exported) -> None:
+        """The move committed: close the frozen socket silently, and a proxy's backend
+        connection (the new host opened its own)."""
+        tcp.release(exported.sock)
+        if exported.backend is not None:
+            exported.backend.close(exported.meta.get("flow"))
+
+    def discard(self, exported: Exported) -> None:
+        """The frozen socket cannot be thawed: close it silently, and its backend too."""
+        tcp.discard(exported.sock)
+        if exported.backend is not None:
+            exported.backend.close(exported.meta.get("flow"))
+
+    def unbuild(self, conn: Connection) -> None:
+        """A connection from ``build`` that will not be served: free what it opened."""
+        self._drop_backend(conn)
+
     async def export(self, conn_id: int) -> Exported:
         """Pause a connection at a safe point and freeze its socket for a move.
 
@@ -377,6 +520,8 @@ class Runtime:
         conn = self.connections[conn_id]
         if conn.tls is not None and conn.tls.phase != "open":
             raise tcp.RepairError(f"connection {conn_id}", "TLS handshake still running")
+        if conn.service.proxy is not None and not conn.held:
+            raise tcp.RepairError(f"connection {conn_id}", "not at a request boundary")
         assert conn.task is not None  # noqa: S101
         conn.task.cancel()  # the reader stops; ``out`` holds exactly what is owed
         done, _ = await asyncio.wait([conn.task], timeout=PAUSE_TIMEOUT)
@@ -414,32 +559,31 @@ class Runtime:
                 f"connection {conn_id}: export failed ({type(exc).__name__}); it carries on here"
             ) from None
         self._forget(conn)
-        return Exported(conn.sock, state, tls_state, app, bytes(conn.out), conn.service.port, meta)
+        backend, conn.backend = conn.backend, None
+        return Exported(
+            conn.sock, state, tls_state, app, bytes(conn.out), conn.service.port, meta, backend
+        )
 
     def resume(self, exported: Exported) -> Connection:
         """Roll back: thaw the frozen socket and serve the connection here again."""
         tcp.resume(exported.sock)
-        return self.adopt_socket(exported.sock, exported)
+        return self.adopt_socket(exported.sock, exported, backend=exported.backend)
 
-    def build(self, sock: socket.socket, exported: Exported) -> Connection:
-        """A connection to continue here, fully checked but not yet served: the handler
-        restored from its snapshot, the TLS layer from its state, and records that came
-        before the move processed. Everything that can refuse it does so here (AdoptError),
-        so a migration's target finds out before its commit point, not after."""
-        service = self.services.get(exported.service_port)
-        if service is None:
-            raise AdoptError(f"port {exported.service_port} is not served here")
-        app = exported.app
+    def _restored(self, service: Service, sock: socket.socket, app: Any) -> Handler:
+        """A handler continued from a moved connection's versioned snapshot; AdoptError
+        says why it cannot be."""
         if not isinstance(app, dict) or set(app) != {"app", "v", "state"}:
             raise AdoptError("the app snapshot carries no app name and version")
-        if app["app"] != service.app:
+        if app["app"] != service.kind:
             raise AdoptError(
-                f"port {service.port} runs {service.app!r} here, not {str(app['app'])[:60]!r}"
+                f"port {service.port} runs {service.kind!r} here, not {str(app['app'])[:60]!r}"
             )
         try:
-            handler = load_handler(service.app)()
+            handler = self._new_handler(service, sock)
         except HandlerError as exc:
             raise AdoptError(str(exc)) from None
+        except OSError as exc:
+            raise AdoptError(f"the restored socket: {exc.strerror or exc}") from None
         version = snapshot_version(type(handler))
         if app["v"] != version:
             raise AdoptError(
@@ -452,6 +596,19 @@ class Runtime:
             raise AdoptError(f"{service.app} refused the snapshot: {exc}") from None
         except Exception as exc:
             raise AdoptError(f"{service.app} refused the snapshot ({type(exc).__name__})") from None
+        return handler
+
+    def build(
+        self, sock: socket.socket, exported: Exported, *, backend: Backend | None = None
+    ) -> Connection:
+        """A connection to continue here, fully checked but not yet served: the handler
+        restored from its snapshot, the TLS layer from its state, and records that came
+        before the move processed. Everything that can refuse it does so here (AdoptError),
+        so a migration's target finds out before its commit point, not after."""
+        service = self.services.get(exported.service_port)
+        if service is None:
+            raise AdoptError(f"port {exported.service_port} is not served here")
+        handler = self._restored(service, sock, exported.app)
         if (exported.tls is not None) != (service.tls is not None):
             raise AdoptError(
                 f"port {service.port} is {'TLS' if service.tls else 'plain TCP'} "
@@ -461,13 +618,20 @@ class Runtime:
             tls = TlsServerConnection.from_state(exported.tls) if exported.tls else None
         except TlsStateError as exc:
             raise AdoptError(f"TLS state: {exc}") from None
+        fresh = service.proxy is not None and backend is None
+        if service.proxy is not None:
+            backend = backend or _open_backend(service.proxy)
+            handler.backend_opened(fresh=fresh)
         conn = Connection(next(self._ids), sock, service, handler, tls)
+        conn.backend = backend
         conn.out += exported.pending
         if tls is not None:
             # Records completed before the move but not yet processed go first.
             try:
                 conn.ending = not self._feed(conn, b"")
             except Exception as exc:
+                if fresh:
+                    self._drop_backend(conn)
                 raise AdoptError(
                     f"records that came with the connection: {type(exc).__name__}"
                 ) from None
@@ -478,8 +642,10 @@ class Runtime:
         self._run(conn)
         return conn
 
-    def adopt_socket(self, sock: socket.socket, exported: Exported) -> Connection:
-        return self.serve_built(self.build(sock, exported))
+    def adopt_socket(
+        self, sock: socket.socket, exported: Exported, *, backend: Backend | None = None
+    ) -> Connection:
+        return self.serve_built(self.build(sock, exported, backend=backend))
 
     def adopt(self, exported: Exported) -> Connection:
         """Continue a connection exported elsewhere: restore its socket here and serve it."""

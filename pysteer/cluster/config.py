@@ -7,10 +7,18 @@
     key = "certs/cluster.key"          # seals migration blobs (32 bytes)
 
     [services.443]
-    app = "ticker"                     # echo, ticker, http or module:Class
+    app = "ticker"                     # echo, ticker, http, proxy or module:Class
     tls = true
     cert = "certs/service.pem"         # what clients see (needed with tls = true)
     key = "certs/service.key"
+
+    [services.8443]                    # an unmodified local service behind pysteer
+    app = "proxy"
+    backend = "127.0.0.1:8080"         # on each host, that host's own
+    protocol = "http/1.1"              # or "tcp" (moves after idle_ms of silence)
+    proxy_protocol = "v2"              # optional: a PROXY v2 header on each backend link
+    forwarded = "x-forwarded-for"      # http: or "forwarded", "none" (default: x-f-f
+                                       # without proxy_protocol, none with it)
 
     [steer]
     name = "steer"                     # the steering daemon's node name
@@ -56,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.netns import netns_path
+from pysteer.proxy.spec import ProxySpec, SpecError, make_spec
 
 ENV = "PYSTEER_CONFIG"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -90,6 +99,7 @@ class Service:
     tls: bool
     cert: Path | None = None
     key: Path | None = None
+    proxy: ProxySpec | None = None  # app = "proxy": its backend and protocol
 
 
 @dataclass(frozen=True)
@@ -214,14 +224,35 @@ def _services(tables: dict[str, Any], base: Path) -> dict[int, Service]:
         tls = table.get("tls", False)
         if not isinstance(tls, bool):
             raise ConfigError(f"{where}.tls must be true or false")
-        unknown = sorted(set(table) - {"app", "tls", "cert", "key"})
+        unknown = sorted(set(table) - {"app", "tls", "cert", "key", *PROXY_KEYS})
         if unknown:
             raise ConfigError(f"[{where}] has unknown key(s): {', '.join(unknown)}")
         cert = key = None
         if tls:
             cert, key = _path(base, table, "cert", where), _path(base, table, "key", where)
-        services[int(port)] = Service(int(port), _str(table, "app", where), tls, cert, key)
+        app = _str(table, "app", where)
+        proxy = _proxy(table, where) if app == "proxy" else None
+        if proxy is None and (misplaced := sorted(set(table) & set(PROXY_KEYS))):
+            raise ConfigError(f'[{where}]: {", ".join(misplaced)} only go with app = "proxy"')
+        services[int(port)] = Service(int(port), app, tls, cert, key, proxy)
     return services
+
+
+PROXY_KEYS = ("backend", "protocol", "proxy_protocol", "forwarded", "idle_ms")
+
+
+def _proxy(table: dict[str, Any], where: str) -> ProxySpec:
+    """A proxy service's settings (app = "proxy"), checked."""
+    if "backend" not in table:
+        raise ConfigError(f'{where}.backend is needed with app = "proxy" (e.g. "127.0.0.1:8080")')
+    words = {k: table[k] for k in PROXY_KEYS if k in table}
+    for key in ("backend", "protocol", "proxy_protocol", "forwarded"):
+        if key in words and not isinstance(words[key], str):
+            raise ConfigError(f"{where}.{key} must be a string")
+    try:
+        return make_spec(**words)
+    except SpecError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _check_ports(nodes: list[NodeConfig]) -> None:

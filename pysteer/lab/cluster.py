@@ -29,7 +29,9 @@ SERVICE_NAME = "vip"  # the DNS name clients verify (s_client -servername vip)
 STEER_PORT = 7700
 AGENT_PORT = 7701
 # port -> (app, tls): a TLS ticker, a TLS HTTP server for downloads, a plain TCP ticker.
-DEFAULT_SERVICES: dict[int, tuple[str, bool]] = {
+# A service: (app, tls) or (app, tls, {more keys}), e.g. a proxy's backend.
+ServiceSpec = tuple[str, bool] | tuple[str, bool, dict[str, Any]]
+DEFAULT_SERVICES: dict[int, ServiceSpec] = {
     443: ("ticker", True),
     8443: ("http", True),
     7000: ("ticker", False),
@@ -45,7 +47,7 @@ def write_cluster(
     lab: Lab,
     directory: Path,
     *,
-    services: dict[int, tuple[str, bool]] | None = None,
+    services: dict[int, ServiceSpec] | None = None,
     force: bool = False,
     workers: dict[str, int] | None = None,
 ) -> Path:
@@ -61,7 +63,7 @@ def write_plan_cluster(
     name: str,
     directory: Path,
     *,
-    services: dict[int, tuple[str, bool]] | None = None,
+    services: dict[int, ServiceSpec] | None = None,
     force: bool = False,
     remote: bool = False,
     workers: dict[str, int] | None = None,
@@ -93,10 +95,12 @@ def write_plan_cluster(
         'key = "cluster.key"',
         "",
     ]
-    for port, (app, tls) in sorted(services.items()):
+    for port, (app, tls, *more) in sorted(services.items()):
         lines += [f"[services.{port}]", f'app = "{app}"', f"tls = {str(tls).lower()}"]
         if tls:
             lines += ['cert = "service.pem"', 'key = "service.key"']
+        for key, value in (more[0] if more else {}).items():  # a proxy's backend, say
+            lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
         lines.append("")
     lines += [
         "[steer]",
@@ -168,7 +172,7 @@ class LabCluster:
         extra: list[str] | None = None,
         steer_args: list[str] | None = None,
         agent_args: list[str] | None = None,
-        services: dict[int, tuple[str, bool]] | None = None,
+        services: dict[int, ServiceSpec] | None = None,
         workers: dict[str, int] | None = None,
     ) -> None:
         """``extra``: options for every daemon (``--log-json``, for instance);

@@ -49,6 +49,11 @@ DECIDE_TIMEOUT = 2.0  # for each question to the steering node after the move wa
 # The local steps an adapter carries out (Do.what), and what they answer.
 CONNECT = "connect"  # args: to; opens the link now (its handshake out of the freeze)
 CHECK = "check"  # args: hello; can the target continue this connection? (before parking)
+QUIESCE = "quiesce"  # args: timeout; wait for a point where it may freeze (a proxy's
+# request boundary), holding it there. Refused with code "busy" (not in time) or
+# "not-movable" (never): nothing is held then. Answers waited_ms, or nothing when
+# the connection pauses anywhere (an app): then nothing is held and nothing is undone.
+UNQUIESCE = "unquiesce"  # let a held connection go on
 SLOT = "slot"  # take a freeze slot (held until Finish): few flows are frozen at once
 FREEZE = "freeze"  # pause and dump: answers tcp_state, tls, pending
 SEAL = "seal"  # answers blob (the sealed bytes)
@@ -61,7 +66,7 @@ DISCARD = "discard"  # it cannot be thawed: close it silently
 class Outcome:
     """What the move came to, for the report."""
 
-    outcome: str = "failed"  # moved | rolled-back | failed | in-doubt | lost
+    outcome: str = "failed"  # moved | rolled-back | failed | in-doubt | lost | not-movable
     error: str | None = None
     freeze_ms: float | None = None  # park sent -> commit known, at A
     parked_ms: float | None = None  # park -> claim, at the steering node (the client's gap)
@@ -102,7 +107,7 @@ class Source:
         self.tl = timeline if timeline is not None else Timeline()
         self.result = Outcome()
         self.state = "starting"
-        self.undo: list[str] = []  # steps to undo, oldest first: "park", "freeze", "move"
+        self.undo: list[str] = []  # to undo, oldest first: quiesce, park, freeze, move
         self._next: Handler | None = None
         self._deadline = 0.0
         self._why = ""
@@ -199,6 +204,23 @@ class Source:
         if not isinstance(event, Answered):
             return self._finish("failed", f"steering node: {_text(event)}; nothing was frozen")
         self.tl.step("peer-ready")
+        return self._expect(Do(QUIESCE, {"timeout": self._left(now)}), self._on_quiesced)
+
+    def _on_quiesced(self, event: Event, now: float) -> Action:
+        if isinstance(event, Refused):
+            if event.code == "not-movable":
+                return self._finish("not-movable", event.message)
+            if event.code == "busy":  # it was never frozen, and it goes on as before
+                return self._finish("rolled-back", f"{event.message}; nothing was frozen")
+            return self._finish("failed", event.message)
+        if not isinstance(event, Answered):
+            return self._finish("failed", _text(event))
+        if "waited_ms" in event.value:  # held at a boundary (a proxy)
+            self.undo.append("quiesce")
+            waited = event.value["waited_ms"]
+            self.tl.step("quiesced", waited_ms=waited)
+            if waited:  # the wait was not the move's: the move gets its whole timeout
+                self._deadline = now + self.timeout
         return self._expect(Do(SLOT), self._on_slot)
 
     def _on_slot(self, event: Event, now: float) -> Action:
@@ -361,7 +383,13 @@ class Source:
         if step == "freeze":
             self.tl.step("decided", outcome="aborted")
             return self._expect(Do(RESUME), self._on_resumed)
+        if step == "quiesce":
+            return self._expect(Do(UNQUIESCE), self._on_unquiesced)
         return self._unpark(now)
+
+    def _on_unquiesced(self, event: Event, now: float) -> Action:
+        self.undo.pop()
+        return self._undo_next(now)
 
     def _on_reverted(self, event: Event, now: float) -> Action:
         if isinstance(event, Answered):

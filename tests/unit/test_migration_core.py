@@ -53,6 +53,8 @@ HAPPY: dict[str, Event] = {
     "hello": Answered(HELLO),
     src.CONNECT: Answered(),
     src.CHECK: Answered(),
+    src.QUIESCE: Answered(),
+    src.UNQUIESCE: Answered(),
     src.SLOT: Answered(),
     "park": Answered({"was": None}),
     src.FREEZE: Answered({"tcp_state": "ESTABLISHED", "tls": True, "pending": 0}),
@@ -100,7 +102,7 @@ def source(**kw: Any) -> Source:
     return Source(**(args | {"target": "b", "timeout": 5.0} | kw))
 
 
-BEFORE_FREEZE = ["hello", "check", "connect", "slot", "park"]
+BEFORE_FREEZE = ["hello", "check", "connect", "quiesce", "slot", "park"]
 
 
 def test_a_move_asks_in_order_and_commits() -> None:
