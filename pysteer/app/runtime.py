@@ -475,7 +475,7 @@ class Runtime:
         except TimeoutError:
             self.unquiesce(flow)
             raise QuiesceError(
-                f"a request was still in flight after {timeout:g} s (it goes on here)"
+                f"a request was still in flight after {round(timeout, 1):g} s (it goes on here)"
             ) from None
         except QuiesceError:
             self.unquiesce(flow)

@@ -9,6 +9,7 @@ backends' own logs say which host served what.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -17,9 +18,11 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers.cluster import Cluster
@@ -182,3 +185,218 @@ def test_keepalive_connection_moves_ten_times_between_requests(
         rows = [r for r in backends.nginx.access_log(host) if r["uri"] == "/1m.bin"]
         assert len(rows) == 5, rows
         assert {r["xff"] for r in rows} == {client_ip}
+
+
+def curl(cluster: Cluster, out_dir: Path, paths: list[str], *extra: str) -> subprocess.Popen[str]:
+    """curl in the client namespace: ``paths`` on one keep-alive connection, each body to
+    its own file, one line per transfer: connects made, status, size."""
+    vip = str(cluster.lab.plan.vip(4))
+    argv = ["curl", "-sS", "--cacert", str(cluster.client_ca), *extra]
+    for i, path in enumerate(paths):
+        argv += [f"https://{vip}{path}", "-o", str(out_dir / f"{i}.body")]
+        argv += ["-w", "%{num_connects} %{http_code} %{size_download}\\n"]
+    return cluster.lab.popen(
+        "client", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def curl_results(proc: subprocess.Popen[str], n: int) -> list[tuple[int, int, int]]:
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    rows = [tuple(int(x) for x in line.split()) for line in out.splitlines()]
+    assert len(rows) == n, out
+    return rows  # type: ignore[return-value]
+
+
+def flow_after(cluster: Cluster, before: set[str], port: int = HTTPS) -> str:
+    return cluster.wait_new_flow(before, port)["flow"]
+
+
+def test_curl_keepalive_loop_across_moves(env: tuple[Cluster, Backends], tmp_path: Path) -> None:
+    """curl fetches 24 files on one connection (4 a second) while it moves a -> b -> a."""
+    cluster, _ = env
+    names = ["1k.bin", "64k.bin", "1m.bin"] * 8
+    before = {f["flow"] for f in cluster.flows()}
+    proc = curl(cluster, tmp_path, [f"/{n}" for n in names], "--rate", "4/s")
+    flow = flow_after(cluster, before)
+    for target in ("b", "a", "b"):
+        time.sleep(1.2)
+        report = cluster.migrate(flow, target)
+        assert report["outcome"] == "moved", report
+    rows = curl_results(proc, len(names))
+    assert sum(r[0] for r in rows) == 1, f"curl connected more than once: {rows}"
+    assert all(r[1] == 200 for r in rows), rows
+    for i, name in enumerate(names):
+        assert sha((tmp_path / f"{i}.body").read_bytes()) == file_sha256(name), name
+
+
+# --- (c) a move asked mid-response waits for the boundary ------------------------------------
+def test_move_asked_during_a_20mb_response_happens_after_it(
+    env: tuple[Cluster, Backends], tmp_path: Path
+) -> None:
+    cluster, backends = env
+    before = {f["flow"] for f in cluster.flows()}
+    # 20 MB at 8 MB/s: about 2.5 s; then a second request on the same connection.
+    proc = curl(cluster, tmp_path, ["/20m.bin", "/64k.bin"], "--limit-rate", "8M")
+    flow = flow_after(cluster, before)
+    time.sleep(0.5)
+    report = cluster.migrate(flow, "b", "--timeout", "20")
+    rows = curl_results(proc, 2)
+    assert report["outcome"] == "moved", report
+    waited = next(s for s in report["timeline"] if s["step"] == "quiesced")
+    assert waited["waited_ms"] > 1000, report["timeline"]  # it waited for the response
+    assert [r[:2] for r in rows] == [(1, 200), (0, 200)]
+    assert sha((tmp_path / "0.body").read_bytes()) == file_sha256("20m.bin")
+    assert sha((tmp_path / "1.body").read_bytes()) == file_sha256("64k.bin")
+    # a served the whole 20 MB; b served the next request, on the moved connection.
+    big = [r for r in backends.nginx.access_log("a") if r["uri"] == "/20m.bin"]
+    assert big and big[-1]["status"] == "200" and int(big[-1]["bytes"]) == 20 << 20
+    assert [r["uri"] for r in backends.nginx.access_log("b")][-1] == "/64k.bin"
+
+
+# --- (d) a request that outlasts --timeout ----------------------------------------------------
+def test_request_outlasting_the_timeout_rolls_back_intact(env: tuple[Cluster, Backends]) -> None:
+    cluster, _ = env
+    conn = https(cluster)
+    flow = flow_of(conn)
+    result: dict[str, Any] = {}
+
+    def slow_request() -> None:
+        result["answer"] = get(conn, "/app/delay/3")
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.3)
+    report = cluster.migrate(flow, "b", "--timeout", "1")
+    thread.join(30)
+    assert report["outcome"] == "rolled-back", report
+    assert "still in flight after 1 s" in report["error"], report
+    assert "nothing was frozen" in report["error"], report
+    assert result["answer"][:2] == (200, b"slept\n")
+    assert result["answer"][2]["x-backend"] == "a"
+    assert cluster.owner(flow) == "a"
+    status, body, _ = get(conn, "/64k.bin")  # the same connection goes on
+    assert (status, sha(body)) == (200, file_sha256("64k.bin"))
+    report = cluster.migrate(flow, "b")  # and moves once it is between requests
+    assert report["outcome"] == "moved", report
+    status, body, headers = get(conn, "/1k.bin")
+    assert (status, sha(body), headers["x-backend"]) == (200, file_sha256("1k.bin"), "b")
+    conn.close()
+
+
+# --- (e) WebSocket: not movable ----------------------------------------------------------------
+def websocket(cluster: Cluster) -> ssl.SSLSocket:
+    vip = str(cluster.lab.plan.vip(4))
+    context = ssl.create_default_context(cafile=str(cluster.client_ca))
+
+    def connect() -> ssl.SSLSocket:
+        raw = socket.create_connection((vip, WS), 10)
+        return context.wrap_socket(raw, server_hostname=vip)
+
+    sock = cluster.lab.call("client", connect)
+    key = base64.b64encode(os.urandom(16))
+    sock.sendall(
+        b"GET /chat HTTP/1.1\r\nHost: vip\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n"
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())  # noqa: S324
+    assert b"Sec-WebSocket-Accept: " + accept in head, head
+    return sock
+
+
+def ws_echo(sock: ssl.SSLSocket, text: bytes) -> bytes:
+    mask = os.urandom(4)
+    sock.sendall(
+        bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+    )
+    frame = b""
+    while len(frame) < 2 + len(text):
+        frame += sock.recv(4096)
+    assert frame[:2] == bytes([0x81, len(text)]), frame
+    return frame[2:]
+
+
+def test_websocket_upgrade_is_not_movable(env: tuple[Cluster, Backends]) -> None:
+    cluster, _ = env
+    sock = websocket(cluster)
+    flow = f"{sock.getsockname()[0]}:{sock.getsockname()[1]}-{cluster.lab.plan.vip(4)}:{WS}"
+    assert ws_echo(sock, b"hello") == b"hello"
+    report = cluster.migrate(flow, "b")
+    assert report["outcome"] == "not-movable", report
+    assert "Upgrade tunnel (websocket)" in report["error"], report
+    assert report["exit"] == 1
+    assert cluster.owner(flow) == "a"
+    assert ws_echo(sock, b"still here") == b"still here"
+    row = next(f for f in cluster.flows() if f["flow"] == flow)
+    assert row["proxy"]["state"] == "tunnel" and row["proxy"]["not_movable"], row
+    sock.close()
+
+
+# --- (f) the target's backend is down -----------------------------------------------------------
+def test_target_backend_down_keeps_the_connection_on_its_host(
+    env: tuple[Cluster, Backends],
+) -> None:
+    cluster, backends = env
+    conn = https(cluster)
+    flow = flow_of(conn)
+    assert get(conn, "/1k.bin")[0] == 200
+    backends.nginx.stop("b")
+    try:
+        report = cluster.migrate(flow, "b")
+        assert report["outcome"] == "rolled-back", report
+        assert "backend 127.0.0.1:8080 is not reachable here: Connection refused" in report["error"]
+        assert cluster.owner(flow) == "a"
+        status, body, headers = get(conn, "/64k.bin")
+        assert (status, sha(body), headers["x-backend"]) == (200, file_sha256("64k.bin"), "a")
+    finally:
+        backends.nginx.start("b")
+    assert cluster.migrate(flow, "b")["outcome"] == "moved"
+    status, body, headers = get(conn, "/64k.bin")
+    assert (status, sha(body), headers["x-backend"]) == (200, file_sha256("64k.bin"), "b")
+    conn.close()
+
+
+# --- PROXY v2 and the tcp protocol ------------------------------------------------------------
+def test_proxy_protocol_v2_gives_the_backend_the_client_address_on_both_hosts(
+    env: tuple[Cluster, Backends],
+) -> None:
+    cluster, backends = env
+    conn = https(cluster, HTTPS_PP)
+    flow = flow_of(conn)
+    client_ip = flow.split(":", 1)[0]
+    assert get(conn, "/1k.bin?pp=a")[2]["x-backend"] == "a"
+    assert cluster.migrate(flow, "b")["outcome"] == "moved"
+    assert get(conn, "/1k.bin?pp=b")[2]["x-backend"] == "b"
+    conn.close()
+    for host in ("a", "b"):
+        row = next(r for r in backends.nginx.access_log(host) if r["uri"] == f"/1k.bin?pp={host}")
+        assert row["client"] == client_ip, row  # not 127.0.0.1: nginx read the header
+        assert row["xff"] == "-", row  # with PROXY v2 no X-Forwarded-For by default
+
+
+def test_tcp_protocol_moves_after_both_directions_are_idle(env: tuple[Cluster, Backends]) -> None:
+    """HTTP to waitress through a ``tcp`` proxy: pysteer sees only bytes, and moves the
+    connection once it has been quiet for idle_ms (100 ms here)."""
+    cluster, backends = env
+    vip = str(cluster.lab.plan.vip(4))
+
+    def connect() -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(vip, TCP, timeout=30)
+        conn.connect()
+        return conn
+
+    conn = cluster.lab.call("client", connect)
+    flow = flow_of(conn)
+    where = "a"
+    for _ in range(4):
+        status, body, headers = get(conn, "/bytes/300000")
+        assert (status, len(body), headers["x-app-host"]) == (200, 300000, where)
+        report = cluster.migrate(flow, other(where))
+        assert report["outcome"] == "moved", report
+        where = other(where)
+    conn.close()
+    assert sum(1 for line in backends.app_log("b") if "/bytes/300000" in line) >= 2
