@@ -292,7 +292,7 @@ class _Progress:
         self.tty, self.shown = tty, False
 
     def show(self, p: dict[str, Any]) -> None:
-        done = p["moved"] + p["rolled_back"] + p["failed"]
+        done = p["moved"] + p["rolled_back"] + p.get("not_movable", 0) + p["failed"]
         text = (
             f"{done}/{p['total']} done: {p['moved']} moved, {p['rolled_back']} rolled "
             f"back, {p['failed']} failed"
@@ -320,7 +320,8 @@ def _print_drain(s: dict[str, Any]) -> None:
     head = "drain interrupted" if s["interrupted"] else "drain done"
     print(
         f"{head}: {s['from']} -> {s['to']}: {s['moved']} moved, {s['rolled_back']} rolled "
-        f"back, {s['failed']} failed in {s['seconds']:.2f} s ({s['per_second']}/s)"
+        f"back, {s.get('not_movable', 0)} not movable, {s['failed']} failed in "
+        f"{s['seconds']:.2f} s ({s['per_second']}/s)"
     )
     if f["p50"] is not None:
         print(
@@ -329,6 +330,11 @@ def _print_drain(s: dict[str, Any]) -> None:
         )
     for r in s["not_moved"]:
         print(f"  not moved: {r['flow']} ({r['outcome']}: {r['error']})")
+    unmovable = s.get("not_movable_flows", [])
+    if unmovable:
+        print(f"{len(unmovable)} connection(s) cannot move and stay on {s['from']} until they end:")
+        for r in unmovable:
+            print(f"  {r['flow']}: {r['reason']}")
     if s["remaining"]:
         print(f"{len(s['remaining'])} flow(s) still served by {s['from']}:")
         for flow in s["remaining"]:

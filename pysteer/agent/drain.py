@@ -54,6 +54,7 @@ class Drain:
         self.stop, self.progress = stop, progress
         self.results: list[dict[str, Any]] = []
         self.hello: dict[str, Any] = {}
+        self.unmovable: dict[str, str] = {}  # flow -> why it can never move (a tunnel)
 
     async def start(self) -> None:
         """Check the target, divert new connections to it and stop taking imports."""
@@ -78,7 +79,11 @@ class Drain:
         started = time.perf_counter()
         total = len(self.node.runtime.connections)
         for _ in range(MAX_ROUNDS):
-            flows = [c.flow for c in list(self.node.runtime.connections.values()) if c.flow]
+            flows = [
+                c.flow
+                for c in list(self.node.runtime.connections.values())
+                if c.flow and str(c.flow) not in self.unmovable
+            ]
             if not flows or self.stop.is_set():
                 break
             total = max(total, len(self.results) + len(flows))
@@ -93,15 +98,21 @@ class Drain:
                     )
                 )
                 self.results += reports
+                for r in reports:  # asked once: not again in the next rounds
+                    if r["outcome"] == "not-movable":
+                        self.unmovable[r["flow"]] = r["error"] or "not movable"
                 await self.progress(self._counts() | {"total": total})
         return self._summary(time.perf_counter() - started)
 
     def _counts(self) -> dict[str, int]:
         outcomes = [r["outcome"] for r in self.results]
+        moved, back = outcomes.count("moved"), outcomes.count("rolled-back")
+        unmovable = outcomes.count("not-movable")
         return {
-            "moved": outcomes.count("moved"),
-            "rolled_back": outcomes.count("rolled-back"),
-            "failed": len(outcomes) - outcomes.count("moved") - outcomes.count("rolled-back"),
+            "moved": moved,
+            "rolled_back": back,
+            "not_movable": unmovable,
+            "failed": len(outcomes) - moved - back - unmovable,
         }
 
     def _summary(self, seconds: float) -> dict[str, Any]:
@@ -122,9 +133,14 @@ class Drain:
             },
             "steps_ms": step_durations(r["timeline"] for r in self.results),
             "remaining": remaining,
+            "not_movable_flows": [
+                {"flow": flow, "reason": why}
+                for flow, why in sorted(self.unmovable.items())
+                if flow in remaining
+            ],
             "not_moved": [
                 {"flow": r["flow"], "outcome": r["outcome"], "error": r["error"]}
                 for r in self.results
-                if r["outcome"] != "moved"
+                if r["outcome"] not in ("moved", "not-movable")
             ],
         }

@@ -437,15 +437,15 @@ class Supervisor:
 
 
 def _sum(parts: list[Any]) -> dict[str, int]:
-    keys = ("moved", "rolled_back", "failed", "total")
+    keys = ("moved", "rolled_back", "not_movable", "failed", "total")
     return {k: sum(int(p.get(k, 0)) for p in parts) for k in keys}
 
 
 def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One drain's summary from the workers' (percentiles: the worst worker's, a bound)."""
     merged = dict(parts[0])
-    for key in ("moved", "rolled_back", "failed"):
-        merged[key] = sum(p[key] for p in parts)
+    for key in ("moved", "rolled_back", "not_movable", "failed"):
+        merged[key] = sum(p.get(key, 0) for p in parts)
     merged["interrupted"] = any(p["interrupted"] for p in parts)
     merged["seconds"] = max(p["seconds"] for p in parts)
     seconds = merged["seconds"]
@@ -460,6 +460,7 @@ def _merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
     merged["remaining"] = sorted(f for p in parts for f in p["remaining"])
     merged["not_moved"] = [n for p in parts for n in p["not_moved"]]
+    merged["not_movable_flows"] = [n for p in parts for n in p.get("not_movable_flows", [])]
     merged["workers"] = [
         {k: p[k] for k in ("moved", "rolled_back", "failed", "seconds", "per_second", "freeze_ms")}
         for p in parts

@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import subprocess
@@ -400,3 +401,58 @@ def test_tcp_protocol_moves_after_both_directions_are_idle(env: tuple[Cluster, B
         where = other(where)
     conn.close()
     assert sum(1 for line in backends.app_log("b") if "/bytes/300000" in line) >= 2
+
+
+# --- (b) a drain under load: last, it leaves a drained ---------------------------------------
+def wrk_counts(output: str) -> dict[str, int]:
+    """wrk's summary: requests, and its error lines (printed only when not zero)."""
+    counts = {"requests": int(re.search(r"(\d+) requests in", output)[1])}  # type: ignore[index]
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    counts["socket_errors"] = sum(int(x) for x in errors.groups()) if errors else 0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    counts["non_2xx"] = int(non2xx[1]) if non2xx else 0
+    return counts
+
+
+def test_drain_under_wrk_load_keeps_every_connection(env: tuple[Cluster, Backends]) -> None:
+    """200 keep-alive connections under wrk, and a WebSocket, drained from a to b."""
+    cluster, backends = env
+    vip = str(cluster.lab.plan.vip(4))
+    ws = websocket(cluster)
+    before_b = len(backends.nginx.access_log("b"))
+    wrk = cluster.lab.popen(
+        "client",
+        ["wrk", "-t2", "-c200", "-d10s", "--timeout", "5s", f"https://{vip}/1k.bin"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while True:
+        on_a = [f for f in cluster.flows() if f["node"] == "a" and f["flow"].endswith(":443")]
+        if len(on_a) == 200:
+            break
+        assert time.monotonic() < deadline, f"{len(on_a)} of wrk's 200 connections came"
+        time.sleep(0.2)
+    time.sleep(1.5)  # under load for a while first
+    out = cluster.cli("drain", "--from", "a", "--to", "b", "--json", timeout=120)
+    summary = json.loads(out.stdout)
+    assert summary["moved"] >= 200 and summary["failed"] == 0, summary
+    assert summary["not_movable"] == 1, summary
+    ws_flow = f"{ws.getsockname()[0]}:{ws.getsockname()[1]}-{vip}:{WS}"
+    assert summary["remaining"] == [ws_flow], summary
+    assert summary["not_movable_flows"][0]["flow"] == ws_flow
+    assert "Upgrade tunnel" in summary["not_movable_flows"][0]["reason"]
+    on_b = {f["flow"] for f in cluster.flows() if f["node"] == "b" and f["flow"].endswith(":443")}
+    assert on_b == {f["flow"] for f in on_a}, "not the same 200 connections on b"
+    text, _ = wrk.communicate(timeout=60)
+    counts = wrk_counts(text)
+    assert counts["socket_errors"] == 0 and counts["non_2xx"] == 0, text
+    assert counts["requests"] > 1000, text
+    served_by_b = len(backends.nginx.access_log("b")) - before_b
+    assert served_by_b > 100, "b's nginx served none of the later requests"
+    assert ws_echo(ws, b"after the drain") == b"after the drain"  # the tunnel stayed on a
+    ws.close()
+    assert cluster.cli("undrain", "--node", "a").returncode == 0
