@@ -131,7 +131,9 @@ class HttpProxy:
             return True
         buffered = len(self.cl.trailing_data[0])
         if state is h11.IDLE:  # a partial head is finished even when held
-            return buffered < MAX_HEAD and (buffered > 0 or not self.hold)
+            # Up to just past the limit, so that h11 refuses an oversized head (431)
+            # rather than the connection waiting for ever.
+            return buffered <= MAX_HEAD and (buffered > 0 or not self.hold)
         # The request is complete: more bytes are the next (pipelined) request.
         return not self.hold and buffered < PIPELINE_BUFFER
 
@@ -189,6 +191,8 @@ class HttpProxy:
             return data
         if self.be is None:
             return b""  # an old connection's last words: nothing is waiting for them
+        if not data and not self._started:  # closed before a response: idle, or the race
+            return self._backend_closed()
         self.be.receive_data(data)
         out = bytearray()
         while self.be is not None and not self._done:

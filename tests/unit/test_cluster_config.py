@@ -91,6 +91,14 @@ def test_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         (('cert = "certs/vip.pem"\n', ""), "services.443.cert must be a non-empty string"),
         (('app = "ticker"', 'app = "ticker"\nkind = 1'), "[services.443] has unknown key(s): kind"),
         (('app = "ticker"', "app = ticker"), "not valid TOML"),
+        (('app = "ticker"', 'app = "proxy"'), 'services.443.backend is needed with app = "proxy"'),
+        (('app = "ticker"', 'app = "ticker"\nbackend = "127.0.0.1:80"'), "only go with app"),
+        (('app = "ticker"', 'app = "proxy"\nbackend = "web:80"'), "'web' is not an IP address"),
+        (('app = "ticker"', 'app = "proxy"\nbackend = 80'), "services.443.backend must be a"),
+        (
+            ('app = "ticker"', 'app = "proxy"\nbackend = "127.0.0.1:80"\nproxy_protocol = "v1"'),
+            'services.443: proxy_protocol must be "v2"',
+        ),
     ],
 )
 def test_mistakes_name_their_key(tmp_path: Path, change: tuple[str, str], message: str) -> None:
@@ -198,3 +206,21 @@ def test_plan_cluster_says_where_each_node_is(tmp_path: Path, variant: str) -> N
         else:
             assert not node.remote and node.netns == f"tq-{node.name}", node
     assert sorted(cfg.nodes) == sorted(plan.hosts) and cfg.steer.name == plan.steer
+
+
+def test_a_proxy_service(tmp_path: Path) -> None:
+    text = GOOD.replace(
+        'app = "ticker"',
+        'app = "proxy"\nbackend = "[::1]:8080"\nprotocol = "tcp"\nidle_ms = 250\n'
+        'proxy_protocol = "v2"',
+        1,
+    )
+    proxy = load_config(write(tmp_path, text)).services[443].proxy
+    assert proxy is not None
+    assert (proxy.backend, proxy.protocol, proxy.idle_ms, proxy.proxy_protocol) == (
+        ("::1", 8080),
+        "tcp",
+        250,
+        True,
+    )
+    assert load_config(write(tmp_path, GOOD)).services[443].proxy is None

@@ -560,3 +560,33 @@ def test_the_move_waits_no_longer_than_the_timeout_left() -> None:
         now += 0.1
         action = m.on(HAPPY[name(action)], now)
     assert isinstance(action, Call) and 0 < action.timeout <= 1.0 - 0.1 * 6 + 1e-9
+
+
+# --- a proxy connection: the wait for its request boundary -------------------------------------
+def test_a_boundary_not_reached_in_time_rolls_back_with_nothing_frozen() -> None:
+    finish, asked = run(source(), {src.QUIESCE: Refused("a request was still in flight", "busy")})
+    assert asked == ["hello", "check", "connect", "quiesce"]
+    assert finish.outcome == "rolled-back"
+    assert finish.reason == "a request was still in flight; nothing was frozen"
+
+
+def test_a_tunnel_is_not_movable() -> None:
+    finish, asked = run(source(), {src.QUIESCE: Refused("not movable: a tunnel", "not-movable")})
+    assert (finish.outcome, finish.reason, asked[-1]) == (
+        "not-movable",
+        "not movable: a tunnel",
+        "quiesce",
+    )
+
+
+def test_a_held_connection_is_let_go_last_when_a_move_rolls_back() -> None:
+    m = source()
+    held = {src.QUIESCE: Answered({"waited_ms": 1500.0}), "move": Refused("no")}
+    finish, asked = run(m, held)
+    assert finish.outcome == "rolled-back"
+    assert asked[-4:] == ["revert-hold", "resume", "unpark", "unquiesce"]
+    assert {"step": "quiesced", "waited_ms": 1500.0} in [
+        {k: v for k, v in s.items() if k in ("step", "waited_ms")} for s in m.tl.steps
+    ]
+    finish, asked = run(source(), {src.QUIESCE: Answered({"waited_ms": 0.0})})
+    assert finish.outcome == "moved" and "unquiesce" not in asked  # it left, held
