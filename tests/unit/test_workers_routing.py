@@ -61,4 +61,10 @@ def test_worst_and_sum() -> None:
     assert _worst([spread(0, None, None), spread(3, 1.0, 2.0)]) == spread(3, 1.0, 2.0)
     assert _worst([spread(0, None, None)]) == spread(0, None, None)
     progress = [{"moved": 2, "rolled_back": 0, "failed": 1, "total": 9}, {"moved": 5, "total": 4}]
-    assert _sum(progress) == {"moved": 7, "rolled_back": 0, "failed": 1, "total": 13}
+    assert _sum(progress) == {
+        "moved": 7,
+        "rolled_back": 0,
+        "not_movable": 0,
+        "failed": 1,
+        "total": 13,
+    }
