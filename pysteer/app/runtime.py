@@ -83,6 +83,7 @@ class Connection:
     held: bool = False  # a proxy at a boundary, its client not read: a move may freeze it
     quiet: asyncio.Future | None = None  # a move waiting for ``held``
     poke: asyncio.Future | None = None  # wakes a proxy's task (proxy_io)
+    io: Any = None  # a proxy task's registered fds (proxy_io.Interest), while it runs
 
     def __post_init__(self) -> None:
         with contextlib.suppress(OSError):
