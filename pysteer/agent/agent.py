@@ -114,8 +114,12 @@ def read_cluster_key(path: Path) -> bytes:
 def _service_tls(svc: Any) -> ServerConfig | None:
     if not svc.tls:
         return None
+    # An HTTP/1.1 proxy says so in ALPN: a client that offers h2 and http/1.1 knows.
+    http = svc.proxy is not None and svc.proxy.protocol == "http/1.1"
     try:
-        return ServerConfig(svc.cert.read_bytes(), svc.key.read_bytes())
+        return ServerConfig(
+            svc.cert.read_bytes(), svc.key.read_bytes(), alpn=("http/1.1",) if http else ()
+        )
     except OSError as exc:
         raise AgentError(
             f"service {svc.port}: cannot read {exc.filename}: {exc.strerror}"

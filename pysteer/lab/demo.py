@@ -2,10 +2,12 @@
 
 It builds the lab, starts the steering daemon and both agents, connects unmodified clients
 from the client namespace (``openssl s_client`` on the TLS ticker, a plain TCP line client,
-a rate-limited curl download over TLS), moves the s_client flow back and forth with
-``pysteer migrate``, drains host a to b with ``pysteer drain``, then checks what every
-client saw and prints a report. Exit status 0 only if no client noticed anything: every
-byte and line exact, no RST sent to a client, no retransmission timeout.
+a rate-limited curl download over TLS, and a curl keep-alive loop of requests to an
+unmodified nginx that pysteer fronts on each host, ``app = "proxy"``), moves the s_client
+flow back and forth with ``pysteer migrate``, drains host a to b with ``pysteer drain``,
+then checks what every client saw and prints a report. Exit status 0 only if no client
+noticed anything: every byte and line exact, no RST sent to a client, no retransmission
+timeout.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from pathlib import Path
 from typing import Any
 
 from pysteer.app.handlers import http_body
+from pysteer.lab.backends import Nginx, file_sha256
 from pysteer.lab.clients import LineClient, RstCapture, Session, StreamError, netstat
-from pysteer.lab.cluster import LabCluster
+from pysteer.lab.cluster import DEFAULT_SERVICES, LabCluster
 from pysteer.lab.plan import load
 from pysteer.lab.topology import Lab, LabError
 
 PYSTEER = [sys.executable, "-m", "pysteer"]
 DOWNLOAD = 24_000_000  # bytes, at 3 MB/s: it spans the migrations and the drain
+PROXY_PORT = 8000  # the VIP port where pysteer fronts each host's nginx
+NGINX_PORT = 8080  # nginx on 127.0.0.1 of each host
+LOOP = ["1k.bin", "64k.bin"] * 40  # the curl keep-alive loop, 10 requests a second
 
 
 def say(text: str) -> None:
@@ -71,17 +77,23 @@ class Demo:
         self.lab = Lab(prefix=self.prefix, plan=load())
         say(f"building the lab {self.prefix!r}: client, steering node, hosts a and b")
         self.lab.up()
-        self.cluster = LabCluster(self.lab, self.dir)
+        services = dict(DEFAULT_SERVICES)
+        services[PROXY_PORT] = ("proxy", True, {"backend": f"127.0.0.1:{NGINX_PORT}"})
+        self.cluster = LabCluster(self.lab, self.dir, services=services)
+        self.nginx = Nginx(self.lab, self.dir / "nginx", port=NGINX_PORT)
         try:
             say(
                 "starting the steering daemon and the agents (TLS ticker on :443, "
-                "HTTP on :8443, plain ticker on :7000)"
+                f"HTTP on :8443, plain ticker on :7000, nginx behind pysteer on :{PROXY_PORT})"
             )
             self.cluster.start()
+            say(f"starting nginx on 127.0.0.1:{NGINX_PORT} of each host (unmodified, Debian's)")
+            self.nginx.start_all()
             self._scenario()
         finally:
             say("cleaning up")
             self.cluster.close()
+            self.nginx.close()
             self.lab.down()
         self._report()
         if self.keep or self.problems:  # the daemons' logs say what went wrong
@@ -137,6 +149,7 @@ class Demo:
                 f"https://vip:8443/bytes/{DOWNLOAD}",
             ]
             curl = lab.popen("client", curl_argv, stderr=subprocess.PIPE, text=True)
+            loop = self._curl_loop(ca, vip)
             s_client.start_writing()
             time.sleep(1.0)
             quiet = (time.monotonic() - 0.8, time.monotonic())
@@ -146,7 +159,10 @@ class Demo:
             }
             flows = {f["flow"]: f for f in self.flows()}
             s_flow = next(f for f in flows if f.endswith(":443"))
-            say(f"{len(flows)} client connections on host a: s_client, plain TCP, curl")
+            say(
+                f"{len(flows)} client connections on host a: s_client, plain TCP, a curl "
+                "download, a curl keep-alive loop to nginx"
+            )
             start = time.monotonic()
             self._move_and_drain(s_flow)
             time.sleep(0.5)
@@ -162,6 +178,8 @@ class Demo:
             code = curl.wait(120)
             err = curl.stderr.read()
             curl.stderr.close()
+            self.loop_out, self.loop_err = loop.communicate(timeout=120)
+            self.loop_code = loop.returncode
             self.plain_text = plain.finish()
             self.plain_sent = plain.sent
         self.s_text, self.s_sent = s_client.finish(), s_client.sent
@@ -174,6 +192,56 @@ class Demo:
         self.rsts = [ln for ln in capture.lines if ln.split(" > ")[0].split()[-1].startswith(vip)]
         self.own_rsts = [ln for ln in capture.lines if ln not in self.rsts]
         self._check_clients(body, code, err)
+
+    def _curl_loop(self, ca: str, vip: str) -> subprocess.Popen[str]:
+        """curl asking nginx (behind pysteer) for one file after another, 10 a second, on
+        one keep-alive connection: each body to its own file, a line per transfer."""
+        argv = ["curl", "--silent", "--show-error", "--http1.1", "--rate", "10/s"]
+        argv += ["--cacert", ca, "--resolve", f"vip:{PROXY_PORT}:{vip}"]
+        (self.dir / "loop").mkdir()
+        for i, name in enumerate(LOOP):
+            argv += [
+                f"https://vip:{PROXY_PORT}/{name}?n={i}",
+                "-o",
+                str(self.dir / "loop" / str(i)),
+            ]
+            argv += ["-w", "%{num_connects} %{http_code}\\n"]
+        return self.lab.popen(
+            "client", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def _check_loop(self) -> None:
+        rows = [line.split() for line in self.loop_out.splitlines()]
+        if self.loop_code != 0 or len(rows) != len(LOOP):
+            self.problems.append(
+                f"curl loop exited {self.loop_code} after {len(rows)} of {len(LOOP)} "
+                f"requests: {self.loop_err.strip()}"
+            )
+            return
+        connects = sum(int(r[0]) for r in rows)
+        bad = [i for i, r in enumerate(rows) if r[1] != "200"]
+        wrong = [
+            i
+            for i, name in enumerate(LOOP)
+            if hashlib.sha256((self.dir / "loop" / str(i)).read_bytes()).hexdigest()
+            != file_sha256(name)
+        ]
+        served = {
+            host: sum(1 for r in self.nginx.access_log(host) if "?n=" in r["uri"])
+            for host in ("a", "b")
+        }
+        if connects != 1 or bad or wrong:
+            self.problems.append(
+                f"curl loop: {connects} connections, non-200 at {bad}, bodies differ at {wrong}"
+            )
+        elif not served["a"] or not served["b"]:
+            self.problems.append(f"curl loop: nginx served a {served['a']}, b {served['b']}")
+        else:
+            self.lines.append(
+                f"  curl loop {len(LOOP)} requests to nginx behind pysteer on 1 keep-alive "
+                f"connection, all 200, sha256 verified; nginx on a served {served['a']}, "
+                f"on b {served['b']}"
+            )
 
     def _move_and_drain(self, s_flow: str) -> None:
         node = "a"
@@ -221,6 +289,7 @@ class Demo:
             self.problems.append(f"curl: body differs ({len(data)} bytes)")
         else:
             self.lines.append(f"  curl      {len(data)} bytes over TLS, sha256 verified")
+        self._check_loop()
         if self.rsts:
             self.problems.append(f"{len(self.rsts)} RST(s) sent to the clients: {self.rsts}")
         if self.counts["timeouts"]:

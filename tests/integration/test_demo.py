@@ -29,7 +29,12 @@ def test_demo_passes_and_reports_nothing_lost() -> None:
     assert "retransmission timeouts 0" in report
     assert "24000000 bytes over TLS, sha256 verified" in report
     assert len(re.findall(r"migration \d: \w -> \w: moved", report)) == 4
-    assert re.search(r"drain a -> b: 3 moved, 0 rolled back, 0 failed", report)
+    assert re.search(r"drain a -> b: 4 moved, 0 rolled back, 0 failed", report)
+    assert re.search(
+        r"curl loop 80 requests to nginx behind pysteer on 1 keep-alive connection, all 200, "
+        r"sha256 verified; nginx on a served [1-9]\d*, on b [1-9]\d*",
+        report,
+    )
     for client in ("s_client", "plain"):
         line = next(ln for ln in report.splitlines() if ln.strip().startswith(client))
         assert re.search(r"\d+ ticks in sequence, \d+ lines echoed in order, \d+ bytes exact", line)
