@@ -403,6 +403,72 @@ def test_tcp_protocol_moves_after_both_directions_are_idle(env: tuple[Cluster, B
     assert sum(1 for line in backends.app_log("b") if "/bytes/300000" in line) >= 2
 
 
+# --- faults at each side of a proxy connection's move ---------------------------------------
+def backend_links(cluster: Cluster, host: str) -> int:
+    """Established connections to the host's nginx (pysteer's backend connections)."""
+    out = cluster.lab.run(host, ["ss", "-Htn", "state", "established", f"( dport = :{NGINX} )"])
+    return len(out.stdout.splitlines())
+
+
+def restart(cluster: Cluster, node: str, fault: str | None = None) -> None:
+    cluster.stop(node)
+    cluster.start_agent(node, fault=fault)
+
+
+@pytest.mark.parametrize(
+    ("fault", "error"), [("thaw:fail", "injected fault"), ("thaw:exit", "connection lost")]
+)
+def test_target_failing_after_it_opened_its_backend_leaves_nothing_behind(
+    env: tuple[Cluster, Backends], fault: str, error: str
+) -> None:
+    """b opens its backend connection, then fails (or dies) before the commit: the
+    connection goes on from a, and b keeps no backend connection for it."""
+    cluster, _ = env
+    restart(cluster, "b", fault)
+    try:
+        conn = https(cluster)
+        flow = flow_of(conn)
+        assert get(conn, "/1k.bin")[0] == 200
+        before = backend_links(cluster, "b")
+        report = cluster.migrate(flow, "b")
+        assert report["outcome"] == "rolled-back", report
+        assert error in report["error"], report
+        assert cluster.owner(flow) == "a"
+        status, body, headers = get(conn, "/64k.bin")
+        assert (status, sha(body), headers["x-backend"]) == (200, file_sha256("64k.bin"), "a")
+        deadline = time.monotonic() + 5
+        while backend_links(cluster, "b") > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend_links(cluster, "b") == before, "b kept the backend connection it opened"
+    finally:
+        restart(cluster, "b")
+    assert cluster.migrate(flow, "b")["outcome"] == "moved"
+    assert get(conn, "/1k.bin")[2]["x-backend"] == "b"
+    conn.close()
+
+
+def test_source_export_failing_while_held_lets_the_connection_go_on(
+    env: tuple[Cluster, Backends],
+) -> None:
+    """a's export fails after the dump, with the connection held at its boundary: a thaws
+    it, lets it read its client again, and it serves the next request."""
+    cluster, _ = env
+    restart(cluster, "a", "export:fail")
+    try:
+        conn = https(cluster)
+        flow = flow_of(conn)
+        assert get(conn, "/1k.bin")[0] == 200
+        report = cluster.migrate(flow, "b")
+        assert report["outcome"] == "rolled-back", report
+        assert "export failed" in report["error"], report
+        for name in ("64k.bin", "1m.bin"):
+            status, body, headers = get(conn, f"/{name}")
+            assert (status, sha(body), headers["x-backend"]) == (200, file_sha256(name), "a")
+        conn.close()
+    finally:
+        restart(cluster, "a")
+
+
 # --- (b) a drain under load: last, it leaves a drained ---------------------------------------
 def wrk_counts(output: str) -> dict[str, int]:
     """wrk's summary: requests, and its error lines (printed only when not zero)."""
