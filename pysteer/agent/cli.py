@@ -205,7 +205,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             cfg,
             source,
             "migrate",
-            timeout=args.timeout + 30,
+            timeout=2 * args.timeout + 30,  # a proxy's wait for its boundary, then the move
             flow=str(flow),
             to=target,
             timeout_s=args.timeout,
@@ -666,7 +666,8 @@ MIGRATE = Command(
             "--timeout",
             type=float,
             default=5.0,
-            help="seconds before an unfinished move rolls back (default: 5)",
+            help="seconds before an unfinished move rolls back (default: 5); a proxy "
+            "connection first waits up to as long for its request boundary",
         ),
         arg("--json", action="store_true", help="print the report with its timeline"),
     ),
@@ -686,7 +687,13 @@ DRAIN = Command(
         arg("--from", dest="source", required=True, metavar="NODE"),
         arg("--to", dest="target", required=True, metavar="NODE"),
         arg("--batch", type=int, default=32, help="migrations at a time (32)"),
-        arg("--timeout", type=float, default=5.0, help="per migration (5 s)"),
+        arg(
+            "--timeout",
+            type=float,
+            default=5.0,
+            help="per migration (5 s); a proxy connection first waits up to as long for "
+            "its request boundary",
+        ),
         arg("--dry-run", action="store_true", help="list what would move"),
         arg("--json", action="store_true", help="print the summary as JSON"),
     ),

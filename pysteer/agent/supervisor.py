@@ -116,7 +116,8 @@ class Worker:
         limit = ASK_TIMEOUT
         if request.get("cmd") == "migrate":
             move = request.get("timeout_s", 5.0)
-            limit = (move if isinstance(move, int | float) else 5.0) + MOVE_SLACK
+            # A proxy connection may wait its timeout for a boundary, then move in another.
+            limit = 2 * (move if isinstance(move, int | float) else 5.0) + MOVE_SLACK
         try:
             return await asyncio.wait_for(conn.exchange(request), limit)
         except TimeoutError:
