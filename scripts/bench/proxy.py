@@ -70,7 +70,12 @@ def parse_wrk(text: str) -> dict[str, Any]:
 def client_counters(lab: Lab) -> dict[str, int]:
     """The client namespace's retransmission counters (a lost packet shows here)."""
     tcp, ext = lab.call("client", netstat, "Tcp"), lab.call("client", netstat, "TcpExt")
-    return {"RetransSegs": tcp["RetransSegs"], "TCPTimeouts": ext["TCPTimeouts"]}
+    return {
+        "RetransSegs": tcp["RetransSegs"],
+        "TCPTimeouts": ext["TCPTimeouts"],
+        "TCPLossProbes": ext["TCPLossProbes"],  # tail loss probes: spurious when slow
+        "TCPSpuriousRTOs": ext["TCPSpuriousRTOs"],
+    }
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
