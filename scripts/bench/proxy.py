@@ -10,7 +10,8 @@ reached by wrk from the client namespace through the steering node:
 - ``pysteer``: pysteer's agent terminating TLS on the VIP (``app = "proxy"``) and
   relaying to the same nginx on 127.0.0.1.
 
-Then ``pysteer-drain``: the pysteer case again, with ``pysteer drain --from a --to b`` in
+Then ``pysteer-drain``, once per round: the pysteer case again, with ``pysteer drain --from a
+--to b`` in
 the middle of the run (b has its own nginx), to show what a drain does to the latency.
 
 Reported per case (JSON and stdout): requests/s, latency p50/p90/p99 (wrk --latency),
@@ -67,9 +68,9 @@ def parse_wrk(text: str) -> dict[str, Any]:
     }
 
 
-def client_counters(lab: Lab) -> dict[str, int]:
-    """The client namespace's retransmission counters (a lost packet shows here)."""
-    tcp, ext = lab.call("client", netstat, "Tcp"), lab.call("client", netstat, "TcpExt")
+def client_counters(lab: Lab, node: str = "client") -> dict[str, int]:
+    """A namespace's retransmission counters (a lost packet shows on its sender)."""
+    tcp, ext = lab.call(node, netstat, "Tcp"), lab.call(node, netstat, "TcpExt")
     return {
         "RetransSegs": tcp["RetransSegs"],
         "TCPTimeouts": ext["TCPTimeouts"],
@@ -111,6 +112,22 @@ def nginx_tls_server(cluster_dir: Path, vip: str, www: Path) -> str:
 """
 
 
+def run_cli(cluster: LabCluster, *args: str) -> dict[str, Any]:
+    """``pysteer ARGS`` against the lab's cluster: its JSON answer, or its error."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pysteer", *args],
+        env={"PYSTEER_CONFIG": str(cluster.config), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    try:
+        return json.loads(out.stdout) if out.stdout.strip() else {"error": out.stderr.strip()}
+    except json.JSONDecodeError:
+        return {"output": out.stdout.strip()}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     lab = Lab(prefix=unique_prefix()).up()
     work = Path(tempfile.mkdtemp(prefix="pysteer-bench-proxy-"))
@@ -135,33 +152,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 run = parse_wrk(out) | {"client": delta(before, client_counters(lab))}
                 results.setdefault(name, []).append(run)
                 print(f"round {rnd + 1} {name}: {results[name][-1]}", flush=True)
-        before = client_counters(lab)
-        proc = wrk(lab, urls["pysteer"], args)
-        time.sleep(args.seconds / 2)
-        drain: dict[str, Any] = {}
-
-        def do_drain() -> None:
-            out = subprocess.run(
-                [sys.executable, "-m", "pysteer", "drain", "--from", "a", "--to", "b", "--json"],
-                env={"PYSTEER_CONFIG": str(cluster.config), "PATH": "/usr/bin:/bin"},
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
+        results["pysteer-drain"], results["drain"] = [], []
+        for rnd in range(args.rounds):  # each round: wrk on a, a drained to b mid-way
+            if rnd:
+                run_cli(cluster, "undrain", "--node", "a")
+            before = client_counters(lab)
+            hosts = {h: client_counters(lab, h) for h in ("a", "b")}
+            proc = wrk(lab, urls["pysteer"], args)
+            time.sleep(args.seconds / 2)
+            drain: dict[str, Any] = {}
+            thread = threading.Thread(
+                target=lambda d=drain: d.update(
+                    run_cli(cluster, "drain", "--from", "a", "--to", "b", "--json")
+                )
             )
-            drain.update(json.loads(out.stdout) if out.stdout else {"error": out.stderr})
-
-        thread = threading.Thread(target=do_drain)
-        thread.start()
-        out, _ = proc.communicate(timeout=args.seconds + 60)
-        thread.join(120)
-        results["pysteer-drain"] = [
-            parse_wrk(out) | {"client": delta(before, client_counters(lab))}
-        ]
-        results["drain"] = {
-            k: drain.get(k)
-            for k in ("moved", "failed", "rolled_back", "seconds", "freeze_ms", "steps_ms")
-        }
+            thread.start()
+            out, _ = proc.communicate(timeout=args.seconds + 60)
+            thread.join(120)
+            run = parse_wrk(out) | {"client": delta(before, client_counters(lab))}
+            run["hosts"] = {h: delta(c, client_counters(lab, h)) for h, c in hosts.items()}
+            results["pysteer-drain"].append(run)
+            keys = ("moved", "failed", "rolled_back", "seconds", "freeze_ms", "steps_ms", "error")
+            results["drain"].append({k: drain.get(k) for k in keys if k in drain})
+            print(f"round {rnd + 1} pysteer-drain: {run}", flush=True)
     finally:
         cluster.close()
         nginx.close()
@@ -189,11 +202,13 @@ def summarize(results: dict[str, Any], args: argparse.Namespace) -> dict[str, An
             cases["pysteer-drain"]["p99_ms"] / cases["pysteer"]["p99_ms"], 3
         ),
     }
+    drain_p99 = sorted(r["p99_ms"] for r in results["pysteer-drain"])
     return {
         "config": {k: str(v) for k, v in vars(args).items()},
         "cases": cases,
         "runs": {k: v for k, v in results.items() if k != "drain"},
         "drain": results["drain"],
+        "drain_p99_ms_each_round": drain_p99,
         "ratios": ratio,
     }
 
@@ -217,7 +232,13 @@ def main() -> None:
             f"client retransmissions {case['client']['RetransSegs']}"
         )
     print(f"ratios: {result['ratios']}")
-    print(f"drain: {result['drain']}")
+    for d in result["drain"]:
+        f = d.get("freeze_ms") or {}
+        print(
+            f"drain: {d.get('moved')} moved, {d.get('failed')} failed in {d.get('seconds')} s, "
+            f"freeze p50 {f.get('p50')} p99 {f.get('p99')} ms {d.get('error') or ''}"
+        )
+    print(f"client p99 during each drain run: {result['drain_p99_ms_each_round']} ms")
     print(f"wrote {args.out}")
 
 
