@@ -91,7 +91,12 @@ def test_dependency_floors_are_the_tested_versions() -> None:
     """Floors that admit versions with published advisories are a vulnerability: the
     crypto stack's floors are the versions this suite runs on (see docs/security.md)."""
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    floors = dict(d.replace(" ", "").split(">=", 1) for d in deps)
+    floors = dict(d.replace(" ", "").split(">=", 1) for d in deps if ">=" in d)
+    pinned = [d for d in deps if ">=" not in d]
+    assert all("==" in d for d in pinned), pinned  # every dependency has a floor or a pin
+    for d in pinned:
+        name, _, pin = d.partition("==")
+        assert version(name) == pin, (name, version(name), pin)
     assert floors["cryptography"] == "50" and floors["pyOpenSSL"] == "26", floors
     for name, floor in floors.items():
         installed = tuple(int(p) for p in version(name).split(".")[:2] if p.isdigit())

@@ -1,0 +1,226 @@
+"""The shared store's asyncio adapter: etcd's v3 API over gRPC with mutual TLS.
+
+The client is aetcd's, with one change: aetcd 1.0.0 opens only plaintext channels (TLS
+is its open issue #37), and a store that decides where every moved flow goes must never
+be reachable without a certificate. ``_TlsClient`` opens aetcd's stubs over a
+``grpc.aio.secure_channel`` with the node's own certificate; everything else is aetcd.
+
+Every member's certificate carries the name ``etcd`` (as well as its address), so one
+name verifies whichever member the channel reaches. Every call has a deadline: with no
+quorum, etcd does not answer, and a store that cannot answer is ``StoreUnavailable``
+within the timeout, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd
+import grpc
+from aetcd import exceptions as aetcd_errors
+from aetcd import rpc, watcher
+
+from pysteer.store.keys import Override, decode_override, override_key, overrides_prefix
+
+SERVER_NAME = "etcd"  # in every member's certificate
+
+
+class StoreError(RuntimeError):
+    """The shared store refused or failed an operation; the message says which."""
+
+
+class StoreUnavailable(StoreError):
+    """No answer from the store (down, unreachable, or without quorum) in time."""
+
+
+class Conflict(StoreError):
+    """A compare-and-set lost: the key changed since it was read. ``current`` is what is
+    there now (None: nothing)."""
+
+    def __init__(self, message: str, current: Override | None) -> None:
+        super().__init__(message)
+        self.current = current
+
+
+class WatchGap(StoreError):
+    """The watch cannot go on from where it was (history compacted, or the watch
+    broke): read everything again, then watch from there."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One change to an override: ``override`` None means it was removed."""
+
+    flow: str
+    override: Override | None
+    revision: int
+
+
+class _TlsClient(aetcd.Client):
+    """aetcd's client over a TLS channel with a client certificate (see the module)."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials,
+        timeout: float,
+        server_name: str,
+    ) -> None:
+        super().__init__(timeout=timeout)  # type: ignore[arg-type]
+        self._target, self._credentials = target, credentials
+        self._options = {
+            "grpc.ssl_target_name_override": server_name,
+            "grpc.default_authority": server_name,
+            "grpc.enable_retries": 0,
+            # A full read of many overrides is one response (100,000 are about 7 MB).
+            "grpc.max_receive_message_length": 256 << 20,
+        }
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = grpc.aio.secure_channel(
+            self._target, self._credentials, options=list(self._options.items())
+        )
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = watcher.Watcher(
+            rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        self._connected.set()
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    details = getattr(exc, "details", None)
+    text = details() if callable(details) else str(exc)
+    return StoreUnavailable(f"etcd: {(text or type(exc).__name__).strip()[:200]}")
+
+
+class Store:
+    """The cluster ``cluster``'s shared state in the etcd members at ``endpoints``."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, int]],
+        cluster: str,
+        *,
+        ca: bytes,
+        cert: bytes,
+        key: bytes,
+        timeout: float = 2.0,
+        server_name: str = SERVER_NAME,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("no etcd endpoint")
+        v6 = [h for h, _ in endpoints if ":" in h]
+        if v6 and len(v6) != len(endpoints):
+            raise ValueError("etcd endpoints must all be IPv4 or all IPv6")
+        scheme = "ipv6" if v6 else "ipv4"
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in endpoints)
+        self.cluster, self.timeout = cluster, timeout
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+        self._client = _TlsClient(f"{scheme}:{hosts}", credentials, timeout, server_name)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _call(self, coro: Any) -> Any:
+        """One etcd call, bounded (the deadline is gRPC's; this is a second fence)."""
+        try:
+            return await asyncio.wait_for(coro, self.timeout + 1.0)
+        except (TimeoutError, aetcd_errors.ClientError, grpc.RpcError) as exc:
+            raise _unavailable(exc) from None
+
+    # --- overrides -----------------------------------------------------------------------
+    async def overrides(self) -> tuple[dict[str, Override], int]:
+        """Every override, and the store revision they were read at (watch from the next).
+        A value that is not as pysteer writes it raises StoreDataError."""
+        result = await self._call(self._client.get_prefix(overrides_prefix(self.cluster)))
+        out = {}
+        for kv in result:
+            o = decode_override(self.cluster, kv.key, kv.value, kv.mod_revision)
+            out[o.flow] = o
+        return out, int(result.header.revision)
+
+    async def get_override(self, flow: str) -> Override | None:
+        result = await self._call(self._client.get(override_key(self.cluster, flow)))
+        if result is None:
+            return None
+        return decode_override(self.cluster, result.key, result.value, result.mod_revision)
+
+    async def put_override(self, override: Override, *, expect: int | None) -> int:
+        """Write ``override`` if the flow's version is still ``expect`` (0: no override;
+        None: whatever it is). Returns the new version; Conflict when it changed."""
+        key = override_key(self.cluster, override.flow)
+        tx = self._client.transactions
+        compare = [] if expect is None else [tx.mod(key) == expect]
+        ok, responses = await self._call(
+            self._client.transaction(
+                compare=compare, success=[tx.put(key, override.encode())], failure=[tx.get(key)]
+            )
+        )
+        if not ok:
+            current = None
+            if responses and responses[0]:
+                value, meta = responses[0][0]
+                current = decode_override(self.cluster, key, value, meta.mod_revision)
+            seen = current.revision if current else 0
+            raise Conflict(
+                f"override of {override.flow} is at version {seen}, not {expect}", current
+            )
+        return int(responses[0].response_put.header.revision)
+
+    async def delete_override(self, flow: str, *, expect: int | None = None) -> bool:
+        """Remove the flow's override (if still at version ``expect``); whether it was."""
+        key = override_key(self.cluster, flow)
+        tx = self._client.transactions
+        compare = [] if expect is None else [tx.mod(key) == expect]
+        ok, responses = await self._call(
+            self._client.transaction(compare=compare, success=[tx.delete(key)], failure=[])
+        )
+        return bool(ok and responses and responses[0].response_delete_range.deleted)
+
+    async def watch_overrides(self, start_revision: int) -> AsyncIterator[Change]:
+        """Every change to the overrides from ``start_revision`` on, in order. WatchGap
+        when history from there is gone (compacted) or the watch broke: read
+        ``overrides()`` again and watch from its revision + 1."""
+        head = overrides_prefix(self.cluster)
+        try:
+            watch = await self._call(self._client.watch_prefix(head, start_revision=start_revision))
+        except StoreUnavailable as exc:
+            raise WatchGap(str(exc)) from None
+        try:
+            async for event in watch:
+                kv = event.kv
+                flow = kv.key[len(head) :].decode("ascii", "replace")
+                if event.kind == aetcd.EventKind.DELETE:
+                    yield Change(flow, None, kv.mod_revision)
+                else:
+                    o = decode_override(self.cluster, kv.key, kv.value, kv.mod_revision)
+                    yield Change(o.flow, o, kv.mod_revision)
+        except aetcd_errors.RevisionCompactedError as exc:
+            raise WatchGap(f"etcd history compacted: {exc}") from None
+        except (aetcd_errors.ClientError, grpc.RpcError) as exc:
+            raise WatchGap(str(_unavailable(exc))) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
+
+    # --- upkeep ----------------------------------------------------------------------------
+    async def compact(self, revision: int) -> None:
+        await self._call(self._client.compact(revision, physical=True))

@@ -1,0 +1,80 @@
+"""Where the shared state lives in etcd, and how a value is written and checked.
+
+Every key is under ``/pysteer/<cluster>/``:
+
+- ``overrides/<flow>``: the host that serves a moved flow, instead of the steering
+  node's default. Its version is etcd's ``mod_revision`` of the key: a writer compares
+  it in a transaction, so two writers can never both win.
+
+A value is msgpack. A value read back is checked as strictly as a message from the
+network: etcd is shared, and a bad value must be refused with a clear error, never
+steer a flow somewhere odd.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from pysteer.flow import Flow, FlowSyntaxError
+
+NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # cluster and node names (as the cluster file)
+MAX_VALUE = 512  # bytes: an override is a few dozen
+
+
+class StoreDataError(ValueError):
+    """A key or value in the store that pysteer did not write as it is; says which."""
+
+
+def prefix(cluster: str) -> bytes:
+    if not NAME.fullmatch(cluster):
+        raise ValueError(f"invalid cluster name {cluster!r}")
+    return f"/pysteer/{cluster}/".encode()
+
+
+def overrides_prefix(cluster: str) -> bytes:
+    return prefix(cluster) + b"overrides/"
+
+
+def override_key(cluster: str, flow: Flow | str) -> bytes:
+    return overrides_prefix(cluster) + str(flow).encode()
+
+
+@dataclass(frozen=True)
+class Override:
+    """``flow`` is served by ``host`` (written by node ``by``); ``revision`` is its
+    version in the store (0: not stored)."""
+
+    flow: str
+    host: str
+    by: str
+    revision: int = 0
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"host": self.host, "by": self.by})
+
+
+def decode_override(cluster: str, key: bytes, value: bytes, revision: int) -> Override:
+    """The override at ``key``; StoreDataError if anything in it is not as written."""
+    head = overrides_prefix(cluster)
+    if not key.startswith(head):
+        raise StoreDataError(f"key {key[:80]!r} is not an override of cluster {cluster}")
+    try:
+        flow = str(Flow.parse(key[len(head) :].decode("ascii")))
+    except (UnicodeDecodeError, FlowSyntaxError):
+        raise StoreDataError(f"override key {key[:80]!r}: not a flow") from None
+    if len(value) > MAX_VALUE:
+        raise StoreDataError(f"override of {flow}: {len(value)} bytes, at most {MAX_VALUE}")
+    try:
+        doc: Any = msgpack.unpackb(value, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise StoreDataError(f"override of {flow}: not msgpack") from None
+    if not isinstance(doc, dict) or set(doc) != {"host", "by"}:
+        raise StoreDataError(f"override of {flow}: not a map of host and by")
+    for field in ("host", "by"):
+        if not isinstance(doc[field], str) or not NAME.fullmatch(doc[field]):
+            raise StoreDataError(f"override of {flow}: {field} is not a node name")
+    return Override(flow, doc["host"], doc["by"], revision)
