@@ -27,6 +27,7 @@ from aetcd import rpc, watcher
 from pysteer.store.keys import Override, decode_override, override_key, overrides_prefix
 
 SERVER_NAME = "etcd"  # in every member's certificate
+MAX_TXN = 128  # etcd's default limit of operations in one transaction
 
 
 class StoreError(RuntimeError):
@@ -221,6 +222,31 @@ class Store:
             with contextlib.suppress(Exception):
                 await watch.cancel()
 
+    async def put_many(self, overrides: Sequence[Override]) -> int:
+        """Write up to MAX_TXN overrides in one transaction, whatever their versions (a
+        resync, or a bulk load); returns the store revision after it."""
+        if len(overrides) > MAX_TXN:
+            raise ValueError(f"at most {MAX_TXN} overrides in one transaction")
+        tx = self._client.transactions
+        puts = [tx.put(override_key(self.cluster, o.flow), o.encode()) for o in overrides]
+        _, responses = await self._call(
+            self._client.transaction(compare=[], success=puts, failure=[])
+        )
+        return int(responses[-1].response_put.header.revision) if responses else 0
+
+    async def delete_all_overrides(self) -> int:
+        """Remove every override of the cluster; how many there were."""
+        result = await self._call(self._client.delete_prefix(overrides_prefix(self.cluster)))
+        return int(result.deleted)
+
     # --- upkeep ----------------------------------------------------------------------------
     async def compact(self, revision: int) -> None:
         await self._call(self._client.compact(revision, physical=True))
+
+    async def db_size(self) -> int:
+        """The size of the database file of the member that answers, in bytes."""
+        return int((await self._call(self._client.status())).db_size)
+
+    async def defragment(self) -> None:
+        """Give the space compaction freed back to the file system (the answering member)."""
+        await self._call(self._client.defragment())

@@ -9,6 +9,8 @@ one JSON answer per stdout line.
     {"op": "watch", "from": R}          -> {"ok": true} (changes collected in the background)
     {"op": "changes"}                   -> {"ok": true, "changes": [...], "gap": str|null}
     {"op": "compact", "revision": R}    -> {"ok": true}
+    {"op": "put_many", "flows": [F...], "host": H, "by": B} -> {"ok": true, "revision": R}
+    {"op": "delete_all"}                -> {"ok": true, "deleted": N}
 An error is {"ok": false, "error": CLASS, "message": ..., "seconds": how long it took}.
 """
 
@@ -53,7 +55,52 @@ async def main(args: argparse.Namespace) -> None:
         except WatchGap as exc:
             gap.append(str(exc))
 
-    tasks = []
+    tasks: list[asyncio.Task] = []
+
+    async def put(req: dict[str, Any]) -> dict[str, Any]:
+        o = Override(req["flow"], req["host"], req["by"])
+        return {"revision": await store.put_override(o, expect=req.get("expect"))}
+
+    async def listing(_req: dict[str, Any]) -> dict[str, Any]:
+        found, revision = await store.overrides()
+        return {"overrides": {f: as_json(o) for f, o in found.items()}, "revision": revision}
+
+    async def start_watch(req: dict[str, Any]) -> dict[str, Any]:
+        tasks.append(asyncio.create_task(watch(req["from"])))
+        await asyncio.sleep(0.2)  # the watch is set up before the next request
+        return {}
+
+    async def put_many(req: dict[str, Any]) -> dict[str, Any]:
+        batch = [Override(f, req["host"], req["by"]) for f in req["flows"]]
+        return {"revision": await store.put_many(batch)}
+
+    async def compact(req: dict[str, Any]) -> dict[str, Any]:
+        await store.compact(req["revision"])
+        return {}
+
+    async def get(req: dict[str, Any]) -> dict[str, Any]:
+        return {"override": as_json(await store.get_override(req["flow"]))}
+
+    async def delete(req: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted": await store.delete_override(req["flow"], expect=req.get("expect"))}
+
+    async def delete_all(_req: dict[str, Any]) -> dict[str, Any]:
+        return {"deleted": await store.delete_all_overrides()}
+
+    async def collected(_req: dict[str, Any]) -> dict[str, Any]:
+        return {"changes": list(changes), "gap": gap[0] if gap else None}
+
+    ops = {
+        "put": put,
+        "get": get,
+        "list": listing,
+        "delete": delete,
+        "watch": start_watch,
+        "changes": collected,
+        "compact": compact,
+        "put_many": put_many,
+        "delete_all": delete_all,
+    }
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -61,34 +108,9 @@ async def main(args: argparse.Namespace) -> None:
         req = json.loads(line)
         started = time.monotonic()
         try:
-            op = req["op"]
-            if op == "put":
-                o = Override(req["flow"], req["host"], req["by"])
-                answer = {"revision": await store.put_override(o, expect=req.get("expect"))}
-            elif op == "get":
-                answer = {"override": as_json(await store.get_override(req["flow"]))}
-            elif op == "list":
-                found, revision = await store.overrides()
-                answer = {
-                    "overrides": {f: as_json(o) for f, o in found.items()},
-                    "revision": revision,
-                }
-            elif op == "delete":
-                answer = {
-                    "deleted": await store.delete_override(req["flow"], expect=req.get("expect"))
-                }
-            elif op == "watch":
-                tasks.append(asyncio.create_task(watch(req["from"])))
-                await asyncio.sleep(0.2)  # the watch is set up before the next request
-                answer = {}
-            elif op == "changes":
-                answer = {"changes": list(changes), "gap": gap[0] if gap else None}
-            elif op == "compact":
-                await store.compact(req["revision"])
-                answer = {}
-            else:
-                raise ValueError(f"unknown op {op!r}")
-            out = {"ok": True} | answer
+            if req.get("op") not in ops:
+                raise ValueError(f"unknown op {req.get('op')!r}")
+            out = {"ok": True} | await ops[req["op"]](req)
         except (StoreError, ValueError) as exc:
             out = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
         out["seconds"] = round(time.monotonic() - started, 3)

@@ -135,6 +135,14 @@ def test_compare_and_set_on_an_override(one: tuple[Lab, Path, Etcd]) -> None:
         assert stale == stale | {"ok": True, "deleted": False}
         assert a("delete", flow=FLOW, expect=second["revision"])["deleted"] is True
         assert steer("get", flow=FLOW)["override"] is None
+        flows = [f"10.77.1.2:{41000 + i}-10.77.100.1:443" for i in range(129)]
+        too_many = a("put_many", flows=flows, host="b", by="a")
+        assert too_many["ok"] is False and "at most 128" in too_many["message"]
+        assert a("put_many", flows=flows[:128], host="b", by="a")["ok"]
+        assert len(steer("list")["overrides"]) == 128
+        assert a("delete_all")["deleted"] == 128
+        assert a("delete_all")["deleted"] == 0
+        assert steer("list")["overrides"] == {}
     finally:
         a.close()
         steer.close()
