@@ -40,6 +40,12 @@ log = logging.getLogger("pysteer.agent")
 
 CLAIM_PATIENCE = 4.0  # seconds a move waits on the steering node before answering "pending"
 MAX_ACTIVE = 1024  # imports in progress at once: a peer's flood (a bug) cannot take it all
+# A restored socket's timestamp clock starts this far past the source's at its dump, plus
+# the time the blob took to arrive (up to MAX_CLOCK_GAP s): past the last delayed ACK the
+# source's frozen socket can send (tcp.advance_clock), with room for the hosts' clocks
+# disagreeing by a few hundred milliseconds.
+TS_ADVANCE_MS = 1000.0
+MAX_CLOCK_GAP = 10.0
 
 
 @dataclass
@@ -215,7 +221,11 @@ class Imports:
     def _restore(self, entry: Import) -> Event:
         assert entry.blob is not None  # noqa: S101
         try:
-            entry.sock = tcp.restore(entry.blob.tcp, frozen=True)
+            # The source's frozen socket may still send a delayed ACK after its dump:
+            # our timestamps start past anything it can have sent (tcp.advance_clock).
+            since = min(max(time.time() - entry.blob.t, 0.0), MAX_CLOCK_GAP)
+            advance = TS_ADVANCE_MS + since * 1000
+            entry.sock = tcp.restore(entry.blob.tcp, frozen=True, advance_ms=advance)
         except tcp.RepairError as exc:
             log.warning(
                 "import %s from %s: restore failed: %s",

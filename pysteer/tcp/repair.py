@@ -14,6 +14,7 @@ window, instead of leaving only the repair-off window probe that the peer ignore
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import socket
@@ -370,14 +371,34 @@ def resume(sock: socket.socket) -> None:
 
 
 # --- restore -------------------------------------------------------------------------------
-def restore(state: TcpState, *, frozen: bool = False) -> socket.socket:
+def advance_clock(state: TcpState, ms: float) -> TcpState:
+    """``state`` with its TCP timestamp clock ``ms`` milliseconds later.
+
+    A frozen socket is not silent: with unread data in its receive queue (a proxy held at
+    a request boundary) TCP_QUICKACK cannot push its delayed ACK before the dump, and the
+    delayed-ACK timer sends it from the frozen socket up to 200 ms later, with a TSval
+    past the dumped one. A restored socket starting from the dumped TSval then sends
+    segments "older" than that ACK: the peer's PAWS check drops them, and a restored
+    socket, with no RTT sample yet, probes only after a second (seen: 1.08 s stalls in
+    a drain). A timestamp clock that jumps forward is harmless to the peer (RFC 7323
+    only forbids going back)."""
+    if state.timestamp is None or ms <= 0:
+        return state
+    usec = state.timestamp & 1  # the low bit says the clock counts microseconds
+    step = int(ms * (1000 if usec else 1)) & ~1  # even: the flag bit stays as it is
+    return dataclasses.replace(state, timestamp=(state.timestamp + step) & 0xFFFFFFFF)
+
+
+def restore(state: TcpState, *, frozen: bool = False, advance_ms: float = 0.0) -> socket.socket:
     """Rebuild the socket of ``state`` in the current network namespace.
 
     The namespace must hold the local address. On any failure the half-built socket is
     closed silently (in repair mode) and the error raised; nothing is left behind.
     ``frozen=True`` stops short of leaving repair mode: a migration's target holds the
     socket silent until the commit, then calls ``thaw`` (or ``release`` on an abort).
+    ``advance_ms``: start the timestamp clock that much later (see ``advance_clock``).
     """
+    state = advance_clock(state, advance_ms)
     family = socket.AF_INET if state.family == 4 else socket.AF_INET6
     name = _Name(lambda: f"restored TCP socket {_fmt(state.local)} -> {_fmt(state.peer)}")
     sock = socket.socket(family, socket.SOCK_STREAM)

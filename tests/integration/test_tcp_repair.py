@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pysteer import netns, tcp
+from pysteer.lab.clients import netstat
 from pysteer.tcp import repair
 
 
@@ -610,3 +611,42 @@ def test_unacknowledged_fin_states(scratch_netns: str, closing: str) -> None:
         assert server.recv(1) == b""
     client.close()
     server.close()
+
+
+def test_a_delayed_ack_from_the_frozen_socket_does_not_stall_the_restored_one(
+    scratch_netns: str,
+) -> None:
+    """Unread data at the dump (a proxy held at a request boundary) keeps TCP_QUICKACK
+    from pushing the pending delayed ACK, so the frozen socket sends it later, with a
+    timestamp past the dumped one. Restored from the dumped timestamp, the new socket's
+    answer is dropped by the client's PAWS check and resent only after a second; with
+    its clock advanced (tcp.advance_clock), the answer arrives at once."""
+
+    def paws_drops(advance_ms: float) -> tuple[int, int]:
+        """The client's segments dropped by PAWS, and the restored socket's retransmits."""
+        before = netns.call_in(scratch_netns, netstat, "TcpExt")["PAWSEstab"]
+        client, server = pair(scratch_netns)
+        for _ in range(4):  # request and answer: the server's ACKs become delayed ones
+            client.sendall(b"q" * 100)
+            assert server.recv(100) == b"q" * 100
+            server.sendall(b"a" * 1000)
+            got = b""
+            while len(got) < 1000:
+                got += client.recv(1000)
+        client.sendall(b"next request")  # held: the server does not read it
+        time.sleep(0.005)
+        state = tcp.dump(server)
+        time.sleep(0.3)  # the frozen socket's delayed-ACK timer fires meanwhile
+        tcp.release(server)
+        server = netns.call_in(scratch_netns, tcp.restore, state, advance_ms=advance_ms)
+        assert server.recv(100) == b"next request"
+        server.sendall(b"the answer")
+        assert client.recv(100) == b"the answer"
+        retransmits = tcp.tcp_info(server).total_retrans
+        client.close()
+        server.close()
+        return netns.call_in(scratch_netns, netstat, "TcpExt")["PAWSEstab"] - before, retransmits
+
+    assert paws_drops(1000) == (0, 0)
+    dropped, retransmits = paws_drops(0)  # the bug, shown: the answer is dropped, resent
+    assert dropped >= 1 and retransmits >= 1
