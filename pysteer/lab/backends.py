@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from pysteer.lab.procs import accepts, stop_process
 
 if TYPE_CHECKING:
     from pysteer.lab.topology import Lab
@@ -167,7 +167,7 @@ class Nginx:
         )
         self.procs[host] = proc
         deadline = time.monotonic() + 15
-        while not self.lab.call(host, _accepts, ("127.0.0.1", self.port)):
+        while not self.lab.call(host, accepts, ("127.0.0.1", self.port)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.stop(host)
                 log = (d / "error.log").read_text() if (d / "error.log").exists() else ""
@@ -176,15 +176,8 @@ class Nginx:
 
     def stop(self, host: str) -> None:
         proc = self.procs.pop(host, None)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # fast shutdown: master and workers
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, 10)  # SIGTERM: nginx's fast shutdown, master and workers
 
     def start_all(self) -> Nginx:
         for host in self.lab.plan.hosts:
@@ -209,11 +202,3 @@ class Nginx:
             keys = ("client", "connection", "n", "method", "uri", "status", "bytes", "length")
             rows.append(dict(zip(keys, parts, strict=True)) | {"xff": xff.rstrip('"')})
         return rows
-
-
-def _accepts(address: tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(address, 0.5).close()
-    except OSError:
-        return False
-    return True

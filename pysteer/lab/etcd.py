@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pysteer.certs import CertificateAuthority
+from pysteer.lab.procs import accepts, stop_process
 from pysteer.safefile import PRIVATE, PUBLIC, private_dir
 
 if TYPE_CHECKING:
@@ -109,7 +109,7 @@ class Etcd:
         deadline = time.monotonic() + 30
         for n in [node] if node else self.nodes:
             address = (node_address(self.lab, n), CLIENT_PORT)
-            while not self.lab.call(n, _accepts, address):
+            while not self.lab.call(n, accepts, address):
                 if self.procs[n].poll() is not None or time.monotonic() > deadline:
                     self.stop(n)
                     raise EtcdError(f"etcd-{n} did not start:\n{self.log(n)[-2000:]}")
@@ -137,17 +137,10 @@ class Etcd:
 
     def stop(self, node: str, sig: int = signal.SIGTERM) -> None:
         proc = self.procs.pop(node, None)
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                # etcd 3.4 can hang in its graceful stop after handing over leadership
-                # (seen here): its WAL is synced, so a kill after a while loses nothing.
-                proc.wait(3)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            # etcd 3.4 can hang in its graceful stop after handing over leadership (seen
+            # here): its WAL is synced, so a kill after a while loses nothing.
+            stop_process(proc, 3, sig)
 
     def close(self) -> None:
         """Stop every member at once (one by one, each waits for the others' leader)."""
@@ -166,11 +159,3 @@ class Etcd:
     def log(self, node: str) -> str:
         path = self.directory / f"etcd-{node}.log"
         return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _accepts(address: tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(address, 0.5).close()
-    except OSError:
-        return False
-    return True

@@ -25,7 +25,7 @@ import h11
 
 from pysteer.app.handlers import HandlerError
 from pysteer.proxy.proxyv2 import header
-from pysteer.proxy.spec import ProxySpec
+from pysteer.proxy.spec import ProxySpec, RelayCore
 
 MAX_HEAD = 64 * 1024  # a request or response head
 HIGH_WATER = 256 * 1024  # bytes owed to the backend before the client is not read
@@ -44,11 +44,8 @@ IDLE_BOTH = {h11.CLIENT: h11.IDLE, h11.SERVER: h11.IDLE}
 IDEMPOTENT = {b"GET", b"HEAD", b"OPTIONS"}
 
 
-class HttpProxy:
+class HttpProxy(RelayCore):
     """One client connection's HTTP/1.1 relay (sans-IO; see the module docstring)."""
-
-    SNAPSHOT_VERSION = 1
-    TICKS = False
 
     def __init__(
         self, spec: ProxySpec, client: tuple[str, int], local: tuple[str, int], tls: bool
@@ -72,15 +69,6 @@ class HttpProxy:
         self._reused = False  # reused backend connection closed before answering it
 
     # --- the handler methods ----------------------------------------------------------
-    def on_connect(self) -> bytes:
-        return b""
-
-    def on_tick(self, now: float) -> bytes:
-        return b""
-
-    def on_close(self) -> None:
-        pass
-
     def on_data(self, data: bytes) -> bytes:
         """Bytes from the client; returns bytes for the client (an error response)."""
         if self._done:

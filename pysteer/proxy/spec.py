@@ -89,6 +89,23 @@ def make_spec(
     )
 
 
+class RelayCore:
+    """The handler methods both cores answer alike: a relay says nothing of its own when
+    a client connects or time passes, and the runtime never wakes it for a tick."""
+
+    SNAPSHOT_VERSION = 1
+    TICKS = False
+
+    def on_connect(self) -> bytes:
+        return b""
+
+    def on_tick(self, now: float) -> bytes:
+        return b""
+
+    def on_close(self) -> None:
+        pass
+
+
 class ProxyCore(Protocol):
     """What the runtime asks of a proxy core, besides the handler methods."""
 

@@ -14,17 +14,14 @@ from typing import Any
 
 from pysteer.app.handlers import HandlerError
 from pysteer.proxy.proxyv2 import header
-from pysteer.proxy.spec import ProxySpec
+from pysteer.proxy.spec import ProxySpec, RelayCore
 
 HIGH_WATER = 256 * 1024
 MAX_COUNT = (1 << 63) - 1
 
 
-class TcpProxy:
+class TcpProxy(RelayCore):
     """One client connection's byte relay (sans-IO: ``clock`` is the only time it reads)."""
-
-    SNAPSHOT_VERSION = 1
-    TICKS = False
 
     def __init__(
         self,
@@ -43,15 +40,6 @@ class TcpProxy:
         self._opened = False
         self._done = False
         self._last = clock()
-
-    def on_connect(self) -> bytes:
-        return b""
-
-    def on_tick(self, now: float) -> bytes:
-        return b""
-
-    def on_close(self) -> None:
-        pass
 
     def on_data(self, data: bytes) -> bytes:
         if data and not self._done:
