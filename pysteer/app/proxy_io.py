@@ -19,6 +19,7 @@ import logging
 import socket
 import struct
 import termios
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ class Backend:
 
     sock: socket.socket
     out: bytearray = field(default_factory=bytearray)
+    heard: float = field(default_factory=time.monotonic)  # the backend's last sign of life
 
     def close(self, flow: Any = None) -> None:
         """Close it; bytes the backend sent that nobody will read are logged."""
@@ -222,6 +224,12 @@ async def _relay(runtime: Runtime, conn: Connection, loop: asyncio.AbstractEvent
             timeout = None if check is None else max(check, 0.005)
         elif not reads and not writes and conn.quiet is None:
             timeout = 1.0  # nothing to wait on: look again (a poke comes sooner)
+        if backend is not None and core.waiting_for_backend():
+            left = backend.heard + conn.service.proxy.read_timeout - time.monotonic()
+            if left <= 0:
+                _backend_silent(runtime, conn)
+                continue
+            timeout = left if timeout is None else min(timeout, left)
         ready = await _wait(conn, reads, writes, timeout)
         if not _exchange(runtime, conn, backend, ready):
             return
@@ -282,7 +290,10 @@ def _exchange(
         conn.bytes_out += sent
     if backend is not None and backend is conn.backend and ("w", bfd) in ready:
         try:
-            del backend.out[: _send(backend.sock, backend.out)]
+            sent = _send(backend.sock, backend.out)
+            del backend.out[:sent]
+            if sent:
+                backend.heard = time.monotonic()  # its wait for the answer starts now
         except OSError as exc:
             _backend_lost(runtime, conn, exc)
     return True
@@ -297,10 +308,24 @@ def _from_backend(runtime: Runtime, conn: Connection, backend: Backend) -> None:
         return
     if data is None:
         return
+    backend.heard = time.monotonic()
     runtime.app_output(conn, core.on_backend(data))
     if data == b"" and conn.backend is backend:
         close_backend(conn)
         core.drop_backend()  # the core let go of it already
+
+
+def _backend_silent(runtime: Runtime, conn: Connection) -> None:
+    spec = conn.service.proxy
+    assert spec is not None  # noqa: S101
+    log.warning(
+        "connection %s: backend %s sent nothing for %g s during a request; answering 504",
+        conn.flow,
+        backend_name(spec),
+        spec.read_timeout,
+    )
+    close_backend(conn)
+    runtime.app_output(conn, conn.handler.backend_timed_out())
 
 
 def _backend_lost(runtime: Runtime, conn: Connection, exc: OSError) -> None:

@@ -238,7 +238,7 @@ def _services(tables: dict[str, Any], base: Path) -> dict[int, Service]:
     return services
 
 
-PROXY_KEYS = ("backend", "protocol", "proxy_protocol", "forwarded", "idle_ms")
+PROXY_KEYS = ("backend", "protocol", "proxy_protocol", "forwarded", "idle_ms", "read_timeout")
 
 
 def _proxy(table: dict[str, Any], where: str) -> ProxySpec:

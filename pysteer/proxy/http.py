@@ -171,6 +171,19 @@ class HttpProxy(RelayCore):
             return b""  # nothing was asked: the next request connects again
         return self._error(502, b"pysteer: the backend is unavailable\n")
 
+    def waiting_for_backend(self) -> bool:
+        """A request was forwarded and its response has not ended: the backend owes us."""
+        return not self._done and not self.tunnel and self.requests > self.responses
+
+    def backend_timed_out(self) -> bytes:
+        """The backend sent nothing for ``read_timeout``: a 504 if the response has not
+        begun (and the connection ends), else the client's connection ends at once."""
+        self.be, self._queued, self._to_backend, self._drop = None, [], bytearray(), True
+        if self._started or self.cl.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self._done = True
+            return b""
+        return self._error(504, b"pysteer: the backend did not answer in time\n")
+
     def on_backend(self, data: bytes) -> bytes:
         """Bytes from the backend (b"": it closed); returns bytes for the client."""
         if self.tunnel:

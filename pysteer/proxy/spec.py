@@ -16,6 +16,8 @@ PROTOCOLS = ("http/1.1", "tcp")
 FORWARDED = ("x-forwarded-for", "forwarded", "none")
 MIN_IDLE_MS, MAX_IDLE_MS = 10, 60_000
 DEFAULT_IDLE_MS = 200
+MIN_READ_TIMEOUT, MAX_READ_TIMEOUT = 1.0, 3600.0
+DEFAULT_READ_TIMEOUT = 60.0
 
 
 class SpecError(ValueError):
@@ -31,6 +33,7 @@ class ProxySpec:
     proxy_protocol: bool = False  # send a PROXY v2 header on each backend connection
     forwarded: str = "x-forwarded-for"  # http/1.1 only: how the backend learns the client
     idle_ms: int = DEFAULT_IDLE_MS  # tcp only: both directions idle this long = movable
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # http/1.1: backend silent mid-request: 504
 
     @property
     def kind(self) -> str:
@@ -59,10 +62,12 @@ def parse_backend(text: str) -> tuple[str, int]:
 
 def make_spec(
     backend: str,
+    *,
     protocol: str = "http/1.1",
     proxy_protocol: str | None = None,
     forwarded: str | None = None,
     idle_ms: int | None = None,
+    read_timeout: float | None = None,
 ) -> ProxySpec:
     """A checked ProxySpec from the cluster file's words."""
     if protocol not in PROTOCOLS:
@@ -79,6 +84,15 @@ def make_spec(
             raise SpecError('idle_ms is for protocol = "tcp" only')
         if type(idle_ms) is not int or not MIN_IDLE_MS <= idle_ms <= MAX_IDLE_MS:
             raise SpecError(f"idle_ms must be an integer in {MIN_IDLE_MS}..{MAX_IDLE_MS}")
+    if read_timeout is not None:
+        if protocol != "http/1.1":
+            raise SpecError('read_timeout is for protocol = "http/1.1" only')
+        if (
+            type(read_timeout) not in (int, float)
+            or not MIN_READ_TIMEOUT <= read_timeout <= MAX_READ_TIMEOUT
+        ):
+            bounds = f"{MIN_READ_TIMEOUT:g}..{MAX_READ_TIMEOUT:g}"
+            raise SpecError(f"read_timeout must be a number of seconds in {bounds}")
     default_forwarded = "none" if proxy_protocol else "x-forwarded-for"
     return ProxySpec(
         backend=parse_backend(backend),
@@ -86,6 +100,7 @@ def make_spec(
         proxy_protocol=proxy_protocol == "v2",
         forwarded=forwarded or default_forwarded,
         idle_ms=idle_ms if idle_ms is not None else DEFAULT_IDLE_MS,
+        read_timeout=float(read_timeout) if read_timeout is not None else DEFAULT_READ_TIMEOUT,
     )
 
 
@@ -116,6 +131,8 @@ class ProxyCore(Protocol):
     def backend_output(self) -> bytes: ...  # what is owed to the backend (taken)
     def backend_opened(self, *, fresh: bool = True) -> None: ...
     def backend_failed(self, why: str) -> bytes: ...  # what the client gets instead
+    def waiting_for_backend(self) -> bool: ...  # a request is owed an answer
+    def backend_timed_out(self) -> bytes: ...  # the backend said nothing for too long
     def wants_backend(self) -> bool: ...  # a connection to the backend is needed now
     def drop_backend(self) -> bool: ...  # close the backend connection now
     def finished(self) -> bool: ...  # close the client connection once all is sent

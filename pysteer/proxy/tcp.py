@@ -70,6 +70,12 @@ class TcpProxy(RelayCore):
         self._done = True  # a byte stream has no error message: the connection ends
         return b""
 
+    def waiting_for_backend(self) -> bool:
+        return False  # a byte stream has no notion of an answer owed
+
+    def backend_timed_out(self) -> bytes:
+        return b""
+
     def wants_backend(self) -> bool:
         return not self._opened and not self._done
 

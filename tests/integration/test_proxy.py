@@ -34,7 +34,7 @@ from pysteer.lab.plan import load
 from pysteer.lab.pytest_plugin import require_root, unique_prefix
 
 HELPERS = Path(__file__).parent.parent / "helpers"
-HTTPS, HTTPS_PP, WS, TCP = 443, 444, 445, 7300
+HTTPS, HTTPS_PP, WS, TCP, HTTPS_QUICK = 443, 444, 445, 7300, 446
 NGINX, NGINX_PP, APP, WS_PORT = 8080, 8082, 8081, 8090
 pytestmark = pytest.mark.timeout(180)
 
@@ -99,6 +99,7 @@ SERVICES = {
     HTTPS_PP: ("proxy", True, {"backend": f"127.0.0.1:{NGINX_PP}", "proxy_protocol": "v2"}),
     WS: ("proxy", True, {"backend": f"127.0.0.1:{WS_PORT}"}),
     TCP: ("proxy", False, {"backend": f"127.0.0.1:{APP}", "protocol": "tcp", "idle_ms": 100}),
+    HTTPS_QUICK: ("proxy", True, {"backend": f"127.0.0.1:{NGINX}", "read_timeout": 1}),
 }
 
 
@@ -401,6 +402,20 @@ def test_tcp_protocol_moves_after_both_directions_are_idle(env: tuple[Cluster, B
         where = other(where)
     conn.close()
     assert sum(1 for line in backends.app_log("b") if "/bytes/300000" in line) >= 2
+
+
+def test_a_backend_silent_past_read_timeout_gets_the_client_a_504(
+    env: tuple[Cluster, Backends],
+) -> None:
+    cluster, _ = env
+    conn = https(cluster, HTTPS_QUICK)
+    status, body, headers = get(conn, "/64k.bin")  # a quick answer is not affected
+    assert (status, sha(body)) == (200, file_sha256("64k.bin"))
+    status, body, headers = get(conn, "/app/delay/3")  # read_timeout = 1
+    assert (status, body) == (504, b"pysteer: the backend did not answer in time\n")
+    assert headers["connection"] == "close"
+    conn.close()
+    assert "sent nothing for 1 s during a request; answering 504" in cluster.log("a")
 
 
 # --- faults at each side of a proxy connection's move ---------------------------------------

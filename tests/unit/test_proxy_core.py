@@ -322,3 +322,30 @@ def test_backend_addresses_parse() -> None:
     assert parse_backend("127.0.0.1:80") == ("127.0.0.1", 80)
     assert make_spec("127.0.0.1:80", proxy_protocol="v2").forwarded == "none"
     assert make_spec("127.0.0.1:80").kind == "proxy/http/1.1"
+
+
+def test_a_silent_backend_gets_the_client_a_504_or_the_end() -> None:
+    c = connected()
+    assert not c.waiting_for_backend()
+    c.on_data(b"GET /slow HTTP/1.1\r\nHost: v\r\n\r\n")
+    assert c.waiting_for_backend()
+    out = c.backend_timed_out()
+    assert out.startswith(b"HTTP/1.1 504 ") and b"Connection: close" in out and c.finished()
+    d = connected()
+    d.on_data(b"GET /slow HTTP/1.1\r\nHost: v\r\n\r\n")
+    d.on_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+    assert d.waiting_for_backend()
+    assert d.backend_timed_out() == b"" and d.finished()  # cut short: only the end is left
+    e = connected()
+    e.on_data(b"GET / HTTP/1.1\r\nHost: v\r\n\r\n")
+    e.on_backend(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert not e.waiting_for_backend()  # answered: nothing is owed
+
+
+@pytest.mark.parametrize("value", [0.5, 3601, "60", True])
+def test_read_timeout_is_checked(value: Any) -> None:
+    with pytest.raises(SpecError, match="read_timeout must be"):
+        make_spec("127.0.0.1:80", read_timeout=value)
+    assert make_spec("127.0.0.1:80", read_timeout=5).read_timeout == 5.0
+    with pytest.raises(SpecError, match="read_timeout is for"):
+        make_spec("127.0.0.1:80", protocol="tcp", read_timeout=5)
