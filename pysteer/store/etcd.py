@@ -140,12 +140,19 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, coro: Any) -> Any:
-        """One etcd call, bounded (the deadline is gRPC's; this is a second fence)."""
+    async def _call(self, coro: Any, *, write: bool = False) -> Any:
+        """One etcd call, bounded (the deadline is gRPC's; this is a second fence).
+
+        A write that got no answer is in doubt, as in any consensus store: it may have
+        reached the members that remained and be committed once a quorum returns (seen
+        in the three-member test). The error says so; the caller reads the key back."""
         try:
             return await asyncio.wait_for(coro, self.timeout + 1.0)
         except (TimeoutError, aetcd_errors.ClientError, grpc.RpcError) as exc:
-            raise _unavailable(exc) from None
+            error = _unavailable(exc)
+            if write:
+                error = StoreUnavailable(f"{error}; the write may still take effect: read it back")
+            raise error from None
 
     # --- overrides -----------------------------------------------------------------------
     async def overrides(self) -> tuple[dict[str, Override], int]:
@@ -173,7 +180,8 @@ class Store:
         ok, responses = await self._call(
             self._client.transaction(
                 compare=compare, success=[tx.put(key, override.encode())], failure=[tx.get(key)]
-            )
+            ),
+            write=True,
         )
         if not ok:
             current = None
@@ -192,7 +200,8 @@ class Store:
         tx = self._client.transactions
         compare = [] if expect is None else [tx.mod(key) == expect]
         ok, responses = await self._call(
-            self._client.transaction(compare=compare, success=[tx.delete(key)], failure=[])
+            self._client.transaction(compare=compare, success=[tx.delete(key)], failure=[]),
+            write=True,
         )
         return bool(ok and responses and responses[0].response_delete_range.deleted)
 
@@ -230,13 +239,15 @@ class Store:
         tx = self._client.transactions
         puts = [tx.put(override_key(self.cluster, o.flow), o.encode()) for o in overrides]
         _, responses = await self._call(
-            self._client.transaction(compare=[], success=puts, failure=[])
+            self._client.transaction(compare=[], success=puts, failure=[]), write=True
         )
         return int(responses[-1].response_put.header.revision) if responses else 0
 
     async def delete_all_overrides(self) -> int:
         """Remove every override of the cluster; how many there were."""
-        result = await self._call(self._client.delete_prefix(overrides_prefix(self.cluster)))
+        result = await self._call(
+            self._client.delete_prefix(overrides_prefix(self.cluster)), write=True
+        )
         return int(result.deleted)
 
     # --- upkeep ----------------------------------------------------------------------------
