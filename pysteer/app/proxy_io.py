@@ -196,9 +196,10 @@ def check_quiet(conn: Connection, now: float) -> None:
         quiet.set_result(None)
 
 
-async def serve(runtime: Runtime, conn: Connection) -> None:
+async def serve(runtime: Runtime, conn: Connection) -> bool:
     """Relay between the client and the backend until either ends (or a move's export
-    cancels the task)."""
+    cancels the task). True when the relay ended the connection itself (a ``Connection:
+    close``, a 502): the client is owed a proper goodbye."""
     loop = asyncio.get_running_loop()
     conn.io = Interest()
     try:
@@ -206,6 +207,7 @@ async def serve(runtime: Runtime, conn: Connection) -> None:
     finally:
         conn.io.clear(loop)
         conn.io = None
+    return bool(conn.handler.finished())
 
 
 async def _relay(runtime: Runtime, conn: Connection, loop: asyncio.AbstractEventLoop) -> None:

@@ -157,6 +157,11 @@ class Exported:
     backend: Backend | None = field(default=None, repr=False)  # a proxy's, until released
 
 
+def _let_go_of_backend(exported: Exported) -> None:
+    if exported.backend is not None:
+        exported.backend.close(exported.meta.get("flow"))
+
+
 def _open_backend(spec: ProxySpec) -> Backend:
     """A moved proxy connection's backend connection on this host, opened before the
     move commits: a backend that is down refuses the move (AdoptError)."""
@@ -269,8 +274,7 @@ class Runtime:
         self.connections[conn.id] = conn
         if conn.flow is not None:
             self._by_flow[conn.flow] = conn
-        serve = self._serve_proxy if conn.service.proxy is not None else self._serve
-        conn.task = asyncio.get_running_loop().create_task(serve(conn))
+        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
 
     def app_output(self, conn: Connection, data: bytes) -> None:
         """Bytes the app sends the peer (TLS-protected when the connection has it)."""
@@ -340,26 +344,12 @@ class Runtime:
             self._refill(conn)
 
     async def _serve(self, conn: Connection) -> None:
-        loop = asyncio.get_running_loop()
-        alive = not conn.ending
+        """Serve ``conn`` until it ends (an app's loop, or a proxy's relay), then end it
+        cleanly whatever ended it."""
+        body = proxy_io.serve(self, conn) if conn.service.proxy is not None else self._loop(conn)
         try:
-            await self._flush(conn)
-            while alive:
-                data = None
-                # Handlers without periodic output (TICKS = False) sleep until data comes.
-                tick = conn.service.tick if getattr(conn.handler, "TICKS", True) else None
-                if await _readable(loop, conn.sock, tick):
-                    try:
-                        data = conn.sock.recv(65536)
-                    except BlockingIOError:
-                        data = None
-                if data == b"":
-                    break
-                if data:
-                    alive = self._feed(conn, data)
-                if conn.tls is None or conn.tls.phase == "open":
-                    self._app_output(conn, conn.handler.on_tick(time.monotonic()))
-                await self._flush(conn)
+            if await body:  # it ended by itself and owes the peer a proper goodbye
+                self._say_goodbye(conn, failed=False)
         except (ConnectionError, OSError):
             pass
         except TlsEnded as exc:  # TLS could not go on (sequence numbers ran out); not a bug
@@ -377,27 +367,28 @@ class Runtime:
             self._say_goodbye(conn, failed=True)
         self._finish(conn)
 
-    async def _serve_proxy(self, conn: Connection) -> None:
-        try:
-            await proxy_io.serve(self, conn)
-        except (ConnectionError, OSError):
-            pass
-        except TlsEnded as exc:
-            log.warning("connection %s (%s): %s; closing it", conn.id, conn.flow, exc)
-            self._say_goodbye(conn, failed=True)
-        except Exception as exc:  # the proxy core (or its TLS) failed: say so, end it
-            log.error(
-                "connection %s (%s): proxy failed: %s: %.200s; closing it",
-                conn.id,
-                conn.flow,
-                type(exc).__name__,
-                exc,
-            )
-            self._say_goodbye(conn, failed=True)
-        else:
-            if not conn.closed and conn.handler.finished():
-                self._say_goodbye(conn, failed=False)
-        self._finish(conn)
+    async def _loop(self, conn: Connection) -> bool:
+        """An app's connection: read, feed the handler, tick, flush."""
+        loop = asyncio.get_running_loop()
+        alive = not conn.ending
+        await self._flush(conn)
+        while alive:
+            data = None
+            # Handlers without periodic output (TICKS = False) sleep until data comes.
+            tick = conn.service.tick if getattr(conn.handler, "TICKS", True) else None
+            if await _readable(loop, conn.sock, tick):
+                try:
+                    data = conn.sock.recv(65536)
+                except BlockingIOError:
+                    data = None
+            if data == b"":
+                break
+            if data:
+                alive = self._feed(conn, data)
+            if conn.tls is None or conn.tls.phase == "open":
+                self._app_output(conn, conn.handler.on_tick(time.monotonic()))
+            await self._flush(conn)
+        return False
 
     def _say_goodbye(self, conn: Connection, *, failed: bool) -> None:
         """A last word before the FIN: close_notify, or a fatal alert when ``failed``; sent
@@ -429,17 +420,11 @@ class Runtime:
             )
         self._forget(conn)
         conn.sock.close()
-        self._drop_backend(conn)
+        proxy_io.close_backend(conn)
         if conn.quiet is not None and not conn.quiet.done():
             conn.quiet.set_exception(QuiesceError("the connection closed"))
         if self.on_close:
             self.on_close(conn)
-
-    @staticmethod
-    def _drop_backend(conn: Connection) -> None:
-        if conn.backend is not None:
-            conn.backend.close(conn.flow)
-            conn.backend = None
 
     def find(self, flow: Flow) -> Connection | None:
         """The served connection of ``flow`` (client to service address), if any."""
@@ -499,18 +484,16 @@ class Runtime:
         """The move committed: close the frozen socket silently, and a proxy's backend
         connection (the new host opened its own)."""
         tcp.release(exported.sock)
-        if exported.backend is not None:
-            exported.backend.close(exported.meta.get("flow"))
+        _let_go_of_backend(exported)
 
     def discard(self, exported: Exported) -> None:
         """The frozen socket cannot be thawed: close it silently, and its backend too."""
         tcp.discard(exported.sock)
-        if exported.backend is not None:
-            exported.backend.close(exported.meta.get("flow"))
+        _let_go_of_backend(exported)
 
     def unbuild(self, conn: Connection) -> None:
         """A connection from ``build`` that will not be served: free what it opened."""
-        self._drop_backend(conn)
+        proxy_io.close_backend(conn)
 
     async def export(self, conn_id: int) -> Exported:
         """Pause a connection at a safe point and freeze its socket for a move.
@@ -632,7 +615,7 @@ class Runtime:
                 conn.ending = not self._feed(conn, b"")
             except Exception as exc:
                 if fresh:
-                    self._drop_backend(conn)
+                    proxy_io.close_backend(conn)
                 raise AdoptError(
                     f"records that came with the connection: {type(exc).__name__}"
                 ) from None

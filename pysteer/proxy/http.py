@@ -164,12 +164,9 @@ class HttpProxy(RelayCore):
         """The backend could not be reached (or reset the connection): a 502 if the
         response has not begun, else the client's connection ends."""
         self.be, self._queued, self._to_backend = None, [], bytearray()
-        if self._started or self.cl.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            self._done = True
-            return b""
         if self.cl.their_state is h11.IDLE and not self.cl.trailing_data[0]:
             return b""  # nothing was asked: the next request connects again
-        return self._error(502, b"pysteer: the backend is unavailable\n")
+        return self._give_up(502, b"pysteer: the backend is unavailable\n")
 
     def waiting_for_backend(self) -> bool:
         """A request was forwarded and its response has not ended: the backend owes us."""
@@ -179,10 +176,15 @@ class HttpProxy(RelayCore):
         """The backend sent nothing for ``read_timeout``: a 504 if the response has not
         begun (and the connection ends), else the client's connection ends at once."""
         self.be, self._queued, self._to_backend, self._drop = None, [], bytearray(), True
+        return self._give_up(504, b"pysteer: the backend did not answer in time\n")
+
+    def _give_up(self, status: int, text: bytes) -> bytes:
+        """The request in flight cannot be answered: an error response of our own if its
+        answer has not begun, else just the end of the client's connection."""
         if self._started or self.cl.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self._done = True
             return b""
-        return self._error(504, b"pysteer: the backend did not answer in time\n")
+        return self._error(status, text)
 
     def on_backend(self, data: bytes) -> bytes:
         """Bytes from the backend (b"": it closed); returns bytes for the client."""
@@ -294,25 +296,17 @@ class HttpProxy(RelayCore):
 
     # --- backend to client ----------------------------------------------------------------
     def _relay_response(self, event: Any) -> bytes:
-        if isinstance(event, h11.InformationalResponse):
-            switching = event.status_code == 101 and self._upgrade is not None
-            head = h11.InformationalResponse(
+        if isinstance(event, h11.InformationalResponse | h11.Response):
+            final = isinstance(event, h11.Response)
+            if final:
+                self._started = self._reused = True
+            switching = not final and event.status_code == 101 and self._upgrade is not None
+            head = type(event)(
                 status_code=event.status_code,
                 headers=_without_hop_by_hop(event.headers.raw_items(), keep_upgrade=switching),
                 reason=event.reason,
             )
-            out = self._send_client(head)
-            return out + self._tunnel_if_switched()
-        if isinstance(event, h11.Response):
-            self._started = True
-            self._reused = True
-            head = h11.Response(
-                status_code=event.status_code,
-                headers=_without_hop_by_hop(event.headers.raw_items(), keep_upgrade=False),
-                reason=event.reason,
-            )
-            out = self._send_client(head)
-            return out + self._tunnel_if_switched()
+            return self._send_client(head) + self._tunnel_if_switched()
         if isinstance(event, h11.Data):
             return self._send_client(h11.Data(data=event.data))
         if isinstance(event, h11.EndOfMessage):  # trailers are not relayed
