@@ -120,13 +120,19 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Bac
 
 
 # --- clients ------------------------------------------------------------------------------
-def https(cluster: Cluster, port: int = HTTPS) -> http.client.HTTPSConnection:
-    """A keep-alive HTTPS client to the VIP, connected from inside the client namespace."""
+def keepalive(
+    cluster: Cluster, port: int = HTTPS, *, tls: bool = True
+) -> http.client.HTTPConnection:
+    """A keep-alive HTTPS (or plain HTTP) client to the VIP, connected from inside the
+    client namespace."""
     vip = str(cluster.lab.plan.vip(4))
     context = ssl.create_default_context(cafile=str(cluster.client_ca))
 
-    def connect() -> http.client.HTTPSConnection:
-        conn = http.client.HTTPSConnection(vip, port, context=context, timeout=30)
+    def connect() -> http.client.HTTPConnection:
+        if tls:
+            conn = http.client.HTTPSConnection(vip, port, context=context, timeout=30)
+        else:
+            conn = http.client.HTTPConnection(vip, port, timeout=30)
         conn.connect()
         return conn
 
@@ -161,7 +167,7 @@ def test_keepalive_connection_moves_ten_times_between_requests(
     env: tuple[Cluster, Backends],
 ) -> None:
     cluster, backends = env
-    conn = https(cluster)
+    conn = keepalive(cluster)
     flow = flow_of(conn)
     assert cluster.owner(flow) == "a"
     where = "a"
@@ -259,7 +265,7 @@ def test_move_asked_during_a_20mb_response_happens_after_it(
 # --- (d) a request that outlasts --timeout ----------------------------------------------------
 def test_request_outlasting_the_timeout_rolls_back_intact(env: tuple[Cluster, Backends]) -> None:
     cluster, _ = env
-    conn = https(cluster)
+    conn = keepalive(cluster)
     flow = flow_of(conn)
     result: dict[str, Any] = {}
 
@@ -343,7 +349,7 @@ def test_target_backend_down_keeps_the_connection_on_its_host(
     env: tuple[Cluster, Backends],
 ) -> None:
     cluster, backends = env
-    conn = https(cluster)
+    conn = keepalive(cluster)
     flow = flow_of(conn)
     assert get(conn, "/1k.bin")[0] == 200
     backends.nginx.stop("b")
@@ -367,7 +373,7 @@ def test_proxy_protocol_v2_gives_the_backend_the_client_address_on_both_hosts(
     env: tuple[Cluster, Backends],
 ) -> None:
     cluster, backends = env
-    conn = https(cluster, HTTPS_PP)
+    conn = keepalive(cluster, HTTPS_PP)
     flow = flow_of(conn)
     client_ip = flow.split(":", 1)[0]
     assert get(conn, "/1k.bin?pp=a")[2]["x-backend"] == "a"
@@ -384,14 +390,7 @@ def test_tcp_protocol_moves_after_both_directions_are_idle(env: tuple[Cluster, B
     """HTTP to waitress through a ``tcp`` proxy: pysteer sees only bytes, and moves the
     connection once it has been quiet for idle_ms (100 ms here)."""
     cluster, backends = env
-    vip = str(cluster.lab.plan.vip(4))
-
-    def connect() -> http.client.HTTPConnection:
-        conn = http.client.HTTPConnection(vip, TCP, timeout=30)
-        conn.connect()
-        return conn
-
-    conn = cluster.lab.call("client", connect)
+    conn = keepalive(cluster, TCP, tls=False)
     flow = flow_of(conn)
     where = "a"
     for _ in range(4):
@@ -408,7 +407,7 @@ def test_a_backend_silent_past_read_timeout_gets_the_client_a_504(
     env: tuple[Cluster, Backends],
 ) -> None:
     cluster, _ = env
-    conn = https(cluster, HTTPS_QUICK)
+    conn = keepalive(cluster, HTTPS_QUICK)
     status, body, _ = get(conn, "/64k.bin")  # a quick answer is not affected
     assert (status, sha(body)) == (200, file_sha256("64k.bin"))
     conn.request("GET", "/app/delay/3")  # read_timeout = 1
@@ -444,7 +443,7 @@ def test_target_failing_after_it_opened_its_backend_leaves_nothing_behind(
     cluster, _ = env
     restart(cluster, "b", fault)
     try:
-        conn = https(cluster)
+        conn = keepalive(cluster)
         flow = flow_of(conn)
         assert get(conn, "/1k.bin")[0] == 200
         before = backend_links(cluster, "b")
@@ -473,7 +472,7 @@ def test_source_export_failing_while_held_lets_the_connection_go_on(
     cluster, _ = env
     restart(cluster, "a", "export:fail")
     try:
-        conn = https(cluster)
+        conn = keepalive(cluster)
         flow = flow_of(conn)
         assert get(conn, "/1k.bin")[0] == 200
         report = cluster.migrate(flow, "b")
@@ -485,6 +484,50 @@ def test_source_export_failing_while_held_lets_the_connection_go_on(
         conn.close()
     finally:
         restart(cluster, "a")
+
+
+def test_source_killed_while_its_move_waits_for_the_boundary(
+    env: tuple[Cluster, Backends],
+) -> None:
+    """a is killed while a move waits for a request to end (the quiesce step): the CLI
+    answers at once with the reason, nothing was parked at the steering node, and a
+    restarted a serves again. The connection died with its host, as any would."""
+    cluster, _ = env
+    conn = keepalive(cluster)
+    flow = flow_of(conn)
+    failed: list[BaseException] = []
+
+    def slow_request() -> None:
+        try:
+            get(conn, "/app/delay/5")
+        except (OSError, http.client.HTTPException) as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    time.sleep(0.3)
+    argv = [sys.executable, "-m", "pysteer", "migrate", "--flow", flow, "--to", "b"]
+    migrate = subprocess.Popen(
+        [*argv, "--timeout", "20", "--config", str(cluster.config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # the move now waits for the request's end
+    cluster.procs["a"].kill()
+    try:
+        _, err = migrate.communicate(timeout=30)
+        thread.join(30)
+        assert migrate.returncode == 3 and "Traceback" not in err, err
+        assert "node a is down" in err, err
+        assert failed, "the request on the killed host did not fail"
+        assert cluster.steer_row(flow) is None  # the quiesce step parks nothing
+    finally:
+        restart(cluster, "a")
+    fresh = keepalive(cluster)
+    status, body, headers = get(fresh, "/64k.bin")
+    assert (status, sha(body), headers["x-backend"]) == (200, file_sha256("64k.bin"), "a")
+    fresh.close()
 
 
 # --- (b) a drain under load: last, it leaves a drained ---------------------------------------
