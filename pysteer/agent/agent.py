@@ -45,6 +45,7 @@ from pysteer.agent.imports import Imports
 from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration, Node
+from pysteer.agent.overrides import OverrideKeeper
 from pysteer.agent.reconcile import Reconciler
 from pysteer.app.handlers import HandlerError
 from pysteer.app.runtime import Connection, Runtime, Service
@@ -306,6 +307,8 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.worker is None:  # a supervisor syncs for all its workers
             self._spawn(self.reconciler.run(self._stop))
+        self.node.overrides = self._open_store()
+        self.node.overrides.start()
         self._spawn(self._notify_closed())
         log.info(
             "%s: serving %s on %s; peers at %s:%d; %s %s",
@@ -329,6 +332,30 @@ class Agent:
                 self.control_path.unlink()
             self.imports.close()
             self.ledger.close()
+            if self.node.overrides is not None:
+                await self.node.overrides.close()
+
+    def _open_store(self) -> OverrideKeeper:
+        """The shared store, if the cluster file names one: with this node's certificate.
+        gRPC opens its sockets from its own threads: the agent runs in its namespace."""
+        spec = self.config.store
+        if spec is None:
+            return OverrideKeeper(None, self.name)
+        from pysteer.store.etcd import Store  # noqa: PLC0415 - gRPC only with a store
+
+        try:
+            store = Store(
+                spec.endpoints,
+                self.config.name,
+                ca=self.config.ca.read_bytes(),
+                cert=self.me.cert.read_bytes(),
+                key=self.me.key.read_bytes(),
+                timeout=spec.timeout,
+            )
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"the shared store: {exc}") from None
+        log.info("shared store: etcd at %s", ", ".join(f"{h}:{p}" for h, p in spec.endpoints))
+        return OverrideKeeper(store, self.name)
 
     async def _end_tasks(self, timeout: float = 5.0) -> None:
         """Cancel the background tasks and wait until they are gone. A cancel can be lost:
@@ -490,7 +517,14 @@ class Agent:
             )
             return {"ok": False, "error": error} | ({"code": "aborted"} if op == "move" else {})
         if op == "move":
-            return await self.imports.move(who, mid, req.get("blob"), batched=batched)
+            version = req.get("version")
+            if version is not None and (
+                isinstance(version, bool) or not isinstance(version, int) or version < 0
+            ):
+                return {"ok": False, "error": "move: version must be an integer >= 0"}
+            return await self.imports.move(
+                who, mid, req.get("blob"), batched=batched, version=version
+            )
         return self.imports.outcome(mid)
 
     async def _peer_batch(self, who: str, requests: Any) -> dict[str, Any]:
@@ -539,6 +573,8 @@ class Agent:
     def _on_closed(self, conn: Connection) -> None:
         if conn.flow is not None:
             self._closed.append(str(conn.flow))
+            if self.node.overrides is not None:
+                self.node.overrides.closed(str(conn.flow))
             self._closed_event.set()
 
     async def _notify_closed(self) -> None:

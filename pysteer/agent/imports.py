@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pysteer import tcp
 from pysteer.agent.migrate import wait_for_event
+from pysteer.agent.overrides import by_of
 from pysteer.app.runtime import AdoptError, Connection, Exported
 from pysteer.migration import target as tgt
 from pysteer.migration.events import (
@@ -29,7 +30,9 @@ from pysteer.migration.events import (
     Unreachable,
 )
 from pysteer.migration.events import Refused as No
+from pysteer.migration.source import token_of
 from pysteer.migration.target import Target
+from pysteer.store.keys import Override
 from pysteer.transfer.blob import BlobError, MigrationBlob, open_sealed
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ class Import:
     data: bytes = field(repr=False)
     since: float = field(default_factory=time.time)
     batched: bool = False  # it came in a drain's batch: its claim leaves with the others'
+    version: int | None = None  # the flow's version in the shared store (None: no store)
     blob: MigrationBlob | None = None
     sock: socket.socket | None = None
     conn: Connection | None = None
@@ -91,7 +95,13 @@ class Imports:
         }
 
     async def move(
-        self, who: str, mid: bytes, data: Any, *, batched: bool = False
+        self,
+        who: str,
+        mid: bytes,
+        data: Any,
+        *,
+        batched: bool = False,
+        version: int | None = None,
     ) -> dict[str, Any]:
         """A source's ``move``: the answer once B serves the flow or has refused it, or
         ``pending`` if the steering node has not answered the claim within CLAIM_PATIENCE
@@ -106,6 +116,7 @@ class Imports:
             error = f"{self.node.name} is busy: {len(self.active)} imports in progress"
             return {"ok": False, "error": error, "code": "aborted"}
         entry = Import(Target(mid=mid, source=who, me=self.node.name), data, batched=batched)
+        entry.version = version
         self.active[mid] = entry
         entry.task = asyncio.get_running_loop().create_task(self._drive(entry))
         try:
@@ -261,6 +272,12 @@ class Imports:
         assert entry.conn is not None  # noqa: S101
         self.node.runtime.serve_built(entry.conn)
         self.ledger.decide(entry.machine.mid, "committed")
+        keeper = self.node.overrides
+        if keeper is not None and keeper.enabled and entry.version is not None:
+            m = entry.machine
+            override = Override(m.flow or "", self.node.name, by_of(token_of(m.mid)))
+            keeper.served(override)
+            keeper.keep(override, entry.version)  # the source writes it too (it may die)
         self.count("committed")
         log.info("import %s: %s now served here", entry.machine.short, entry.machine.flow)
         return Answered()

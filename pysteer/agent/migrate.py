@@ -19,6 +19,7 @@ from pysteer import tcp
 from pysteer.agent.admission import Admission, save
 from pysteer.agent.batcher import Batcher
 from pysteer.agent.links import LinkError, LinkPool, Refused
+from pysteer.agent.overrides import OverrideKeeper, StoreRefused, by_of
 from pysteer.app.proxy_io import QuiesceError
 from pysteer.app.runtime import signature
 from pysteer.migration import source as src
@@ -37,6 +38,8 @@ from pysteer.migration.events import (
 from pysteer.migration.events import Refused as No
 from pysteer.migration.source import Source
 from pysteer.migration.timeline import Timeline
+from pysteer.store.errors import StoreError
+from pysteer.store.keys import Override
 from pysteer.transfer.blob import BlobError, MigrationBlob, new_migration_id, seal, worker_of
 
 if TYPE_CHECKING:
@@ -65,6 +68,7 @@ class Node:
     worker: int = 0  # which of this node's agent processes this is
     workers: int = 1
     admission_file: Path | None = None  # where accepting and drained_to are kept
+    overrides: OverrideKeeper | None = None  # the shared store (None: there is none)
 
     def admit(self, *, accepting: bool, drained_to: str | None) -> None:
         """Change whether imports are taken (and where the node was drained to), and keep
@@ -102,6 +106,7 @@ class Report:
     parked_ms: float | None = None
     replayed: int | None = None
     blob_bytes: int | None = None
+    stored: str | None = None  # the override's write in the shared store (None: none)
     timeline: Timeline = field(default_factory=Timeline)
 
     def to_json(self) -> dict[str, Any]:
@@ -116,6 +121,7 @@ class Report:
             "parked_ms": self.parked_ms,
             "replayed": self.replayed,
             "blob_bytes": self.blob_bytes,
+            "stored": self.stored,
             "timeline": self.timeline.to_json(),
         }
 
@@ -159,6 +165,8 @@ class Migration:
         self._steps: dict[str, Callable[[dict[str, Any]], Awaitable[Event]]] = {
             src.CONNECT: self._connect,
             src.CHECK: self._check,
+            src.LOOKUP: self._lookup,
+            src.RECORD: self._record,
             src.SLOT: self._take_slot,
             src.QUIESCE: self._quiesce,
             src.UNQUIESCE: self._unquiesce,
@@ -236,6 +244,7 @@ class Migration:
         r.outcome, r.error = action.outcome, action.reason
         r.freeze_ms, r.parked_ms = result.freeze_ms, result.parked_ms
         r.replayed, r.blob_bytes = result.replayed, result.blob_bytes
+        r.stored = result.stored
 
     async def _carry_out(self, action: Action) -> Event:
         if isinstance(action, Call | Sleep):
@@ -297,6 +306,26 @@ class Migration:
                 f"node {self.target} cannot continue the connection: {why}; nothing was frozen"
             )
         return Answered()
+
+    async def _lookup(self, _args: dict[str, Any]) -> Event:
+        keeper = self.node.overrides
+        if keeper is None or not keeper.enabled:
+            return Answered({"version": None})
+        try:
+            return Answered({"version": await keeper.lookup(str(self.flow))})
+        except StoreRefused as exc:
+            return No(f"{exc}: a move is not started without it")
+
+    async def _record(self, args: dict[str, Any]) -> Event:
+        keeper = self.node.overrides
+        assert keeper is not None  # noqa: S101
+        override = Override(str(self.flow), str(args["host"]), by_of(self.machine.token))
+        try:
+            how = await keeper.record(override, int(args["version"]))
+        except StoreError as exc:
+            return Unreachable(str(exc))
+        keeper.moved_away(str(self.flow))
+        return Answered({"how": how})
 
     async def _take_slot(self, _args: dict[str, Any]) -> Event:
         # Only a few flows are frozen at once: in a drain the rest wait here, unfrozen, so

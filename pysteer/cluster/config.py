@@ -35,6 +35,10 @@
     drain_timeout = 60                 # optional: seconds that drain may take (default 60)
     workers = 2                        # optional: agent processes (default 1; see below)
 
+    [store]                            # optional: the shared store (etcd), see below
+    endpoints = ["10.0.1.5:2379"]      # its members' client addresses (TLS only)
+    timeout = 2.0                      # optional: seconds for one call (default 2)
+
 Relative paths are relative to the file. Every problem is reported with its TOML path.
 
 Where the CLI may send TCP to a node whose local control socket is missing (its agent is
@@ -47,6 +51,11 @@ out of the default route to a network that is not ours:
 - neither: only the local socket; a missing one means the agent is down, and nothing is sent.
 
 ``[steer]`` takes the same two keys.
+
+``[store]`` names the etcd members that hold the cluster's shared state (which host
+serves each moved flow). Every daemon reaches them with its own certificate and trusts the
+cluster CA; each member's certificate must carry the name ``etcd``. Without it, each
+steering node's own table is the only record (one steering node).
 
 ``workers = N`` (1..64) runs a node's agent as N worker processes under one supervisor, to
 use N cores: worker I listens for its peers on the control port + I, so every node (and
@@ -69,6 +78,7 @@ from pysteer.proxy.spec import ProxySpec, SpecError, make_spec
 ENV = "PYSTEER_CONFIG"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_WORKERS = 64
+MAX_STORE_ENDPOINTS = 9  # etcd members a client is given (a cluster of 1, 3, 5, 7 or 9)
 
 
 class ConfigError(ValueError):
@@ -103,6 +113,14 @@ class Service:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """Where the shared store's members listen (etcd, mutual TLS with the cluster CA)."""
+
+    endpoints: tuple[tuple[str, int], ...]
+    timeout: float = 2.0
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     path: Path
     name: str
@@ -112,6 +130,7 @@ class ClusterConfig:
     services: dict[int, Service]
     steer: NodeConfig
     nodes: dict[str, NodeConfig]
+    store: StoreConfig | None = None
 
     def names(self) -> set[str]:
         """Every identity of the cluster: the hosts and the steering node."""
@@ -255,6 +274,29 @@ def _proxy(table: dict[str, Any], where: str) -> ProxySpec:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _store(doc: dict[str, Any]) -> StoreConfig | None:
+    if "store" not in doc:
+        return None
+    table = _table(doc, "store")
+    unknown = sorted(set(table) - {"endpoints", "timeout"})
+    if unknown:
+        raise ConfigError(f"[store] has unknown key(s): {', '.join(unknown)}")
+    raw = table.get("endpoints")
+    if not isinstance(raw, list) or not raw or not all(isinstance(e, str) for e in raw):
+        raise ConfigError('store.endpoints must be a list of "ADDRESS:PORT" strings')
+    if len(raw) > MAX_STORE_ENDPOINTS:
+        raise ConfigError(f"store.endpoints: at most {MAX_STORE_ENDPOINTS} members")
+    endpoints = tuple(_endpoint(e, "store.endpoints") for e in raw)
+    if len({":" in h for h, _ in endpoints}) > 1:
+        raise ConfigError("store.endpoints must be all IPv4 or all IPv6")
+    if len(set(endpoints)) != len(endpoints):
+        raise ConfigError("store.endpoints lists a member twice")
+    timeout = table.get("timeout", 2.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 60:
+        raise ConfigError("store.timeout must be a number of seconds in (0, 60]")
+    return StoreConfig(endpoints, float(timeout))
+
+
 def _check_ports(nodes: list[NodeConfig]) -> None:
     """Two listeners on one address and port: a node's workers take control port + I."""
     taken: dict[tuple[str, int], str] = {}
@@ -323,4 +365,5 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         services=services,
         steer=steer,
         nodes=nodes,
+        store=_store(doc),
     )

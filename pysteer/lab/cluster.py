@@ -8,6 +8,7 @@ the steering daemon and each host's agent on it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from typing import Any
 from pysteer.agent.argv import agent_argv
 from pysteer.certs_cli import write_cluster as write_certs
 from pysteer.deathsig import die_with_parent
+from pysteer.lab.etcd import Etcd
 from pysteer.lab.plan import LabPlan
 from pysteer.lab.topology import Lab
 from pysteer.safefile import PUBLIC, private_dir
@@ -50,11 +52,19 @@ def write_cluster(
     services: dict[int, ServiceSpec] | None = None,
     force: bool = False,
     workers: dict[str, int] | None = None,
+    store: list[str] | None = None,
 ) -> Path:
     """Write certificates, the cluster key and ``cluster.toml``; returns the file's path.
-    ``workers``: node -> its agent's worker processes (default 1)."""
+    ``workers``: node -> its agent's worker processes (default 1); ``store``: the etcd
+    members' client endpoints (the shared store)."""
     return write_plan_cluster(
-        lab.plan, lab.prefix, directory, services=services, force=force, workers=workers
+        lab.plan,
+        lab.prefix,
+        directory,
+        services=services,
+        force=force,
+        workers=workers,
+        store=store,
     )
 
 
@@ -67,6 +77,7 @@ def write_plan_cluster(
     force: bool = False,
     remote: bool = False,
     workers: dict[str, int] | None = None,
+    store: list[str] | None = None,
 ) -> Path:
     """The same for any machines laid out by ``plan`` (the Vagrant VMs): cluster ``name``.
 
@@ -102,6 +113,8 @@ def write_plan_cluster(
         for key, value in (more[0] if more else {}).items():  # a proxy's backend, say
             lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
         lines.append("")
+    if store:
+        lines += ["[store]", f"endpoints = {json.dumps(store)}", ""]
     lines += [
         "[steer]",
         f'name = "{plan.steer}"',
@@ -174,13 +187,22 @@ class LabCluster:
         agent_args: list[str] | None = None,
         services: dict[int, ServiceSpec] | None = None,
         workers: dict[str, int] | None = None,
+        store: bool = False,
     ) -> None:
         """``extra``: options for every daemon (``--log-json``, for instance);
         ``steer_args``, ``agent_args``: for the steering daemon, for each agent;
-        ``workers``: node -> its agent's worker processes."""
+        ``workers``: node -> its agent's worker processes; ``store``: a one-member etcd
+        in the steering node's namespace holds the shared store (started by ``start``)."""
         self.lab = lab
         self.dir = directory
-        self.config = write_cluster(lab, directory, services=services, workers=workers)
+        self.etcd: Etcd | None = None
+        endpoints = None
+        if store:
+            self.etcd = Etcd(lab, directory / "etcd", directory, [lab.plan.steer])
+            endpoints = [f"{h}:{p}" for h, p in self.etcd.endpoints]
+        self.config = write_cluster(
+            lab, directory, services=services, workers=workers, store=endpoints
+        )
         self.extra = list(extra or [])
         self.steer_args = list(steer_args or [])
         self.agent_args = list(agent_args or [])
@@ -239,8 +261,14 @@ class LabCluster:
 
     def start_steer(self, *args: str) -> None:
         """``args``: more options for this start only (on top of ``steer_args``)."""
+        store = []
+        if self.etcd is not None:
+            for host, port in self.etcd.endpoints:
+                store += ["--store", f"{host}:{port}"]
+            store += ["--store-cluster", self.lab.prefix]
         argv = [
             *steer_argv(self.lab, self.config),
+            *store,
             *self._extra(self.lab.plan.steer),
             *self.steer_args,
             *args,
@@ -265,6 +293,8 @@ class LabCluster:
         self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), full_env)
 
     def start(self) -> LabCluster:
+        if self.etcd is not None:
+            self.etcd.start()
         self.start_steer()
         for host in self.lab.plan.hosts:
             self.start_agent(host)
@@ -279,6 +309,8 @@ class LabCluster:
     def close(self) -> None:
         for name in list(self.procs):
             self.stop(name)
+        if self.etcd is not None:
+            self.etcd.close()
         pins.remove(self.lab.prefix)
 
     def log(self, name: str) -> str:

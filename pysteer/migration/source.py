@@ -54,6 +54,10 @@ QUIESCE = "quiesce"  # args: timeout; wait for a point where it may freeze (a pr
 # "not-movable" (never): nothing is held then. Answers waited_ms, or nothing when
 # the connection pauses anywhere (an app): then nothing is held and nothing is undone.
 UNQUIESCE = "unquiesce"  # let a held connection go on
+LOOKUP = "lookup"  # the flow's version in the shared store: answers version (None: no
+# store). Refused when the store cannot answer: the move is refused, nothing frozen.
+RECORD = "record"  # args: host, version; after the commit, write the override (compared
+# against that version) before the frozen socket goes. Answers how; refused: no answer.
 SLOT = "slot"  # take a freeze slot (held until Finish): few flows are frozen at once
 FREEZE = "freeze"  # pause and dump: answers tcp_state, tls, pending
 SEAL = "seal"  # answers blob (the sealed bytes)
@@ -72,6 +76,8 @@ class Outcome:
     parked_ms: float | None = None  # park -> claim, at the steering node (the client's gap)
     replayed: int | None = None
     blob_bytes: int | None = None
+    stored: str | None = None  # the override's write: written | already | superseded |
+    # unanswered (the target keeps writing it); None: no shared store
 
 
 def token_of(mid: bytes) -> int:
@@ -119,6 +125,7 @@ class Source:
         self._steer_error = ""
         self._unpark_end: float | None = None
         self._target_steps: Any = None
+        self.version: int | None = None  # the flow's version in the store (None: no store)
 
     # --- driving ------------------------------------------------------------------------------
     def start(self, now: float) -> Action:
@@ -198,6 +205,13 @@ class Source:
     def _on_check(self, event: Event, now: float) -> Action:
         if isinstance(event, Refused):  # the target could not continue it: nothing frozen
             return self._finish("failed", event.message)
+        return self._expect(Do(LOOKUP), self._on_looked_up)
+
+    def _on_looked_up(self, event: Event, now: float) -> Action:
+        if not isinstance(event, Answered):  # no store: no record of the move, no move
+            return self._finish("failed", f"{_text(event)}; nothing was frozen")
+        version = event.value.get("version")
+        self.version = version if isinstance(version, int) else None
         return self._expect(Do(CONNECT, {"to": STEER}), self._on_steer_connected)
 
     def _on_steer_connected(self, event: Event, now: float) -> Action:
@@ -271,7 +285,9 @@ class Source:
         self.undo.append("move")  # from now on B may claim it: a rollback must win at steering
         self.state = "moving"
         self.tl.step("move")
-        request = {"op": "move", "id": self.mid, "blob": blob}
+        request: dict[str, Any] = {"op": "move", "id": self.mid, "blob": blob}
+        if self.version is not None:  # the target writes the override against it too
+            request["version"] = self.version
         # Within the move's timeout: past it, the steering node decides (a revert wins
         # over a claim that comes later), so the timeout bounds the freeze either way.
         return self._expect(Call(PEER, request, self._left(now)), self._on_moved)
@@ -301,6 +317,18 @@ class Source:
         self.result.replayed = replayed
         self.result.freeze_ms = self.tl.span("park", "committed" if how is None else "resolved")
         self.undo.clear()
+        if self.version is not None:  # recorded before the frozen socket goes
+            args = {"host": self.target, "version": self.version}
+            return self._expect(Do(RECORD, args), self._on_recorded)
+        return self._expect(Do(RELEASE), self._on_released)
+
+    def _on_recorded(self, event: Event, now: float) -> Action:
+        if isinstance(event, Answered):
+            self.result.stored = str(event.value.get("how", "written"))
+            self.tl.step("recorded", how=self.result.stored)
+        else:  # committed all the same: the target keeps writing it until it lands
+            self.result.stored = "unanswered"
+            self.tl.step("unrecorded", error=_text(event))
         return self._expect(Do(RELEASE), self._on_released)
 
     def _on_released(self, event: Event, now: float) -> Action:

@@ -81,6 +81,34 @@ def _hosts(specs: list[str]) -> list[tuple[str, str, str]]:
     return hosts
 
 
+def _store_args(args: argparse.Namespace) -> tuple[list[str], float] | None:
+    """The store reader's argv and how long to wait for it (None: no --store)."""
+    if not args.store:
+        return None
+    if not (args.tls_cert and args.tls_key and args.tls_ca):
+        raise UsageError("--store needs --tls-cert, --tls-key and --tls-ca (mutual TLS)")
+    if not args.store_cluster:
+        raise UsageError("--store needs --store-cluster (the cluster file's cluster.name)")
+    for e in args.store:
+        host, _, port = e.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--store {e!r}: expected HOST:PORT")
+    if not (math.isfinite(args.store_wait) and 0 < args.store_wait <= 3600):
+        raise UsageError("--store-wait must be in (0, 3600] seconds")
+    from pysteer.steer.store_feed import feed_argv  # noqa: PLC0415
+
+    argv = feed_argv(
+        args.netns,
+        args.store,
+        args.store_cluster,
+        ca=args.tls_ca,
+        cert=args.tls_cert,
+        key=args.tls_key,
+        timeout=2.0,
+    )
+    return argv, args.store_wait
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pysteer.harden import harden  # noqa: PLC0415
     from pysteer.identity import server_context  # noqa: PLC0415 - needs cryptography
@@ -119,6 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             metrics = parse_listen(args.metrics)
         except ValueError as exc:
             raise UsageError(f"--metrics: {exc}") from None
+    store = _store_args(args)
     return run(
         args.name,
         args.ifname,
@@ -135,6 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         gc_interval=args.gc_interval,
         reload_tls=reload_tls,
         certificates={"node": args.tls_cert, "ca": args.tls_ca} if listen else None,
+        store=store,
     )
 
 
@@ -314,6 +344,27 @@ RUN_ARGS = (
     arg("--tls-cert", type=Path, help="this node's certificate (PEM)"),
     arg("--tls-key", type=Path, help="its private key (PEM)"),
     arg("--tls-ca", type=Path, help="the CA that signs the agents' certificates"),
+    arg(
+        "--store",
+        action="append",
+        metavar="HOST:PORT",
+        help="an etcd member of the shared store (repeat for each): its overrides are "
+        "loaded before the programs attach and mirrored into the table after; uses "
+        "--tls-cert, --tls-key and --tls-ca, from inside --netns",
+    ),
+    arg(
+        "--store-cluster",
+        metavar="NAME",
+        help="the cluster's name in the store (its cluster file's cluster.name)",
+    ),
+    arg(
+        "--store-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for the store's overrides before giving up without "
+        "attaching (default: %(default)g)",
+    ),
     arg(
         "--metrics",
         metavar="HOST:PORT",

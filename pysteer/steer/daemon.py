@@ -36,8 +36,10 @@ from pysteer.rpc.errors import Busy, ProtocolError, VersionMismatch, answer_for
 from pysteer.steer.control import MAX_REQUEST, RequestError, socket_path
 from pysteer.steer.loader import AttachError
 from pysteer.steer.maps import Action
+from pysteer.steer.mirror import SET, Op
 from pysteer.steer.pins import PinError
 from pysteer.steer.steerer import HostSpec, Refusal, Steerer, SteerError, resolve
+from pysteer.steer.store_feed import Feed
 
 log = logging.getLogger("pysteer.steer")
 
@@ -204,9 +206,15 @@ def _token(req: dict[str, Any], *, optional: bool = False) -> int:
     return value
 
 
+def _apply_op(steerer: Steerer, op: Op) -> str:
+    if op.what == SET:
+        return steerer.override(op.flow, op.host)
+    return steerer.unoverride(op.flow, op.host)
+
+
 class Daemon:
-    def __init__(self, steerer: Steerer, path: Path) -> None:
-        self.steerer, self.path = steerer, path
+    def __init__(self, steerer: Steerer, path: Path, feed: Feed | None = None) -> None:
+        self.steerer, self.path, self.feed = steerer, path, feed
         self._stop = threading.Event()
         self._tls_server: socket.socket | None = None
         self.tls_context: ssl.SSLContext | None = None  # of the mutual-TLS listener
@@ -246,6 +254,8 @@ class Daemon:
                     "name": self.steerer.name,
                     "usage": self.steerer.table_usage(),
                 }
+            if cmd == "store":
+                return {"ok": True, "store": self.feed.report() if self.feed else None}
             if cmd in ("sync", "closed"):
                 return {"ok": True, "boot": self.steerer.boot} | self._report(cmd, req)
             if cmd == "gc":
@@ -565,6 +575,7 @@ def run(
     gc_interval: float = 5.0,
     reload_tls: Callable[[], ssl.SSLContext] | None = None,
     certificates: dict[str, Path] | None = None,
+    store: tuple[list[str], float] | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT. The programs stay attached and the maps pinned.
     SIGHUP makes a new TLS context with ``reload_tls`` (the certificate, key and CA read
@@ -597,6 +608,7 @@ def run(
             gc_interval=gc_interval,
             reload_tls=reload_tls,
             certificates=certificates,
+            store=store,
         )
     finally:
         # Gone with us, while still ours: /run keeps no file per instance ever run. A
@@ -646,6 +658,7 @@ def _keepalive(sock: socket.socket) -> None:
 AGENT_COMMANDS = {
     "hello": (),
     "stats": (),
+    "store": (),
     "hosts": (),
     "diversions": (),
     "decision": (),
@@ -721,6 +734,69 @@ def _serve(
     gc_interval: float,
     reload_tls: Callable[[], ssl.SSLContext] | None,
     certificates: dict[str, Path] | None,
+    store: tuple[list[str], float] | None = None,
+) -> int:
+    feed, preload = _load_store(store)
+    try:
+        return _serve_with(
+            name,
+            ifname,
+            hosts,
+            namespace=namespace,
+            mode=mode,
+            max_flows=max_flows,
+            max_parked=max_parked,
+            listen=listen,
+            tls=tls,
+            metrics=metrics,
+            idle_timeout=idle_timeout,
+            gc_interval=gc_interval,
+            reload_tls=reload_tls,
+            certificates=certificates,
+            feed=feed,
+            preload=preload,
+        )
+    finally:
+        if feed is not None:
+            feed.close()
+
+
+def _load_store(store: tuple[list[str], float] | None) -> tuple[Feed | None, dict[str, str]]:
+    """Start the store reader and wait for every override (nothing is attached before)."""
+    if store is None:
+        return None, {}
+    argv, wait = store
+    feed = Feed(argv)
+    feed.start()
+    if not feed.loaded.wait(wait):
+        report = feed.report()
+        feed.close()
+        raise DaemonError(
+            f"the shared store's overrides could not be read in {wait:g} s "
+            f"({report['state']}: {report['why'] or 'no answer'}): not attaching, since a "
+            "moved flow's packets would go to its default host; nothing running was changed"
+        )
+    return feed, feed.preload()
+
+
+def _serve_with(
+    name: str,
+    ifname: str,
+    hosts: list[tuple[str, str, str]],
+    *,
+    namespace: str | None,
+    mode: str,
+    max_flows: int | None,
+    max_parked: int,
+    listen: tuple[str, int] | None,
+    tls: ssl.SSLContext | None,
+    metrics: tuple[str, int] | None,
+    idle_timeout: float,
+    gc_interval: float,
+    reload_tls: Callable[[], ssl.SSLContext] | None,
+    certificates: dict[str, Path] | None,
+    feed: Feed | None,
+    preload: dict[str, str],
 ) -> int:
     specs = []
     for host, where, given_mac in hosts:
@@ -741,10 +817,13 @@ def _serve(
             max_per_flow=max_parked,
             hosts=specs,
             idle_timeout=idle_timeout,
+            preload=preload,
         )
     except (SteerError, AttachError, PinError, BpfBuildError, OSError) as exc:
         raise DaemonError(f"{exc}; nothing running was changed") from None
-    daemon = Daemon(steerer, socket_path(name))
+    if feed is not None:
+        feed.attach(functools.partial(_apply_op, steerer), preload)
+    daemon = Daemon(steerer, socket_path(name), feed)
     try:
         daemon.bind()
         if listen is not None:

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute
 
 from pysteer import netns
-from pysteer.flow import Flow
+from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.steer import loader, pins
 from pysteer.steer.flowtable import FlowTable, FlowTableError, FlowTableFull, FlowView
 from pysteer.steer.maps import (
@@ -218,9 +218,14 @@ class Steerer:
         max_flows: int | None = None,
         hosts: Iterable[HostSpec] = (),
         idle_timeout: float = 300.0,
+        preload: dict[str, str] | None = None,
     ) -> None:
         """Check everything first (interface, hosts, pinned maps, programs), then write the
-        hosts and attach: a steerer that fails to start leaves what runs untouched."""
+        hosts and attach: a steerer that fails to start leaves what runs untouched.
+
+        ``preload``: the shared store's overrides (flow -> host), written to the table
+        before the programs attach: a steering node that restarts or joins never sends
+        a moved flow's packet to its default host."""
         self.name, self.ifname, self.namespace = name, ifname, namespace
         self.idle_timeout = idle_timeout
         self.mode = self._in_ns(loader.resolve_mode, ifname, mode)
@@ -264,6 +269,14 @@ class Steerer:
         self._resume_parked()
         for host in specs:
             self._install_host(host)
+        self.stored: dict[Flow, str] = {}  # flows the shared store backs -> their host
+        if preload:
+            results: dict[str, int] = defaultdict(int)
+            for flow, host in preload.items():
+                results[self.override(flow, host)] += 1
+            log.info(
+                "store: %d overrides loaded before attaching (%s)", len(preload), dict(results)
+            )
         self.bpf[b"parked"].open_perf_buffer(self._on_parked, page_cnt=1024)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"steer:{name}", daemon=True)
@@ -671,6 +684,49 @@ class Steerer:
         except KeyError:
             return self._queues[bytes(flow_key(flow))].next_replay
 
+    # --- the shared store's overrides (pysteer.steer.mirror) ----------------------------------
+    def override(self, flow_text: str, host: str) -> str:
+        """The store says ``host`` serves the flow: steer it there, unless a migration holds
+        it parked now (its claim or rollback decides). What was done, as a word."""
+        try:
+            flow = Flow.parse(flow_text)
+        except FlowSyntaxError:
+            return "bad-flow"
+        target = self.hosts.get(host)
+        if target is None:
+            self.events["store_unknown_host"] += 1
+            return "unknown-host"
+        with self._control:
+            self.stored[flow] = host
+            cur = self.get(flow)
+            if cur is not None and cur.action == Action.PARK:
+                return "parked"
+            if cur is not None and cur.action == Action.TO and cur.host == target.id:
+                return "same"
+            try:
+                self._set(flow, Action.TO, target.id)
+            except SteerError:
+                return "failed"
+        self.events["store_set"] += 1
+        return "set"
+
+    def unoverride(self, flow_text: str, host: str) -> str:
+        """The store no longer backs the flow: its entry goes if it still steers to
+        ``host`` (the connection ended; nothing newer set it)."""
+        try:
+            flow = Flow.parse(flow_text)
+        except FlowSyntaxError:
+            return "bad-flow"
+        target = self.hosts.get(host)
+        with self._control:
+            self.stored.pop(flow, None)
+            cur = self.get(flow)
+            if target is None or cur is None or cur.action != Action.TO or cur.host != target.id:
+                return "kept"
+            self.forget(flow)
+        self.events["store_unset"] += 1
+        return "unset"
+
     def forget(self, flow: Flow) -> None:
         with self._control:
             try:
@@ -840,6 +896,8 @@ class Steerer:
                 continue
             claim = self._claims.get(flow)
             if claim is not None and claim[1] > now:
+                continue
+            if flow in self.stored:  # the store backs it: it goes when the store says so
                 continue
             if hold or now - self._touched.get(flow, 0.0) < self.idle_timeout:
                 continue

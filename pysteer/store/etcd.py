@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,32 +24,19 @@ import grpc
 from aetcd import exceptions as aetcd_errors
 from aetcd import rpc, watcher
 
-from pysteer.store.keys import Override, decode_override, override_key, overrides_prefix
+from pysteer.store.errors import Conflict, StoreError, StoreUnavailable, WatchGap
+from pysteer.store.keys import (
+    Override,
+    StoreDataError,
+    decode_override,
+    override_key,
+    overrides_prefix,
+)
+
+__all__ = ["Change", "Conflict", "Store", "StoreError", "StoreUnavailable", "WatchGap"]
 
 SERVER_NAME = "etcd"  # in every member's certificate
 MAX_TXN = 128  # etcd's default limit of operations in one transaction
-
-
-class StoreError(RuntimeError):
-    """The shared store refused or failed an operation; the message says which."""
-
-
-class StoreUnavailable(StoreError):
-    """No answer from the store (down, unreachable, or without quorum) in time."""
-
-
-class Conflict(StoreError):
-    """A compare-and-set lost: the key changed since it was read. ``current`` is what is
-    there now (None: nothing)."""
-
-    def __init__(self, message: str, current: Override | None) -> None:
-        super().__init__(message)
-        self.current = current
-
-
-class WatchGap(StoreError):
-    """The watch cannot go on from where it was (history compacted, or the watch
-    broke): read everything again, then watch from there."""
 
 
 @dataclass(frozen=True)
@@ -155,13 +142,22 @@ class Store:
             raise error from None
 
     # --- overrides -----------------------------------------------------------------------
-    async def overrides(self) -> tuple[dict[str, Override], int]:
+    async def overrides(
+        self, bad: Callable[[StoreDataError], None] | None = None
+    ) -> tuple[dict[str, Override], int]:
         """Every override, and the store revision they were read at (watch from the next).
-        A value that is not as pysteer writes it raises StoreDataError."""
+        A value that is not as pysteer writes it raises StoreDataError, or with ``bad``
+        is given to it and skipped (one bad key must not stop a steering node's load)."""
         result = await self._call(self._client.get_prefix(overrides_prefix(self.cluster)))
         out = {}
         for kv in result:
-            o = decode_override(self.cluster, kv.key, kv.value, kv.mod_revision)
+            try:
+                o = decode_override(self.cluster, kv.key, kv.value, kv.mod_revision)
+            except StoreDataError as exc:
+                if bad is None:
+                    raise
+                bad(exc)
+                continue
             out[o.flow] = o
         return out, int(result.header.revision)
 
@@ -194,11 +190,16 @@ class Store:
             )
         return int(responses[0].response_put.header.revision)
 
-    async def delete_override(self, flow: str, *, expect: int | None = None) -> bool:
-        """Remove the flow's override (if still at version ``expect``); whether it was."""
+    async def delete_override(
+        self, flow: str, *, expect: int | None = None, value: Override | None = None
+    ) -> bool:
+        """Remove the flow's override (if still at version ``expect``, or still exactly
+        ``value``: what its writer knows without reading it back); whether it was."""
         key = override_key(self.cluster, flow)
         tx = self._client.transactions
         compare = [] if expect is None else [tx.mod(key) == expect]
+        if value is not None:
+            compare.append(tx.value(key) == value.encode())
         ok, responses = await self._call(
             self._client.transaction(compare=compare, success=[tx.delete(key)], failure=[]),
             write=True,

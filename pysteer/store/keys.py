@@ -45,8 +45,9 @@ def override_key(cluster: str, flow: Flow | str) -> bytes:
 
 @dataclass(frozen=True)
 class Override:
-    """``flow`` is served by ``host`` (written by node ``by``); ``revision`` is its
-    version in the store (0: not stored)."""
+    """``flow`` is served by ``host`` since the migration ``by`` (its token, 16 hex
+    digits: both sides of a move write the same value, so the second finds its own);
+    ``revision`` is its version in the store (0: not stored)."""
 
     flow: str
     host: str
@@ -76,5 +77,5 @@ def decode_override(cluster: str, key: bytes, value: bytes, revision: int) -> Ov
         raise StoreDataError(f"override of {flow}: not a map of host and by")
     for field in ("host", "by"):
         if not isinstance(doc[field], str) or not NAME.fullmatch(doc[field]):
-            raise StoreDataError(f"override of {flow}: {field} is not a node name")
+            raise StoreDataError(f"override of {flow}: {field} is not a name")
     return Override(flow, doc["host"], doc["by"], revision)

@@ -119,6 +119,25 @@ class Cluster(LabCluster):
         assert out.returncode == 0, out.stderr
         return {r["flow"]: r for r in json.loads(out.stdout)["flows"]}
 
+    def store_report(self) -> dict[str, Any]:
+        """The steering daemon's mirror of the shared store (``store`` on its socket)."""
+        from pysteer.steer.control import request, socket_path  # noqa: PLC0415
+
+        return request(socket_path(self.lab.prefix), "store")["store"]
+
+    def store_overrides(self) -> dict[str, dict[str, Any]]:
+        """Every override in etcd, read from inside the steering namespace."""
+        assert self.etcd is not None
+        argv = [sys.executable, str(HELPERS / "store_shell.py"), "--cluster", self.lab.prefix]
+        argv += ["--ca", str(self.dir / "ca.pem")]
+        argv += ["--cert", str(self.dir / "steer.pem"), "--key", str(self.dir / "steer.key")]
+        for host, port in self.etcd.endpoints:
+            argv += ["--endpoint", f"{host}:{port}"]
+        out = self.lab.run("steer", argv, input='{"op": "list"}\n', check=True)
+        answer = json.loads(out.stdout.splitlines()[0])
+        assert answer["ok"], answer
+        return answer["overrides"]
+
     def steer_stats(self) -> dict[str, Any]:
         out = self.steer("stats", "--json")
         assert out.returncode == 0, out.stderr
@@ -154,8 +173,10 @@ def running_cluster(
     agent_args: list[str] | None = None,
     services: dict[int, tuple[str, bool]] | None = None,
     workers: dict[str, int] | None = None,
+    store: bool = False,
 ) -> Iterator[Cluster]:
-    """A lab with the steering daemon and both agents running; all removed afterwards."""
+    """A lab with the steering daemon and both agents running; all removed afterwards.
+    ``store``: with the shared store (a one-member etcd in the steering namespace)."""
     require_root()
     lab = Lab(prefix=unique_prefix(), plan=load()).up()
     cluster = Cluster(
@@ -166,6 +187,7 @@ def running_cluster(
         agent_args=agent_args,
         services=services,
         workers=workers,
+        store=store,
     )
     if metrics_port is not None:
         cluster.serve_metrics(metrics_port)

@@ -53,6 +53,8 @@ HAPPY: dict[str, Event] = {
     "hello": Answered(HELLO),
     src.CONNECT: Answered(),
     src.CHECK: Answered(),
+    src.LOOKUP: Answered({"version": None}),
+    src.RECORD: Answered({"how": "written"}),
     src.QUIESCE: Answered(),
     src.UNQUIESCE: Answered(),
     src.SLOT: Answered(),
@@ -102,7 +104,7 @@ def source(**kw: Any) -> Source:
     return Source(**(args | {"target": "b", "timeout": 5.0} | kw))
 
 
-BEFORE_FREEZE = ["hello", "check", "connect", "quiesce", "slot", "park"]
+BEFORE_FREEZE = ["hello", "check", "lookup", "connect", "quiesce", "slot", "park"]
 
 
 def test_a_move_asks_in_order_and_commits() -> None:
@@ -128,6 +130,55 @@ def test_a_move_asks_in_order_and_commits() -> None:
     assert not m.moving
 
 
+# --- the shared store ------------------------------------------------------------------------
+def test_with_a_store_the_version_read_first_is_written_before_the_release() -> None:
+    m = source()
+    seen: list[Action] = []
+    action = m.start(0.0)
+    answers = HAPPY | {src.LOOKUP: Answered({"version": 7})}
+    while not isinstance(action, Finish):
+        seen.append(action)
+        action = m.on(answers[name(action)], 0.001 * len(seen))
+    names = [name(a) for a in seen]
+    assert names == [*BEFORE_FREEZE, "freeze", "seal", "move", "record", "release"]
+    move = next(a for a in seen if name(a) == "move")
+    record = next(a for a in seen if name(a) == "record")
+    assert isinstance(move, Call) and move.request["version"] == 7
+    assert isinstance(record, Do) and record.args == {"host": "b", "version": 7}
+    assert (action.outcome, m.result.stored) == ("moved", "written")
+    assert "recorded" in [s["step"] for s in m.tl.steps]
+
+
+def test_a_store_that_cannot_answer_refuses_the_move_before_anything() -> None:
+    finish, asked = run(source(), {src.LOOKUP: Refused("the shared store cannot be read (x)")})
+    assert asked == ["hello", "check", "lookup"]
+    assert finish.outcome == "failed"
+    assert finish.reason == "the shared store cannot be read (x); nothing was frozen"
+
+
+def test_an_unanswered_record_still_releases_the_committed_move() -> None:
+    m = source()
+    script: Script = {src.LOOKUP: Answered({"version": 0}), src.RECORD: Unreachable("etcd: x")}
+    finish, asked = run(m, script)
+    assert asked[-2:] == ["record", "release"] and finish.outcome == "moved"
+    assert m.result.stored == "unanswered"
+    assert {"step": "unrecorded", "error": "etcd: x"}.items() <= next(
+        s for s in m.tl.steps if s["step"] == "unrecorded"
+    ).items()
+
+
+def test_without_a_store_the_move_carries_no_version() -> None:
+    m = source()
+    seen: list[Action] = []
+    action = m.start(0.0)
+    while not isinstance(action, Finish):
+        seen.append(action)
+        action = m.on(HAPPY[name(action)], 0.001 * len(seen))
+    move = next(a for a in seen if name(a) == "move")
+    assert isinstance(move, Call) and "version" not in move.request
+    assert m.result.stored is None
+
+
 def test_the_park_is_the_only_steering_call_before_the_move() -> None:
     """Inside the freeze: park, then one message to B, whose answer comes after B's claim."""
     _, asked = run(source())
@@ -137,7 +188,7 @@ def test_the_park_is_the_only_steering_call_before_the_move() -> None:
 
 def test_a_drain_gives_the_hello_and_only_the_link_is_opened() -> None:
     finish, asked = run(source(hello=HELLO))
-    assert asked[:3] == ["connect", "check", "connect"] and finish.outcome == "moved"
+    assert asked[:4] == ["connect", "check", "lookup", "connect"] and finish.outcome == "moved"
 
 
 @pytest.mark.parametrize(
@@ -400,6 +451,8 @@ def random_event(rng: random.Random, action: Action, down: float) -> Event:
     elif n == "outcome":
         choice = rng.choice(["committed", "aborted", "claiming", None])
         event = Unreachable("down") if roll < down else Answered({"outcome": choice})
+    elif n == src.LOOKUP:  # with a store, sometimes: a version, or no answer
+        event = rng.choice([HAPPY[n], Answered({"version": 3}), Refused("no store")])
     elif roll < (0.95 if n in ("hello", "check", "connect", "slot") else 0.6):
         event = HAPPY[n]
     elif roll < 0.8:
@@ -565,7 +618,7 @@ def test_the_move_waits_no_longer_than_the_timeout_left() -> None:
 # --- a proxy connection: the wait for its request boundary -------------------------------------
 def test_a_boundary_not_reached_in_time_rolls_back_with_nothing_frozen() -> None:
     finish, asked = run(source(), {src.QUIESCE: Refused("a request was still in flight", "busy")})
-    assert asked == ["hello", "check", "connect", "quiesce"]
+    assert asked == ["hello", "check", "lookup", "connect", "quiesce"]
     assert finish.outcome == "rolled-back"
     assert finish.reason == "a request was still in flight; nothing was frozen"
 

@@ -36,8 +36,8 @@ def test_an_override_round_trips() -> None:
         (None, b"\xc1", "not msgpack"),
         (None, msgpack.packb([1, 2]), "not a map of host and by"),
         (None, msgpack.packb({"host": "b"}), "not a map of host and by"),
-        (None, msgpack.packb({"host": "B!", "by": "a"}), "host is not a node name"),
-        (None, msgpack.packb({"host": "b", "by": 3}), "by is not a node name"),
+        (None, msgpack.packb({"host": "B!", "by": "a"}), "host is not a name"),
+        (None, msgpack.packb({"host": "b", "by": 3}), "by is not a name"),
         (None, b"\x00" * 600, "at most 512"),
     ],
 )

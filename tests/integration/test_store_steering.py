@@ -1,0 +1,118 @@
+"""The shared store (etcd) with the steering node and the agents, against live TLS
+clients: every move is recorded in etcd before its source lets go; a steering node that
+comes back without its maps loads every override before it attaches; with etcd down,
+moves are refused before anything is frozen while every connection goes on, and once it
+returns the mirror resyncs and moves work again; an ended connection's override goes.
+
+Streams are byte-exact (the ticker's echo and tick order) and counted.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.cluster import Cluster, running_cluster
+from helpers.fleet import Fleet
+from helpers.waiting import wait_until
+
+from pysteer.migration.source import token_of
+
+pytestmark = pytest.mark.timeout(240)
+N, MOVED = 12, 6
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(tmp_path, store=True, steer_args=["--gc-interval", "0.3"]) as c:
+        yield c
+
+
+def fleet_on_a(cluster: Cluster) -> Fleet:
+    fleet = Fleet(cluster.lab, 443, N, ca=cluster.client_ca)
+    fleet.start_talking(0.2)
+    wait_until(lambda: len(cluster.flows()) == N, 20, "every connection to be served")
+    return fleet
+
+
+def move(cluster: Cluster, flow: str, to: str) -> dict:
+    report = cluster.migrate(flow, to)
+    assert report["outcome"] == "moved", cluster.diagnose(flow, [report])
+    assert report["stored"] in ("written", "already"), report
+    return report
+
+
+def test_moves_are_recorded_and_a_steering_node_without_maps_loads_them(
+    cluster: Cluster,
+) -> None:
+    fleet = fleet_on_a(cluster)
+    flows = [c.flow for c in fleet.conns]
+    for flow in flows[:MOVED]:
+        move(cluster, flow, "b")
+    stored = cluster.store_overrides()
+    assert {f: o["host"] for f, o in stored.items()} == dict.fromkeys(flows[:MOVED], "b")
+    wait_until(
+        lambda: cluster.store_report()["overrides"] == MOVED, 10, "the mirror to see the moves"
+    )
+    report = cluster.store_report()
+    assert report["state"] == "synced" and report["loads"] == 1, report
+
+    # The steering node comes back with no maps (as after a reboot): its old program
+    # steers with the old maps until the new one replaces it, already loaded.
+    assert cluster.stop("steer") == 0
+    out = cluster.steer("destroy", "--json")
+    assert out.returncode == 0, out.stderr
+    cluster.start_steer()
+    assert f"store: {MOVED} overrides loaded before attaching ({{'set': {MOVED}}})" in cluster.log(
+        "steer"
+    )
+    rows = cluster.steer_rows()
+    for flow in flows[:MOVED]:
+        assert rows[flow]["action"] == "TO" and rows[flow]["host"] == "b", rows.get(flow)
+
+    v = fleet.verdicts(settle=10)
+    assert len(v["survived"]) == N, {k: x for k, x in v.items() if x}
+    assert {f["flow"]: f["node"] for f in cluster.flows()} == {
+        f: ("b" if i < MOVED else "a") for i, f in enumerate(flows)
+    }
+
+    # Ended connections: their overrides go from etcd, then from the steering node.
+    fleet.close(list(range(MOVED)))
+    wait_until(lambda: not cluster.store_overrides(), 15, "the overrides to be removed")
+    wait_until(
+        lambda: cluster.store_report()["overrides"] == 0, 10, "the mirror to see the removals"
+    )
+    fleet.shutdown()
+
+
+def test_store_down_refuses_moves_and_everything_resyncs(cluster: Cluster) -> None:
+    assert cluster.etcd is not None
+    fleet = fleet_on_a(cluster)
+    flows = [c.flow for c in fleet.conns]
+    first = move(cluster, flows[0], "b")
+
+    cluster.etcd.stop("steer", signal.SIGKILL)
+    refused = cluster.migrate(flows[1], "b")
+    assert refused["exit"] != 0 and refused["outcome"] == "failed", refused
+    assert "shared store" in refused["error"] and "nothing was frozen" in refused["error"]
+    assert not any(s["step"] == "park" for s in refused["timeline"]), refused
+    assert cluster.owner(flows[1]) == "a"
+    wait_until(lambda: cluster.store_report()["state"] == "down", 15, "the mirror to see it")
+
+    cluster.etcd.start("steer")
+    wait_until(
+        lambda: cluster.store_report()["state"] == "synced", 20, "the mirror to read it again"
+    )
+    report = cluster.store_report()
+    assert report["loads"] >= 2 and report["outages"] >= 1, report
+    second = move(cluster, flows[1], "b")
+    stored = cluster.store_overrides()
+    assert {f: (o["host"], o["by"]) for f, o in stored.items()} == {
+        flows[0]: ("b", f"{token_of(bytes.fromhex(first['id'])):016x}"),
+        flows[1]: ("b", f"{token_of(bytes.fromhex(second['id'])):016x}"),
+    }
+    v = fleet.verdicts(settle=10)
+    assert len(v["survived"]) == N, {k: x for k, x in v.items() if x}
+    fleet.shutdown()
