@@ -34,16 +34,63 @@ HOST_SYSCTLS = {
     "net.ipv4.conf.all.arp_ignore": "1",
     "net.ipv4.conf.all.arp_announce": "2",
 }
+# Behind several steering nodes (a router's ECMP): a flow's next hop is chosen by its L4
+# hash, so all its packets take one steering node; and a packet may come back over
+# another link than its route leaves by, so reverse-path filtering is loose.
+ECMP_SYSCTLS = {
+    "net.ipv4.fib_multipath_hash_policy": "1",
+    "net.ipv6.fib_multipath_hash_policy": "1",
+    "net.ipv4.conf.all.rp_filter": "2",
+    "net.ipv4.conf.default.rp_filter": "2",
+}
 
 
-def role_sysctls(*, steer: bool, host: bool) -> dict[str, str]:
-    """The sysctls of a node that is a steering node, a host, or (in a test) both."""
+def role_sysctls(*, steer: bool, host: bool, ecmp: bool = False) -> dict[str, str]:
+    """The sysctls of a node that is a steering node, a host, or (in a test) both;
+    ``ecmp``: a node that reaches the others through several steering nodes."""
     values = dict(ALL_SYSCTLS)
     if steer:
         values |= STEER_SYSCTLS
     if host:
         values |= HOST_SYSCTLS
+    if ecmp:
+        values |= ECMP_SYSCTLS
     return values
+
+
+def route_default(ipr: IPRoute, gateways: list[tuple[Any, Any]], src: tuple[Any, Any]) -> None:
+    """A node's default routes through steering nodes (``gateways``: (v4, v6) of each):
+    one next hop, or ECMP over several, with ``src`` (v4, v6) as the source address."""
+    import socket  # noqa: PLC0415
+
+    for family, i in ((socket.AF_INET, 0), (socket.AF_INET6, 1)):
+        dst = "0.0.0.0/0" if i == 0 else "::/0"
+        if len(gateways) == 1:
+            ipr.route("replace", dst=dst, family=family, gateway=str(gateways[0][i]))
+        else:
+            hops = [{"gateway": str(g[i])} for g in gateways]
+            _with_retry(
+                lambda d=dst, f=family, h=hops, p=str(src[i]): ipr.route(
+                    "replace", dst=d, family=f, multipath=h, prefsrc=p
+                )
+            )
+
+
+def _with_retry(add: Any, tries: int = 100) -> None:
+    """A route whose source address was just added: the kernel refuses it (EINVAL) until
+    the address is usable, a few milliseconds later (seen with IPv6 on a fresh link)."""
+    import time  # noqa: PLC0415
+
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: PLC0415
+
+    for attempt in range(tries):
+        try:
+            add()
+            return
+        except NetlinkError as exc:
+            if exc.code != errno.EINVAL or attempt == tries - 1:
+                raise
+            time.sleep(0.02)
 
 
 def set_sysctls(values: dict[str, str]) -> None:

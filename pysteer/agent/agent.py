@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
@@ -46,10 +47,11 @@ from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration, Node
 from pysteer.agent.overrides import OverrideKeeper
-from pysteer.agent.reconcile import Reconciler
+from pysteer.agent.steer_group import SteerGroup
+from pysteer.agent.steering import Steering
 from pysteer.app.handlers import HandlerError
 from pysteer.app.runtime import Connection, Runtime, Service
-from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
+from pysteer.cluster.config import ClusterConfig, ConfigError, NodeConfig, load_config
 from pysteer.flow import Flow, FlowSyntaxError
 from pysteer.identity import IdentityError, client_context, peer_node, server_context
 from pysteer.metrics import AgentMetrics, setup_logging
@@ -180,19 +182,22 @@ class Agent:
             for n, c in config.nodes.items()
             if n != node
         }
-        steer = config.steer
-        self.steer = LinkPool(
-            functools.partial(self._steer_link, steer.name, steer.control), size=LINKS
+        self.steering = Steering(  # every steering node, asked at once
+            config.steers,
+            self._steer_pool,
+            host=node,
+            served=self._served,
+            interval=sync_interval,
         )
         self._moving: set[Flow] = set()
         self.node = Node(
             node,
             self.runtime,
             self.cluster_key,
-            self.steer,
+            self.steering.group,
             self.peers,
             asyncio.Semaphore(FREEZE_SLOTS),
-            Batcher(self.steer, "cmd"),
+            self.steering.batch,
             {n: [Batcher(p, "op") for p in pools] for n, pools in self.peers.items()},
             worker=worker or 0,
             workers=me.workers,
@@ -201,7 +206,6 @@ class Agent:
         admission = load_admission(self.node.admission_file)
         self.node.accepting, self.node.drained_to = admission.accepting, admission.drained_to
         self.imports = Imports(self.node, self.ledger, self._count_import)
-        self.reconciler = Reconciler(self.steer, node, self._served, sync_interval)
         self._tasks: set[asyncio.Task] = set()
         self._handshakes: set[asyncio.Task] = set()
         self._closed: deque[str] = deque(maxlen=MAX_CLOSED)
@@ -249,6 +253,13 @@ class Agent:
     def _peer_link(self, name: str, address: tuple[str, int]) -> PeerLink:
         return PeerLink(name, address, self.client_tls, self.config.names())
 
+    @property
+    def steer(self) -> SteerGroup:
+        return self.steering.group
+
+    def _steer_pool(self, spec: NodeConfig) -> LinkPool:
+        return LinkPool(functools.partial(self._steer_link, spec.name, spec.control), size=LINKS)
+
     def _steer_link(self, name: str, address: tuple[str, int]) -> SteerLink:
         return SteerLink(name, address, self.client_tls, self.config.names())
 
@@ -262,6 +273,19 @@ class Agent:
             log.error("reload refused, keeping the current certificates: %s", exc)
             return
         log.info("reloaded the certificates of %s and the CA from %s", self.name, self.config.path)
+        self._reload_steering(config)
+
+    def _reload_steering(self, config: ClusterConfig) -> None:
+        """A steering node added to or removed from the file: asked from now on, or not."""
+        self.config = dataclasses.replace(
+            self.config, steer=config.steer, more_steers=config.more_steers
+        )
+        changes = self.steering.update(config.steers)
+        if changes:
+            self.node.steer, self.node.steer_batch = self.steering.group, self.steering.batch
+            log.info(
+                "steering nodes: %s; now %s", ", ".join(changes), ", ".join(self.steering.members)
+            )
 
     # --- lifecycle -------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task:
@@ -306,7 +330,7 @@ class Agent:
             loop.add_signal_handler(sig, self._on_stop_signal, sig.name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.worker is None:  # a supervisor syncs for all its workers
-            self._spawn(self.reconciler.run(self._stop))
+            self.steering.reconcile(self._spawn)
         self.node.overrides = self._open_store()
         self.node.overrides.start()
         self._spawn(self._notify_closed())

@@ -20,6 +20,7 @@ from pysteer.agent.admission import Admission, save
 from pysteer.agent.batcher import Batcher
 from pysteer.agent.links import LinkError, LinkPool, Refused
 from pysteer.agent.overrides import OverrideKeeper, StoreRefused, by_of
+from pysteer.agent.steer_group import SteerGroup
 from pysteer.app.proxy_io import QuiesceError
 from pysteer.app.runtime import signature
 from pysteer.migration import source as src
@@ -58,10 +59,10 @@ class Node:
     name: str
     runtime: Runtime
     cluster_key: bytes
-    steer: LinkPool
+    steer: SteerGroup  # every steering node (pysteer.agent.steer_group)
     peers: dict[str, list[LinkPool]]  # per node, a pool per worker (transfer.worker_of)
     freeze_slots: asyncio.Semaphore
-    steer_batch: Batcher  # the same links, with requests made together sent together
+    steer_batch: SteerGroup  # the same, with requests made together sent together
     peer_batch: dict[str, list[Batcher]]
     accepting: bool = True  # imports are taken (a drain or cordon turns it off)
     drained_to: str | None = None
@@ -78,7 +79,7 @@ class Node:
             save(self.admission_file, Admission(accepting, drained_to))
 
 
-async def wait_for_event(pool: LinkPool | Batcher, action: Call | Sleep) -> Event:
+async def wait_for_event(pool: LinkPool | Batcher | SteerGroup, action: Call | Sleep) -> Event:
     """A call's answer as the machines' event (a yes, a refusal with its code, or silence),
     or a sleep's end: what both sides' adapters do alike."""
     if isinstance(action, Sleep):
@@ -158,7 +159,7 @@ class Migration:
             node.peer_batch[target] if batch else node.peers[target]
         )
         self.peer: LinkPool | Batcher = pools[worker_of(self.mid, len(pools))]
-        self.steer: LinkPool | Batcher = node.steer_batch if batch else node.steer
+        self.steer: SteerGroup = node.steer_batch if batch else node.steer
         self.started = time.time()
         self.exported: Exported | None = None
         self._slot = False

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -36,7 +37,8 @@ from typing import Any
 from pysteer.agent.agent import LINKS, AgentError, control_path
 from pysteer.agent.argv import agent_argv
 from pysteer.agent.links import LinkPool, SteerLink
-from pysteer.agent.reconcile import NotNow, Reconciler
+from pysteer.agent.reconcile import NotNow
+from pysteer.agent.steering import Steering
 from pysteer.cluster.config import ClusterConfig, ConfigError, load_config
 from pysteer.deathsig import die_with_parent
 from pysteer.identity import client_context
@@ -150,11 +152,13 @@ class Supervisor:
         ]
         self.path = control_path(config.name, node)
         self._load_tls()
-        steer = config.steer
-        self.steer = LinkPool(
-            functools.partial(self._steer_link, steer.name, steer.control), size=LINKS
+        self.steering = Steering(  # each steering node kept true for all the workers
+            config.steers,
+            lambda s: LinkPool(functools.partial(self._steer_link, s.name, s.control), size=LINKS),
+            host=node,
+            served=self._served,
+            interval=sync_interval,
         )
-        self.reconciler = Reconciler(self.steer, node, self._served, sync_interval)
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
 
@@ -175,11 +179,17 @@ class Supervisor:
         for worker in self.workers:
             worker.signal(signal.SIGHUP)
         try:
-            self._load_tls(load_config(self.config.path))
+            config = load_config(self.config.path)
+            self._load_tls(config)
         except (ConfigError, AgentError) as exc:
             log.error("reload refused, keeping the current certificates: %s", exc)
             return
         log.info("supervisor of %s reloaded its certificate and the CA", self.name)
+        self.config = dataclasses.replace(
+            self.config, steer=config.steer, more_steers=config.more_steers
+        )
+        if changes := self.steering.update(config.steers):
+            log.info("steering nodes: %s", ", ".join(changes))
 
     # --- lifecycle -------------------------------------------------------------------------
     async def serve(self) -> None:
@@ -197,7 +207,7 @@ class Supervisor:
         server = await aio.serve_unix(self.path, self._control)
         for worker in self.workers:
             self._spawn(self._watch(worker))
-        self._spawn(self.reconciler.run(self._stop))
+        self.steering.reconcile(self._spawn)
         log.info(
             "agent %s: %d workers (pids %s); control at %s",
             self.name,

@@ -50,7 +50,9 @@ out of the default route to a network that is not ours:
   CLI connects from inside it, so no packet leaves the CLI's own namespace.
 - neither: only the local socket; a missing one means the agent is down, and nothing is sent.
 
-``[steer]`` takes the same two keys.
+``[steer]`` takes the same two keys. Several steering nodes (behind a router's ECMP) are
+``[steer.NAME]`` tables instead, one per node, each with the keys of ``[steer]`` but
+``name``; they then need the shared store, ``[store]``, to agree on the moved flows.
 
 ``[store]`` names the etcd members that hold the cluster's shared state (which host
 serves each moved flow). Every daemon reaches them with its own certificate and trusts the
@@ -78,6 +80,7 @@ from pysteer.proxy.spec import ProxySpec, SpecError, make_spec
 ENV = "PYSTEER_CONFIG"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_WORKERS = 64
+MAX_STEERS = 16  # steering nodes in one cluster
 MAX_STORE_ENDPOINTS = 9  # etcd members a client is given (a cluster of 1, 3, 5, 7 or 9)
 
 
@@ -131,10 +134,16 @@ class ClusterConfig:
     steer: NodeConfig
     nodes: dict[str, NodeConfig]
     store: StoreConfig | None = None
+    more_steers: tuple[NodeConfig, ...] = ()  # steering nodes after the first
+
+    @property
+    def steers(self) -> tuple[NodeConfig, ...]:
+        """Every steering node, the first one first (``steer``)."""
+        return (self.steer, *self.more_steers)
 
     def names(self) -> set[str]:
-        """Every identity of the cluster: the hosts and the steering node."""
-        return {*self.nodes, self.steer.name}
+        """Every identity of the cluster: the hosts and the steering nodes."""
+        return {*self.nodes, *(s.name for s in self.steers)}
 
     def node(self, name: str) -> NodeConfig:
         try:
@@ -274,6 +283,36 @@ def _proxy(table: dict[str, Any], where: str) -> ProxySpec:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def _steers(table: dict[str, Any], base: Path) -> list[NodeConfig]:
+    """``[steer]``: one steering node; or ``[steer.NAME]`` tables: one each (behind a
+    router's ECMP, each with the same flow overrides from the shared store)."""
+    several = bool(table) and all(isinstance(v, dict) for v in table.values())
+    if several:
+        if len(table) > MAX_STEERS:
+            raise ConfigError(f"[steer]: at most {MAX_STEERS} steering nodes")
+        steers = [_node(name, t, base, f"steer.{name}") for name, t in table.items()]
+    else:
+        steers = [_node(str(table.get("name", "steer")), table, base, "steer")]
+    for one in steers:
+        if one.workers != 1:
+            where = f"steer.{one.name}" if several else "steer"
+            raise ConfigError(f"{where}.workers: the steering daemon runs as one process")
+    return steers
+
+
+def _check_roles(
+    steers: list[NodeConfig], nodes: dict[str, NodeConfig], store: StoreConfig | None
+) -> None:
+    for one in steers:
+        if one.name in nodes:
+            raise ConfigError(f"the steering node {one.name!r} is also listed under [nodes]")
+    if len(steers) > 1 and store is None:
+        raise ConfigError(
+            f"{len(steers)} steering nodes need the shared store ([store]): without it a "
+            "node that restarts or joins does not know which flows were moved"
+        )
+
+
 def _store(doc: dict[str, Any]) -> StoreConfig | None:
     if "store" not in doc:
         return None
@@ -339,20 +378,18 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
     except ValueError as exc:
         raise ConfigError(f"cluster.vip: {exc}") from None
     services = _services(_table(doc, "services"), base)
-    steer_table = _table(doc, "steer")
-    steer = _node(str(steer_table.get("name", "steer")), steer_table, base, "steer")
-    if steer.workers != 1:
-        raise ConfigError("steer.workers: the steering daemon runs as one process")
+    steers = _steers(_table(doc, "steer"), base)
+    steer = steers[0]
     nodes_table = _table(doc, "nodes")
     if not nodes_table:
         raise ConfigError("[nodes] must name at least one node")
     nodes = {name: _node(name, t, base, f"nodes.{name}") for name, t in nodes_table.items()}
-    if steer.name in nodes:
-        raise ConfigError(f"the steering node {steer.name!r} is also listed under [nodes]")
     for node in nodes.values():
         if node.drain_to is not None and node.drain_to not in nodes:
             raise ConfigError(f"nodes.{node.name}.drain_to: unknown node {node.drain_to!r}")
-    _check_ports([steer, *nodes.values()])
+    _check_ports([*steers, *nodes.values()])
+    store = _store(doc)
+    _check_roles(steers, nodes, store)
     name = cluster.get("name", "default")
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"cluster.name must match {NAME_RE.pattern}, not {name!r}")
@@ -365,5 +402,6 @@ def load_config(path: str | Path | None = None) -> ClusterConfig:
         services=services,
         steer=steer,
         nodes=nodes,
-        store=_store(doc),
+        store=store,
+        more_steers=tuple(steers[1:]),
     )

@@ -26,14 +26,16 @@ PREFIX = arg(
 def _lab_for(prefix: str, plan_args: argparse.Namespace | None = None) -> Lab:
     """The lab named ``prefix``: with the plan options given, else the plan it was built with."""
     explicit = plan_args is not None and any(
-        (plan_args.plan, plan_args.variant, plan_args.v4, plan_args.v6)
+        (plan_args.plan, plan_args.variant, plan_args.v4, plan_args.v6, plan_args.steering)
     )
     if explicit:
+        assert plan_args is not None  # noqa: S101
         plan = load(
             plan_args.variant or DEFAULT_VARIANT,
             path=plan_args.plan,
             v4=plan_args.v4,
             v6=plan_args.v6,
+            steering=plan_args.steering or 1,
         )
         return Lab(prefix=prefix, plan=plan)
     return Lab.existing(prefix)
@@ -63,7 +65,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    plan = load(args.variant)
+    plan = load(args.variant, steering=args.steering)
     print(json.dumps(plan.to_dict(), indent=2))
     return 0
 
@@ -177,6 +179,14 @@ LAB = Command(
                 arg("--variant", help=f"plan variant (default: {DEFAULT_VARIANT})"),
                 arg("--v4", metavar="CIDR", help="private IPv4 /16 to use instead of the plan's"),
                 arg("--v6", metavar="CIDR", help="IPv6 ULA /48 to use instead of the plan's"),
+                arg(
+                    "--steering",
+                    type=int,
+                    metavar="N",
+                    help="steering nodes (default 1): with 2 or more, each has a link to the "
+                    "client and to every host, and the client reaches the VIP through all "
+                    "of them by an ECMP route hashed on L4 (as a router would)",
+                ),
                 arg("--json", action="store_true", help="print the resulting status as JSON"),
             ),
             run=cmd_up,
@@ -219,6 +229,7 @@ LAB = Command(
             help="print a plan variant's derived addresses (JSON)",
             args=(
                 arg("--variant", default=DEFAULT_VARIANT, help="plan variant (lab, vm)"),
+                arg("--steering", type=int, default=1, metavar="N", help="steering nodes (1)"),
                 arg("--json", action="store_true", help="accepted: the plan is always JSON"),
             ),
             run=cmd_plan,

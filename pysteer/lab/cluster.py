@@ -90,8 +90,9 @@ def write_plan_cluster(
     def where(node: str) -> str:
         return "remote = true" if lab is None else f'netns = "{lab.netns(node)}"'
 
-    steer_addr = plan.link(plan.hosts[0]).steer_end.v4.ip  # the steering node's side of link a
-    nodes = {plan.steer: [str(steer_addr)]}
+    if len(plan.steers) > 1 and not store:
+        raise ValueError(f"{len(plan.steers)} steering nodes need the shared store (etcd)")
+    nodes = {s: [str(steer_address(plan, s))] for s in plan.steers}
     nodes |= {h: [str(plan.address(h, 4)), str(plan.address(h, 6))] for h in plan.hosts}
     # Clients see a service certificate from a CA of its own (service-ca.pem), never
     # one from the control-plane CA.
@@ -115,15 +116,17 @@ def write_plan_cluster(
         lines.append("")
     if store:
         lines += ["[store]", f"endpoints = {json.dumps(store)}", ""]
-    lines += [
-        "[steer]",
-        f'name = "{plan.steer}"',
-        f'control = "{_endpoint(steer_addr, STEER_PORT)}"',
-        f'cert = "{plan.steer}.pem"',
-        f'key = "{plan.steer}.key"',
-        where(plan.steer),
-        "",
-    ]
+    several = len(plan.steers) > 1
+    for steer in plan.steers:
+        lines += [
+            f"[steer.{steer}]" if several else "[steer]",
+            *([] if several else [f'name = "{steer}"']),
+            f'control = "{_endpoint(steer_address(plan, steer), STEER_PORT)}"',
+            f'cert = "{steer}.pem"',
+            f'key = "{steer}.key"',
+            where(steer),
+            "",
+        ]
     for host in plan.hosts:
         lines += [
             f"[nodes.{host}]",
@@ -139,14 +142,21 @@ def write_plan_cluster(
     return directory / "cluster.toml"
 
 
-def steer_argv(lab: Lab, config: Path, mode: str = "tc") -> list[str]:
-    """The steering daemon for ``config``, run from the root namespace."""
+def steer_address(plan: LabPlan, steer: str) -> Any:
+    """Where steering node ``steer`` listens for agents (``LabPlan.control_address``)."""
+    return plan.control_address(steer)
+
+
+def steer_argv(lab: Lab, config: Path, mode: str = "tc", steer: str | None = None) -> list[str]:
+    """The daemon of steering node ``steer`` (default: the first) for ``config``, run
+    from the root namespace."""
     plan = lab.plan
-    steer_addr = plan.link(plan.hosts[0]).steer_end.v4.ip
+    steer = steer or plan.steer
     hosts = []
     for host in plan.hosts:
-        mac = lab.mac(host, plan.link(host).peer_end.name)
-        hosts += ["--host", f"{host}={plan.link(host).steer_end.name},{mac}"]
+        link = plan.link(host, steer)
+        mac = lab.mac(host, link.peer_end.name)
+        hosts += ["--host", f"{host}={link.steer_end.name},{mac}"]
     d = config.parent
     return [
         sys.executable,
@@ -155,20 +165,20 @@ def steer_argv(lab: Lab, config: Path, mode: str = "tc") -> list[str]:
         "steer",
         "run",
         "--name",
-        lab.prefix,
+        lab.instance(steer),
         "--netns",
-        lab.netns(plan.steer),
+        lab.netns(steer),
         "--ifname",
-        plan.link(plan.client).steer_end.name,
+        plan.link(plan.client, steer).steer_end.name,
         "--mode",
         mode,
         *hosts,
         "--listen",
-        _endpoint(steer_addr, STEER_PORT),
+        _endpoint(steer_address(plan, steer), STEER_PORT),
         "--tls-cert",
-        str(d / f"{plan.steer}.pem"),
+        str(d / f"{steer}.pem"),
         "--tls-key",
-        str(d / f"{plan.steer}.key"),
+        str(d / f"{steer}.key"),
         "--tls-ca",
         str(d / "ca.pem"),
     ]
@@ -187,18 +197,21 @@ class LabCluster:
         agent_args: list[str] | None = None,
         services: dict[int, ServiceSpec] | None = None,
         workers: dict[str, int] | None = None,
-        store: bool = False,
+        store: bool | None = None,
     ) -> None:
         """``extra``: options for every daemon (``--log-json``, for instance);
         ``steer_args``, ``agent_args``: for the steering daemon, for each agent;
         ``workers``: node -> its agent's worker processes; ``store``: a one-member etcd
-        in the steering node's namespace holds the shared store (started by ``start``)."""
+        in the last host's namespace holds the shared store (started by ``start``; by
+        default only with several steering nodes, which need it)."""
         self.lab = lab
         self.dir = directory
         self.etcd: Etcd | None = None
         endpoints = None
-        if store:
-            self.etcd = Etcd(lab, directory / "etcd", directory, [lab.plan.steer])
+        if store or (store is None and len(lab.plan.steers) > 1):
+            # On the last host: every steering node reaches a host's address over its own
+            # link (a steering node's addresses are not reachable from another one).
+            self.etcd = Etcd(lab, directory / "etcd", directory, [lab.plan.hosts[-1]])
             endpoints = [f"{h}:{p}" for h, p in self.etcd.endpoints]
         self.config = write_cluster(
             lab, directory, services=services, workers=workers, store=endpoints
@@ -252,28 +265,33 @@ class LabCluster:
     def serve_metrics(self, port: int = 9100) -> None:
         """Make every daemon started from now on serve Prometheus metrics on 127.0.0.1:PORT
         of its own namespace."""
-        self.metrics = {n: ("127.0.0.1", port) for n in (self.lab.plan.steer, *self.lab.plan.hosts)}
+        self.metrics = {
+            n: ("127.0.0.1", port) for n in (*self.lab.plan.steers, *self.lab.plan.hosts)
+        }
 
     def _extra(self, node: str) -> list[str]:
         if node in self.metrics:
             return [*self.extra, "--metrics", f"127.0.0.1:{self.metrics[node][1]}"]
         return self.extra
 
-    def start_steer(self, *args: str) -> None:
-        """``args``: more options for this start only (on top of ``steer_args``)."""
+    def start_steer(self, *args: str, node: str | None = None) -> None:
+        """Start steering node ``node``'s daemon (default: the first; its process and log
+        are named after the node). ``args``: more options for this start only (on top of
+        ``steer_args``)."""
+        node = node or self.lab.plan.steer
         store = []
         if self.etcd is not None:
             for host, port in self.etcd.endpoints:
                 store += ["--store", f"{host}:{port}"]
             store += ["--store-cluster", self.lab.prefix]
         argv = [
-            *steer_argv(self.lab, self.config),
+            *steer_argv(self.lab, self.config, steer=node),
             *store,
-            *self._extra(self.lab.plan.steer),
+            *self._extra(node),
             *self.steer_args,
             *args,
         ]
-        self._start("steer", lambda **kw: subprocess.Popen(argv, **kw))
+        self._start(node, lambda **kw: subprocess.Popen(argv, **kw))
 
     def start_agent(
         self,
@@ -295,7 +313,8 @@ class LabCluster:
     def start(self) -> LabCluster:
         if self.etcd is not None:
             self.etcd.start()
-        self.start_steer()
+        for steer in self.lab.plan.steers:
+            self.start_steer(node=steer)
         for host in self.lab.plan.hosts:
             self.start_agent(host)
         return self
@@ -311,7 +330,8 @@ class LabCluster:
             self.stop(name)
         if self.etcd is not None:
             self.etcd.close()
-        pins.remove(self.lab.prefix)
+        for steer in self.lab.plan.steers:
+            pins.remove(self.lab.instance(steer))
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text()

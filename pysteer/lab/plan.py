@@ -3,8 +3,12 @@
 The plan is data (``plan.json``) so that the namespace lab and the Vagrant VMs share it.
 Link N of the layout becomes subnet N of the variant's IPv4 /16 and IPv6 /48; the
 steering node is host 1 on every link and the other node host 2; the VIP is host 1 of the
-VIP subnet. Only private IPv4 (RFC 1918) and IPv6 ULA (fc00::/7) bases are accepted, so the
-lab never claims an address it does not own.
+VIP subnet. With more than one steering node (``steering``), steering node K (from 0;
+named ``steer``, ``steer2``, ...) has its own link to the client and to every host, on
+subnet N + 10 K: the client reaches the VIP through all of them (ECMP).
+
+Only private IPv4 (RFC 1918) and IPv6 ULA (fc00::/7) bases are accepted, so the lab never
+claims an address it does not own.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ class Iface:
 
 @dataclass(frozen=True)
 class Link:
-    """A point-to-point link between the steering node and one other node."""
+    """A point-to-point link between a steering node (``steer_end.node``) and one other
+    node."""
 
     peer: str
     subnet: int
@@ -60,22 +65,51 @@ class LabPlan:
     vip_v4: ipaddress.IPv4Address
     vip_v6: ipaddress.IPv6Address
     layout: dict[str, Any] = field(compare=False, repr=False, default_factory=dict)
+    steers: tuple[str, ...] = ()  # every steering node, ``steer`` first
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        return (self.client, self.steer, *self.hosts)
+        return (self.client, *self.steers, *self.hosts)
 
-    def link(self, peer: str) -> Link:
+    def link(self, peer: str, steer: str | None = None) -> Link:
+        """The link between ``peer`` and steering node ``steer`` (default: the first)."""
+        steer = steer or self.steer
         for link in self.links:
-            if link.peer == peer:
+            if link.peer == peer and link.steer_end.node == steer:
                 return link
-        raise PlanError(f"no link to node {peer!r} in the plan")
+        raise PlanError(f"no link between {steer!r} and {peer!r} in the plan")
 
     def address(self, node: str, family: int = 4) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        """The node's own address on its link to the steering node (steer: its client link)."""
-        link = self.link(self.client if node == self.steer else node)
-        end = link.steer_end if node == self.steer else link.peer_end
+        """The node's own address on its link to the first steering node (a steering
+        node: its side of its client link)."""
+        if node in self.steers:
+            end = self.link(self.client, node).steer_end
+        else:
+            end = self.link(node).peer_end
         return end.v4.ip if family == 4 else end.v6.ip
+
+    def control_address(self, steer: str) -> ipaddress.IPv4Address:
+        """Where steering node ``steer`` serves its agents (and any peer reaches it): with
+        one steering node, its side of its link to the first host; with several, its own
+        address on ``lo`` (host 1 of subnet CONTROL_SUBNET + K), which every other node
+        routes over its own link to it (a steering node's link addresses are reachable
+        only through that node, and hosts do not forward)."""
+        if len(self.steers) == 1:
+            return self.link(self.hosts[0], steer).steer_end.v4.ip
+        k = self.steers.index(steer)
+        return _subnet_v4(self.v4, CONTROL_SUBNET + k).network_address + 1
+
+    def client_home(self, family: int = 4) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        """With several steering nodes, the client's own address on ``lo`` (host 2 of
+        subnet CLIENT_SUBNET), the source of its connections: the kernel prefers an ECMP
+        next hop whose device holds the source address, so an address on one link would
+        pin every flow to that link's steering node."""
+        net = (
+            _subnet_v4(self.v4, CLIENT_SUBNET)
+            if family == 4
+            else _subnet_v6(self.v6, CLIENT_SUBNET)
+        )
+        return net.network_address + 2
 
     def vip(self, family: int = 4) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
         return self.vip_v4 if family == 4 else self.vip_v6
@@ -86,6 +120,7 @@ class LabPlan:
             "v4": str(self.v4),
             "v6": str(self.v6),
             "vip": {"v4": str(self.vip_v4), "v6": str(self.vip_v6)},
+            **({"steering": len(self.steers)} if len(self.steers) > 1 else {}),
             "default_host": self.default_host,
             "links": [
                 {
@@ -109,6 +144,20 @@ def steer_ifname(peer: str) -> str:
 
 
 PEER_IFNAME = "to-steer"
+MAX_STEERING = 8  # steering nodes in one lab (subnets N + 10 K stay below the VIP's)
+SUBNET_STRIDE = 10
+CONTROL_SUBNET = 90  # steering node K's control address is in subnet 90 + K (several)
+CLIENT_SUBNET = 80  # the client's own address, with several steering nodes
+
+
+def steer_name(first: str, k: int) -> str:
+    """Steering node K's name: the layout's for the first, then ``<it>2``, ``<it>3``..."""
+    return first if k == 0 else f"{first}{k + 1}"
+
+
+def peer_ifname(first: str, steer: str) -> str:
+    """A node's interface towards steering node ``steer``."""
+    return PEER_IFNAME if steer == first else f"to-{steer}"
 
 
 def _base_v4(text: str) -> ipaddress.IPv4Network:
@@ -155,9 +204,14 @@ def _bad_subnet(n: int) -> None:
     raise PlanError(f"subnet index {n} is out of range 0..255")
 
 
-def build(layout: dict[str, Any], v4: str, v6: str) -> LabPlan:
-    """Derive a full plan from a layout and two base prefixes."""
+def build(layout: dict[str, Any], v4: str, v6: str, steering: int = 1) -> LabPlan:
+    """Derive a full plan from a layout and two base prefixes, with ``steering``
+    steering nodes."""
     base4, base6 = _base_v4(v4), _base_v6(v6)
+    if isinstance(steering, bool) or not isinstance(steering, int):
+        raise PlanError(f"steering must be a number of steering nodes, not {steering!r}")
+    if not 1 <= steering <= MAX_STEERING:
+        raise PlanError(f"steering must be 1..{MAX_STEERING} steering nodes, not {steering}")
     try:
         client, steer = str(layout["client"]), str(layout["steer"])
         hosts = tuple(str(h) for h in layout["hosts"])
@@ -170,31 +224,23 @@ def build(layout: dict[str, Any], v4: str, v6: str) -> LabPlan:
         raise PlanError(f"default host {default_host!r} is not one of the hosts {hosts}")
     if set(subnets) != {client, *hosts}:
         raise PlanError("the layout must link the steering node to the client and every host")
-    used = [*subnets.values(), vip_subnet]
+    steers = tuple(steer_name(steer, k) for k in range(steering))
+    if set(steers) & {client, *hosts}:
+        raise PlanError(f"steering node names {steers} collide with the other nodes")
+    used = [n + SUBNET_STRIDE * k for k in range(steering) for n in subnets.values()]
+    used.append(vip_subnet)
+    if steering > 1:
+        used += [CONTROL_SUBNET + k for k in range(steering)] + [CLIENT_SUBNET]
     if len(set(used)) != len(used) or not all(0 < n < 256 for n in used):
         raise PlanError(f"subnet indexes must be distinct and in 1..255: {used}")
 
     links = []
-    for peer, n in subnets.items():
-        s4, s6 = _subnet_v4(base4, n), _subnet_v6(base6, n)
-        links.append(
-            Link(
-                peer=peer,
-                subnet=n,
-                steer_end=Iface(
-                    steer,
-                    steer_ifname(peer),
-                    ipaddress.IPv4Interface((s4.network_address + 1, 24)),
-                    ipaddress.IPv6Interface((s6.network_address + 1, 64)),
-                ),
-                peer_end=Iface(
-                    peer,
-                    PEER_IFNAME,
-                    ipaddress.IPv4Interface((s4.network_address + 2, 24)),
-                    ipaddress.IPv6Interface((s6.network_address + 2, 64)),
-                ),
+    for k, node in enumerate(steers):
+        for peer, first in subnets.items():
+            n = first + SUBNET_STRIDE * k
+            links.append(
+                _link(base4, base6, steer=node, peer=peer, n=n, peer_if=peer_ifname(steer, node))
             )
-        )
     return LabPlan(
         v4=base4,
         v6=base6,
@@ -206,13 +252,42 @@ def build(layout: dict[str, Any], v4: str, v6: str) -> LabPlan:
         vip_v4=_subnet_v4(base4, vip_subnet).network_address + 1,
         vip_v6=_subnet_v6(base6, vip_subnet).network_address + 1,
         layout=layout,
+        steers=steers,
+    )
+
+
+def _link(
+    base4: ipaddress.IPv4Network,
+    base6: ipaddress.IPv6Network,
+    *,
+    steer: str,
+    peer: str,
+    n: int,
+    peer_if: str,
+) -> Link:
+    s4, s6 = _subnet_v4(base4, n), _subnet_v6(base6, n)
+    return Link(
+        peer=peer,
+        subnet=n,
+        steer_end=Iface(
+            steer,
+            steer_ifname(peer),
+            ipaddress.IPv4Interface((s4.network_address + 1, 24)),
+            ipaddress.IPv6Interface((s6.network_address + 1, 64)),
+        ),
+        peer_end=Iface(
+            peer,
+            peer_if,
+            ipaddress.IPv4Interface((s4.network_address + 2, 24)),
+            ipaddress.IPv6Interface((s6.network_address + 2, 64)),
+        ),
     )
 
 
 def from_dict(saved: dict[str, Any]) -> LabPlan:
     """Rebuild a plan from ``LabPlan.to_dict()`` output (a lab's state file)."""
     try:
-        return build(saved["layout"], saved["v4"], saved["v6"])
+        return build(saved["layout"], saved["v4"], saved["v6"], saved.get("steering", 1))
     except (KeyError, TypeError) as exc:
         raise PlanError(f"malformed saved plan: {exc!r}") from None
 
@@ -240,11 +315,13 @@ def load(
     path: Path | None = None,
     v4: str | None = None,
     v6: str | None = None,
+    steering: int = 1,
 ) -> LabPlan:
-    """Load a plan variant, optionally overriding its base prefixes."""
+    """Load a plan variant, optionally overriding its base prefixes; ``steering``
+    steering nodes."""
     doc = load_document(path)
     variants = doc["variants"]
     if variant not in variants:
         raise PlanError(f"no plan variant {variant!r}; known: {', '.join(sorted(variants))}")
     bases = variants[variant]
-    return build(doc["layout"], v4 or bases["v4"], v6 or bases["v6"])
+    return build(doc["layout"], v4 or bases["v4"], v6 or bases["v6"], steering)

@@ -31,7 +31,7 @@ from pysteer import netns
 from pysteer.lab.plan import LabPlan, from_dict, load
 from pysteer.paths import RUN_DIR
 from pysteer.paths import STATE_DIR as NODE_STATE_DIR
-from pysteer.provision import add_vip, role_sysctls, route_vip, set_sysctls
+from pysteer.provision import add_vip, role_sysctls, route_default, route_vip, set_sysctls
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -84,6 +84,11 @@ class Lab:
         validate_prefix(self.prefix)
 
     # --- names ------------------------------------------------------------------------
+    def instance(self, steer: str) -> str:
+        """The steering instance (pins, lock, socket) of steering node ``steer``: the
+        lab's name for the first one, ``<lab>-<node>`` for the others."""
+        return self.prefix if steer == self.plan.steer else f"{self.prefix}-{steer}"
+
     def netns(self, node: str) -> str:
         """The namespace name of ``node``."""
         if node not in self.plan.nodes:
@@ -220,7 +225,8 @@ class Lab:
         for name in present:
             _kill_all(name)
             pr_netns.remove(name)  # its veth ends go with it
-        remove_instance(self.prefix)
+        for steer in self.plan.steers:
+            remove_instance(self.instance(steer))
         self.state_file.unlink(missing_ok=True)
         return present
 
@@ -235,18 +241,41 @@ class Lab:
         from pyroute2 import netns as pr_netns  # noqa: PLC0415 - see _with_ipr
 
         plan = self.plan
+        ecmp = len(plan.steers) > 1
         for node in plan.nodes:
             pr_netns.create(self.netns(node))
-            values = role_sysctls(steer=node == plan.steer, host=node in plan.hosts)
+            steer = node in plan.steers
+            values = role_sysctls(steer=steer, host=node in plan.hosts, ecmp=ecmp and not steer)
             self.call(node, set_sysctls, values)
             self.call(node, _with_ipr(_lo_up))
-        self.call(plan.steer, _with_ipr(self._build_steer))
-        for link in plan.links:
-            self.call(link.peer, _with_ipr(lambda ipr, link=link: self._build_peer(ipr, link)))
+        for steer in plan.steers:
+            self.call(steer, _with_ipr(lambda ipr, s=steer: self._build_steer(ipr, s)))
+        for peer in (plan.client, *plan.hosts):
+            self.call(peer, _with_ipr(lambda ipr, p=peer: self._build_peer(ipr, p)))
 
-    def _build_steer(self, ipr: IPRoute) -> None:
+    def next_hops(self, steers: list[str]) -> None:
+        """Route the client and the hosts through ``steers`` only (ECMP over them), as a
+        router does when it adds or withdraws a steering node's next hop."""
+        if not steers or not set(steers) <= set(self.plan.steers):
+            raise LabError(f"next hops must be some of {self.plan.steers}, not {steers}")
+        for peer in (self.plan.client, *self.plan.hosts):
+            self.call(peer, _with_ipr(lambda ipr, p=peer: self._route_peer(ipr, p, steers)))
+
+    def _route_peer(self, ipr: IPRoute, peer: str, steers: list[str]) -> None:
         plan = self.plan
-        for link in plan.links:
+        gateways = [
+            (plan.link(peer, s).steer_end.v4.ip, plan.link(peer, s).steer_end.v6.ip) for s in steers
+        ]
+        mine = plan.link(peer).peer_end
+        src = (mine.v4.ip, mine.v6.ip)
+        if peer == plan.client and len(plan.steers) > 1:
+            src = (plan.client_home(4), plan.client_home(6))
+        route_default(ipr, gateways, src)
+
+    def _build_steer(self, ipr: IPRoute, steer: str) -> None:
+        plan = self.plan
+        mine = [link for link in plan.links if link.steer_end.node == steer]
+        for link in mine:
             end = link.steer_end
             ipr.link(
                 "add",
@@ -257,18 +286,42 @@ class Lab:
             idx = ipr.link_lookup(ifname=end.name)[0]
             _addresses(ipr, idx, end.v4, end.v6)
             ipr.link("set", index=idx, state="up")
-        default = plan.link(plan.default_host).peer_end
+        default = plan.link(plan.default_host, steer).peer_end
         route_vip(ipr, plan.vip_v4, plan.vip_v6, default.v4.ip, default.v6.ip)
+        if len(plan.steers) > 1:  # its control address, on lo; the client's, over its link
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("add", index=lo, address=str(plan.control_address(steer)), prefixlen=32)
+            client = plan.link(plan.client, steer).peer_end
+            ipr.route("add", dst=f"{plan.client_home(4)}/32", gateway=str(client.v4.ip))
+            ipr.route("add", dst=f"{plan.client_home(6)}/128", gateway=str(client.v6.ip))
+        # The other steering nodes' links: through this node's own link to that peer (a
+        # reply may leave a host by another steering node than the one its flow came in).
+        for other in plan.links:
+            if other.steer_end.node == steer:
+                continue
+            via = plan.link(other.peer, steer).peer_end
+            ipr.route("add", dst=str(other.peer_end.v4.network), gateway=str(via.v4.ip))
+            ipr.route("add", dst=str(other.peer_end.v6.network), gateway=str(via.v6.ip))
 
-    def _build_peer(self, ipr: IPRoute, link: Any) -> None:
+    def _build_peer(self, ipr: IPRoute, peer: str) -> None:
         plan = self.plan
-        idx = ipr.link_lookup(ifname=link.peer_end.name)[0]
-        _addresses(ipr, idx, link.peer_end.v4, link.peer_end.v6)
-        ipr.link("set", index=idx, state="up")
-        if link.peer in plan.hosts:
+        for link in plan.links:
+            if link.peer != peer:
+                continue
+            idx = ipr.link_lookup(ifname=link.peer_end.name)[0]
+            _addresses(ipr, idx, link.peer_end.v4, link.peer_end.v6)
+            ipr.link("set", index=idx, state="up")
+        if peer in plan.hosts:
             add_vip(ipr, plan.vip_v4, plan.vip_v6)
-        ipr.route("add", dst="0.0.0.0/0", gateway=str(link.steer_end.v4.ip))
-        ipr.route("add", dst="::/0", gateway=str(link.steer_end.v6.ip))
+        if peer == plan.client and len(plan.steers) > 1:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.addr("add", index=lo, address=str(plan.client_home(4)), prefixlen=32)
+            ipr.addr("add", index=lo, address=str(plan.client_home(6)), prefixlen=128)
+        self._route_peer(ipr, peer, list(plan.steers))
+        if len(plan.steers) > 1:  # each steering node's control address: over its own link
+            for steer in plan.steers:
+                via = plan.link(peer, steer).steer_end.v4.ip
+                ipr.route("add", dst=f"{plan.control_address(steer)}/32", gateway=str(via))
 
     # --- inspection ----------------------------------------------------------------------
     def problems(self) -> list[str]:

@@ -954,6 +954,21 @@ class Steerer:
             if cur.lease_ns >= _now_ns():
                 return
             self.events["lease_expired"] += 1
+            stored = self.hosts.get(self.stored.get(flow, ""))
+            if stored is not None:
+                # The shared store knows where it is (its migration committed on another
+                # steering node, whose claim never reached this one): there, not back.
+                replayed = self._unpark(flow, Action.TO, stored, stored, REPLAY_WAIT)
+                if cur.token:
+                    self._decide(cur.token, Decision.ABORTED, stored.id)
+                log.info(
+                    "%s: lease expired (migration %016x): to %s as the store says, %d replayed",
+                    flow,
+                    cur.token,
+                    stored.name,
+                    replayed,
+                )
+                return
             self._restore(flow, cur, None, REPLAY_WAIT, "lease expired: rolled back")
 
     def _forget_memory(self, present: set[Flow]) -> None:

@@ -80,10 +80,13 @@ def check_workers(workers: int, prog: str) -> None:
         sys.exit(f"{prog}: --workers {workers}: an agent runs 1..{MAX_WORKERS} worker processes")
 
 
-def lab_cluster(lab: Lab, directory: Path, workers: int) -> LabCluster:
-    """The lab's steering daemon and agents, each host's agent with ``workers`` processes
-    (the cluster file's ``workers``)."""
-    return LabCluster(lab, directory, workers={h: workers for h in lab.plan.hosts})
+def lab_cluster(
+    lab: Lab, directory: Path, workers: int, *, store: bool | None = None
+) -> LabCluster:
+    """The lab's steering daemons and agents, each host's agent with ``workers`` processes
+    (the cluster file's ``workers``); ``store``: with the shared store (by default only
+    with several steering nodes)."""
+    return LabCluster(lab, directory, workers={h: workers for h in lab.plan.hosts}, store=store)
 
 
 # --- a backed-up client -------------------------------------------------------------------

@@ -25,6 +25,9 @@ client largest gap p99 <= the baseline's p99 + 1.5 ms; 0 retransmissions; backed
 freeze p99 <= 30 ms, byte-exact.
 
 ``--workers N``: each host's agent runs N worker processes (``workers`` in the JSON).
+``--steering N``: N steering nodes behind the client's ECMP route, with the shared store
+in etcd (``--store`` uses the store with one steering node too); ``steering`` and
+``store`` in the JSON. scripts/bench/steering.py compares 1 and 2 in one run.
 
 Run as root: scripts/bench/migrate.py [--moves 50] [--backlog-mib 16] [--out FILE]
 """
@@ -262,14 +265,14 @@ def migrations(cluster: LabCluster, moves: int, every: float) -> tuple[list, lis
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     moves, every = args.moves, args.every
-    lab = Lab(prefix=unique_prefix(), plan=load()).up()
+    lab = Lab(prefix=unique_prefix(), plan=load(steering=args.steering)).up()
     directory = Path(tempfile.mkdtemp(prefix="pysteer-bench-"))
     cluster: LabCluster | None = None
     backlog = None
     try:
         size = int(args.backlog_mib * (1 << 20))
         sndbuf = allow_send_queue(lab, size) if size else 0  # before the agents' listeners
-        cluster = lab_cluster(lab, directory, args.workers)
+        cluster = lab_cluster(lab, directory, args.workers, store=args.store or None)
         cluster.start()
         base_gaps, baseline = no_migration(lab, cluster.client_ca, moves, every)
         reports, gaps, seen = migrations(cluster, moves, every)
@@ -277,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if size and args.backlog_moves:
             backlog = backlog_case(cluster, size, args.backlog_moves, every, sndbuf)
     except BaseException:
-        for name in ("a", "b", "steer") if cluster else ():
+        for name in (*lab.plan.hosts, *lab.plan.steers) if cluster else ():
             with contextlib.suppress(KeyError, OSError):
                 print(f"--- {name} log ---\n{cluster.log(name)[-3000:]}")
         raise
@@ -342,6 +345,8 @@ def summarize(
         ]
     result = {
         "workers": args.workers,
+        "steering": args.steering,
+        "store": bool(args.store or args.steering > 1),
         "moves": args.moves,
         "every_s": args.every,
         "freeze_ms": spread(freeze),
@@ -363,6 +368,13 @@ def summarize(
     return result
 
 
+def add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, help="agent worker processes (1)")
+    p.add_argument("--steering", type=int, default=1, help="steering nodes, ECMP (1)")
+    p.add_argument("--store", action="store_true", help="the shared store with one node too")
+    p.add_argument("--out", type=Path, default=Path("results/bench/migrate.json"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--moves", type=int, default=50)
@@ -374,8 +386,7 @@ def main() -> None:
         help="MiB queued to a client that stopped reading, for the backed-up case (0: skip)",
     )
     p.add_argument("--backlog-moves", type=int, default=5, help="moves of the backed-up flow")
-    p.add_argument("--workers", type=int, default=1, help="agent worker processes (1)")
-    p.add_argument("--out", type=Path, default=Path("results/bench/migrate.json"))
+    add_options(p)
     args = p.parse_args()
     check_workers(args.workers, p.prog)
     if args.moves < 1 or args.backlog_mib < 0 or args.backlog_moves < 0:
@@ -383,7 +394,8 @@ def main() -> None:
     r = run(args)
     f, g, b = r["freeze_ms"], r["client_gap_ms"], r["baseline_gap_ms"]
     print(
-        f"{r['moves']} migrations ({r['workers']} worker): freeze p50 {f['p50']:.2f} ms, "
+        f"{r['moves']} migrations ({r['workers']} worker, {r['steering']} steering node"
+        f"{', store' if r['store'] else ''}): freeze p50 {f['p50']:.2f} ms, "
         f"p99 {f['p99']:.2f} ms"
     )
     print(

@@ -83,10 +83,11 @@ class Cluster(LabCluster):
         report["exit"] = out.returncode
         return report
 
-    def steer(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``pysteer steer ARGS`` against this cluster's steering daemon."""
+    def steer(self, *args: str, node: str | None = None) -> subprocess.CompletedProcess[str]:
+        """``pysteer steer ARGS`` against a steering daemon (default: the first)."""
+        name = self.lab.instance(node or self.lab.plan.steer)
         return subprocess.run(
-            [*PYSTEER, "steer", *args, "--name", self.lab.prefix],
+            [*PYSTEER, "steer", *args, "--name", name],
             capture_output=True,
             text=True,
             timeout=60,
@@ -114,16 +115,17 @@ class Cluster(LabCluster):
             lines.append(f"--- {name} log (tail):\n{self.log(name)[-1500:]}")
         return "\n".join(lines)
 
-    def steer_rows(self) -> dict[str, dict[str, Any]]:
-        out = self.steer("flows", "--json")
+    def steer_rows(self, node: str | None = None) -> dict[str, dict[str, Any]]:
+        out = self.steer("flows", "--json", node=node)
         assert out.returncode == 0, out.stderr
         return {r["flow"]: r for r in json.loads(out.stdout)["flows"]}
 
-    def store_report(self) -> dict[str, Any]:
-        """The steering daemon's mirror of the shared store (``store`` on its socket)."""
+    def store_report(self, node: str | None = None) -> dict[str, Any]:
+        """A steering daemon's mirror of the shared store (``store`` on its socket)."""
         from pysteer.steer.control import request, socket_path  # noqa: PLC0415
 
-        return request(socket_path(self.lab.prefix), "store")["store"]
+        name = self.lab.instance(node or self.lab.plan.steer)
+        return request(socket_path(name), "store")["store"]
 
     def store_overrides(self) -> dict[str, dict[str, Any]]:
         """Every override in etcd, read from inside the steering namespace."""
@@ -173,12 +175,14 @@ def running_cluster(
     agent_args: list[str] | None = None,
     services: dict[int, tuple[str, bool]] | None = None,
     workers: dict[str, int] | None = None,
-    store: bool = False,
+    store: bool | None = None,
+    steering: int = 1,
 ) -> Iterator[Cluster]:
     """A lab with the steering daemon and both agents running; all removed afterwards.
-    ``store``: with the shared store (a one-member etcd in the steering namespace)."""
+    ``store``: with the shared store (a one-member etcd in the last host's namespace;
+    by default with ``steering`` > 1 only)."""
     require_root()
-    lab = Lab(prefix=unique_prefix(), plan=load()).up()
+    lab = Lab(prefix=unique_prefix(), plan=load(steering=steering)).up()
     cluster = Cluster(
         lab,
         directory,

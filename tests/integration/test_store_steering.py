@@ -93,7 +93,8 @@ def test_store_down_refuses_moves_and_everything_resyncs(cluster: Cluster) -> No
     flows = [c.flow for c in fleet.conns]
     first = move(cluster, flows[0], "b")
 
-    cluster.etcd.stop("steer", signal.SIGKILL)
+    member = cluster.etcd.nodes[0]
+    cluster.etcd.stop(member, signal.SIGKILL)
     refused = cluster.migrate(flows[1], "b")
     assert refused["exit"] != 0 and refused["outcome"] == "failed", refused
     assert "shared store" in refused["error"] and "nothing was frozen" in refused["error"]
@@ -101,7 +102,7 @@ def test_store_down_refuses_moves_and_everything_resyncs(cluster: Cluster) -> No
     assert cluster.owner(flows[1]) == "a"
     wait_until(lambda: cluster.store_report()["state"] == "down", 15, "the mirror to see it")
 
-    cluster.etcd.start("steer")
+    cluster.etcd.start(member)
     wait_until(
         lambda: cluster.store_report()["state"] == "synced", 20, "the mirror to read it again"
     )

@@ -1,0 +1,183 @@
+"""Two steering nodes behind the client's ECMP route (an L4 hash), with the shared store
+in etcd, against live TLS clients (Python ssl; byte-exact ticker streams, counted):
+
+- (a) one steering node dies (its daemon killed -9 and its links down) and the router
+  withdraws its next hop: every connection, moved or not, goes on through the other;
+- (b) one is rebooted (next hop withdrawn, daemon stopped, its programs and maps gone,
+  started again, next hop back): it loads every override before it attaches, and while
+  it is down a move is refused before anything is frozen;
+- (f) a move's source dies after the switch: the override is in etcd and on both
+  steering nodes, and the target serves the flow; the dead host's other connections
+  are the only ones lost.
+
+A flow's steering node is the one its hash picks (``ip route get`` with its ports); the
+tests check that both carry moved flows, so the kill hits some of them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers.cluster import Cluster, running_cluster
+from helpers.fleet import Fleet
+from helpers.waiting import wait_until
+
+from pysteer.agent.control import ask
+from pysteer.flow import Flow
+from pysteer.lab.cluster import control_path_for
+
+pytestmark = pytest.mark.timeout(300)
+STEERS = ["steer", "steer2"]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with running_cluster(
+        tmp_path,
+        steering=2,
+        steer_args=["--gc-interval", "0.3"],
+        agent_args=["--sync-interval", "2"],
+    ) as c:
+        yield c
+
+
+def served(cluster: Cluster) -> dict[str, str]:
+    out = {}
+    for node in cluster.lab.plan.hosts:
+        if node in cluster.procs and cluster.procs[node].poll() is None:
+            for f in ask(control_path_for(cluster, node), "flows")["flows"]:
+                out[f["flow"]] = node
+    return out
+
+
+def steering_node_of(cluster: Cluster, flow: str) -> str:
+    """The steering node the client's ECMP route picks for ``flow``."""
+    f = Flow.parse(flow)
+    argv = ["ip", "-j", "route", "get", str(f.dst), "from", str(f.src), "ipproto", "tcp"]
+    argv += ["sport", str(f.sport), "dport", str(f.dport)]
+    gateway = json.loads(cluster.lab.run("client", argv).stdout)[0]["gateway"]
+    plan = cluster.lab.plan
+    return next(s for s in plan.steers if str(plan.link(plan.client, s).steer_end.v4.ip) == gateway)
+
+
+def drain(cluster: Cluster, source: str, target: str) -> dict:
+    out = cluster.cli("drain", "--from", source, "--to", target, "--json", timeout=120)
+    assert out.returncode == 0, f"{out.stderr}\n{out.stdout[-3000:]}"
+    return json.loads(out.stdout)
+
+
+def kill_steering_node(cluster: Cluster, node: str) -> None:
+    """The node dies: its daemon killed, its links down (nothing more passes it)."""
+    cluster.stop(node, signal.SIGKILL)
+    for link in cluster.lab.plan.links:
+        if link.steer_end.node == node:
+            cluster.lab.run(node, ["ip", "link", "set", link.steer_end.name, "down"])
+
+
+def test_a_steering_node_dies_and_every_connection_goes_on(cluster: Cluster) -> None:
+    moved = Fleet(cluster.lab, 443, 100, ca=cluster.client_ca)
+    moved.start_talking(0.3)
+    wait_until(lambda: len(served(cluster)) == 100, 30, "100 connections on a")
+    summary = drain(cluster, "a", "b")
+    assert summary.get("moved") == 100, summary
+    out = cluster.cli("undrain", "--node", "a")
+    assert out.returncode == 0, out.stderr
+    unmoved = Fleet(cluster.lab, 443, 100, ca=cluster.client_ca)
+    unmoved.start_talking(0.3)
+    wait_until(lambda: len(served(cluster)) == 200, 30, "100 more connections, on a")
+    now = served(cluster)
+    assert {now[c.flow] for c in moved.conns} == {"b"}
+    assert {now[c.flow] for c in unmoved.conns} == {"a"}
+    via = {c.flow: steering_node_of(cluster, c.flow) for c in [*moved.conns, *unmoved.conns]}
+    on_dead = [c.flow for c in moved.conns if via[c.flow] == "steer2"]
+    assert 10 <= len(on_dead) <= 90, f"{len(on_dead)} of 100 moved flows go through steer2"
+    rows = cluster.steer_rows("steer")
+    assert all(rows[f]["action"] == "TO" and rows[f]["host"] == "b" for f in on_dead)
+
+    kill_steering_node(cluster, "steer2")
+    cluster.lab.next_hops(["steer"])  # the router's failure detection
+    try:
+        for fleet in (moved, unmoved):
+            v = fleet.verdicts(settle=15)
+            assert len(v["survived"]) == 100, {k: x for k, x in v.items() if x}
+        assert served(cluster) == now
+    finally:
+        moved.shutdown()
+        unmoved.shutdown()
+
+
+def test_a_rebooted_steering_node_loads_every_override_before_it_attaches(
+    cluster: Cluster,
+) -> None:
+    fleet = Fleet(cluster.lab, 443, 40, ca=cluster.client_ca)
+    fleet.start_talking(0.2)
+    try:
+        wait_until(lambda: len(served(cluster)) == 40, 30, "40 connections on a")
+        flows = [c.flow for c in fleet.conns]
+        for flow in flows[:20]:
+            report = cluster.migrate(flow, "b")
+            assert report["outcome"] == "moved", cluster.diagnose(flow, [report])
+        via = {f: steering_node_of(cluster, f) for f in flows}
+        assert {via[f] for f in flows[:20]} == set(STEERS), via
+
+        cluster.lab.next_hops(["steer"])  # drained: the router no longer sends it anything
+        assert cluster.stop("steer2") == 0
+        plan = cluster.lab.plan
+        out = cluster.steer(
+            "destroy",
+            "--netns",
+            cluster.lab.netns("steer2"),
+            "--ifname",
+            plan.link(plan.client, "steer2").steer_end.name,
+            "--json",
+            node="steer2",
+        )
+        assert out.returncode == 0, out.stderr
+        refused = cluster.migrate(flows[20], "b")
+        assert refused["outcome"] == "failed" and "nothing was frozen" in refused["error"]
+        assert "steer2" in refused["error"], refused["error"]
+
+        cluster.start_steer(node="steer2")
+        assert "store: 20 overrides loaded before attaching ({'set': 20})" in cluster.log("steer2")
+        cluster.lab.next_hops(STEERS)
+        rows = cluster.steer_rows("steer2")
+        assert all(rows[f]["action"] == "TO" and rows[f]["host"] == "b" for f in flows[:20])
+        report = cluster.migrate(flows[20], "b")
+        assert report["outcome"] == "moved", cluster.diagnose(flows[20], [report])
+        v = fleet.verdicts(settle=15)
+        assert len(v["survived"]) == 40, {k: x for k, x in v.items() if x}
+        expected = {f: "b" if i <= 20 else "a" for i, f in enumerate(flows)}
+        assert served(cluster) == expected
+    finally:
+        fleet.shutdown()
+
+
+def test_a_source_that_dies_after_the_switch_leaves_the_flow_on_the_target(
+    cluster: Cluster,
+) -> None:
+    cluster.stop("a")
+    cluster.start_agent("a", fault="record:exit")
+    fleet = Fleet(cluster.lab, 443, 6, ca=cluster.client_ca)
+    fleet.start_talking(0.2)
+    try:
+        wait_until(lambda: len(served(cluster)) == 6, 30, "6 connections on a")
+        flow = fleet.conns[0].flow
+        out = cluster.cli("migrate", "--flow", flow, "--to", "b", "--json")
+        assert out.returncode == 3 and "node a is down" in out.stderr, out  # a died meanwhile
+        assert cluster.procs["a"].wait(10) == 73
+        del cluster.procs["a"]
+        wait_until(lambda: flow in cluster.store_overrides(), 15, "b's write of the override")
+        assert cluster.store_overrides()[flow]["host"] == "b"
+        for node in STEERS:
+            row = cluster.steer_rows(node)[flow]
+            assert (row["action"], row["host"]) == ("TO", "b"), (node, row)
+        assert served(cluster) == {flow: "b"}
+        v = fleet.verdicts(settle=10)
+        assert v["survived"] == [0], v  # the other five were on the dead host
+        assert sorted(v["reset"]) == [1, 2, 3, 4, 5], v
+    finally:
+        fleet.shutdown()
