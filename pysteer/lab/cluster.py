@@ -8,6 +8,7 @@ the steering daemon and each host's agent on it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -53,6 +54,8 @@ def write_cluster(
     force: bool = False,
     workers: dict[str, int] | None = None,
     store: list[str] | None = None,
+    steers: list[str] | None = None,
+    certs: bool = True,
 ) -> Path:
     """Write certificates, the cluster key and ``cluster.toml``; returns the file's path.
     ``workers``: node -> its agent's worker processes (default 1); ``store``: the etcd
@@ -65,6 +68,8 @@ def write_cluster(
         force=force,
         workers=workers,
         store=store,
+        steers=steers,
+        certs=certs,
     )
 
 
@@ -78,8 +83,12 @@ def write_plan_cluster(
     remote: bool = False,
     workers: dict[str, int] | None = None,
     store: list[str] | None = None,
+    steers: list[str] | None = None,
+    certs: bool = True,
 ) -> Path:
     """The same for any machines laid out by ``plan`` (the Vagrant VMs): cluster ``name``.
+    ``steers``: the steering nodes the file lists (default: all; certificates are made for
+    all, so that one can join later); ``certs`` False: only cluster.toml is written again.
 
     Each node is marked with its namespace in lab ``name`` (``netns``), so the CLI run in
     the root namespace never sends lab traffic out of it; with ``remote`` (one machine per
@@ -90,14 +99,18 @@ def write_plan_cluster(
     def where(node: str) -> str:
         return "remote = true" if lab is None else f'netns = "{lab.netns(node)}"'
 
-    if len(plan.steers) > 1 and not store:
-        raise ValueError(f"{len(plan.steers)} steering nodes need the shared store (etcd)")
+    listed = list(plan.steers) if steers is None else steers
+    if not listed or not set(listed) <= set(plan.steers):
+        raise ValueError(f"steering nodes must be some of {plan.steers}, not {steers}")
+    if len(listed) > 1 and not store:
+        raise ValueError(f"{len(listed)} steering nodes need the shared store (etcd)")
     nodes = {s: [str(steer_address(plan, s))] for s in plan.steers}
     nodes |= {h: [str(plan.address(h, 4)), str(plan.address(h, 6))] for h in plan.hosts}
     # Clients see a service certificate from a CA of its own (service-ca.pem), never
     # one from the control-plane CA.
     service = [SERVICE_NAME, str(plan.vip(4)), str(plan.vip(6)), "localhost"]
-    write_certs(directory, nodes, service_names=service, force=force)
+    if certs:
+        write_certs(directory, nodes, service_names=service, force=force)
     lines = [
         f"# Written by `pysteer lab cluster` for {name!r}",
         "[cluster]",
@@ -116,8 +129,8 @@ def write_plan_cluster(
         lines.append("")
     if store:
         lines += ["[store]", f"endpoints = {json.dumps(store)}", ""]
-    several = len(plan.steers) > 1
-    for steer in plan.steers:
+    several = len(listed) > 1
+    for steer in listed:
         lines += [
             f"[steer.{steer}]" if several else "[steer]",
             *([] if several else [f'name = "{steer}"']),
@@ -213,9 +226,11 @@ class LabCluster:
             # link (a steering node's addresses are not reachable from another one).
             self.etcd = Etcd(lab, directory / "etcd", directory, [lab.plan.hosts[-1]])
             endpoints = [f"{h}:{p}" for h, p in self.etcd.endpoints]
-        self.config = write_cluster(
-            lab, directory, services=services, workers=workers, store=endpoints
+        self.steers = list(lab.plan.steers)  # the steering nodes the cluster file lists
+        self._write = functools.partial(
+            write_cluster, lab, directory, services=services, workers=workers, store=endpoints
         )
+        self.config = self._write()
         self.extra = list(extra or [])
         self.steer_args = list(steer_args or [])
         self.agent_args = list(agent_args or [])
@@ -310,10 +325,20 @@ class LabCluster:
             argv = [*launcher, *argv[3:]]
         self._start(node, lambda **kw: self.lab.popen(node, argv, **kw), full_env)
 
-    def start(self) -> LabCluster:
+    def list_steers(self, steers: list[str]) -> None:
+        """Rewrite the cluster file with these steering nodes (a node joins or leaves);
+        running daemons read it on SIGHUP."""
+        self.config = self._write(steers=steers, certs=False)
+        self.steers = list(steers)
+
+    def start(self, steers: list[str] | None = None) -> LabCluster:
+        """Start the store, the steering daemons (``steers``: only these, listed alone
+        in the cluster file) and the agents."""
+        if steers is not None:
+            self.list_steers(steers)
         if self.etcd is not None:
             self.etcd.start()
-        for steer in self.lab.plan.steers:
+        for steer in self.steers:
             self.start_steer(node=steer)
         for host in self.lab.plan.hosts:
             self.start_agent(host)

@@ -177,10 +177,12 @@ def running_cluster(
     workers: dict[str, int] | None = None,
     store: bool | None = None,
     steering: int = 1,
+    start_steers: list[str] | None = None,
 ) -> Iterator[Cluster]:
     """A lab with the steering daemon and both agents running; all removed afterwards.
     ``store``: with the shared store (a one-member etcd in the last host's namespace;
-    by default with ``steering`` > 1 only)."""
+    by default with ``steering`` > 1 only); ``start_steers``: the steering nodes the
+    cluster file lists and that start (default: all)."""
     require_root()
     lab = Lab(prefix=unique_prefix(), plan=load(steering=steering)).up()
     cluster = Cluster(
@@ -196,7 +198,7 @@ def running_cluster(
     if metrics_port is not None:
         cluster.serve_metrics(metrics_port)
     try:
-        cluster.start()
+        cluster.start(start_steers)
         yield cluster
     finally:
         cluster.close()

@@ -6,6 +6,9 @@ in etcd, against live TLS clients (Python ssl; byte-exact ticker streams, counte
 - (b) one is rebooted (next hop withdrawn, daemon stopped, its programs and maps gone,
   started again, next hop back): it loads every override before it attaches, and while
   it is down a move is refused before anything is frozen;
+- (c) a third steering node joins under load: its daemon loads every override before it
+  attaches, the agents take it on SIGHUP (moves go on meanwhile), then the router adds
+  its next hop; flows it now carries keep going;
 - (f) a move's source dies after the switch: the override is in etcd and on both
   steering nodes, and the target serves the flow; the dead host's other connections
   are the only ones lost.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -181,3 +185,53 @@ def test_a_source_that_dies_after_the_switch_leaves_the_flow_on_the_target(
         assert sorted(v["reset"]) == [1, 2, 3, 4, 5], v
     finally:
         fleet.shutdown()
+
+
+def test_a_third_steering_node_joins_under_load(tmp_path: Path) -> None:
+    with running_cluster(
+        tmp_path, steering=3, start_steers=STEERS, agent_args=["--sync-interval", "2"]
+    ) as cluster:
+        cluster.lab.next_hops(STEERS)
+        fleet = Fleet(cluster.lab, 443, 60, ca=cluster.client_ca)
+        fleet.start_talking(0.2)
+        try:
+            wait_until(lambda: len(served(cluster)) == 60, 30, "60 connections on a")
+            flows = [c.flow for c in fleet.conns]
+            for flow in flows[:20]:
+                report = cluster.migrate(flow, "b")
+                assert report["outcome"] == "moved", cluster.diagnose(flow, [report])
+
+            reports: list[dict] = []  # moves while the node joins
+
+            def mover() -> None:
+                for flow in flows[20:35]:
+                    reports.append(cluster.migrate(flow, "b"))
+
+            moving = threading.Thread(target=mover)
+            moving.start()
+            cluster.start_steer(node="steer3")
+            log = cluster.log("steer3")
+            assert "overrides loaded before attaching" in log, log
+            cluster.list_steers(["steer", "steer2", "steer3"])
+            for host in cluster.lab.plan.hosts:
+                cluster.procs[host].send_signal(signal.SIGHUP)
+            for host in cluster.lab.plan.hosts:
+                wait_until(
+                    lambda h=host: "steer3 joined" in cluster.log(h), 10, f"{host} to take it"
+                )
+            moving.join(120)
+            assert [r["outcome"] for r in reports] == ["moved"] * 15, reports
+            cluster.lab.next_hops(["steer", "steer2", "steer3"])  # the router adds it
+            rows = cluster.steer_rows("steer3")
+            for flow in flows[:35]:
+                assert (rows[flow]["action"], rows[flow]["host"]) == ("TO", "b"), rows.get(flow)
+            via = [steering_node_of(cluster, f) for f in flows]
+            assert via.count("steer3") >= 5, via
+            report = cluster.migrate(flows[35], "b")  # parks on all three now
+            assert report["outcome"] == "moved", cluster.diagnose(flows[35], [report])
+            v = fleet.verdicts(settle=15)
+            assert len(v["survived"]) == 60, {k: x for k, x in v.items() if x}
+            expected = {f: "b" if i <= 35 else "a" for i, f in enumerate(flows)}
+            assert served(cluster) == expected
+        finally:
+            fleet.shutdown()
