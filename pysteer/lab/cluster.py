@@ -211,12 +211,14 @@ class LabCluster:
         services: dict[int, ServiceSpec] | None = None,
         workers: dict[str, int] | None = None,
         store: bool | None = None,
+        store_members: list[str] | None = None,
     ) -> None:
         """``extra``: options for every daemon (``--log-json``, for instance);
         ``steer_args``, ``agent_args``: for the steering daemon, for each agent;
         ``workers``: node -> its agent's worker processes; ``store``: a one-member etcd
         in the last host's namespace holds the shared store (started by ``start``; by
-        default only with several steering nodes, which need it)."""
+        default only with several steering nodes, which need it); ``store_members``: the
+        nodes whose namespaces run its members instead (three: a three-member cluster)."""
         self.lab = lab
         self.dir = directory
         self.etcd: Etcd | None = None
@@ -224,7 +226,8 @@ class LabCluster:
         if store or (store is None and len(lab.plan.steers) > 1):
             # On the last host: every steering node reaches a host's address over its own
             # link (a steering node's addresses are not reachable from another one).
-            self.etcd = Etcd(lab, directory / "etcd", directory, [lab.plan.hosts[-1]])
+            members = store_members or [lab.plan.hosts[-1]]
+            self.etcd = Etcd(lab, directory / "etcd", directory, members)
             endpoints = [f"{h}:{p}" for h, p in self.etcd.endpoints]
         self.steers = list(lab.plan.steers)  # the steering nodes the cluster file lists
         self._write = functools.partial(

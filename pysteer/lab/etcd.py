@@ -32,10 +32,10 @@ class EtcdError(RuntimeError):
 
 
 def node_address(lab: Lab, node: str) -> str:
-    """A lab node's IPv4 address that other nodes reach (the steering node: its side of
-    the first host's link)."""
-    if node == lab.plan.steer:
-        return str(lab.plan.link(lab.plan.hosts[0]).steer_end.v4.ip)
+    """A lab node's IPv4 address that other nodes reach (a steering node: its control
+    address)."""
+    if node in lab.plan.steers:
+        return str(lab.plan.control_address(node))
     return str(lab.plan.address(node, 4))
 
 

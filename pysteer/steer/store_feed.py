@@ -42,6 +42,7 @@ log = logging.getLogger("pysteer.steer")
 PART = 5000  # overrides per frame of a full read
 RETRY_MAX = 5.0  # seconds between attempts while the store does not answer
 MAX_FRAME = 4 << 20
+PROBE = 1.0  # seconds between the reader's checks that the store has a leader
 
 
 # --- the child: etcd -> frames ----------------------------------------------------------------
@@ -51,7 +52,7 @@ def _send(out: IO[bytes], frame: dict[str, Any]) -> None:
 
 
 async def _feed(args: argparse.Namespace, out: IO[bytes]) -> None:
-    from pysteer.store.errors import StoreError, WatchGap  # noqa: PLC0415
+    from pysteer.store.errors import StoreError  # noqa: PLC0415
     from pysteer.store.etcd import Store  # noqa: PLC0415 - gRPC in the child only
 
     endpoints = []
@@ -82,18 +83,48 @@ async def _feed(args: argparse.Namespace, out: IO[bytes]) -> None:
         for i in range(0, max(len(items), 1), PART):
             last = i + PART >= len(items)
             _send(out, {"t": "part", "items": items[i : i + PART], "last": last, "rev": revision})
+        watching = asyncio.ensure_future(_watch(store, revision, out))
         try:
-            async for change in store.watch_overrides(revision + 1):
-                host = change.override.host if change.override else None
-                _send(
-                    out, {"t": "change", "flow": change.flow, "host": host, "rev": change.revision}
-                )
-        except WatchGap as exc:
-            _send(out, {"t": "gap", "why": str(exc)[:300]})
-        except StoreError as exc:  # a bad value in the watch: read everything again
-            _send(out, {"t": "bad", "why": str(exc)[:300]})
-            _send(out, {"t": "gap", "why": "a bad value in the watch"})
+            why = await _probe(store, watching)
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watching
+        if why is not None:  # the store lost its quorum: the watch would just go silent
+            _send(out, {"t": "down", "why": why[:300]})
         await asyncio.sleep(0.1)
+
+
+async def _watch(store: Any, revision: int, out: IO[bytes]) -> None:
+    from pysteer.store.errors import StoreError, WatchGap  # noqa: PLC0415
+
+    try:
+        async for change in store.watch_overrides(revision + 1):
+            host = change.override.host if change.override else None
+            _send(out, {"t": "change", "flow": change.flow, "host": host, "rev": change.revision})
+    except WatchGap as exc:
+        _send(out, {"t": "gap", "why": str(exc)[:300]})
+    except StoreError as exc:  # a bad value in the watch: read everything again
+        _send(out, {"t": "bad", "why": str(exc)[:300]})
+        _send(out, {"t": "gap", "why": "a bad value in the watch"})
+
+
+async def _probe(store: Any, watching: asyncio.Future) -> str | None:
+    """Until the watch ends: every PROBE seconds, is there a leader? A watch on a member
+    without quorum stays open and silent, so a steering node would not know it is
+    behind. None: the watch ended (a gap); else why the store is down."""
+    from pysteer.store.errors import StoreError  # noqa: PLC0415
+
+    while not watching.done():
+        await asyncio.wait({watching}, timeout=PROBE)
+        if watching.done():
+            return None
+        try:
+            if await store.leader() == 0:
+                return "etcd: the member has no leader (no quorum)"
+        except StoreError as exc:
+            return str(exc)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

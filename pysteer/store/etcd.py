@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = ["Change", "Conflict", "Store", "StoreError", "StoreUnavailable", "Wat
 
 SERVER_NAME = "etcd"  # in every member's certificate
 MAX_TXN = 128  # etcd's default limit of operations in one transaction
+RETRY_DELAY = 0.05  # seconds between attempts of a call that failed fast
 
 
 @dataclass(frozen=True)
@@ -127,19 +128,34 @@ class Store:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _call(self, coro: Any, *, write: bool = False) -> Any:
-        """One etcd call, bounded (the deadline is gRPC's; this is a second fence).
+    async def _call(self, make: Callable[[], Awaitable[Any]], *, write: bool = False) -> Any:
+        """One etcd call, bounded: gRPC's deadline per attempt, and this whole call within
+        the timeout (plus a second as a fence).
+
+        A quick failure is tried again while time is left: a member that just lost its
+        leader answers "leader changed" until the election ends (seen when one of three
+        members was killed), and that must change nothing. Every call here is safe to
+        repeat (a compare-and-set that did land is then found as its own value).
 
         A write that got no answer is in doubt, as in any consensus store: it may have
         reached the members that remained and be committed once a quorum returns (seen
         in the three-member test). The error says so; the caller reads the key back."""
-        try:
-            return await asyncio.wait_for(coro, self.timeout + 1.0)
-        except (TimeoutError, aetcd_errors.ClientError, grpc.RpcError) as exc:
-            error = _unavailable(exc)
-            if write:
-                error = StoreUnavailable(f"{error}; the write may still take effect: read it back")
-            raise error from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            try:
+                left = max(deadline - loop.time(), RETRY_DELAY)
+                return await asyncio.wait_for(make(), left + 1.0)
+            except (TimeoutError, aetcd_errors.ClientError, grpc.RpcError) as exc:
+                if not isinstance(exc, TimeoutError) and loop.time() + RETRY_DELAY < deadline:
+                    await asyncio.sleep(RETRY_DELAY)
+                    continue
+                error = _unavailable(exc)
+                if write:
+                    error = StoreUnavailable(
+                        f"{error}; the write may still take effect: read it back"
+                    )
+                raise error from None
 
     # --- overrides -----------------------------------------------------------------------
     async def overrides(
@@ -148,7 +164,7 @@ class Store:
         """Every override, and the store revision they were read at (watch from the next).
         A value that is not as pysteer writes it raises StoreDataError, or with ``bad``
         is given to it and skipped (one bad key must not stop a steering node's load)."""
-        result = await self._call(self._client.get_prefix(overrides_prefix(self.cluster)))
+        result = await self._call(lambda: self._client.get_prefix(overrides_prefix(self.cluster)))
         out = {}
         for kv in result:
             try:
@@ -162,7 +178,7 @@ class Store:
         return out, int(result.header.revision)
 
     async def get_override(self, flow: str) -> Override | None:
-        result = await self._call(self._client.get(override_key(self.cluster, flow)))
+        result = await self._call(lambda: self._client.get(override_key(self.cluster, flow)))
         if result is None:
             return None
         return decode_override(self.cluster, result.key, result.value, result.mod_revision)
@@ -174,7 +190,7 @@ class Store:
         tx = self._client.transactions
         compare = [] if expect is None else [tx.mod(key) == expect]
         ok, responses = await self._call(
-            self._client.transaction(
+            lambda: self._client.transaction(
                 compare=compare, success=[tx.put(key, override.encode())], failure=[tx.get(key)]
             ),
             write=True,
@@ -201,7 +217,7 @@ class Store:
         if value is not None:
             compare.append(tx.value(key) == value.encode())
         ok, responses = await self._call(
-            self._client.transaction(compare=compare, success=[tx.delete(key)], failure=[]),
+            lambda: self._client.transaction(compare=compare, success=[tx.delete(key)], failure=[]),
             write=True,
         )
         return bool(ok and responses and responses[0].response_delete_range.deleted)
@@ -212,7 +228,9 @@ class Store:
         ``overrides()`` again and watch from its revision + 1."""
         head = overrides_prefix(self.cluster)
         try:
-            watch = await self._call(self._client.watch_prefix(head, start_revision=start_revision))
+            watch = await self._call(
+                lambda: self._client.watch_prefix(head, start_revision=start_revision)
+            )
         except StoreUnavailable as exc:
             raise WatchGap(str(exc)) from None
         try:
@@ -240,25 +258,37 @@ class Store:
         tx = self._client.transactions
         puts = [tx.put(override_key(self.cluster, o.flow), o.encode()) for o in overrides]
         _, responses = await self._call(
-            self._client.transaction(compare=[], success=puts, failure=[]), write=True
+            lambda: self._client.transaction(compare=[], success=puts, failure=[]), write=True
         )
         return int(responses[-1].response_put.header.revision) if responses else 0
 
     async def delete_all_overrides(self) -> int:
         """Remove every override of the cluster; how many there were."""
         result = await self._call(
-            self._client.delete_prefix(overrides_prefix(self.cluster)), write=True
+            lambda: self._client.delete_prefix(overrides_prefix(self.cluster)), write=True
         )
         return int(result.deleted)
 
     # --- upkeep ----------------------------------------------------------------------------
     async def compact(self, revision: int) -> None:
-        await self._call(self._client.compact(revision, physical=True))
+        await self._call(lambda: self._client.compact(revision, physical=True))
+
+    async def leader(self) -> int:
+        """The answering member's leader (0: it has none, so nothing can be written or
+        read linearizably: the cluster lost its quorum)."""
+        c = self._client
+
+        async def status() -> Any:  # aetcd's status() also lists the members: not that
+            return await c.maintenancestub.Status(
+                rpc.StatusRequest(), timeout=c._timeout, metadata=c.metadata
+            )
+
+        return int((await self._call(status)).leader)
 
     async def db_size(self) -> int:
         """The size of the database file of the member that answers, in bytes."""
-        return int((await self._call(self._client.status())).db_size)
+        return int((await self._call(self._client.status)).db_size)
 
     async def defragment(self) -> None:
         """Give the space compaction freed back to the file system (the answering member)."""
-        await self._call(self._client.defragment())
+        await self._call(self._client.defragment)

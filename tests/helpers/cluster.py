@@ -178,6 +178,7 @@ def running_cluster(
     store: bool | None = None,
     steering: int = 1,
     start_steers: list[str] | None = None,
+    store_members: list[str] | None = None,
 ) -> Iterator[Cluster]:
     """A lab with the steering daemon and both agents running; all removed afterwards.
     ``store``: with the shared store (a one-member etcd in the last host's namespace;
@@ -194,6 +195,7 @@ def running_cluster(
         services=services,
         workers=workers,
         store=store,
+        store_members=store_members,
     )
     if metrics_port is not None:
         cluster.serve_metrics(metrics_port)

@@ -3,6 +3,9 @@ clients: every move is recorded in etcd before its source lets go; a steering no
 comes back without its maps loads every override before it attaches; with etcd down,
 moves are refused before anything is frozen while every connection goes on, and once it
 returns the mirror resyncs and moves work again; an ended connection's override goes.
+With three members: one lost changes nothing, a lost quorum behaves like etcd down, moves
+under way when it goes either complete or are refused before their freeze (none hangs),
+and everything resyncs when it returns.
 
 Streams are byte-exact (the ticker's echo and tick order) and counted.
 """
@@ -10,6 +13,7 @@ Streams are byte-exact (the ticker's echo and tick order) and counted.
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +121,61 @@ def test_store_down_refuses_moves_and_everything_resyncs(cluster: Cluster) -> No
     v = fleet.verdicts(settle=10)
     assert len(v["survived"]) == N, {k: x for k, x in v.items() if x}
     fleet.shutdown()
+
+
+def test_three_members_one_lost_changes_nothing_a_lost_quorum_refuses(tmp_path: Path) -> None:
+    with running_cluster(
+        tmp_path, store=True, store_members=["steer", "a", "b"], agent_args=["--sync-interval", "2"]
+    ) as cluster:
+        assert cluster.etcd is not None
+        fleet = fleet_on_a(cluster)
+        flows = [c.flow for c in fleet.conns]
+        try:
+            move(cluster, flows[0], "b")
+            cluster.etcd.stop("a", signal.SIGKILL)  # one member lost: nothing changes
+            move(cluster, flows[1], "b")
+
+            reports: list[dict] = []  # moves under way when the quorum goes
+
+            def mover() -> None:
+                for flow in flows[2:8]:
+                    reports.append(cluster.migrate(flow, "b"))
+
+            moving = threading.Thread(target=mover)
+            moving.start()
+            wait_until(lambda: len(reports) >= 2, 30, "two moves before the quorum goes")
+            cluster.etcd.stop("b", signal.SIGKILL)  # no quorum: as if etcd were down
+            moving.join(120)
+            assert not moving.is_alive()
+            for r in reports:
+                if r["outcome"] != "moved":
+                    assert r["outcome"] == "failed" and "nothing was frozen" in r["error"], r
+            moved_while = [
+                f for f, r in zip(flows[2:8], reports, strict=True) if r["outcome"] == "moved"
+            ]
+            refused = cluster.migrate(flows[8], "b")
+            assert refused["outcome"] == "failed" and "shared store" in refused["error"], refused
+            wait_until(
+                lambda: cluster.store_report()["state"] == "down", 20, "the mirror to see it"
+            )
+
+            cluster.etcd.start("a")
+            cluster.etcd.start("b")
+            wait_until(lambda: cluster.store_report()["state"] == "synced", 30, "a resync")
+            move(cluster, flows[8], "b")
+            expected = {flows[0], flows[1], flows[8], *moved_while}
+            wait_until(
+                lambda: set(cluster.store_overrides()) == expected,
+                20,
+                "every move's override (the targets write theirs until they land)",
+            )
+            assert cluster.store_report()["overrides"] == len(expected)
+            v = fleet.verdicts(settle=10)
+            assert len(v["survived"]) == N, {k: x for k, x in v.items() if x}
+            assert {f for f, n in cluster_served(cluster).items() if n == "b"} == expected
+        finally:
+            fleet.shutdown()
+
+
+def cluster_served(cluster: Cluster) -> dict[str, str]:
+    return {f["flow"]: f["node"] for f in cluster.flows()}
