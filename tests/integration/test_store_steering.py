@@ -12,6 +12,7 @@ Streams are byte-exact (the ticker's echo and tick order) and counted.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Iterator
@@ -179,3 +180,30 @@ def test_three_members_one_lost_changes_nothing_a_lost_quorum_refuses(tmp_path: 
 
 def cluster_served(cluster: Cluster) -> dict[str, str]:
     return {f["flow"]: f["node"] for f in cluster.flows()}
+
+
+def test_many_short_moved_connections_leave_nothing_behind(cluster: Cluster) -> None:
+    """Rounds of connections that are moved (a drain) and then end: after each round the
+    store and the steering node's mirror and table hold none of them."""
+    for _ in range(3):
+        fleet = Fleet(cluster.lab, 443, 40, ca=cluster.client_ca)
+        try:
+            flows = {c.flow for c in fleet.conns}
+            wait_until(
+                lambda f=flows: {x["flow"] for x in cluster.flows()} >= f, 20, "40 on a node"
+            )
+            (source,) = {x["node"] for x in cluster.flows() if x["flow"] in flows}
+            target = "b" if source == "a" else "a"
+            out = cluster.cli("drain", "--from", source, "--to", target, "--json", timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["moved"] == 40, out.stdout[:2000]
+            assert cluster.cli("undrain", "--node", source).returncode == 0
+            wait_until(lambda f=flows: set(cluster.store_overrides()) == f, 15, "40 overrides")
+            fleet.close()
+            wait_until(lambda: not cluster.store_overrides(), 20, "their removal")
+            wait_until(lambda: cluster.store_report()["overrides"] == 0, 10, "the mirror to follow")
+            wait_until(lambda f=flows: not f & set(cluster.steer_rows()), 10, "the entries to go")
+        finally:
+            fleet.shutdown()
+    report = cluster.store_report()
+    assert report["set"] == report["unset"] == 120, report
