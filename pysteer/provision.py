@@ -58,19 +58,27 @@ def role_sysctls(*, steer: bool, host: bool, ecmp: bool = False) -> dict[str, st
     return values
 
 
-def route_default(ipr: IPRoute, gateways: list[tuple[Any, Any]], src: tuple[Any, Any]) -> None:
-    """A node's default routes through steering nodes (``gateways``: (v4, v6) of each):
-    one next hop, or ECMP over several, with ``src`` (v4, v6) as the source address."""
+def route_default(
+    ipr: IPRoute,
+    gateways: list[tuple[Any, Any]],
+    src: tuple[Any, Any],
+    *,
+    dst: tuple[str, str] = ("0.0.0.0/0", "::/0"),
+) -> None:
+    """A node's routes to ``dst`` (v4, v6; default: everything) through steering nodes
+    (``gateways``: (v4, v6) of each): one next hop, or ECMP over several, with ``src``
+    (v4, v6) as the source address."""
     import socket  # noqa: PLC0415
 
+    targets = dst
     for family, i in ((socket.AF_INET, 0), (socket.AF_INET6, 1)):
-        dst = "0.0.0.0/0" if i == 0 else "::/0"
+        dst_i = targets[i]
         if len(gateways) == 1:
-            ipr.route("replace", dst=dst, family=family, gateway=str(gateways[0][i]))
+            ipr.route("replace", dst=dst_i, family=family, gateway=str(gateways[0][i]))
         else:
             hops = [{"gateway": str(g[i])} for g in gateways]
             _with_retry(
-                lambda d=dst, f=family, h=hops, p=str(src[i]): ipr.route(
+                lambda d=dst_i, f=family, h=hops, p=str(src[i]): ipr.route(
                     "replace", dst=d, family=f, multipath=h, prefsrc=p
                 )
             )

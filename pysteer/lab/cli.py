@@ -73,7 +73,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_vm_setup(args: argparse.Namespace) -> int:
     from pysteer.lab.vm import setup_node  # noqa: PLC0415
 
-    done = list(setup_node(load(args.variant), args.node))
+    done = list(setup_node(load(args.variant, steering=args.steering), args.node))
     if args.json:
         print(json.dumps({"node": args.node, "done": done}, indent=2))
     for line in [] if args.json else done:
@@ -243,6 +243,14 @@ LAB = Command(
             args=(
                 arg("--node", required=True, help="this machine's node name in the plan"),
                 arg("--variant", default="vm", help="plan variant (default: vm)"),
+                arg(
+                    "--steering",
+                    type=int,
+                    default=1,
+                    metavar="N",
+                    help="steering nodes in the plan (default 1): every machine of it must "
+                    "be set up with the same N",
+                ),
                 JSON,
             ),
             run=cmd_vm_setup,

@@ -120,7 +120,11 @@ class LabPlan:
             "v4": str(self.v4),
             "v6": str(self.v6),
             "vip": {"v4": str(self.vip_v4), "v6": str(self.vip_v6)},
-            **({"steering": len(self.steers)} if len(self.steers) > 1 else {}),
+            **(
+                {"steering": len(self.steers), "steers": list(self.steers)}
+                if len(self.steers) > 1
+                else {}
+            ),
             "default_host": self.default_host,
             "links": [
                 {

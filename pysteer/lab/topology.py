@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pysteer import netns
+from pysteer.lab import routes
 from pysteer.lab.plan import LabPlan, from_dict, load
 from pysteer.paths import RUN_DIR
 from pysteer.paths import STATE_DIR as NODE_STATE_DIR
-from pysteer.provision import add_vip, role_sysctls, route_default, route_vip, set_sysctls
+from pysteer.provision import add_vip, role_sysctls, set_sysctls
 
 if TYPE_CHECKING:
     from pyroute2 import IPRoute
@@ -259,23 +260,15 @@ class Lab:
         if not steers or not set(steers) <= set(self.plan.steers):
             raise LabError(f"next hops must be some of {self.plan.steers}, not {steers}")
         for peer in (self.plan.client, *self.plan.hosts):
-            self.call(peer, _with_ipr(lambda ipr, p=peer: self._route_peer(ipr, p, steers)))
-
-    def _route_peer(self, ipr: IPRoute, peer: str, steers: list[str]) -> None:
-        plan = self.plan
-        gateways = [
-            (plan.link(peer, s).steer_end.v4.ip, plan.link(peer, s).steer_end.v6.ip) for s in steers
-        ]
-        mine = plan.link(peer).peer_end
-        src = (mine.v4.ip, mine.v6.ip)
-        if peer == plan.client and len(plan.steers) > 1:
-            src = (plan.client_home(4), plan.client_home(6))
-        route_default(ipr, gateways, src)
+            self.call(
+                peer, _with_ipr(lambda ipr, p=peer: routes.next_hops(ipr, self.plan, p, steers))
+            )
 
     def _build_steer(self, ipr: IPRoute, steer: str) -> None:
         plan = self.plan
-        mine = [link for link in plan.links if link.steer_end.node == steer]
-        for link in mine:
+        for link in plan.links:
+            if link.steer_end.node != steer:
+                continue
             end = link.steer_end
             ipr.link(
                 "add",
@@ -286,22 +279,7 @@ class Lab:
             idx = ipr.link_lookup(ifname=end.name)[0]
             _addresses(ipr, idx, end.v4, end.v6)
             ipr.link("set", index=idx, state="up")
-        default = plan.link(plan.default_host, steer).peer_end
-        route_vip(ipr, plan.vip_v4, plan.vip_v6, default.v4.ip, default.v6.ip)
-        if len(plan.steers) > 1:  # its control address, on lo; the client's, over its link
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.addr("add", index=lo, address=str(plan.control_address(steer)), prefixlen=32)
-            client = plan.link(plan.client, steer).peer_end
-            ipr.route("add", dst=f"{plan.client_home(4)}/32", gateway=str(client.v4.ip))
-            ipr.route("add", dst=f"{plan.client_home(6)}/128", gateway=str(client.v6.ip))
-        # The other steering nodes' links: through this node's own link to that peer (a
-        # reply may leave a host by another steering node than the one its flow came in).
-        for other in plan.links:
-            if other.steer_end.node == steer:
-                continue
-            via = plan.link(other.peer, steer).peer_end
-            ipr.route("add", dst=str(other.peer_end.v4.network), gateway=str(via.v4.ip))
-            ipr.route("add", dst=str(other.peer_end.v6.network), gateway=str(via.v6.ip))
+        routes.steer_routes(ipr, plan, steer)
 
     def _build_peer(self, ipr: IPRoute, peer: str) -> None:
         plan = self.plan
@@ -313,15 +291,7 @@ class Lab:
             ipr.link("set", index=idx, state="up")
         if peer in plan.hosts:
             add_vip(ipr, plan.vip_v4, plan.vip_v6)
-        if peer == plan.client and len(plan.steers) > 1:
-            lo = ipr.link_lookup(ifname="lo")[0]
-            ipr.addr("add", index=lo, address=str(plan.client_home(4)), prefixlen=32)
-            ipr.addr("add", index=lo, address=str(plan.client_home(6)), prefixlen=128)
-        self._route_peer(ipr, peer, list(plan.steers))
-        if len(plan.steers) > 1:  # each steering node's control address: over its own link
-            for steer in plan.steers:
-                via = plan.link(peer, steer).steer_end.v4.ip
-                ipr.route("add", dst=f"{plan.control_address(steer)}/32", gateway=str(via))
+        routes.peer_routes(ipr, plan, peer)
 
     # --- inspection ----------------------------------------------------------------------
     def problems(self) -> list[str]:

@@ -17,9 +17,10 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pysteer.lab import routes
 from pysteer.lab.plan import LabPlan
 from pysteer.lab.topology import LabError
-from pysteer.provision import add_vip, role_sysctls, route_vip, set_sysctls
+from pysteer.provision import add_vip, role_sysctls, set_sysctls
 
 
 def _ignore_exists(fn: Any, *args: Any, **kwargs: Any) -> None:
@@ -61,7 +62,9 @@ def setup_node(plan: LabPlan, node: str) -> list[str]:
     """Configure this machine as ``node`` of ``plan``; returns what it did, for the log."""
     if node not in plan.nodes:
         raise LabError(f"unknown node {node!r}; the plan has {', '.join(plan.nodes)}")
-    values = role_sysctls(steer=node == plan.steer, host=node in plan.hosts)
+    steer = node in plan.steers
+    ecmp = len(plan.steers) > 1 and not steer
+    values = role_sysctls(steer=steer, host=node in plan.hosts, ecmp=ecmp)
     set_sysctls(values)
     done = [f"sysctls: {', '.join(sorted(values))}"]
     with IPRoute() as ipr:
@@ -82,16 +85,16 @@ def setup_node(plan: LabPlan, node: str) -> list[str]:
         waited = _wait_dad(ipr)
         if waited > 0.1:
             done.append(f"waited {waited:.1f} s for IPv6 duplicate address detection")
-        if node == plan.steer:
-            gw = plan.link(plan.default_host).peer_end
-            route_vip(ipr, plan.vip_v4, plan.vip_v6, gw.v4.ip, gw.v6.ip, again=True)
+        if steer:
+            routes.steer_routes(ipr, plan, node, again=True)
             done.append(f"VIP routed to {plan.default_host}")
             return done
         if node in plan.hosts:
             add_vip(ipr, plan.vip_v4, plan.vip_v6, again=True)
             done.append(f"VIP {plan.vip_v4} {plan.vip_v6} on lo")
-        steer = plan.link(node).steer_end
-        ipr.route("replace", dst=str(plan.v4), gateway=str(steer.v4.ip))
-        ipr.route("replace", dst=str(plan.v6), gateway=str(steer.v6.ip))
-        done.append(f"{plan.v4} and {plan.v6} via the steering node")
+        # Not the default route: the VM's own (Vagrant's NAT) must stay.
+        routes.peer_routes(ipr, plan, node, dst=(str(plan.v4), str(plan.v6)), again=True)
+        several = len(plan.steers) > 1
+        via = f"ECMP over {', '.join(plan.steers)}" if several else "the steering node"
+        done.append(f"{plan.v4} and {plan.v6} via {via}")
     return done

@@ -3,11 +3,14 @@
 Each namespace gets what Vagrant gives a VM: interfaces named eth1.. holding only their
 IPv4 link address from the plan's vm variant, and a default route of its own that must
 survive. vm-setup (run twice) must make the VIP reachable from the client over IPv4 and
-IPv6, and the hosts reachable from each other through the steering node.
+IPv6, and the hosts reachable from each other through the steering node. With two
+steering nodes (``--steering 2``, the Vagrantfile's PYSTEER_STEERING=2), the client's
+connections to the VIP spread over both.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -22,11 +25,14 @@ from pysteer.lab.plan import load
 from pysteer.lab.pytest_plugin import require_root, unique_prefix
 
 PLAN = load("vm")
+VM_SETUP = [sys.executable, "-m", "pysteer", "lab", "vm-setup"]
 
 
-@pytest.fixture
-def vms() -> Iterator[dict[str, str]]:
+@pytest.fixture(params=[1, 2], ids=["one-steering-node", "two-steering-nodes"])
+def vms(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     require_root()
+    global PLAN  # noqa: PLW0603 - the tests below read the plan the VMs were made for
+    PLAN = load("vm", steering=request.param)
     prefix = unique_prefix()
     names = {node: f"{prefix}-{node}" for node in PLAN.nodes}
     for name in names.values():
@@ -37,7 +43,10 @@ def vms() -> Iterator[dict[str, str]]:
                 ipr.link(
                     "add", ifname=f"v{prefix}{i}", kind="veth", peer={"ifname": f"p{prefix}{i}"}
                 )
-                for ifname, node in ((f"v{prefix}{i}", PLAN.steer), (f"p{prefix}{i}", link.peer)):
+                for ifname, node in (
+                    (f"v{prefix}{i}", link.steer_end.node),
+                    (f"p{prefix}{i}", link.peer),
+                ):
                     idx = ipr.link_lookup(ifname=ifname)[0]
                     ipr.link("set", index=idx, net_ns_fd=names[node])
 
@@ -92,7 +101,7 @@ def test_vm_setup_connects_the_plan(vms: dict[str, str]) -> None:
         for node, name in vms.items():
             out = subprocess.run(
                 netns.exec_argv(
-                    name, [sys.executable, "-m", "pysteer", "lab", "vm-setup", "--node", node]
+                    name, [*VM_SETUP, "--node", node, "--steering", str(len(PLAN.steers))]
                 ),
                 capture_output=True,
                 text=True,
@@ -106,11 +115,32 @@ def test_vm_setup_connects_the_plan(vms: dict[str, str]) -> None:
         server = netns.call_in(vms["a"], socket.create_server, (vip, 9400), family=family)
         client = netns.call_in(vms["client"], socket.create_connection, (vip, 9400), 5)
         conn, peer = server.accept()
-        assert peer[0] == str(PLAN.address("client", 4 if family == socket.AF_INET else 6))
+        v = 4 if family == socket.AF_INET else 6
+        client_address = PLAN.address("client", v) if len(PLAN.steers) == 1 else PLAN.client_home(v)
+        assert peer[0] == str(client_address)
         client.sendall(b"over the steering node")
         assert conn.recv(100) == b"over the steering node"
         for s in (client, conn, server):
             s.close()
+    if len(PLAN.steers) > 1:  # the client's flows hash over both steering nodes
+        gateways = set()
+        for sport in range(40000, 40032):
+            argv = ["ip", "-j", "route", "get", str(PLAN.vip_v4), "from"]
+            argv += [
+                str(PLAN.client_home(4)),
+                "ipproto",
+                "tcp",
+                "sport",
+                str(sport),
+                "dport",
+                "443",
+            ]
+            out = subprocess.run(
+                netns.exec_argv(vms["client"], argv), capture_output=True, text=True, check=True
+            )
+            gateways.add(json.loads(out.stdout)[0]["gateway"])
+        steer_ends = {str(PLAN.link(PLAN.client, s).steer_end.v4.ip) for s in PLAN.steers}
+        assert gateways == steer_ends
     # host to host (the agents' peer traffic), through the steering node
     b_addr = str(PLAN.address("b"))
     server = netns.call_in(vms["b"], socket.create_server, (b_addr, 9401))

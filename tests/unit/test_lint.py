@@ -85,6 +85,15 @@ def test_vagrant_plan_is_derived_from_plan_json() -> None:
     )
     committed = json.loads((ROOT / "vagrant" / "plan-vm.json").read_text())
     assert committed == json.loads(out.stdout), "regenerate: pysteer lab plan --variant vm"
+    out = subprocess.run(
+        [sys.executable, "-m", "pysteer", "lab", "plan", "--variant", "vm", "--steering", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    committed = json.loads((ROOT / "vagrant" / "plan-vm-steering2.json").read_text())
+    assert committed == json.loads(out.stdout), "regenerate it with --steering 2"
+    assert committed["steers"] == ["steer", "steer2"]  # what the Vagrantfile defines
 
 
 def test_dependency_floors_are_the_tested_versions() -> None:
