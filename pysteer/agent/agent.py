@@ -59,6 +59,7 @@ from pysteer.metrics import serve as serve_metrics
 from pysteer.paths import RUN_DIR
 from pysteer.rpc import aio
 from pysteer.rpc.errors import ProtocolError
+from pysteer.store.errors import StoreError
 from pysteer.tls import ServerConfig
 from pysteer.transfer.blob import KEY_LEN, worker_of
 
@@ -80,6 +81,8 @@ GC_THRESHOLDS = (50_000, 50, 100)  # gc.set_threshold: see run()
 FREEZE_SLOTS = 8  # flows this agent's migrations hold frozen at once (see Migration._run)
 CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
 CLOSED_BATCH = 2000
+SWEEP_FIRST = 5.0  # seconds after the start: the first sweep of stale overrides
+SWEEP_INTERVAL = 300.0  # then this often (a full read: 1 s for 100,000 overrides)
 MAX_CLOSED = 100_000  # close notices kept while the steering node is unreachable
 MAX_CONTROL_REQUEST = 64 << 10  # bytes of a request on the local control socket
 MIN_TIMEOUT = 0.1  # seconds: a move's budget below this could only time out and roll back
@@ -333,6 +336,8 @@ class Agent:
             self.steering.reconcile(self._spawn)
         self.node.overrides = self._open_store()
         self.node.overrides.start()
+        if self.node.overrides.enabled and self.worker is None:  # workers: see _sweep
+            self._spawn(self._sweep())
         self._spawn(self._notify_closed())
         log.info(
             "%s: serving %s on %s; peers at %s:%d; %s %s",
@@ -380,6 +385,25 @@ class Agent:
             raise AgentError(f"the shared store: {exc}") from None
         log.info("shared store: etcd at %s", ", ".join(f"{h}:{p}" for h, p in spec.endpoints))
         return OverrideKeeper(store, self.name)
+
+    async def _sweep(self) -> None:
+        """Soon after the start, then every SWEEP_INTERVAL: the overrides that name this
+        node for flows it no longer serves go (a restart ended every connection here).
+        Not with workers: one worker serves only its share of the node's flows."""
+        keeper = self.node.overrides
+        assert keeper is not None  # noqa: S101
+        delay = SWEEP_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            delay = SWEEP_INTERVAL
+            try:
+                removed = await keeper.sweep(lambda: set(self.served_flows()))
+            except StoreError as exc:
+                log.warning("store: the sweep of stale overrides failed (%s); later again", exc)
+                delay = SWEEP_FIRST * 6
+                continue
+            if removed:
+                log.info("store: %d stale override(s) to this node removed", removed)
 
     async def _end_tasks(self, timeout: float = 5.0) -> None:
         """Cancel the background tasks and wait until they are gone. A cancel can be lost:
@@ -867,13 +891,21 @@ class Agent:
         return {"ok": True}
 
     async def status(self) -> dict[str, Any]:
-        try:
-            stats = await self.steer.call(2.0, cmd="stats")
-            steer = {"reachable": True, "stats": stats.get("stats")}
-        except (LinkError, Refused) as exc:
-            steer = {"reachable": False, "error": str(exc)}
+        async def one(pool: LinkPool) -> dict[str, Any]:
+            try:
+                stats = await pool.call(2.0, cmd="stats")
+            except (LinkError, Refused) as exc:
+                return {"reachable": False, "error": str(exc)}
+            return {"reachable": True, "stats": stats.get("stats")}
+
+        members = self.steering.members
+        found = await asyncio.gather(*(one(m.pool) for m in members.values()))
+        steers = dict(zip(members, found, strict=True))
+        down = [s for s in steers.values() if not s["reachable"]]
+        steer = down[0] if down else next(iter(steers.values()))  # every one, for short
         return {
             "steer": steer,
+            "steers": steers,
             "node": self.name,
             "version": __version__,
             "pid": os.getpid(),

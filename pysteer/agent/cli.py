@@ -523,7 +523,8 @@ def _node_lines(node: str, st: dict[str, Any]) -> list[str]:
 def cmd_status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     nodes: dict[str, Any] = {}
-    steer: dict[str, Any] = {"reachable": False, "error": "no agent is up to ask"}
+    nobody = {"reachable": False, "error": "no agent is up to ask"}
+    steers: dict[str, dict[str, Any]] = {s.name: dict(nobody) for s in cfg.steers}
     for node in sorted(cfg.nodes):
         try:
             st = _ask(cfg, node, "status")["status"]
@@ -531,16 +532,28 @@ def cmd_status(args: argparse.Namespace) -> int:
             nodes[node] = {"up": False, "error": str(exc)}
             continue
         nodes[node] = {"up": True} | st
-        if st["steer"]["reachable"] or not steer["reachable"]:
-            steer = st["steer"] | {"via": node}
-    certs = {"ca": _expiry(cfg.ca), cfg.steer.name: _expiry(cfg.steer.cert)}
+        seen = st.get("steers") or {cfg.steer.name: st["steer"]}  # an older agent: one
+        for name, one in seen.items():
+            if name in steers and (one["reachable"] or not steers[name]["reachable"]):
+                steers[name] = one | {"via": node}
+    several = len(steers) > 1
+    down = [
+        one | ({"name": n} if several else {}) for n, one in steers.items() if not one["reachable"]
+    ]
+    steer = down[0] if down else steers[cfg.steer.name]
+    certs = {"ca": _expiry(cfg.ca)} | {s.name: _expiry(s.cert) for s in cfg.steers}
     certs |= {n: _expiry(c.cert) for n, c in cfg.nodes.items()}
     certs |= {f"service {p}": _expiry(s.cert) for p, s in cfg.services.items() if s.cert}
     problems = _problems(nodes, steer, certs)
+    problems += [
+        {"kind": "down", "what": f"steering node {n['name']} is unreachable ({n['error']})"}
+        for n in down[1:]
+    ]
     result = {
         "cluster": cfg.name,
         "nodes": nodes,
         "steer": steer,
+        "steers": steers,
         "certificates": certs,
         "problems": problems,
     }
@@ -551,26 +564,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"cluster {cfg.name} ({cfg.path})")
     for node, st in nodes.items():
         print("\n".join(_node_lines(node, st)))
-    where = f"{cfg.steer.control[0]}:{cfg.steer.control[1]}"
-    if steer["reachable"]:
-        stats = steer.get("stats") or {}
-        print(
-            f"  steering {cfg.steer.name} at {where}: up (asked via {steer['via']}), "
-            f"{stats.get('flows', '?')}/{stats.get('capacity', '?')} flows in the table"
-        )
-        if stats.get("table_full") or stats.get("divert_failed"):
-            print(
-                f"    FLOW TABLE FULL: {stats.get('table_full', 0)} change(s) refused, "
-                f"{stats.get('divert_failed', 0)} new connection(s) not diverted; see "
-                "`pysteer steer gc` and --max-flows"
-            )
-    else:
-        print(f"  steering {cfg.steer.name} at {where}: UNREACHABLE ({steer['error']})")
+    for spec in cfg.steers:
+        print("\n".join(_steer_lines(spec.name, spec.control, steers[spec.name])))
     for name, c in certs.items():
         print(f"  certificate {name}: {_shown_expiry(c)}")
     for p in problems:
         print(f"PROBLEM: {p['what']}")
     return code
+
+
+def _steer_lines(name: str, control: tuple[str, int], steer: dict[str, Any]) -> list[str]:
+    where = f"{control[0]}:{control[1]}"
+    if not steer["reachable"]:
+        return [f"  steering {name} at {where}: UNREACHABLE ({steer['error']})"]
+    stats = steer.get("stats") or {}
+    lines = [
+        f"  steering {name} at {where}: up (asked via {steer['via']}), "
+        f"{stats.get('flows', '?')}/{stats.get('capacity', '?')} flows in the table"
+    ]
+    if stats.get("table_full") or stats.get("divert_failed"):
+        lines.append(
+            f"    FLOW TABLE FULL: {stats.get('table_full', 0)} change(s) refused, "
+            f"{stats.get('divert_failed', 0)} new connection(s) not diverted; see "
+            "`pysteer steer gc` and --max-flows"
+        )
+    return lines
 
 
 CERT_WARN_DAYS = 30  # status fails when a certificate expires sooner (rotate it: security.md)
@@ -586,9 +604,8 @@ def _problems(
         if not st["up"]
     ]
     if not steer["reachable"]:
-        out.append(
-            {"kind": "down", "what": f"the steering daemon is unreachable ({steer['error']})"}
-        )
+        who = f"steering node {steer['name']}" if "name" in steer else "the steering daemon"
+        out.append({"kind": "down", "what": f"{who} is unreachable ({steer['error']})"})
     out += [
         {"kind": "in-doubt", "what": f"migration {m[:12]} on {n} is in doubt (pysteer migrations)"}
         for n, st in nodes.items()

@@ -138,6 +138,23 @@ class OverrideKeeper:
         self._gone.append(override)
         self._wake.set()
 
+    async def sweep(self, served: Callable[[], set[str]]) -> int:
+        """Remove the overrides that name this node for flows it does not serve: those of
+        connections that ended while it was down (a restart ends them all), or whose
+        removal was lost. ``served`` is asked after the read, and each removal compares
+        the value read, so an override written meanwhile is never removed. How many went."""
+        assert self.store is not None  # noqa: S101
+        found, _ = await self.store.overrides(bad=lambda _exc: None)
+        mine = [o for o in found.values() if o.host == self.me]
+        now = served()
+        stale = [o for o in mine if o.flow not in now and o.flow not in self._pending]
+        removed = 0
+        for o in stale:
+            async with self._slots:
+                removed += await self.store.delete_override(o.flow, value=o)
+        self.counts["swept"] = self.counts.get("swept", 0) + removed
+        return removed
+
     def owed(self) -> int:
         return len(self._pending) + len(self._gone)
 

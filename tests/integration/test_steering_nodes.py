@@ -141,6 +141,12 @@ def test_a_rebooted_steering_node_loads_every_override_before_it_attaches(
             node="steer2",
         )
         assert out.returncode == 0, out.stderr
+        out = cluster.cli("status", "--json")
+        status = json.loads(out.stdout)
+        assert out.returncode == 3, out.stdout  # something is down
+        assert status["steers"]["steer"]["reachable"], status["steers"]
+        assert not status["steers"]["steer2"]["reachable"], status["steers"]
+        assert any("steering node steer2" in p["what"] for p in status["problems"])
         refused = cluster.migrate(flows[20], "b")
         assert refused["outcome"] == "failed" and "nothing was frozen" in refused["error"]
         assert "steer2" in refused["error"], refused["error"]

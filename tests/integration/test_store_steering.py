@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -207,3 +208,25 @@ def test_many_short_moved_connections_leave_nothing_behind(cluster: Cluster) -> 
             fleet.shutdown()
     report = cluster.store_report()
     assert report["set"] == report["unset"] == 120, report
+
+
+def test_a_restarted_host_sweeps_the_overrides_of_its_lost_connections(cluster: Cluster) -> None:
+    """b killed -9 with moved connections: they end with it, their overrides stay (no one
+    removed them); b, started again, removes them (comparing each value it read)."""
+    fleet = fleet_on_a(cluster)
+    flows = [c.flow for c in fleet.conns]
+    try:
+        for flow in flows[:3]:
+            move(cluster, flow, "b")
+        wait_until(lambda: set(cluster.store_overrides()) == set(flows[:3]), 10, "3 overrides")
+        cluster.stop("b", signal.SIGKILL)
+        time.sleep(1.0)
+        assert set(cluster.store_overrides()) == set(flows[:3])  # nobody removed them
+        cluster.start_agent("b")
+        wait_until(lambda: not cluster.store_overrides(), 20, "b's sweep")
+        assert "store: 3 stale override(s) to this node removed" in cluster.log("b")
+        wait_until(lambda: cluster.store_report()["overrides"] == 0, 10, "the mirror")
+        v = fleet.verdicts(settle=10)
+        assert sorted(v["reset"]) == [0, 1, 2] and len(v["survived"]) == N - 3, v
+    finally:
+        fleet.shutdown()
