@@ -46,6 +46,7 @@ from pysteer.agent.imports import Imports
 from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration, Node
+from pysteer.agent.notices import Notifier
 from pysteer.agent.overrides import OverrideKeeper
 from pysteer.agent.steer_group import SteerGroup
 from pysteer.agent.steering import Steering
@@ -80,7 +81,6 @@ REMOTE_COMMANDS = (
 GC_THRESHOLDS = (50_000, 50, 100)  # gc.set_threshold: see run()
 FREEZE_SLOTS = 8  # flows this agent's migrations hold frozen at once (see Migration._run)
 CLAIM_PATIENCE = 4.0  # seconds a commit waits on the steering node before answering "pending"
-CLOSED_BATCH = 2000
 SWEEP_FIRST = 5.0  # seconds after the start: the first sweep of stale overrides
 SWEEP_INTERVAL = 300.0  # then this often (a full read: 1 s for 100,000 overrides)
 MAX_CLOSED = 100_000  # close notices kept while the steering node is unreachable
@@ -170,6 +170,7 @@ class Agent:
         ]
         self.runtime = Runtime(services, [str(v) for v in config.vips], shared=worker is not None)
         self.runtime.on_close = self._on_closed
+        self.runtime.on_open = self._on_opened
         self.ledger = Ledger(ledger_path(config.name, node, worker, me.workers))
         self.inflight: dict[str, Migration] = {}
         self.in_doubt: dict[str, tuple[Migration, asyncio.Task]] = {}
@@ -211,8 +212,9 @@ class Agent:
         self.imports = Imports(self.node, self.ledger, self._count_import)
         self._tasks: set[asyncio.Task] = set()
         self._handshakes: set[asyncio.Task] = set()
-        self._closed: deque[str] = deque(maxlen=MAX_CLOSED)
-        self._closed_event = asyncio.Event()
+        members = lambda: {n: m.pool for n, m in self.steering.members.items()}  # noqa: E731
+        self._closed = Notifier("closed", node, members, MAX_CLOSED)
+        self._opened = Notifier("opened", node, members, MAX_CLOSED)
         self._stop = asyncio.Event()
         self._stop_signal: str | None = None
         self.control_path = control_path(config.name, node, worker)
@@ -338,7 +340,8 @@ class Agent:
         self.node.overrides.start()
         if self.node.overrides.enabled and self.worker is None:  # workers: see _sweep
             self._spawn(self._sweep())
-        self._spawn(self._notify_closed())
+        self._spawn(self._closed.run(self._stop))
+        self._spawn(self._opened.run(self._stop))
         log.info(
             "%s: serving %s on %s; peers at %s:%d; %s %s",
             f"agent {self.name}" if self.worker is None else self._worker_name,
@@ -619,32 +622,18 @@ class Agent:
 
     # --- keeping the steering node true ------------------------------------------------------
     def _on_closed(self, conn: Connection) -> None:
+        """Every steering node drops its entry at once (the programs also see most closes;
+        this covers the rest), and the shared store its override."""
         if conn.flow is not None:
-            self._closed.append(str(conn.flow))
+            self._closed.add(str(conn.flow))
             if self.node.overrides is not None:
                 self.node.overrides.closed(str(conn.flow))
-            self._closed_event.set()
 
-    async def _notify_closed(self) -> None:
-        """Tell the steering node which connections ended here, in batches: their entries
-        go at once (the programs also see most closes; this covers the rest)."""
-        while not self._stop.is_set():
-            await self._closed_event.wait()
-            self._closed_event.clear()
-            await asyncio.sleep(0.2)  # gather a batch
-            while self._closed:
-                batch = [
-                    self._closed.popleft() for _ in range(min(CLOSED_BATCH, len(self._closed)))
-                ]
-                try:
-                    await self.steer.call(5.0, cmd="closed", host=self.name, flows=batch)
-                except Refused as exc:
-                    log.warning("steering node refused %d close notice(s): %s", len(batch), exc)
-                except LinkError:
-                    self._closed.extendleft(reversed(batch))  # kept (bounded) for later
-                    await asyncio.sleep(1.0)
-                    self._closed_event.set()
-                    break
+    def _on_opened(self, conn: Connection) -> None:
+        """With several steering nodes, each steers a connection accepted here to this
+        node: a drain's diversion entered it only at the one its SYN reached."""
+        if conn.flow is not None and len(self.steering.members) > 1:
+            self._opened.add(str(conn.flow))
 
     def served_flows(self) -> list[str]:
         """Every flow this node serves. Not its imports in progress: a sync steers what it

@@ -210,6 +210,7 @@ class Runtime:
         self._listeners: list[socket.socket] = []
         self._tasks: list[asyncio.Task] = []
         self.on_close: Callable[[Connection], None] | None = None
+        self.on_open: Callable[[Connection], None] | None = None  # accepted here (not moved)
         self._ids = itertools.count(1)  # connection ids, unique within this runtime
         self._signatures: list[list[Any]] | None = None
 
@@ -259,6 +260,8 @@ class Runtime:
             if tls is None:
                 conn.out += handler.on_connect()
             self._run(conn)
+            if self.on_open is not None:
+                self.on_open(conn)
 
     @staticmethod
     def _new_handler(service: Service, sock: socket.socket) -> Handler:

@@ -256,7 +256,7 @@ class Daemon:
                 }
             if cmd == "store":
                 return {"ok": True, "store": self.feed.report() if self.feed else None}
-            if cmd in ("sync", "closed"):
+            if cmd in ("sync", "closed", "opened"):
                 return {"ok": True, "boot": self.steerer.boot} | self._report(cmd, req)
             if cmd == "gc":
                 dry = req.get("dry_run", False) is True
@@ -369,6 +369,8 @@ class Daemon:
         flows = [Flow.parse(f) for f in raw]
         if cmd == "closed":
             return {"removed": self.steerer.closed(host, flows)}
+        if cmd == "opened":
+            return {"steered": self.steerer.opened(host, flows)}
         interval = req.get("interval", 30)
         if not isinstance(interval, int | float) or not 0 < interval <= 3600:
             raise RequestError("sync: interval must be a number of seconds in (0, 3600]")
@@ -667,6 +669,7 @@ AGENT_COMMANDS = {
     "claim": ("host",),
     "sync": ("host",),
     "closed": ("host",),
+    "opened": ("host",),
     "divert": (),
     "batch": (),  # each request in it is authorized as if it came alone
 }

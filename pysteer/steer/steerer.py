@@ -788,6 +788,27 @@ class Steerer:
         self.events["closed_by_agents"] += removed
         return removed
 
+    def opened(self, host: str, flows: Iterable[Flow]) -> int:
+        """Connections ``host`` accepted (a drain's diversion sent their SYN there, through
+        another steering node): steered to it here too, when they would go elsewhere and
+        nothing here says otherwise. The sync would, later. How many were steered."""
+        target = self._host(host)
+        steered = 0
+        for flow in flows:
+            if self.get(flow) is not None or self.default_host(flow.dst) == host:
+                continue
+            with self._control:
+                if self.get(flow) is not None:
+                    continue
+                try:
+                    self._set(flow, Action.TO, target.id)
+                except SteerError as exc:
+                    log.error("opened at %s: cannot steer %s to it: %s", host, flow, exc)
+                    continue
+            steered += 1
+        self.events["opened_steered"] += steered
+        return steered
+
     def sync(
         self, host: str, served: Iterable[Flow], interval: float, taken: float | None = None
     ) -> dict[str, Any]:

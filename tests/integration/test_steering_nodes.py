@@ -241,3 +241,32 @@ def test_a_third_steering_node_joins_under_load(tmp_path: Path) -> None:
             assert served(cluster) == expected
         finally:
             fleet.shutdown()
+
+
+def test_connections_a_drain_diverted_survive_a_steering_node(tmp_path: Path) -> None:
+    """During a drain a -> b, new connections go to b: each one's SYN made an entry at the
+    steering node it reached, and b's notice steers it to b on the other one too (long
+    before the 30 s sync), so losing that steering node loses none of them."""
+    with running_cluster(tmp_path, steering=2) as cluster:
+        summary = drain(cluster, "a", "b")  # nothing to move: it diverts new connections
+        assert summary["moved"] == 0, summary
+        fleet = Fleet(cluster.lab, 443, 60, ca=cluster.client_ca)
+        fleet.start_talking(0.2)
+        try:
+            wait_until(lambda: len(served(cluster)) == 60, 30, "60 connections")
+            assert set(served(cluster).values()) == {"b"}
+            flows = [c.flow for c in fleet.conns]
+            via = {f: steering_node_of(cluster, f) for f in flows}
+            assert 5 <= list(via.values()).count("steer2") <= 55, via
+
+            def everywhere() -> bool:
+                rows = [cluster.steer_rows(s) for s in STEERS]
+                return all(f in r and r[f]["host"] == "b" for r in rows for f in flows)
+
+            wait_until(everywhere, 5, "every steering node to steer them to b")
+            kill_steering_node(cluster, "steer2")
+            cluster.lab.next_hops(["steer"])
+            v = fleet.verdicts(settle=15)
+            assert len(v["survived"]) == 60, {k: x for k, x in v.items() if x}
+        finally:
+            fleet.shutdown()
