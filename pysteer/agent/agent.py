@@ -47,7 +47,7 @@ from pysteer.agent.ledger import Ledger
 from pysteer.agent.links import LinkError, LinkPool, PeerLink, Refused, SteerLink
 from pysteer.agent.migrate import Migration, Node
 from pysteer.agent.notices import Notifier
-from pysteer.agent.overrides import OverrideKeeper
+from pysteer.agent.overrides import OverrideKeeper, StoreRefused
 from pysteer.agent.steer_group import SteerGroup
 from pysteer.agent.steering import Steering
 from pysteer.app.handlers import HandlerError
@@ -871,6 +871,13 @@ class Agent:
         await send({"ok": True, "drain": summary})
 
     async def _undrain(self) -> dict[str, Any]:
+        keeper = self.node.overrides
+        try:
+            for vip in self.runtime.addresses:
+                if keeper is not None:
+                    await keeper.divert(vip, None)
+        except StoreRefused as exc:
+            return {"ok": False, "error": f"{exc}; still drained"}
         try:
             for vip in self.runtime.addresses:
                 await self.steer.call(5.0, cmd="divert", address=vip, host=None)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from pysteer.agent.links import LinkError, Refused
+from pysteer.agent.overrides import StoreRefused
 from pysteer.migration.timeline import step_durations
 
 if TYPE_CHECKING:
@@ -66,6 +67,13 @@ class Drain:
         if not hello.get("accepting"):
             raise DrainError(f"node {self.target} refuses imports (cordoned)")
         self.hello = hello
+        keeper = node.overrides
+        try:  # first in the store, which steering nodes that restart or join read
+            for vip in node.runtime.addresses:
+                if keeper is not None:
+                    await keeper.divert(vip, self.target)
+        except StoreRefused as exc:
+            raise DrainError(f"{exc}; nothing was changed") from None
         node.accepting = False
         try:
             for vip in node.runtime.addresses:

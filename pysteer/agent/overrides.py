@@ -117,6 +117,21 @@ class OverrideKeeper:
         self._pending[override.flow] = (override, expect)
         self._wake.set()
 
+    # --- a drain's diversion ----------------------------------------------------------------
+    async def divert(self, address: str, host: str | None) -> None:
+        """Record (or, with None, remove) that new connections to VIP ``address`` go to
+        ``host``: a steering node that restarts or joins during a drain learns it there.
+        StoreRefused if the store cannot answer."""
+        if self.store is None:
+            return
+        try:
+            if host is None:
+                await self.store.delete_diversion(address)
+            else:
+                await self.store.put_diversion(address, host)
+        except StoreError as exc:
+            raise StoreRefused(f"the shared store cannot record it ({exc})") from None
+
     # --- a connection's life ----------------------------------------------------------------
     def served(self, override: Override) -> None:
         """This node serves ``override.flow`` since that move: remove it at the end."""

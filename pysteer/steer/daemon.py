@@ -36,10 +36,10 @@ from pysteer.rpc.errors import Busy, ProtocolError, VersionMismatch, answer_for
 from pysteer.steer.control import MAX_REQUEST, RequestError, socket_path
 from pysteer.steer.loader import AttachError
 from pysteer.steer.maps import Action
-from pysteer.steer.mirror import SET, Op
+from pysteer.steer.mirror import DIVERT, SET, UNSET, Op
 from pysteer.steer.pins import PinError
 from pysteer.steer.steerer import HostSpec, Refusal, Steerer, SteerError, resolve
-from pysteer.steer.store_feed import Feed
+from pysteer.steer.store_feed import Feed, Preload
 
 log = logging.getLogger("pysteer.steer")
 
@@ -209,7 +209,9 @@ def _token(req: dict[str, Any], *, optional: bool = False) -> int:
 def _apply_op(steerer: Steerer, op: Op) -> str:
     if op.what == SET:
         return steerer.override(op.flow, op.host)
-    return steerer.unoverride(op.flow, op.host)
+    if op.what == UNSET:
+        return steerer.unoverride(op.flow, op.host)
+    return steerer.store_divert(op.flow, op.host if op.what == DIVERT else None, op.host)
 
 
 class Daemon:
@@ -764,10 +766,10 @@ def _serve(
             feed.close()
 
 
-def _load_store(store: tuple[list[str], float] | None) -> tuple[Feed | None, dict[str, str]]:
+def _load_store(store: tuple[list[str], float] | None) -> tuple[Feed | None, Preload]:
     """Start the store reader and wait for every override (nothing is attached before)."""
     if store is None:
-        return None, {}
+        return None, ({}, {})
     argv, wait = store
     feed = Feed(argv)
     feed.start()
@@ -799,7 +801,7 @@ def _serve_with(
     reload_tls: Callable[[], ssl.SSLContext] | None,
     certificates: dict[str, Path] | None,
     feed: Feed | None,
-    preload: dict[str, str],
+    preload: Preload,
 ) -> int:
     specs = []
     for host, where, given_mac in hosts:
@@ -820,7 +822,8 @@ def _serve_with(
             max_per_flow=max_parked,
             hosts=specs,
             idle_timeout=idle_timeout,
-            preload=preload,
+            preload=preload[0],
+            diversions=preload[1],
         )
     except (SteerError, AttachError, PinError, BpfBuildError, OSError) as exc:
         raise DaemonError(f"{exc}; nothing running was changed") from None

@@ -219,6 +219,7 @@ class Steerer:
         hosts: Iterable[HostSpec] = (),
         idle_timeout: float = 300.0,
         preload: dict[str, str] | None = None,
+        diversions: dict[str, str] | None = None,
     ) -> None:
         """Check everything first (interface, hosts, pinned maps, programs), then write the
         hosts and attach: a steerer that fails to start leaves what runs untouched.
@@ -277,6 +278,9 @@ class Steerer:
             log.info(
                 "store: %d overrides loaded before attaching (%s)", len(preload), dict(results)
             )
+        for address, host in (diversions or {}).items():
+            how = self.store_divert(address, host, host)
+            log.info("store: new connections to %s go to %s (a drain's): %s", address, host, how)
         self.bpf[b"parked"].open_perf_buffer(self._on_parked, page_cnt=1024)
         self._stop = threading.Event()
         self._poller = threading.Thread(target=self._poll, name=f"steer:{name}", daemon=True)
@@ -709,6 +713,21 @@ class Steerer:
                 return "failed"
         self.events["store_set"] += 1
         return "set"
+
+    def store_divert(self, address: str, host: str | None, was: str) -> str:
+        """The store's diversion of VIP ``address``: to ``host``, or (None) no longer to
+        ``was`` (only if that is still where it goes)."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return "bad-address"
+        if host is not None and host not in self.hosts:
+            self.events["store_unknown_host"] += 1
+            return "unknown-host"
+        if host is None and self.diversions().get(str(ip)) != was:
+            return "kept"
+        self.divert(ip, host)
+        return "diverted" if host else "undiverted"
 
     def unoverride(self, flow_text: str, host: str) -> str:
         """The store no longer backs the flow: its entry goes if it still steers to

@@ -8,8 +8,10 @@ child process started inside the namespace (``ip netns exec``). It reads every o
 then watches from the next revision, and on a watch gap reads everything again; it
 writes msgpack frames to its stdout:
 
-    {"t": "part", "items": [[flow, host], ...], "last": bool, "rev": R}
-    {"t": "change", "flow": F, "host": H | None, "rev": R}
+    {"t": "part", "items": [[flow, host], ...], "last": bool, "rev": R,
+     "diversions": [[vip, host], ...] (the last part only)}
+    {"t": "change", "kind": "override" | "diversion", "flow": F or VIP, "host": H | None,
+     "rev": R}
     {"t": "gap" | "down" | "bad", "why": TEXT}
 
 The daemon's side (``Feed``) feeds them to a ``Mirror`` and applies its ops to the
@@ -35,13 +37,14 @@ import msgpack
 
 from pysteer import netns
 from pysteer.deathsig import die_with_parent
-from pysteer.steer.mirror import SET, UNSET, Mirror, Op
+from pysteer.steer.mirror import DIVERT, SET, UNDIVERT, UNSET, Mirror, Op
 
 log = logging.getLogger("pysteer.steer")
 
 PART = 5000  # overrides per frame of a full read
 RETRY_MAX = 5.0  # seconds between attempts while the store does not answer
 MAX_FRAME = 4 << 20
+Preload = tuple[dict[str, str], dict[str, str]]  # overrides, diversions
 PROBE = 1.0  # seconds between the reader's checks that the store has a leader
 
 
@@ -70,7 +73,7 @@ async def _feed(args: argparse.Namespace, out: IO[bytes]) -> None:
     delay = 0.2
     while True:
         try:
-            found, revision = await store.overrides(
+            found, routes, revision = await store.state(
                 bad=lambda exc: _send(out, {"t": "bad", "why": str(exc)[:300]})
             )
         except StoreError as exc:
@@ -80,9 +83,11 @@ async def _feed(args: argparse.Namespace, out: IO[bytes]) -> None:
             continue
         delay = 0.2
         items = [[o.flow, o.host] for o in found.values()]
+        diversions = [[d.address, d.host] for d in routes.values()]
         for i in range(0, max(len(items), 1), PART):
             last = i + PART >= len(items)
-            _send(out, {"t": "part", "items": items[i : i + PART], "last": last, "rev": revision})
+            frame = {"t": "part", "items": items[i : i + PART], "last": last, "rev": revision}
+            _send(out, frame | ({"diversions": diversions} if last else {}))
         watching = asyncio.ensure_future(_watch(store, revision, out))
         try:
             why = await _probe(store, watching)
@@ -99,9 +104,9 @@ async def _watch(store: Any, revision: int, out: IO[bytes]) -> None:
     from pysteer.store.errors import StoreError, WatchGap  # noqa: PLC0415
 
     try:
-        async for change in store.watch_overrides(revision + 1):
-            host = change.override.host if change.override else None
-            _send(out, {"t": "change", "flow": change.flow, "host": host, "rev": change.revision})
+        async for c in store.watch_state(revision + 1):
+            frame = {"t": "change", "kind": c.kind, "flow": c.key, "host": c.host}
+            _send(out, frame | {"rev": c.revision})
     except WatchGap as exc:
         _send(out, {"t": "gap", "why": str(exc)[:300]})
     except StoreError as exc:  # a bad value in the watch: read everything again
@@ -171,13 +176,16 @@ class Feed:
             preexec_fn=die_with_parent(signal.SIGKILL),  # noqa: PLW1509 - prctl only
         )
 
-    def attach(self, apply: Callable[[Op], str], preloaded: dict[str, str]) -> None:
+    def attach(self, apply: Callable[[Op], str], preloaded: Preload) -> None:
         """From now on, apply every op; first, whatever changed since ``preloaded``."""
         with self.lock:
             self._apply = apply
-            now = self.mirror.known
-            ops = [Op(SET, f, h) for f, h in now.items() if preloaded.get(f) != h]
-            ops += [Op(UNSET, f, h) for f, h in preloaded.items() if f not in now]
+            (before, routes_before), m = preloaded, self.mirror
+            ops = [Op(SET, f, h) for f, h in m.known.items() if before.get(f) != h]
+            ops += [Op(UNSET, f, h) for f, h in before.items() if f not in m.known]
+            routes = m.diversions
+            ops += [Op(DIVERT, a, h) for a, h in routes.items() if routes_before.get(a) != h]
+            ops += [Op(UNDIVERT, a, h) for a, h in routes_before.items() if a not in routes]
             for op in ops:
                 self._count(apply(op))
 
@@ -233,13 +241,24 @@ class Feed:
             m = self.mirror
             if t == "part":
                 items = [(str(f), str(h)) for f, h in frame["items"]]
-                ops = m.part(items, last=bool(frame["last"]), revision=int(frame["rev"]))
+                routes = {str(a): str(h) for a, h in frame.get("diversions", [])}
+                ops = m.part(
+                    items, last=bool(frame["last"]), revision=int(frame["rev"]), diversions=routes
+                )
                 if frame["last"]:
-                    log.info("store: %d overrides at revision %d", len(m.known), m.revision)
+                    log.info(
+                        "store: %d overrides, %d diversions at revision %d",
+                        len(m.known),
+                        len(m.diversions),
+                        m.revision,
+                    )
             elif t == "change":
                 host = frame.get("host")
                 ops = m.change(
-                    str(frame["flow"]), None if host is None else str(host), int(frame["rev"])
+                    str(frame["flow"]),
+                    None if host is None else str(host),
+                    int(frame["rev"]),
+                    kind=str(frame.get("kind", "override")),
                 )
             elif t == "gap":
                 m.gap(str(frame.get("why")))
@@ -261,10 +280,11 @@ class Feed:
         if m.loaded:
             self.loaded.set()
 
-    def preload(self) -> dict[str, str]:
-        """What the store says now (flow -> host), for a steerer to load before attaching."""
+    def preload(self) -> Preload:
+        """What the store says now (flow -> host, VIP -> host), for a steerer to load
+        before attaching."""
         with self.lock:
-            return dict(self.mirror.known)
+            return dict(self.mirror.known), dict(self.mirror.diversions)
 
 
 def feed_argv(

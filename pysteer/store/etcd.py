@@ -26,11 +26,16 @@ from aetcd import rpc, watcher
 
 from pysteer.store.errors import Conflict, StoreError, StoreUnavailable, WatchGap
 from pysteer.store.keys import (
+    Diversion,
     Override,
     StoreDataError,
+    decode_diversion,
     decode_override,
+    diversion_key,
+    diversions_prefix,
     override_key,
     overrides_prefix,
+    prefix,
 )
 
 __all__ = ["Change", "Conflict", "Store", "StoreError", "StoreUnavailable", "WatchGap"]
@@ -46,6 +51,17 @@ class Change:
 
     flow: str
     override: Override | None
+    revision: int
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One change a steering node mirrors: ``kind`` override (``key``: the flow) or
+    diversion (``key``: the VIP); ``host`` None: removed."""
+
+    kind: str
+    key: str
+    host: str | None
     revision: int
 
 
@@ -221,6 +237,81 @@ class Store:
             write=True,
         )
         return bool(ok and responses and responses[0].response_delete_range.deleted)
+
+    # --- diversions (a drain's) ---------------------------------------------------------
+    async def put_diversion(self, address: str, host: str) -> int:
+        """New connections to ``address`` go to ``host``; returns the store revision."""
+        key = diversion_key(self.cluster, address)
+        result = await self._call(
+            lambda: self._client.put(key, Diversion(address, host).encode()), write=True
+        )
+        return int(result.header.revision) if hasattr(result, "header") else 0
+
+    async def delete_diversion(self, address: str) -> bool:
+        key = diversion_key(self.cluster, address)
+        result = await self._call(lambda: self._client.delete(key), write=True)
+        return bool(result)
+
+    # --- everything at once: what a steering node mirrors ------------------------------
+    async def state(
+        self, bad: Callable[[StoreDataError], None] | None = None
+    ) -> tuple[dict[str, Override], dict[str, Diversion], int]:
+        """Every override and diversion, read at one revision (watch from the next)."""
+        result = await self._call(lambda: self._client.get_prefix(prefix(self.cluster)))
+        overrides, diversions = {}, {}
+        for kv in result:
+            try:
+                entry = self._decode(kv.key, kv.value, kv.mod_revision)
+            except StoreDataError as exc:
+                if bad is None:
+                    raise
+                bad(exc)
+                continue
+            if isinstance(entry, Override):
+                overrides[entry.flow] = entry
+            elif isinstance(entry, Diversion):
+                diversions[entry.address] = entry
+        return overrides, diversions, int(result.header.revision)
+
+    def _decode(self, key: bytes, value: bytes, revision: int) -> Override | Diversion | None:
+        if key.startswith(overrides_prefix(self.cluster)):
+            return decode_override(self.cluster, key, value, revision)
+        if key.startswith(diversions_prefix(self.cluster)):
+            return decode_diversion(self.cluster, key, value, revision)
+        return None  # another kind of key: not a steering node's
+
+    async def watch_state(self, start_revision: int) -> AsyncIterator[StateChange]:
+        """Every change to overrides and diversions from ``start_revision`` on, in order;
+        WatchGap as ``watch_overrides``."""
+        head = prefix(self.cluster)
+        try:
+            watch = await self._call(
+                lambda: self._client.watch_prefix(head, start_revision=start_revision)
+            )
+        except StoreUnavailable as exc:
+            raise WatchGap(str(exc)) from None
+        try:
+            async for event in watch:
+                kv = event.kv
+                kind = "override" if kv.key.startswith(overrides_prefix(self.cluster)) else None
+                if kv.key.startswith(diversions_prefix(self.cluster)):
+                    kind = "diversion"
+                if kind is None:
+                    continue
+                name = kv.key[len(head) :].split(b"/", 1)[1].decode("ascii", "replace")
+                if event.kind == aetcd.EventKind.DELETE:
+                    yield StateChange(kind, name, None, kv.mod_revision)
+                    continue
+                entry = self._decode(kv.key, kv.value, kv.mod_revision)
+                assert entry is not None  # noqa: S101
+                yield StateChange(kind, name, entry.host, kv.mod_revision)
+        except aetcd_errors.RevisionCompactedError as exc:
+            raise WatchGap(f"etcd history compacted: {exc}") from None
+        except (aetcd_errors.ClientError, grpc.RpcError) as exc:
+            raise WatchGap(str(_unavailable(exc))) from None
+        finally:
+            with contextlib.suppress(Exception):
+                await watch.cancel()
 
     async def watch_overrides(self, start_revision: int) -> AsyncIterator[Change]:
         """Every change to the overrides from ``start_revision`` on, in order. WatchGap

@@ -5,6 +5,7 @@ Every key is under ``/pysteer/<cluster>/``:
 - ``overrides/<flow>``: the host that serves a moved flow, instead of the steering
   node's default. Its version is etcd's ``mod_revision`` of the key: a writer compares
   it in a transaction, so two writers can never both win.
+- ``diversions/<vip>``: the host that a drain sends new connections to the VIP to.
 
 A value is msgpack. A value read back is checked as strictly as a message from the
 network: etcd is shared, and a bad value must be refused with a clear error, never
@@ -13,6 +14,7 @@ steer a flow somewhere odd.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -79,3 +81,44 @@ def decode_override(cluster: str, key: bytes, value: bytes, revision: int) -> Ov
         if not isinstance(doc[field], str) or not NAME.fullmatch(doc[field]):
             raise StoreDataError(f"override of {flow}: {field} is not a name")
     return Override(flow, doc["host"], doc["by"], revision)
+
+
+def diversions_prefix(cluster: str) -> bytes:
+    return prefix(cluster) + b"diversions/"
+
+
+def diversion_key(cluster: str, address: str) -> bytes:
+    return diversions_prefix(cluster) + str(ipaddress.ip_address(address)).encode()
+
+
+@dataclass(frozen=True)
+class Diversion:
+    """New connections to ``address`` (a VIP) go to ``host`` (a drain)."""
+
+    address: str
+    host: str
+    revision: int = 0
+
+    def encode(self) -> bytes:
+        return msgpack.packb({"host": self.host})
+
+
+def decode_diversion(cluster: str, key: bytes, value: bytes, revision: int) -> Diversion:
+    head = diversions_prefix(cluster)
+    if not key.startswith(head):
+        raise StoreDataError(f"key {key[:80]!r} is not a diversion of cluster {cluster}")
+    try:
+        address = str(ipaddress.ip_address(key[len(head) :].decode("ascii")))
+    except (UnicodeDecodeError, ValueError):
+        raise StoreDataError(f"diversion key {key[:80]!r}: not an address") from None
+    if len(value) > MAX_VALUE:
+        raise StoreDataError(f"diversion of {address}: {len(value)} bytes, at most {MAX_VALUE}")
+    try:
+        doc: Any = msgpack.unpackb(value, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise StoreDataError(f"diversion of {address}: not msgpack") from None
+    if not isinstance(doc, dict) or set(doc) != {"host"}:
+        raise StoreDataError(f"diversion of {address}: not a map of host")
+    if not isinstance(doc["host"], str) or not NAME.fullmatch(doc["host"]):
+        raise StoreDataError(f"diversion of {address}: host is not a name")
+    return Diversion(address, doc["host"], revision)

@@ -270,3 +270,48 @@ def test_connections_a_drain_diverted_survive_a_steering_node(tmp_path: Path) ->
             assert len(v["survived"]) == 60, {k: x for k, x in v.items() if x}
         finally:
             fleet.shutdown()
+
+
+def test_a_rebooted_steering_node_learns_a_drains_diversion(tmp_path: Path) -> None:
+    """A drain's diversion is in the store: steer2, rebooted during the drain, diverts new
+    connections before it attaches; an undrain removes it from the store and from both."""
+    with running_cluster(tmp_path, steering=2) as cluster:
+        vip = str(cluster.lab.plan.vip(4))
+        assert drain(cluster, "a", "b")["moved"] == 0
+        cluster.lab.next_hops(["steer"])
+        assert cluster.stop("steer2") == 0
+        plan = cluster.lab.plan
+        out = cluster.steer(
+            "destroy",
+            "--netns",
+            cluster.lab.netns("steer2"),
+            "--ifname",
+            plan.link(plan.client, "steer2").steer_end.name,
+            node="steer2",
+        )
+        assert out.returncode == 0, out.stderr
+        cluster.start_steer(node="steer2")
+        assert f"store: new connections to {vip} go to b (a drain's)" in cluster.log("steer2")
+        cluster.lab.next_hops(STEERS)
+        assert cluster.store_report("steer2")["diversions"][vip] == "b"
+        fleet = Fleet(cluster.lab, 443, 30, ca=cluster.client_ca)
+        try:
+            flows = [c.flow for c in fleet.conns]
+            assert "steer2" in {steering_node_of(cluster, f) for f in flows}
+            wait_until(lambda: len(served(cluster)) == 30, 30, "30 connections")
+            assert set(served(cluster).values()) == {"b"}
+        finally:
+            fleet.shutdown()
+        out = cluster.cli("undrain", "--node", "a")
+        assert out.returncode == 0, out.stderr
+        for node in STEERS:
+            wait_until(
+                lambda n=node: not cluster.store_report(n)["diversions"], 10, f"{node} to follow"
+            )
+        fleet = Fleet(cluster.lab, 443, 10, ca=cluster.client_ca)
+        try:
+            flows = [c.flow for c in fleet.conns]
+            wait_until(lambda: set(flows) <= set(served(cluster)), 30, "10 connections")
+            assert {served(cluster)[f] for f in flows} == {"a"}
+        finally:
+            fleet.shutdown()
