@@ -142,9 +142,15 @@ class SteerCollector(Collector):
     """The steering daemon's counters, read from its maps at each scrape."""
 
     def __init__(
-        self, steerer: Any, certificates: dict[str, Path] | None = None, node: str = "steer"
+        self,
+        steerer: Any,
+        certificates: dict[str, Path] | None = None,
+        node: str = "steer",
+        store: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        """``store``: the shared store's mirror report (None: no store)."""
         self.steerer, self.certificates, self.node = steerer, certificates, node
+        self.store = store
 
     def collect(self) -> Iterator[Any]:
         st = self.steerer
@@ -188,6 +194,18 @@ class SteerCollector(Collector):
             ("idle_flows", "gc_idle", "Entries removed after the idle timeout"),
             ("stale_flows", "gc_stale", "Entries removed by an agent's sync"),
             ("expired_leases", "lease_expired", "Parks rolled back when their lease ran out"),
+            ("store_set_flows", "store_set", "Entries set from the shared store's overrides"),
+            ("store_unset_flows", "store_unset", "Entries removed as the shared store did"),
+            (
+                "store_unknown_host_overrides",
+                "store_unknown_host",
+                "Overrides (or diversions) in the shared store to a host this node lacks",
+            ),
+            (
+                "opened_flows",
+                "opened_steered",
+                "Entries set at an agent's notice of a connection it accepted (a drain's)",
+            ),
         ):
             family = CounterMetricFamily(f"pysteer_steer_{name}", help_)
             family.add_metric([], stats.get(key, 0))
@@ -211,8 +229,37 @@ class SteerCollector(Collector):
         )
         fill.add_metric([], usage["flows"] / max(usage["capacity"], 1))
         yield fill
+        if self.store is not None:
+            yield from store_metrics(self.store())
         if self.certificates:
             yield certificate_expiry(self.certificates, self.node)
+
+
+def store_metrics(report: dict[str, Any]) -> Iterator[Any]:
+    """The steering node's mirror of the shared store: whether it is in step, and what
+    it holds and did."""
+    up = GaugeMetricFamily(
+        "pysteer_steer_store_synced",
+        "1 when the mirror of the shared store is in step (0: loading, resyncing, or down)",
+    )
+    up.add_metric([], 1 if report.get("state") == "synced" else 0)
+    yield up
+    for name, key, help_ in (
+        ("overrides", "overrides", "Flow overrides mirrored from the shared store"),
+        ("revision", "revision", "The shared store's revision the mirror is at"),
+    ):
+        gauge = GaugeMetricFamily(f"pysteer_steer_store_{name}", help_)
+        gauge.add_metric([], report.get(key, 0))
+        yield gauge
+    for name, key, help_ in (
+        ("loads", "loads", "Full reads of the shared store (start, watch gaps, outages)"),
+        ("outages", "outages", "Times the shared store stopped answering"),
+        ("bad_values", "bad", "Values in the shared store that were skipped as malformed"),
+        ("reader_restarts", "restarts", "Times the store reader process was started again"),
+    ):
+        counter = CounterMetricFamily(f"pysteer_steer_store_{name}", help_)
+        counter.add_metric([], report.get(key, 0))
+        yield counter
 
 
 class JsonFormatter(logging.Formatter):

@@ -299,7 +299,16 @@ class Agent:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    async def _start_store(self) -> None:
+        """The shared store, before any peer can reach us: this node's admission first."""
+        keeper = self.node.overrides = self._open_store()
+        keeper.start()
+        if keeper.enabled and self.worker is None:  # workers: see _sweep
+            await self._admission_from_store()
+            self._spawn(self._sweep())
+
     async def serve(self) -> None:
+        await self._start_store()
         if not self.accepting:  # kept from before a restart (pysteer.agent.admission)
             log.warning(
                 "%s is %s, as it was before this start: it takes no import until `pysteer %s`",
@@ -336,10 +345,6 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.worker is None:  # a supervisor syncs for all its workers
             self.steering.reconcile(self._spawn)
-        self.node.overrides = self._open_store()
-        self.node.overrides.start()
-        if self.node.overrides.enabled and self.worker is None:  # workers: see _sweep
-            self._spawn(self._sweep())
         self._spawn(self._closed.run(self._stop))
         self._spawn(self._opened.run(self._stop))
         log.info(
@@ -388,6 +393,25 @@ class Agent:
             raise AgentError(f"the shared store: {exc}") from None
         log.info("shared store: etcd at %s", ", ".join(f"{h}:{p}" for h, p in spec.endpoints))
         return OverrideKeeper(store, self.name)
+
+    async def _admission_from_store(self) -> None:
+        """A node without its own record (a reinstalled or replaced host) takes the one in
+        the shared store: it stays cordoned or drained as it was. A node with one keeps
+        its own, and the store gets it."""
+        keeper = self.node.overrides
+        assert keeper is not None  # noqa: S101
+        path = self.node.admission_file
+        if path is not None and not path.exists():
+            stored = await keeper.stored_admission()
+            if stored is not None and stored != (self.accepting, self.drained_to):
+                self.node.admit(accepting=stored[0], drained_to=stored[1])
+                log.warning(
+                    "%s has no state of its own: it is %s, as the shared store says",
+                    self.name,
+                    Admission(*stored).describe(),
+                )
+                return
+        keeper.keep_admission(self.accepting, self.drained_to)
 
     async def _sweep(self) -> None:
         """Soon after the start, then every SWEEP_INTERVAL: the overrides that name this

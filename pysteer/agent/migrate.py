@@ -77,6 +77,8 @@ class Node:
         self.accepting, self.drained_to = accepting, drained_to
         if self.admission_file is not None:
             save(self.admission_file, Admission(accepting, drained_to))
+        if self.overrides is not None:  # and in the shared store, in the background
+            self.overrides.keep_admission(accepting, drained_to)
 
 
 async def wait_for_event(pool: LinkPool | Batcher | SteerGroup, action: Call | Sleep) -> Event:

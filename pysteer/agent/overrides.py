@@ -51,6 +51,7 @@ class OverrideKeeper:
         self._pending: dict[str, tuple[Override, int]] = {}  # flow -> (override, expect)
         self._mine: dict[str, Override] = {}  # flows served here since a move: their value
         self._gone: deque[Override] = deque(maxlen=MAX_PENDING)  # to remove
+        self._admission: tuple[bool, str | None] | None = None  # to record
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._slots = asyncio.Semaphore(PARALLEL)
@@ -132,6 +133,24 @@ class OverrideKeeper:
         except StoreError as exc:
             raise StoreRefused(f"the shared store cannot record it ({exc})") from None
 
+    # --- the node's admission (cordon, drain) -----------------------------------------------
+    def keep_admission(self, accepting: bool, drained_to: str | None) -> None:
+        """Record this node's admission in the background until it lands (the latest
+        one wins): the local file stays the node's own record."""
+        if self.store is not None:
+            self._admission = (accepting, drained_to)
+            self._wake.set()
+
+    async def stored_admission(self) -> tuple[bool, str | None] | None:
+        """This node's admission as the store has it (None: none, or no answer)."""
+        if self.store is None:
+            return None
+        try:
+            return await self.store.get_admission(self.me)
+        except StoreError as exc:
+            log.warning("store: cannot read this node's admission (%s)", exc)
+            return None
+
     # --- a connection's life ----------------------------------------------------------------
     def served(self, override: Override) -> None:
         """This node serves ``override.flow`` since that move: remove it at the end."""
@@ -191,11 +210,19 @@ class OverrideKeeper:
         """One pass over what is owed; whether anything failed (to be retried)."""
         writes = list(self._pending.items())
         gone = [self._gone.popleft() for _ in range(len(self._gone))]
+        admission = [self._admission] if self._admission is not None else []
         results = await asyncio.gather(
             *(self._guarded(self._write_one, flow, o, e) for flow, (o, e) in writes),
             *(self._guarded(self._remove_one, o) for o in gone),
+            *(self._guarded(self._write_admission, a) for a in admission),
         )
         return not all(results)
+
+    async def _write_admission(self, admission: tuple[bool, str | None]) -> None:
+        assert self.store is not None  # noqa: S101
+        await self.store.put_admission(self.me, *admission)
+        if self._admission == admission:  # not changed meanwhile
+            self._admission = None
 
     async def _guarded(self, fn: Callable[..., object], *args: object) -> bool:
         async with self._slots:

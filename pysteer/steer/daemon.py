@@ -596,7 +596,9 @@ def run(
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    feed = None
     try:
+        feed, preload = _load_store(store)  # before anything is attached
         return _serve(
             name,
             ifname,
@@ -612,9 +614,12 @@ def run(
             gc_interval=gc_interval,
             reload_tls=reload_tls,
             certificates=certificates,
-            store=store,
+            feed=feed,
+            preload=preload,
         )
     finally:
+        if feed is not None:
+            feed.close()
         # Gone with us, while still ours: /run keeps no file per instance ever run. A
         # daemon starting meanwhile finds that its lock is on an unlinked file and
         # takes the new one (see _take_lock).
@@ -723,49 +728,6 @@ def lock_path(name: str) -> Path:
     return RUN_DIR / f"steer-{name}.lock"
 
 
-def _serve(
-    name: str,
-    ifname: str,
-    hosts: list[tuple[str, str, str]],
-    *,
-    namespace: str | None,
-    mode: str,
-    max_flows: int | None,
-    max_parked: int,
-    listen: tuple[str, int] | None,
-    tls: ssl.SSLContext | None,
-    metrics: tuple[str, int] | None,
-    idle_timeout: float,
-    gc_interval: float,
-    reload_tls: Callable[[], ssl.SSLContext] | None,
-    certificates: dict[str, Path] | None,
-    store: tuple[list[str], float] | None = None,
-) -> int:
-    feed, preload = _load_store(store)
-    try:
-        return _serve_with(
-            name,
-            ifname,
-            hosts,
-            namespace=namespace,
-            mode=mode,
-            max_flows=max_flows,
-            max_parked=max_parked,
-            listen=listen,
-            tls=tls,
-            metrics=metrics,
-            idle_timeout=idle_timeout,
-            gc_interval=gc_interval,
-            reload_tls=reload_tls,
-            certificates=certificates,
-            feed=feed,
-            preload=preload,
-        )
-    finally:
-        if feed is not None:
-            feed.close()
-
-
 def _load_store(store: tuple[list[str], float] | None) -> tuple[Feed | None, Preload]:
     """Start the store reader and wait for every override (nothing is attached before)."""
     if store is None:
@@ -784,7 +746,7 @@ def _load_store(store: tuple[list[str], float] | None) -> tuple[Feed | None, Pre
     return feed, feed.preload()
 
 
-def _serve_with(
+def _serve(
     name: str,
     ifname: str,
     hosts: list[tuple[str, str, str]],
@@ -837,7 +799,7 @@ def _serve_with(
                 raise DaemonError("a TCP control listener needs mutual TLS (certificate, key, CA)")
             daemon.listen_tls(listen, tls, namespace)
         if metrics is not None:
-            _serve_metrics(steerer, metrics, namespace, certificates or {}, name)
+            _serve_metrics(steerer, metrics, namespace, certificates or {}, name, feed=feed)
     except OSError as exc:
         steerer.close()
         raise DaemonError(f"cannot serve control at {daemon.path}: {exc.strerror or exc}") from None
@@ -877,13 +839,16 @@ def _serve_metrics(
     namespace: str | None,
     certificates: dict[str, Path],
     name: str,
+    *,
+    feed: Feed | None = None,
 ) -> None:
     from prometheus_client import CollectorRegistry  # noqa: PLC0415
 
     from pysteer.metrics import SteerCollector, serve  # noqa: PLC0415
 
     registry = CollectorRegistry()
-    registry.register(SteerCollector(steerer, certificates, name))
+    store = feed.report if feed is not None else None
+    registry.register(SteerCollector(steerer, certificates, name, store))
     try:
         if namespace:
             call_in(namespace, serve, registry, metrics)

@@ -779,6 +779,10 @@ class Steerer:
             "closed_by_agents",
             "lease_expired",
             "reconciled",
+            "store_set",
+            "store_unset",
+            "store_unknown_host",
+            "opened_steered",
         ):
             out[event] = self.events[event]
         out["redirect_failed"] = self._xdp_watch.failed() if self._xdp_watch else 0

@@ -29,10 +29,13 @@ from pysteer.store.keys import (
     Diversion,
     Override,
     StoreDataError,
+    admission_key,
+    decode_admission,
     decode_diversion,
     decode_override,
     diversion_key,
     diversions_prefix,
+    encode_admission,
     override_key,
     overrides_prefix,
     prefix,
@@ -252,6 +255,16 @@ class Store:
         result = await self._call(lambda: self._client.delete(key), write=True)
         return bool(result)
 
+    # --- a node's admission (cordon, drain) ---------------------------------------------
+    async def put_admission(self, node: str, accepting: bool, drained_to: str | None) -> None:
+        key = admission_key(self.cluster, node)
+        value = encode_admission(accepting, drained_to)
+        await self._call(lambda: self._client.put(key, value), write=True)
+
+    async def get_admission(self, node: str) -> tuple[bool, str | None] | None:
+        result = await self._call(lambda: self._client.get(admission_key(self.cluster, node)))
+        return None if result is None else decode_admission(node, result.value)
+
     # --- everything at once: what a steering node mirrors ------------------------------
     async def state(
         self, bad: Callable[[StoreDataError], None] | None = None
@@ -284,19 +297,14 @@ class Store:
         """Every change to overrides and diversions from ``start_revision`` on, in order;
         WatchGap as ``watch_overrides``."""
         head = prefix(self.cluster)
-        try:
-            watch = await self._call(
-                lambda: self._client.watch_prefix(head, start_revision=start_revision)
-            )
-        except StoreUnavailable as exc:
-            raise WatchGap(str(exc)) from None
-        try:
-            async for event in watch:
+        async with contextlib.aclosing(self._events(head, start_revision)) as events:
+            async for event in events:
                 kv = event.kv
-                kind = "override" if kv.key.startswith(overrides_prefix(self.cluster)) else None
-                if kv.key.startswith(diversions_prefix(self.cluster)):
+                if kv.key.startswith(overrides_prefix(self.cluster)):
+                    kind = "override"
+                elif kv.key.startswith(diversions_prefix(self.cluster)):
                     kind = "diversion"
-                if kind is None:
+                else:
                     continue
                 name = kv.key[len(head) :].split(b"/", 1)[1].decode("ascii", "replace")
                 if event.kind == aetcd.EventKind.DELETE:
@@ -305,6 +313,19 @@ class Store:
                 entry = self._decode(kv.key, kv.value, kv.mod_revision)
                 assert entry is not None  # noqa: S101
                 yield StateChange(kind, name, entry.host, kv.mod_revision)
+
+    async def _events(self, head: bytes, start_revision: int) -> AsyncIterator[Any]:
+        """etcd's events under ``head`` from ``start_revision`` on; WatchGap when the
+        history from there is gone (compacted) or the watch broke."""
+        try:
+            watch = await self._call(
+                lambda: self._client.watch_prefix(head, start_revision=start_revision)
+            )
+        except StoreUnavailable as exc:
+            raise WatchGap(str(exc)) from None
+        try:
+            async for event in watch:
+                yield event
         except aetcd_errors.RevisionCompactedError as exc:
             raise WatchGap(f"etcd history compacted: {exc}") from None
         except (aetcd_errors.ClientError, grpc.RpcError) as exc:
@@ -318,14 +339,8 @@ class Store:
         when history from there is gone (compacted) or the watch broke: read
         ``overrides()`` again and watch from its revision + 1."""
         head = overrides_prefix(self.cluster)
-        try:
-            watch = await self._call(
-                lambda: self._client.watch_prefix(head, start_revision=start_revision)
-            )
-        except StoreUnavailable as exc:
-            raise WatchGap(str(exc)) from None
-        try:
-            async for event in watch:
+        async with contextlib.aclosing(self._events(head, start_revision)) as events:
+            async for event in events:
                 kv = event.kv
                 flow = kv.key[len(head) :].decode("ascii", "replace")
                 if event.kind == aetcd.EventKind.DELETE:
@@ -333,13 +348,6 @@ class Store:
                 else:
                     o = decode_override(self.cluster, kv.key, kv.value, kv.mod_revision)
                     yield Change(o.flow, o, kv.mod_revision)
-        except aetcd_errors.RevisionCompactedError as exc:
-            raise WatchGap(f"etcd history compacted: {exc}") from None
-        except (aetcd_errors.ClientError, grpc.RpcError) as exc:
-            raise WatchGap(str(_unavailable(exc))) from None
-        finally:
-            with contextlib.suppress(Exception):
-                await watch.cancel()
 
     async def put_many(self, overrides: Sequence[Override]) -> int:
         """Write up to MAX_TXN overrides in one transaction, whatever their versions (a

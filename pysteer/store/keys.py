@@ -6,6 +6,8 @@ Every key is under ``/pysteer/<cluster>/``:
   node's default. Its version is etcd's ``mod_revision`` of the key: a writer compares
   it in a transaction, so two writers can never both win.
 - ``diversions/<vip>``: the host that a drain sends new connections to the VIP to.
+- ``admission/<node>``: whether the node takes imports, and where it was drained to (a
+  cordon or a drain), so that a host that comes back without its disk keeps it.
 
 A value is msgpack. A value read back is checked as strictly as a message from the
 network: etcd is shared, and a bad value must be refused with a clear error, never
@@ -122,3 +124,29 @@ def decode_diversion(cluster: str, key: bytes, value: bytes, revision: int) -> D
     if not isinstance(doc["host"], str) or not NAME.fullmatch(doc["host"]):
         raise StoreDataError(f"diversion of {address}: host is not a name")
     return Diversion(address, doc["host"], revision)
+
+
+def admission_key(cluster: str, node: str) -> bytes:
+    if not NAME.fullmatch(node):
+        raise ValueError(f"invalid node name {node!r}")
+    return prefix(cluster) + b"admission/" + node.encode()
+
+
+def encode_admission(accepting: bool, drained_to: str | None) -> bytes:
+    return msgpack.packb({"accepting": accepting, "drained_to": drained_to})
+
+
+def decode_admission(node: str, value: bytes) -> tuple[bool, str | None]:
+    """(accepting, drained_to) of ``node``; StoreDataError if it is not as written."""
+    try:
+        doc: Any = msgpack.unpackb(value, raw=False) if len(value) <= MAX_VALUE else None
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        doc = None
+    if not isinstance(doc, dict) or set(doc) != {"accepting", "drained_to"}:
+        raise StoreDataError(f"admission of {node}: not a map of accepting and drained_to")
+    accepting, drained_to = doc["accepting"], doc["drained_to"]
+    if not isinstance(accepting, bool):
+        raise StoreDataError(f"admission of {node}: accepting is not true or false")
+    if drained_to is not None and not (isinstance(drained_to, str) and NAME.fullmatch(drained_to)):
+        raise StoreDataError(f"admission of {node}: drained_to is not a name")
+    return accepting, drained_to

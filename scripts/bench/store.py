@@ -50,6 +50,21 @@ def flow(i: int) -> str:
     )
 
 
+def open_store(args: argparse.Namespace) -> Any:
+    """The store as host a's agent opens it (run inside host a's namespace)."""
+    from pysteer.store import Store  # noqa: PLC0415 - only in the inner process
+
+    certs = Path(args.certs)
+    return Store(
+        [(args.endpoint, 2379)],
+        args.cluster,
+        ca=(certs / "ca.pem").read_bytes(),
+        cert=(certs / "a.pem").read_bytes(),
+        key=(certs / "a.key").read_bytes(),
+        timeout=30,
+    )
+
+
 async def settled_size(store: Any) -> int:
     """The database size once etcd's backend has committed (it batches for 100 ms)."""
     await asyncio.sleep(0.3)
@@ -58,17 +73,9 @@ async def settled_size(store: Any) -> int:
 
 async def inner(args: argparse.Namespace) -> dict[str, Any]:
     """Runs inside the lab (host a's namespace): every gRPC socket is opened there."""
-    from pysteer.store import Override, Store  # noqa: PLC0415 - only in the inner process
+    from pysteer.store import Override  # noqa: PLC0415 - only in the inner process
 
-    certs = Path(args.certs)
-    store = Store(
-        [(args.endpoint, 2379)],
-        args.cluster,
-        ca=(certs / "ca.pem").read_bytes(),
-        cert=(certs / "a.pem").read_bytes(),
-        key=(certs / "a.key").read_bytes(),
-        timeout=30,
-    )
+    store = open_store(args)
     out: dict[str, Any] = {"overrides": args.overrides}
     out["db_bytes_empty"] = await settled_size(store)
     started = time.perf_counter()
@@ -97,17 +104,9 @@ async def inner(args: argparse.Namespace) -> dict[str, Any]:
 
 async def rest(args: argparse.Namespace) -> dict[str, Any]:
     """After the steering daemon loaded them: remove, compact, soak (in host a)."""
-    from pysteer.store import Override, Store  # noqa: PLC0415 - only in the inner process
+    from pysteer.store import Override  # noqa: PLC0415 - only in the inner process
 
-    certs = Path(args.certs)
-    store = Store(
-        [(args.endpoint, 2379)],
-        args.cluster,
-        ca=(certs / "ca.pem").read_bytes(),
-        cert=(certs / "a.pem").read_bytes(),
-        key=(certs / "a.key").read_bytes(),
-        timeout=30,
-    )
+    store = open_store(args)
     out: dict[str, Any] = {}
     deleted = await store.delete_all_overrides()
     out["deleted"] = deleted

@@ -48,6 +48,19 @@ class Cluster(LabCluster):
         assert out.returncode == 0, out.stderr
         return json.loads(out.stdout)["flows"]
 
+    def served(self) -> dict[str, str]:
+        """flow -> the node serving it, asked of every agent that is up (its control
+        socket: no CLI start per call)."""
+        from pysteer.agent.control import ask  # noqa: PLC0415
+        from pysteer.lab.cluster import control_path_for  # noqa: PLC0415
+
+        out = {}
+        for node in self.lab.plan.hosts:
+            if node in self.procs and self.procs[node].poll() is None:
+                for f in ask(control_path_for(self, node), "flows")["flows"]:
+                    out[f["flow"]] = node
+        return out
+
     def owner(self, flow: str) -> str | None:
         return next((f["node"] for f in self.flows() if f["flow"] == flow), None)
 
@@ -129,16 +142,23 @@ class Cluster(LabCluster):
 
     def store_overrides(self) -> dict[str, dict[str, Any]]:
         """Every override in etcd, read from inside the steering namespace."""
+        return self._store_shell({"op": "list"})["overrides"]
+
+    def store_admission(self, node: str) -> list[Any] | None:
+        """``node``'s admission in etcd: [accepting, drained_to], or None."""
+        return self._store_shell({"op": "admission", "node": node})["admission"]
+
+    def _store_shell(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.etcd is not None
         argv = [sys.executable, str(HELPERS / "store_shell.py"), "--cluster", self.lab.prefix]
         argv += ["--ca", str(self.dir / "ca.pem")]
         argv += ["--cert", str(self.dir / "steer.pem"), "--key", str(self.dir / "steer.key")]
         for host, port in self.etcd.endpoints:
             argv += ["--endpoint", f"{host}:{port}"]
-        out = self.lab.run("steer", argv, input='{"op": "list"}\n', check=True)
+        out = self.lab.run("steer", argv, input=json.dumps(request) + "\n", check=True)
         answer = json.loads(out.stdout.splitlines()[0])
         assert answer["ok"], answer
-        return answer["overrides"]
+        return answer
 
     def steer_stats(self) -> dict[str, Any]:
         out = self.steer("stats", "--json")

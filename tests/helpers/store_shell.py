@@ -11,6 +11,7 @@ one JSON answer per stdout line.
     {"op": "compact", "revision": R}    -> {"ok": true}
     {"op": "put_many", "flows": [F...], "host": H, "by": B} -> {"ok": true, "revision": R}
     {"op": "delete_all"}                -> {"ok": true, "deleted": N}
+    {"op": "admission", "node": N}      -> {"ok": true, "admission": [accepting, drained_to]|null}
 An error is {"ok": false, "error": CLASS, "message": ..., "seconds": how long it took}.
 """
 
@@ -87,6 +88,10 @@ async def main(args: argparse.Namespace) -> None:
     async def delete_all(_req: dict[str, Any]) -> dict[str, Any]:
         return {"deleted": await store.delete_all_overrides()}
 
+    async def admission(req: dict[str, Any]) -> dict[str, Any]:
+        found = await store.get_admission(req["node"])
+        return {"admission": None if found is None else list(found)}
+
     async def collected(_req: dict[str, Any]) -> dict[str, Any]:
         return {"changes": list(changes), "gap": gap[0] if gap else None}
 
@@ -100,6 +105,7 @@ async def main(args: argparse.Namespace) -> None:
         "compact": compact,
         "put_many": put_many,
         "delete_all": delete_all,
+        "admission": admission,
     }
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

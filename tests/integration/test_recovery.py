@@ -37,13 +37,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def served(cluster: Cluster) -> dict[str, str]:
-    """flow -> the node serving it, asked of every agent that is up."""
-    out = {}
-    for node in cluster.lab.plan.hosts:
-        if node in cluster.procs and cluster.procs[node].poll() is None:
-            for f in ask(control_path_for(cluster, node), "flows")["flows"]:
-                out[f["flow"]] = node
-    return out
+    return cluster.served()
 
 
 def unsettled(cluster: Cluster) -> list[str]:

@@ -30,9 +30,7 @@ from helpers.cluster import Cluster, running_cluster
 from helpers.fleet import Fleet
 from helpers.waiting import wait_until
 
-from pysteer.agent.control import ask
 from pysteer.flow import Flow
-from pysteer.lab.cluster import control_path_for
 
 pytestmark = pytest.mark.timeout(300)
 STEERS = ["steer", "steer2"]
@@ -50,12 +48,21 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 def served(cluster: Cluster) -> dict[str, str]:
-    out = {}
-    for node in cluster.lab.plan.hosts:
-        if node in cluster.procs and cluster.procs[node].poll() is None:
-            for f in ask(control_path_for(cluster, node), "flows")["flows"]:
-                out[f["flow"]] = node
-    return out
+    return cluster.served()
+
+
+def wipe(cluster: Cluster, node: str) -> None:
+    """As a reboot leaves steering node ``node``: no program attached, no pinned map."""
+    plan = cluster.lab.plan
+    out = cluster.steer(
+        "destroy",
+        "--netns",
+        cluster.lab.netns(node),
+        "--ifname",
+        plan.link(plan.client, node).steer_end.name,
+        node=node,
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def steering_node_of(cluster: Cluster, flow: str) -> str:
@@ -130,17 +137,7 @@ def test_a_rebooted_steering_node_loads_every_override_before_it_attaches(
 
         cluster.lab.next_hops(["steer"])  # drained: the router no longer sends it anything
         assert cluster.stop("steer2") == 0
-        plan = cluster.lab.plan
-        out = cluster.steer(
-            "destroy",
-            "--netns",
-            cluster.lab.netns("steer2"),
-            "--ifname",
-            plan.link(plan.client, "steer2").steer_end.name,
-            "--json",
-            node="steer2",
-        )
-        assert out.returncode == 0, out.stderr
+        wipe(cluster, "steer2")
         out = cluster.cli("status", "--json")
         status = json.loads(out.stdout)
         assert out.returncode == 3, out.stdout  # something is down
@@ -280,16 +277,7 @@ def test_a_rebooted_steering_node_learns_a_drains_diversion(tmp_path: Path) -> N
         assert drain(cluster, "a", "b")["moved"] == 0
         cluster.lab.next_hops(["steer"])
         assert cluster.stop("steer2") == 0
-        plan = cluster.lab.plan
-        out = cluster.steer(
-            "destroy",
-            "--netns",
-            cluster.lab.netns("steer2"),
-            "--ifname",
-            plan.link(plan.client, "steer2").steer_end.name,
-            node="steer2",
-        )
-        assert out.returncode == 0, out.stderr
+        wipe(cluster, "steer2")
         cluster.start_steer(node="steer2")
         assert f"store: new connections to {vip} go to b (a drain's)" in cluster.log("steer2")
         cluster.lab.next_hops(STEERS)

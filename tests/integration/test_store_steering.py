@@ -230,3 +230,30 @@ def test_a_restarted_host_sweeps_the_overrides_of_its_lost_connections(cluster: 
         assert sorted(v["reset"]) == [0, 1, 2] and len(v["survived"]) == N - 3, v
     finally:
         fleet.shutdown()
+
+
+def test_a_host_without_its_disk_keeps_its_cordon_from_the_store(cluster: Cluster) -> None:
+    """b cordoned; its agent comes back without its state file (a reinstalled host): it
+    takes the cordon from etcd and refuses imports until uncordoned."""
+    from pysteer.agent.admission import admission_path  # noqa: PLC0415
+
+    fleet = fleet_on_a(cluster)
+    flows = [c.flow for c in fleet.conns]
+    try:
+        assert cluster.cli("agent", "cordon", "--node", "b").returncode == 0
+        wait_until(lambda: cluster.store_admission("b") == [False, None], 10, "etcd to have it")
+        assert cluster.stop("b") == 0
+        admission_path(cluster.lab.prefix, "b").unlink()
+        cluster.start_agent("b")
+        assert "b has no state of its own: it is cordoned, as the shared store says" in (
+            cluster.log("b")
+        )
+        refused = cluster.migrate(flows[0], "b")
+        assert refused["outcome"] == "failed" and "cordoned" in refused["error"], refused
+        assert cluster.cli("agent", "uncordon", "--node", "b").returncode == 0
+        wait_until(lambda: cluster.store_admission("b") == [True, None], 10, "etcd to follow")
+        move(cluster, flows[0], "b")
+        v = fleet.verdicts(settle=10)
+        assert len(v["survived"]) == N, {k: x for k, x in v.items() if x}
+    finally:
+        fleet.shutdown()

@@ -2,6 +2,7 @@
 validates, and the Vagrant plan is the one pysteer derives."""
 
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -74,6 +75,17 @@ def test_vagrant_validate() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "validated successfully" in out.stdout
+    out = subprocess.run(  # and the five-VM plan with two steering nodes
+        ["vagrant", "validate", "--ignore-provider"],
+        cwd=ROOT / "vagrant",
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        env=os.environ | {"PYSTEER_STEERING": "2"},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "steer2" in out.stdout and "validated successfully" in out.stdout
 
 
 def test_vagrant_plan_is_derived_from_plan_json() -> None:

@@ -111,3 +111,17 @@ def test_the_store_section_is_optional_and_checked(tmp_path: Path) -> None:
 def test_a_bad_store_section_says_what(tmp_path: Path, text: str, error: str) -> None:
     with pytest.raises(ConfigError, match=error.replace("(", r"\(").replace(")", r"\)")):
         load_config(write(tmp_path, f"[store]\n{text}\n"))
+
+
+def test_the_mirror_is_in_the_steering_nodes_metrics() -> None:
+    from pysteer.metrics import store_metrics  # noqa: PLC0415
+
+    m = Mirror()
+    m.part([(F1, "b"), (F2, "b")], last=True, revision=42)
+    m.down("no quorum")
+    families = {f.name: f.samples[0].value for f in store_metrics(m.report() | {"restarts": 1})}
+    assert families["pysteer_steer_store_synced"] == 0
+    assert families["pysteer_steer_store_overrides"] == 2
+    assert families["pysteer_steer_store_revision"] == 42
+    assert families["pysteer_steer_store_outages"] == 1
+    assert families["pysteer_steer_store_reader_restarts"] == 1
