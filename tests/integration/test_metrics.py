@@ -25,8 +25,8 @@ from pysteer.paths import repo_root
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    with running_cluster(
-        tmp_path_factory.mktemp("cluster"), extra=["--log-json"], metrics_port=9100
+    with running_cluster(  # with the shared store: its metrics are scraped too
+        tmp_path_factory.mktemp("cluster"), extra=["--log-json"], metrics_port=9100, store=True
     ) as c:
         yield c
 
@@ -108,6 +108,13 @@ def test_metrics_match_what_happened(cluster: Cluster) -> None:
         ("park_lost_packets", "park_lost"),
     ):
         assert steer[f"pysteer_steer_{name}_total"] == stats[key], name
+    # The store: the flow moved to b and back is at a, recorded (the override says a).
+    assert steer["pysteer_steer_store_synced"] == 1
+    assert (
+        steer["pysteer_steer_store_overrides"] == 1
+        and steer["pysteer_steer_store_loads_total"] == 1
+    )
+    assert steer["pysteer_steer_store_outages_total"] == 0
     usage = sum(v for k, v in steer.items() if k.startswith("pysteer_steer_flows{"))
     assert steer["pysteer_steer_flow_table_fill"] == usage / steer["pysteer_steer_flow_capacity"]
     prefix = cluster.lab.prefix
