@@ -105,9 +105,23 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     lab = _lab_for(args.prefix)
     if lab.status()["state"] != "up":
         raise UsageError(f"lab {args.prefix!r} is not up (pysteer lab up --prefix {args.prefix})")
-    directory = args.dir or RUN_DIR / lab.prefix / "cluster"
-    path = write_cluster(lab, directory.absolute(), force=args.force)
-    commands = [shlex.join(["pysteer", *steer_argv(lab, path)[3:]])]
+    directory = (args.dir or RUN_DIR / lab.prefix / "cluster").absolute()
+    commands, store = [], []
+    etcd = None
+    if len(lab.plan.steers) > 1:  # the shared store: one etcd member on the last host
+        from pysteer.lab.etcd import Etcd  # noqa: PLC0415
+
+        etcd = Etcd(lab, directory / "etcd", directory, [lab.plan.hosts[-1]])
+        store = [f"{h}:{p}" for h, p in etcd.endpoints]
+    path = write_cluster(lab, directory, force=args.force, store=store or None)
+    if etcd is not None:
+        etcd.issue()  # its certificate, from the cluster CA just written
+        member = etcd.nodes[0]
+        commands.append(shlex.join(["ip", "netns", "exec", lab.netns(member), *etcd.argv(member)]))
+    for steer in lab.plan.steers:
+        more = [a for e in store for a in ("--store", e)]
+        more += ["--store-cluster", lab.prefix] if store else []
+        commands.append(shlex.join(["pysteer", *steer_argv(lab, path, steer=steer)[3:], *more]))
     for host in lab.plan.hosts:
         argv = ["ip", "netns", "exec", lab.netns(host), "pysteer", *agent_argv(path, host)[3:]]
         commands.append(shlex.join(argv))
@@ -116,7 +130,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(f"cluster file: {path}")
-    print("start the steering daemon and the agents (each runs until SIGTERM):")
+    print("start them, in this order (each runs until SIGTERM):")
     for command in commands:
         print(f"  {command} &")
     print(f"then: export PYSTEER_CONFIG={shlex.quote(str(path))}; pysteer status")
@@ -203,7 +217,8 @@ LAB = Command(
             description="Write the control-plane CA, the node certificates, the cluster key, a "
             "service certificate under a service CA of its own (service-ca.pem: what clients "
             "trust) and cluster.toml for the lab's addresses into DIR, then print the commands "
-            "that start the steering daemon and the two agents. DIR is created 0700; an existing "
+            "that start the steering daemon and the two agents (with --steering N: a one-member "
+            "etcd, the shared store, and N steering daemons). DIR is created 0700; an existing "
             "one must be root's and not writable by others.",
             args=(
                 PREFIX,

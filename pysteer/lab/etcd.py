@@ -54,7 +54,8 @@ class Etcd:
     def endpoints(self) -> list[tuple[str, int]]:
         return [(node_address(self.lab, n), CLIENT_PORT) for n in self.nodes]
 
-    def _issue(self) -> None:
+    def issue(self) -> None:
+        """Each member's certificate (the name ``etcd`` and its address), from the CA."""
         ca = CertificateAuthority.load(
             (self.certs / "ca.pem").read_bytes(), (self.certs / "ca.key").read_bytes()
         )
@@ -99,7 +100,7 @@ class Etcd:
         if shutil.which(ETCD) is None:
             raise EtcdError("etcd is not installed (scripts/setup installs etcd-server)")
         if not (self.directory / "ca.pem").exists():
-            self._issue()
+            self.issue()
         for n in [node] if node else self.nodes:
             log = (self.directory / f"etcd-{n}.log").open("ab")
             self.procs[n] = self.lab.popen(

@@ -3,6 +3,8 @@
 import contextlib
 import json
 import os
+import shlex
+import signal
 import socket
 import stat
 import subprocess
@@ -305,3 +307,47 @@ def test_cli_cluster_keys_live_where_only_root_can_create() -> None:
         down = _cli("down", "--prefix", prefix)
     assert down.returncode == 0
     assert not directory.exists() and not directory.parent.exists()
+
+
+def test_cli_with_two_steering_nodes_writes_a_cluster_that_runs() -> None:
+    """`lab up --steering 2` then `lab cluster`: the printed commands (an etcd member,
+    two steering daemons, two agents) start a cluster whose status is all up."""
+    prefix = unique_prefix()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        assert _cli("up", "--prefix", prefix, "--steering", "2").returncode == 0
+        assert "steer2" in Lab.existing(prefix).plan.steers
+        out = _cli("cluster", "--prefix", prefix, "--json")
+        assert out.returncode == 0, out.stderr
+        made = json.loads(out.stdout)
+        commands = made["commands"]
+        assert "etcd" in commands[0] and sum("steer run" in c for c in commands) == 2
+        env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        for command in commands:
+            procs.append(
+                subprocess.Popen(
+                    shlex.split(command),
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+            )
+        status = [sys.executable, "-m", "pysteer", "status", "--json", "--config", made["config"]]
+        deadline = time.monotonic() + 60
+        while True:
+            out = subprocess.run(status, capture_output=True, text=True, check=False)
+            if out.returncode == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert out.returncode == 0, out.stdout + out.stderr
+        steers = json.loads(out.stdout)["steers"]
+        assert set(steers) == {"steer", "steer2"} and all(s["reachable"] for s in steers.values())
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        _cli("down", "--prefix", prefix)
