@@ -402,3 +402,25 @@ def test_a_sync_older_than_a_move_leaves_the_move_alone(steered: tuple[Lab, Stee
     assert st.sync("a", [flow], 30.0, taken=now)["steered"] == [str(flow)]
     assert st.get(flow).host == st.hosts["a"].id
     st.forget(flow)
+
+
+def test_a_park_whose_lease_runs_out_goes_where_the_store_says(
+    steered: tuple[Lab, Steerer],
+) -> None:
+    """A migration's park that no claim reached (its claim committed at another steering
+    node): when its lease runs out, the flow goes to the host the shared store names, not
+    back to where it went before; without an override, it goes back."""
+    lab, st = steered
+    vip = str(lab.plan.vip(4))
+    client = str(lab.plan.address("client", 4))
+    moved = Flow.parse(f"{client}:42001-{vip}:443")
+    other = Flow.parse(f"{client}:42002-{vip}:443")
+    for i, flow in enumerate((moved, other)):
+        st.park(flow, token=9000 + i, lease=0.3, owner="a")
+    assert st.override(str(moved), "b") == "parked"  # the store says b; a move holds it
+    time.sleep(0.4)
+    st.gc()
+    view = st.get(moved)
+    assert view is not None and view.action.name == "TO" and st.items_by_host()[view.host] == "b"
+    assert st.decision(moved, 9000)["decision"] == "aborted"  # here; another node committed
+    assert st.get(other) is None  # no override: back to its route

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -301,5 +302,57 @@ def test_a_rebooted_steering_node_learns_a_drains_diversion(tmp_path: Path) -> N
             flows = [c.flow for c in fleet.conns]
             wait_until(lambda: set(flows) <= set(served(cluster)), 30, "10 connections")
             assert {served(cluster)[f] for f in flows} == {"a"}
+        finally:
+            fleet.shutdown()
+
+
+def test_a_steering_node_that_stalls_through_the_claim_still_ends_at_the_target(
+    tmp_path: Path,
+) -> None:
+    """The two steering nodes decide apart: B's claim commits at steer while steer2's
+    daemon is stopped (SIGSTOP) with the flow parked. B serves at once (the first commit
+    wins); steer2, continued, takes B's claim late, or its lease runs out and the store's
+    override sends the flow to b: either way it ends at b, and the connection, which goes
+    through steer2, survives byte-exact."""
+    with running_cluster(tmp_path, steering=2) as cluster:
+        cluster.stop("b")
+        cluster.start_agent("b", fault="thaw:stall")  # B waits 3 s before it thaws
+        fleet = Fleet(cluster.lab, 443, 12, ca=cluster.client_ca)
+        fleet.start_talking(0.2)
+        try:
+            wait_until(lambda: len(served(cluster)) == 12, 30, "12 connections on a")
+            flow = next(
+                c.flow for c in fleet.conns if steering_node_of(cluster, c.flow) == "steer2"
+            )
+            moving = threading.Thread(target=lambda: reports.append(cluster.migrate(flow, "b")))
+            reports: list[dict] = []
+            moving.start()
+            wait_until(
+                lambda: cluster.steer_rows("steer2").get(flow, {}).get("action") == "PARK",
+                5,
+                "the park on steer2",
+            )
+            cluster.procs["steer2"].send_signal(signal.SIGSTOP)
+            try:
+                moving.join(30)
+                assert reports and reports[0]["outcome"] == "moved", reports
+                assert served(cluster)[flow] == "b"
+                time.sleep(1.0)
+            finally:
+                cluster.procs["steer2"].send_signal(signal.SIGCONT)
+            wait_until(
+                lambda: (
+                    cluster.steer_rows("steer2").get(flow, {}).get("host") == "b"
+                    and cluster.steer_rows("steer2")[flow]["action"] == "TO"
+                ),
+                15,
+                "steer2 to steer it to b",
+            )
+            log = cluster.log("steer2")
+            how = "late claim" if f"{flow}: claimed by b" in log else "lease and store"
+            assert how == "late claim" or "as the store says" in log, log[-2000:]
+            print(f"\nsteer2 stopped through the claim: it ended at b by its {how}")
+            v = fleet.verdicts(settle=15)
+            assert len(v["survived"]) == 12, {k: x for k, x in v.items() if x}
         finally:
             fleet.shutdown()
